@@ -1,0 +1,140 @@
+"""The basis pairs (P, Q), one per layer group, kept once and shared by the group's layers.
+
+``BasisBank`` is an ``nn.Module`` so that ``model.to(device)`` moves each basis once (layers
+only hold a reference to the bank, never a copy). A basis may be stored whole (m×m) or, after
+loading a fixed-selection adapter, as only the columns that adapter uses, with their indices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import AdapterMismatchError
+
+
+def eigenbasis(gram: torch.Tensor, float64_max: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors of a symmetric PSD Gram matrix, sorted by eigenvalue, largest first.
+
+    For ``gram = Σ G Gᵀ`` these are the left singular vectors of the mode unfolding of the
+    stacked gradients, i.e. the HOSVD factor of that mode. Computed in float64 up to
+    ``float64_max`` (float32 above, where float64 costs too much memory and time).
+    """
+    dtype = torch.float64 if gram.shape[0] <= float64_max else torch.float32
+    sym = gram.to(dtype)
+    sym = (sym + sym.T) / 2  # accumulated in float32: remove the asymmetric round-off
+    values, vectors = torch.linalg.eigh(sym)
+    order = torch.argsort(values, descending=True)
+    return vectors[:, order].to(torch.float32), values[order].to(torch.float32)
+
+
+def _key(index: int, part: str) -> str:
+    return f"g{index}_{part}"
+
+
+class BasisBank(nn.Module):
+    """Named basis pairs. ``columns(group, "P", idx)`` returns ``P[:, idx]``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[str] = []
+
+    def has(self, group: str) -> bool:
+        return group in self.groups
+
+    def set(
+        self,
+        group: str,
+        P: torch.Tensor,
+        Q: torch.Tensor,
+        P_cols: torch.Tensor | None = None,
+        Q_cols: torch.Tensor | None = None,
+    ) -> None:
+        """Store a pair; ``*_cols`` are the global indices of the stored columns when partial."""
+        if group not in self.groups:
+            self.groups.append(group)
+        i = self.groups.index(group)
+        for part, value in (("P", P), ("Q", Q), ("P_cols", P_cols), ("Q_cols", Q_cols)):
+            name = _key(i, part)
+            if value is None:
+                if name in self._buffers:
+                    del self._buffers[name]
+            else:
+                self.register_buffer(name, value.contiguous())
+
+    def full(self, group: str, part: str) -> torch.Tensor:
+        """The whole basis; error if only some columns are held."""
+        i = self.groups.index(group)
+        if _key(i, part + "_cols") in self._buffers:
+            raise AdapterMismatchError(
+                f"Only some columns of basis {part} of group {group!r} are loaded (a fixed-selection "
+                "adapter); load the full bases with load_bases() or calibrate() again for this use."
+            )
+        return self._buffers[_key(i, part)]
+
+    def is_partial(self, group: str) -> bool:
+        i = self.groups.index(group)
+        return _key(i, "P_cols") in self._buffers or _key(i, "Q_cols") in self._buffers
+
+    def columns(self, group: str, part: str, idx: torch.Tensor | slice) -> torch.Tensor:
+        i = self.groups.index(group)
+        basis = self._buffers[_key(i, part)]
+        held = self._buffers.get(_key(i, part + "_cols"))
+        if isinstance(idx, slice):
+            if held is not None:
+                idx = torch.arange(basis.shape[0], device=basis.device)[idx]
+            else:
+                return basis[:, idx]
+        if held is not None:
+            pos = torch.searchsorted(held, idx)
+            if bool((pos >= held.numel()).any()) or not bool((held[pos.clamp(max=held.numel() - 1)] == idx).all()):
+                raise AdapterMismatchError(
+                    f"The support needs columns of {part} (group {group!r}) that the loaded bases do "
+                    "not hold; load the full bases (load_bases) before changing the support."
+                )
+            idx = pos
+        return basis.index_select(1, idx)
+
+    def export(self, used: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors to save, keyed ``bases.<group>.<part>``. ``used[group] = (P_cols, Q_cols)``
+        keeps only those columns (sorted global indices); None keeps the whole basis."""
+        out: dict[str, torch.Tensor] = {}
+        for group in self.groups:
+            cols = (used or {}).get(group, (None, None))
+            for part, want in zip(("P", "Q"), cols):
+                i = self.groups.index(group)
+                basis = self._buffers[_key(i, part)]
+                held = self._buffers.get(_key(i, part + "_cols"))
+                if want is None:
+                    out[f"bases.{group}.{part}"] = basis
+                    if held is not None:
+                        out[f"bases.{group}.{part}_cols"] = held
+                else:
+                    out[f"bases.{group}.{part}"] = self.columns(group, part, want)
+                    out[f"bases.{group}.{part}_cols"] = want
+        return {k: v.detach().contiguous() for k, v in out.items()}
+
+    def load(self, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], device, dtype) -> None:
+        """Fill from ``export()`` output, checking each basis against the group's layer shape."""
+        for group, (m, n) in shapes.items():
+            P = tensors.get(f"bases.{group}.P")
+            Q = tensors.get(f"bases.{group}.Q")
+            if P is None or Q is None:
+                raise AdapterMismatchError(
+                    f"The bases file has no basis for layer group {group!r} of this model; it was made "
+                    "for another model or other target_modules. Calibrate again for this model."
+                )
+            if P.shape[0] != m or Q.shape[0] != n:
+                raise AdapterMismatchError(
+                    f"Basis shapes P {tuple(P.shape)} / Q {tuple(Q.shape)} do not fit group {group!r} "
+                    f"with layers {m}×{n}: these bases belong to another model. Calibrate again."
+                )
+            P_cols = tensors.get(f"bases.{group}.P_cols")
+            Q_cols = tensors.get(f"bases.{group}.Q_cols")
+            self.set(
+                group,
+                P.to(device=device, dtype=dtype),
+                Q.to(device=device, dtype=dtype),
+                None if P_cols is None else P_cols.to(device=device, dtype=torch.long),
+                None if Q_cols is None else Q_cols.to(device=device, dtype=torch.long),
+            )

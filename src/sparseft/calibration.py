@@ -1,0 +1,271 @@
+"""Calibration: bases from streamed Gram matrices, then the fixed support from rotated gradients.
+
+For a group of layers, with G_{s,l} the weight gradient of layer l at step s (m×n),
+
+    P = eigenvectors of Σ_{s,l} G Gᵀ    (m×m),   Q = eigenvectors of Σ_{s,l} Gᵀ G    (n×n),
+
+sorted by eigenvalue, largest first: the HOSVD factors of the two weight modes of the stacked
+gradient tensor, without ever stacking it (m²+n² numbers per group instead of steps·layers·m·n).
+Gradients are taken with ``backward(inputs=weights)`` and a post-accumulate hook that folds each
+one into the Grams and frees it, so at most one layer's gradient is alive at a time.
+
+For fixed selection a second pass over the same batches (same RNG, so the same dropout masks)
+scores each layer's rotated entries by ``Σ_s |Pᵀ G Q|`` and keeps the k largest.
+
+Calibration never changes the model: no parameter moves, ``.grad`` and ``requires_grad`` are
+restored, train/eval mode is restored, and the torch RNG state is put back as it was.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .bases import eigenbasis
+from .errors import CalibrationError
+from .layer import SparseLinear
+from .progress import progress
+
+LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+
+
+@dataclass
+class CalibrationReport:
+    steps: int
+    gram_seconds: float = 0.0
+    eigh_seconds: dict[str, float] = field(default_factory=dict)
+    support_seconds: float = 0.0
+    # per layer: (distinct rows, distinct columns) of the chosen fixed support
+    support_spread: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class _RngState:
+    """The torch RNG state (CPU and every initialised CUDA device), to put back afterwards."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    """Sum over ranks, so every process builds the same bases and support."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def batch_loss(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | None) -> torch.Tensor:
+    """``model(**batch).loss``, or ``loss_fn(outputs, batch)``; a clear error when neither gives one."""
+    if not isinstance(batch, Mapping):
+        raise CalibrationError(
+            f"Calibration batches must be dicts of model inputs (got {type(batch).__name__}); "
+            "yield e.g. {'input_ids': ..., 'attention_mask': ..., 'labels': ...}."
+        )
+    outputs = model(**batch)
+    if loss_fn is not None:
+        loss = loss_fn(outputs, batch)
+    else:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else getattr(outputs, "loss", None)
+    if loss is None:
+        raise CalibrationError(
+            "The model returned no loss for a calibration batch: include 'labels' in the batches, "
+            "or pass loss_fn=lambda outputs, batch: ... to calibrate()."
+        )
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise CalibrationError("The calibration loss must be a scalar tensor.")
+    return loss
+
+
+def gradient_pass(
+    model: nn.Module,
+    layers: Mapping[str, SparseLinear],
+    batches: list[Mapping[str, Any]],
+    loss_fn: LossFn | None,
+    on_grad: Callable[[str, SparseLinear, torch.Tensor], None],
+    desc: str,
+    show_progress: bool,
+) -> None:
+    """Forward/backward each batch; call ``on_grad(name, layer, G)`` with each layer's m×n
+    weight gradient as it is produced, then free it. Parameters keep their .grad untouched."""
+    weights = {name: layer.base_layer.weight for name, layer in layers.items()}
+    saved = {name: (w.requires_grad, w.grad) for name, w in weights.items()}
+    bad: list[str] = []
+    step = {"i": 0}
+
+    def hook_for(name: str, layer: SparseLinear):
+        def hook(param: torch.Tensor) -> None:
+            grad = param.grad
+            param.grad = None  # free it now: streaming, never the stack of gradients
+            if grad is None:
+                return
+            G = grad.t() if grad.shape != (layer.m, layer.n) else grad
+            if not bool(torch.isfinite(G).all()):
+                bad.append(f"{name} (step {step['i']})")
+                return
+            on_grad(name, layer, G)
+
+        return hook
+
+    handles = []
+    device = next(iter(weights.values())).device
+    try:
+        for name, w in weights.items():
+            w.grad = None
+            w.requires_grad_(True)
+            handles.append(w.register_post_accumulate_grad_hook(hook_for(name, layers[name])))
+        for i, batch in enumerate(progress(batches, desc=desc, disable=not show_progress)):
+            step["i"] = i
+            loss = batch_loss(model, move_batch(batch, device), loss_fn)
+            if not bool(torch.isfinite(loss.detach())):
+                raise CalibrationError(
+                    f"Calibration loss is {loss.item()} at step {i}: check the inputs and labels, use "
+                    "float32 or bf16 instead of fp16, or calibrate on other batches."
+                )
+            loss.backward(inputs=list(weights.values()))
+            if bad:
+                raise CalibrationError(
+                    f"Non-finite (NaN/inf) gradients during calibration in {bad[:3]}: check the data "
+                    "and labels, load the model in float32/bf16, or lower the loss scale."
+                )
+    finally:
+        for h in handles:
+            h.remove()
+        for name, w in weights.items():
+            requires_grad, grad = saved[name]
+            w.requires_grad_(requires_grad)
+            w.grad = grad
+
+
+def calibrate_layers(
+    model: nn.Module,
+    layers: Mapping[str, SparseLinear],
+    bank,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    steps: int,
+    loss_fn: LossFn | None,
+    need_bases: bool,
+    float64_max: int,
+    show_progress: bool = True,
+) -> CalibrationReport:
+    """Compute bases (if ``need_bases``) and fixed supports for ``layers`` of ``model``."""
+    cached: list[Mapping[str, Any]] = []
+    for batch in batches:
+        cached.append(batch)
+        if len(cached) >= steps:
+            break
+    if not cached:
+        raise CalibrationError("calibrate() got no batches: pass an iterable of dict batches (10-30 is typical).")
+    report = CalibrationReport(steps=len(cached))
+    any_layer = next(iter(layers.values()))
+    fixed = any_layer.selection == "fixed"
+    identity = any_layer.identity
+
+    rng = _RngState()
+    was_training = model.training
+    model.train()
+    for layer in layers.values():
+        layer.bypass = True
+    try:
+        if need_bases and not identity:
+            t0 = time.perf_counter()
+            grams: dict[str, list[torch.Tensor]] = {}
+            for layer in layers.values():
+                if layer.group not in grams:
+                    dev = layer.base_layer.weight.device
+                    grams[layer.group] = [torch.zeros(layer.m, layer.m, device=dev), torch.zeros(layer.n, layer.n, device=dev)]
+
+            def accumulate(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
+                G = G.float()
+                gram_P, gram_Q = grams[layer.group]
+                gram_P.addmm_(G, G.T)
+                gram_Q.addmm_(G.T, G)
+
+            rng.restore()
+            gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)
+            report.gram_seconds = time.perf_counter() - t0
+            for group, (gram_P, gram_Q) in grams.items():
+                _all_reduce(gram_P)
+                _all_reduce(gram_Q)
+                t1 = time.perf_counter()
+                P, _ = eigenbasis(gram_P, float64_max)
+                Q, _ = eigenbasis(gram_Q, float64_max)
+                report.eigh_seconds[group] = time.perf_counter() - t1
+                dtype = any_layer.base_layer.weight.dtype
+                bank.set(group, P.to(dtype), Q.to(dtype))
+        if fixed:
+            t0 = time.perf_counter()
+            scores = {name: torch.zeros(layer.block, device=layer.base_layer.weight.device) for name, layer in layers.items()}
+
+            def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
+                rows, cols = layer.block
+                if identity:
+                    scores[name].add_(G[:rows, :cols].float().abs())
+                    return
+                P_b = bank.columns(layer.group, "P", slice(0, rows)).float()
+                Q_b = bank.columns(layer.group, "Q", slice(0, cols)).float()
+                scores[name].add_((P_b.T @ G.float() @ Q_b).abs())
+
+            rng.restore()
+            gradient_pass(model, layers, cached, loss_fn, score, "calibrate: support", show_progress)
+            for name, layer in layers.items():
+                _all_reduce(scores[name])
+                layer.choose_support(scores[name])
+                report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
+            report.support_seconds = time.perf_counter() - t0
+        else:
+            for layer in layers.values():
+                layer.calibrated = True
+    finally:
+        for layer in layers.values():
+            layer.bypass = False
+        model.train(was_training)
+        rng.restore()
+    return report
+
+
+def rotated_gradient_scores(
+    model: nn.Module,
+    layers: Mapping[str, SparseLinear],
+    bank,
+    batches: list[Mapping[str, Any]],
+    loss_fn: LossFn | None,
+    show_progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Σ |rotated gradient| over ``batches`` at the current (adapted) weights, per layer block."""
+    scores: dict[str, torch.Tensor] = {}
+
+    def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
+        rows, cols = layer.block
+        if layer.identity:
+            s = G[:rows, :cols].float().abs()
+        else:
+            P_b = bank.columns(layer.group, "P", slice(0, rows)).float()
+            Q_b = bank.columns(layer.group, "Q", slice(0, cols)).float()
+            s = (P_b.T @ G.float() @ Q_b).abs()
+        scores[name] = scores[name] + s if name in scores else s
+
+    rng = _RngState()
+    try:
+        gradient_pass(model, layers, batches, loss_fn, score, "reselect", show_progress)
+    finally:
+        rng.restore()
+    for s in scores.values():
+        _all_reduce(s)
+    return scores
+
+
+__all__ = ["CalibrationReport", "calibrate_layers", "rotated_gradient_scores", "batch_loss", "move_batch"]

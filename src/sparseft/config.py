@@ -1,0 +1,146 @@
+"""Configuration dataclasses, one per method, in the style of ``peft``'s ``LoraConfig``.
+
+A config says *which* layers are adapted, *how many* entries each may train (the budget), and
+*how* the entries are chosen (selection mode, bases). It is plain data: it round-trips through
+``to_dict`` / ``from_dict`` into ``adapter_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+Selection = Literal["fixed", "dynamic"]
+ComputePath = Literal["auto", "activations", "weights"]
+
+
+@dataclass
+class SparseConfig:
+    """Shared fields of the sparse-gradient methods (SparseGrad and MeProp).
+
+    Budget, per adapted layer of shape m×n (first match wins): ``k`` entries, else
+    ``match_lora_rank`` r giving ``k = r·(m+n)`` (the trainable count of LoRA at rank r on that
+    layer), else ``density`` giving ``k = round(density·m·n)``.
+    """
+
+    density: float | None = 0.01
+    k: int | None = None
+    match_lora_rank: int | None = None
+    selection: Selection = "fixed"
+    # Names (exact module names or suffixes) or one regex matched with re.fullmatch. None: the
+    # MLP layers of the architecture, found automatically.
+    target_modules: list[str] | str | None = None
+    # Modules trained densely and saved with the adapter (a task head). None: "classifier" /
+    # "score" heads when the model has them.
+    modules_to_save: list[str] | None = None
+    # Fixed selection: re-choose a fraction of the support every `reselect_every` optimizer
+    # steps (drop the smallest |values|, grow the largest |rotated gradient|). None: never.
+    reselect_every: int | None = None
+    reselect_fraction: float = 0.1
+    # Restrict the support to the leading `support_rows` × `support_cols` block of the rotated
+    # space (HOSVD orders directions by energy). None: the whole m×n space.
+    support_rows: int | None = None
+    support_cols: int | None = None
+    # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
+    compute_path: ComputePath = "auto"
+    # Eigendecomposition precision: float64 up to this Gram size, float32 above it.
+    eigh_float64_max: int = 4096
+    # Dtype of the trainable values; None: float32 for half-precision models, else the model's.
+    adapter_dtype: str | None = None
+    method: str = field(default="sparsegrad", init=False)
+    identity_bases: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.selection not in ("fixed", "dynamic"):
+            raise ConfigError(f"selection={self.selection!r} is not known; use 'fixed' or 'dynamic'.")
+        if self.k is None and self.match_lora_rank is None:
+            if self.density is None:
+                raise ConfigError("No budget given: set density (0, 1], k, or match_lora_rank.")
+            if not (0.0 < float(self.density) <= 1.0):
+                raise ConfigError(
+                    f"density={self.density} must be in (0, 1]: it is the fraction of each layer's "
+                    "entries that train (0.01 = 1%)."
+                )
+        if self.k is not None and int(self.k) < 1:
+            raise ConfigError(f"k={self.k} must be a positive number of entries per layer.")
+        if self.match_lora_rank is not None and int(self.match_lora_rank) < 1:
+            raise ConfigError(f"match_lora_rank={self.match_lora_rank} must be a positive LoRA rank.")
+        if self.reselect_every is not None and int(self.reselect_every) < 1:
+            raise ConfigError("reselect_every must be a positive number of optimizer steps, or None.")
+        if not (0.0 < self.reselect_fraction <= 1.0):
+            raise ConfigError("reselect_fraction must be in (0, 1].")
+        if self.compute_path not in ("auto", "activations", "weights"):
+            raise ConfigError("compute_path must be 'auto', 'activations' or 'weights'.")
+        for name in ("support_rows", "support_cols"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"{name}={v} must be a positive number of leading directions, or None.")
+
+    def budget(self, m: int, n: int) -> int:
+        """Entries trainable in one m×n layer under this config."""
+        rows = min(m, self.support_rows or m)
+        cols = min(n, self.support_cols or n)
+        if self.k is not None:
+            k = int(self.k)
+        elif self.match_lora_rank is not None:
+            k = int(self.match_lora_rank) * (m + n)
+        else:
+            k = max(1, round(float(self.density) * m * n))
+        if k > rows * cols:
+            raise ConfigError(
+                f"k={k} is larger than the {rows}×{cols} = {rows * cols} entries this layer can "
+                f"train (layer {m}×{n}); lower k / match_lora_rank / density or widen the support."
+            )
+        return k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparseConfig":
+        method = data.get("method", "sparsegrad")
+        target = CONFIG_CLASSES.get(method)
+        if target is None:
+            raise ConfigError(f"Unknown method {method!r} in adapter config; known: {sorted(CONFIG_CLASSES)}.")
+        names = {f.name for f in dataclasses.fields(target) if f.init}
+        unknown = set(data) - names - {"method", "identity_bases"}
+        if unknown:
+            raise ConfigError(f"Unknown config keys {sorted(unknown)} for method {method!r}.")
+        return target(**{k: v for k, v in data.items() if k in names})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+@dataclass
+class SparseGradConfig(SparseConfig):
+    """SparseGrad (Chekalina et al., 2024): train k entries of each MLP layer in the basis
+    ``W̃ = Pᵀ W Q`` found by HOSVD of calibration gradients."""
+
+    def __post_init__(self) -> None:
+        self.method = "sparsegrad"
+        self.identity_bases = False
+        super().__post_init__()
+
+
+@dataclass
+class MePropConfig(SparseConfig):
+    """MeProp-style baseline: the same machinery with identity bases (P = Q = I), i.e. top-k of
+    the ordinary weight gradient. Dynamic selection by default, as in MeProp."""
+
+    selection: Selection = "dynamic"
+
+    def __post_init__(self) -> None:
+        self.method = "meprop"
+        self.identity_bases = True
+        super().__post_init__()
+
+
+CONFIG_CLASSES: dict[str, type[SparseConfig]] = {"sparsegrad": SparseGradConfig, "meprop": MePropConfig}
