@@ -1,0 +1,151 @@
+"""Text-classification data: the embedded Rotten Tomatoes task and the user's CSV/JSONL files.
+
+Splits are deterministic and group-disjoint: each row goes to train/validation/test by a hash of
+its group (the movie for Rotten Tomatoes, else the text itself), so no movie (or duplicate
+text) appears on both sides, and the split is the same on every machine and run.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+from .resources import rotten_tomatoes_path
+
+
+@dataclass
+class TextDataset:
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+    groups: list[str]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, keep: list[int]) -> "TextDataset":
+        return TextDataset([self.texts[i] for i in keep], [self.labels[i] for i in keep], self.label_names, [self.groups[i] for i in keep])
+
+
+def _open_text(path: Path) -> io.TextIOBase:
+    opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix, open)
+    return opener(path, "rt", encoding="utf-8", newline="")
+
+
+def _read_rows(path: Path) -> list[dict]:
+    name = path.name.removesuffix(".bz2").removesuffix(".gz")
+    try:
+        with _open_text(path) as f:
+            if name.endswith((".jsonl", ".json")):
+                rows = []
+                for i, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg}); one JSON object per line.") from exc
+                        if not isinstance(row, dict):
+                            raise DataError(f"{path}: line {i} is not a JSON object.")
+                        rows.append(row)
+                return rows
+            if name.endswith((".csv", ".tsv")):
+                return list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it as UTF-8.") from exc
+    except (OSError, EOFError) as exc:
+        raise DataError(f"Cannot read {path}: {exc}.") from exc
+    raise DataError(f"{path}: unknown file type; use .csv, .tsv or .jsonl (optionally .gz/.bz2).")
+
+
+def _label_order(values: list[str]) -> list[str]:
+    uniq = sorted(set(values))
+    try:
+        return sorted(uniq, key=float)
+    except ValueError:
+        return uniq
+
+
+def load_table(
+    path: str | Path,
+    text_column: str = "text",
+    label_column: str = "label",
+    group_column: str | None = None,
+    drop_labels: tuple[str, ...] = (),
+) -> TextDataset:
+    """Rows of a CSV/TSV/JSONL file as a labelled dataset. Labels may be strings or numbers;
+    they are numbered in sorted (numeric when possible) order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"No data file at {path}.")
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"{path} has no rows.")
+    columns = set().union(*(r.keys() for r in rows[:100]))
+    for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if col not in columns:
+            raise DataError(f"{path} has no column {col!r} (columns: {sorted(columns)}); choose one with {flag}.")
+    texts, labels, groups = [], [], []
+    for r in rows:
+        text, label = r.get(text_column), r.get(label_column)
+        if text is None or label is None or str(label).strip() == "" or str(label) in drop_labels:
+            continue
+        text = str(text).strip()
+        if not text:
+            continue
+        texts.append(text)
+        labels.append(str(label).strip())
+        groups.append(str(r.get(group_column, text)) if group_column else text)
+    if len(texts) < 2:
+        raise DataError(f"{path} has {len(texts)} usable row(s) (non-empty text and label); at least a few dozen are needed.")
+    names = _label_order(labels)
+    if len(names) < 2:
+        raise DataError(f"{path}: every row has label {names[0]!r}; classification needs at least two classes.")
+    index = {n: i for i, n in enumerate(names)}
+    return TextDataset(texts, [index[lab] for lab in labels], names, groups)
+
+
+def rotten_tomatoes() -> TextDataset:
+    """The embedded task: Rotten Tomatoes snippets, rotten (0) vs fresh (1), grouped by movie."""
+    return load_table(rotten_tomatoes_path(), "text", "category", group_column="movie_name", drop_labels=("plot",))
+
+
+def split_dataset(ds: TextDataset, test: float = 0.15, validation: float = 0.1, salt: str = "sparseft") -> dict[str, TextDataset]:
+    """Deterministic group-disjoint split into train / validation / test."""
+    parts: dict[str, list[int]] = {"train": [], "validation": [], "test": []}
+    for i, group in enumerate(ds.groups):
+        u = int(hashlib.sha256(f"{salt}:{group}".encode()).hexdigest()[:12], 16) / 16**12
+        parts["test" if u < test else "validation" if u < test + validation else "train"].append(i)
+    for name, keep in parts.items():
+        if not keep:
+            raise DataError(f"The {name} split is empty ({len(ds)} rows, {len(set(ds.groups))} groups): use more data.")
+    return {name: ds.subset(keep) for name, keep in parts.items()}
+
+
+def encode(tokenizer, ds: TextDataset, max_length: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(ds.texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(ds.labels)}
+
+
+def batches(data: dict[str, torch.Tensor], batch_size: int, seed: int, steps: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Shuffled batches, reshuffled each epoch, from a seeded generator; endless if steps is None."""
+    n = len(data["labels"])
+    gen = torch.Generator().manual_seed(seed)
+    done = 0
+    while steps is None or done < steps:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield {k: v[idx] for k, v in data.items()}
+            done += 1
+            if steps is not None and done >= steps:
+                return

@@ -1,0 +1,34 @@
+"""Exact training-state bytes and process peak memory."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+from torch import nn
+
+
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes of trainable parameters, their gradients (as allocated now) and optimizer state."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {
+        "param_bytes": sum(_bytes(p) for p in params),
+        "grad_bytes": sum(_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer_bytes": 0,
+    }
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            out["optimizer_bytes"] += sum(_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+    out["state_bytes"] = out["param_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
+    return out
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)

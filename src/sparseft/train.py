@@ -1,0 +1,159 @@
+"""One fine-tuning run for text classification: set up a method, calibrate, train, evaluate.
+
+A plain torch loop (AdamW or SparseAdamW, linear warm-up/decay), recording what the results
+contract needs: accuracy, trainable parameters, exact state bytes, peak RSS, step times.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+
+from .calibration import move_batch
+from .data import TextDataset, batches, encode
+from .methods import DEFAULT_LR, canonical, prepare
+from .metrics import peak_rss_bytes, state_bytes
+from .progress import progress
+
+
+@dataclass
+class RunSettings:
+    model_dir: str
+    method: str = "sparsegrad"
+    lr: float | None = None
+    steps: int = 400
+    seed: int = 0
+    batch_size: int = 16
+    max_length: int = 64
+    rank: int = 8
+    density: float | None = None
+    calibration_steps: int = 20
+    warmup_fraction: float = 0.06
+    eval_split: str = "test"
+    eval_batch_size: int = 128
+    show_progress: bool = True
+    loss_every: int = 10
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    lr: float
+    accuracy: float
+    trainable_params: int
+    state_bytes: int
+    peak_rss_bytes: int
+    step_time_s: float
+    calibration_s: float
+    wall_s: float
+    eval_split: str
+    steps: int
+    final_loss: float
+    state_detail: dict[str, int] = field(default_factory=dict)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_classifier(model_dir: str | Path, num_labels: int, seed: int):
+    """A sequence classifier from a local checkpoint; the new head is initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    n = len(data["labels"])
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size].to(device) for k, v in data.items() if k != "labels"}
+        logits = model(**batch).logits
+        correct += int((logits.argmax(-1).cpu() == data["labels"][start : start + batch_size]).sum())
+    return correct / n
+
+
+def run_classification(settings: RunSettings, splits: dict[str, TextDataset], tokenizer=None) -> RunResult:
+    """Fine-tune ``settings.model_dir`` on ``splits['train']``, report accuracy on the eval split."""
+    t_start = time.perf_counter()
+    method = canonical(settings.method)
+    lr = settings.lr if settings.lr is not None else DEFAULT_LR[method]
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(settings.model_dir)
+    train = encode(tokenizer, splits["train"], settings.max_length)
+    evaluation = encode(tokenizer, splits[settings.eval_split], settings.max_length)
+    model = load_classifier(settings.model_dir, len(splits["train"].label_names), settings.seed)
+    prepared = prepare(method, model, rank=settings.rank, density=settings.density)
+    model = prepared.model
+
+    calibration_s = 0.0
+    if prepared.needs_calibration:
+        t0 = time.perf_counter()
+        calib = batches(train, settings.batch_size, seed=10_000 + settings.seed, steps=settings.calibration_steps)
+        prepared.sparse.calibrate(calib, steps=settings.calibration_steps, show_progress=settings.show_progress)
+        calibration_s = time.perf_counter() - t0
+
+    optimizer = prepared.make_optimizer(lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_fraction * settings.steps), settings.steps)
+    torch.manual_seed(settings.seed)
+    model.train()
+    device = next(model.parameters()).device
+    times: list[float] = []
+    curve: list[tuple[int, float]] = []
+    running, seen = 0.0, 0
+    detail: dict[str, int] = {}
+    bar = progress(
+        batches(train, settings.batch_size, seed=settings.seed, steps=settings.steps),
+        desc=f"{method} lr={lr:g} seed={settings.seed}",
+        total=settings.steps,
+        disable=not settings.show_progress,
+    )
+    for step, batch in enumerate(bar, 1):
+        t0 = time.perf_counter()
+        loss = model(**move_batch(batch, device)).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step == settings.steps:
+            detail = state_bytes(model, optimizer)  # gradients still allocated: the true peak state
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        loss_value = loss.item()
+        running += loss_value
+        seen += 1
+        if step % settings.loss_every == 0 or step == settings.steps:
+            curve.append((step, running / seen))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+            running, seen = 0.0, 0
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"Training loss became {loss_value} at step {step} ({method}, lr={lr:g}): lower --lr.")
+
+    acc = accuracy(model, evaluation, settings.eval_batch_size)
+    return RunResult(
+        method=method,
+        seed=settings.seed,
+        lr=lr,
+        accuracy=acc,
+        trainable_params=prepared.trainable_params,
+        state_bytes=detail.get("state_bytes", 0),
+        peak_rss_bytes=peak_rss_bytes(),
+        # the first steps warm up allocators and caches: the median is the steady state
+        step_time_s=statistics.median(times) if times else 0.0,
+        calibration_s=calibration_s,
+        wall_s=time.perf_counter() - t_start,
+        eval_split=settings.eval_split,
+        steps=settings.steps,
+        final_loss=curve[-1][1] if curve else float("nan"),
+        state_detail=detail,
+        loss_curve=curve,
+    )
