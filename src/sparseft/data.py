@@ -136,6 +136,15 @@ def encode(tokenizer, ds: TextDataset, max_length: int) -> dict[str, torch.Tenso
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(ds.labels)}
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut right-padding shared by the whole batch (dynamic padding: fewer tokens, same outputs)."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    length = max(1, int(mask.sum(1).max()))
+    return {k: (v[:, :length] if v.dim() == 2 and v.shape[1] == mask.shape[1] else v) for k, v in batch.items()}
+
+
 def batches(data: dict[str, torch.Tensor], batch_size: int, seed: int, steps: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Shuffled batches, reshuffled each epoch, from a seeded generator; endless if steps is None."""
     n = len(data["labels"])
@@ -145,7 +154,7 @@ def batches(data: dict[str, torch.Tensor], batch_size: int, seed: int, steps: in
         order = torch.randperm(n, generator=gen)
         for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
             idx = order[start : start + batch_size]
-            yield {k: v[idx] for k, v in data.items()}
+            yield trim_padding({k: v[idx] for k, v in data.items()})
             done += 1
             if steps is not None and done >= steps:
                 return

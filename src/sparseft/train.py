@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from .calibration import move_batch
-from .data import TextDataset, batches, encode
+from .data import TextDataset, batches, encode, trim_padding
 from .methods import DEFAULT_LR, canonical, prepare
 from .metrics import peak_rss_bytes, state_bytes
 from .progress import progress
@@ -77,7 +77,8 @@ def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: 
     correct = 0
     n = len(data["labels"])
     for start in range(0, n, batch_size):
-        batch = {k: v[start : start + batch_size].to(device) for k, v in data.items() if k != "labels"}
+        batch = trim_padding({k: v[start : start + batch_size] for k, v in data.items() if k != "labels"})
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**batch).logits
         correct += int((logits.argmax(-1).cpu() == data["labels"][start : start + batch_size]).sum())
     return correct / n
