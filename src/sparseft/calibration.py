@@ -64,6 +64,11 @@ def _all_reduce(t: torch.Tensor) -> None:
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    if not isinstance(batch, Mapping):
+        raise CalibrationError(
+            f"Batches must be dicts of model inputs (got {type(batch).__name__}); "
+            "yield e.g. {'input_ids': ..., 'attention_mask': ..., 'labels': ...}."
+        )
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 

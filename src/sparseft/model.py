@@ -63,6 +63,7 @@ class SparseModel(nn.Module):
         self.targets: list[Target] = find_targets(model, config.target_modules)
         self.heads: list[str] = find_heads(model, config.modules_to_save)
         self.fingerprint = base_fingerprint(model, self.targets)
+        saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -89,8 +90,8 @@ class SparseModel(nn.Module):
             )
             parent_name, _, attr = target.name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
-        if bases is not None:
-            self.load_bases(bases)
+        if saved_bases is not None:
+            self._fill_bases(saved_bases)
 
     # ------------------------------------------------------------------ plumbing
     def __getattr__(self, name: str) -> Any:
@@ -236,12 +237,18 @@ class SparseModel(nn.Module):
 
     def load_bases(self, path: str | os.PathLike) -> None:
         """Load bases saved by ``save_bases`` (checked against this base model)."""
+        self._fill_bases(self._read_bases(path))
+
+    def _read_bases(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         tensors, meta = load_tensors(path, "bases")
         if meta.get("fingerprint") != self.fingerprint:
             raise AdapterMismatchError(
                 f"The bases in {path} were calibrated on another base model (fingerprint "
                 f"{meta.get('fingerprint')} ≠ {self.fingerprint}); calibrate() on this model instead."
             )
+        return tensors
+
+    def _fill_bases(self, tensors: dict[str, torch.Tensor]) -> None:
         weight = next(iter(self.sparse_layers().values())).base_layer.weight
         self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype)
 
@@ -308,19 +315,21 @@ class SparseModel(nn.Module):
                 "load the same model class (e.g. AutoModelForSequenceClassification vs AutoModel)."
             )
         config = SparseConfig.from_dict(meta["config"])
-        sparse = get_sparse_model(model, config)
+        # check the fit before touching the model: a failed load leaves it as it was
+        targets = find_targets(model, config.target_modules)
         saved_targets = [tuple(t) for t in meta["targets"]]
-        ours = [(t.name, t.group, t.m, t.n) for t in sparse.targets]
+        ours = [(t.name, t.group, t.m, t.n) for t in targets]
         if saved_targets != ours:
             raise AdapterMismatchError(
                 "The adapter's layers do not fit this model (names/shapes differ, e.g. "
                 f"{saved_targets[:1]} vs {ours[:1]}): it was saved for another architecture or size."
             )
-        if meta["fingerprint"] != sparse.fingerprint:
+        if meta["fingerprint"] != base_fingerprint(model, targets):
             raise AdapterMismatchError(
                 "The adapter was trained on other base weights (fingerprint "
-                f"{meta['fingerprint']} ≠ {sparse.fingerprint}): load the base checkpoint it was trained on."
+                f"{meta['fingerprint']} ≠ {base_fingerprint(model, targets)}): load the base checkpoint it was trained on."
             )
+        sparse = get_sparse_model(model, config)
         weight = next(iter(sparse.sparse_layers().values())).base_layer.weight
         if meta.get("bases_included"):
             sparse.bases.load(tensors, sparse._group_shapes(), weight.device, weight.dtype)

@@ -1,0 +1,68 @@
+"""Tiny random-init models of each supported architecture, and batches for them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 97
+
+
+def tiny_bert(num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=num_labels)
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_roberta(num_labels: int = 2):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                        max_position_embeddings=70, num_labels=num_labels, pad_token_id=1)
+    return RobertaForSequenceClassification(cfg)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=56, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=80)
+    return GPT2LMHeadModel(cfg)
+
+
+ARCHS = {"bert": tiny_bert, "roberta": tiny_roberta, "llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def make_batch(arch: str, seed: int, batch: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, length), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if arch in ("bert", "roberta"):
+        out["labels"] = torch.randint(0, 2, (batch,), generator=g)
+    else:
+        out["labels"] = ids.clone()
+    return out
+
+
+def make_batches(arch: str, n: int = 6, start: int = 0) -> list[dict[str, torch.Tensor]]:
+    return [make_batch(arch, start + i) for i in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
