@@ -390,3 +390,12 @@ def test_both_compute_paths_equal_the_explicit_formula(selection, path, arch):
             assert int(kept.sum()) == layer.k
             expected_grad = torch.where(kept, expected_grad, torch.zeros_like(expected_grad))
         _scaled_close(param.grad.double(), expected_grad)
+
+
+def test_deep_copy_keeps_dynamic_selection():
+    _, model = calibrated("bert", SparseGradConfig(k=5, selection="dynamic"))
+    clone = copy.deepcopy(model).train()
+    clone(**make_batch("bert", 1)).loss.backward()
+    for layer in clone.sparse_layers().values():
+        assert int((layer.delta.grad != 0).sum()) == 5
+        assert layer._bank is clone.bases

@@ -67,7 +67,8 @@ class SparseLinear(nn.Module):
             # Until an optimizer takes over selection (attach_optimizer), cut the gradient to its
             # top-k after every backward, so plain loops never train densely by accident.
             self.select_on_backward = True
-            self.delta.register_post_accumulate_grad_hook(self._after_backward)
+            self._hooked_param_id = 0
+            self._ensure_hook()
         # MeProp in dynamic mode needs nothing from calibration.
         self.calibrated = identity and selection == "dynamic"
         self.bypass = False  # True during calibration: behave exactly as the base layer
@@ -144,6 +145,8 @@ class SparseLinear(nn.Module):
                     "before training (a few batches of your task, ~10-30 steps)."
                 )
             return self.base_layer(x)
+        if self.selection == "dynamic" and torch.is_grad_enabled():
+            self._ensure_hook()
         W0 = weight_of(self.base_layer)
         bias = self.base_layer.bias
         if self.path_for(x.numel() // self.n) == "weights":
@@ -154,6 +157,13 @@ class SparseLinear(nn.Module):
         return F.linear(x, W0, bias) + update
 
     # ----------------------------------------------------------------------------- dynamic mode
+    def _ensure_hook(self) -> None:
+        """Register the top-k hook on ``delta`` once per parameter object: a deep copy (or a
+        replaced parameter) gets a new object, and hooks do not travel with copies."""
+        if self._hooked_param_id != id(self.delta):
+            self.delta.register_post_accumulate_grad_hook(self._after_backward)
+            self._hooked_param_id = id(self.delta)
+
     def _after_backward(self, param: torch.Tensor) -> None:
         if self.select_on_backward:
             self.mask_grad_to_topk_()
