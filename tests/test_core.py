@@ -399,3 +399,15 @@ def test_deep_copy_keeps_dynamic_selection():
     for layer in clone.sparse_layers().values():
         assert int((layer.delta.grad != 0).sum()) == 5
         assert layer._bank is clone.bases
+
+
+def test_dense_optimizer_state_in_dynamic_mode_is_not_silent():
+    _, model = calibrated("bert", SparseGradConfig(k=5, selection="dynamic"))
+    with pytest.warns(UserWarning, match="SparseAdamW"):
+        train_steps(model, "bert", n=1, optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, "bert", n=1, optimizer=SparseAdamW([p for p in model.parameters() if p.requires_grad]))
+        train_steps(model, "bert", n=1)  # plain SGD without momentum keeps no state

@@ -12,12 +12,14 @@ import hashlib
 import inspect
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import __version__
 from .bases import BasisBank
@@ -92,6 +94,8 @@ class SparseModel(nn.Module):
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
         if saved_bases is not None:
             self._fill_bases(saved_bases)
+        if config.selection == "dynamic" and not _DENSE_STATE_HOOK:
+            _DENSE_STATE_HOOK.append(register_optimizer_step_post_hook(_warn_on_dense_state))
 
     # ------------------------------------------------------------------ plumbing
     def __getattr__(self, name: str) -> Any:
@@ -363,6 +367,32 @@ class SparseModel(nn.Module):
 def _is_adapter_param(name: str) -> bool:
     leaf = name.rsplit(".", 1)[-1]
     return leaf in ("values", "delta") and ".base_layer." not in name
+
+
+_DENSE_STATE_HOOK: list[Any] = []
+
+
+def _warn_on_dense_state(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global step hook (installed once a dynamic-selection model exists): a dynamic ``delta``
+    whose optimizer keeps full-size state is a dense state the user did not ask for."""
+    if getattr(optimizer, "_sparseft_checked", False):
+        return
+    optimizer._sparseft_checked = True  # type: ignore[attr-defined]
+    from .optim import SparseAdamW
+
+    if isinstance(optimizer, SparseAdamW):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if hasattr(p, "_sparseft_k") and any(isinstance(v, torch.Tensor) and v.numel() == p.numel() for v in state.values()):
+                warnings.warn(
+                    f"{type(optimizer).__name__} keeps dense state ({p.numel():,d} entries per tensor) for a "
+                    "dynamic-selection SparseGrad layer, and its momentum keeps moving entries outside the top-k. "
+                    "Use sparseft.SparseAdamW for O(k) state and exactly-k updates (or plain SGD).",
+                    stacklevel=2,
+                )
+                return
 
 
 _CLASSES: dict[type, type] = {}
