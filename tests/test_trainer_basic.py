@@ -62,3 +62,17 @@ def test_trainer_trains_a_sparse_model(selection, tmp_path):
         state = sum(s["exp_avg"].numel() for s in optimizer.state.values())
         head = sum(p.numel() for p in model.base_model.classifier.parameters())
         assert state == values + head  # O(k) optimizer state
+
+
+def test_trainer_callback_reselects_the_support(tmp_path):
+    from sparseft.callbacks import ReselectSupportCallback
+
+    model = get_sparse_model(tiny_bert(), SparseGradConfig(k=20, reselect_every=2))
+    model.calibrate(make_batches("bert", 2), steps=2, show_progress=False)
+    before = {n: set(zip(l.rows.tolist(), l.cols.tolist())) for n, l in model.sparse_layers().items()}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=4, learning_rate=1e-2,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=ListDataset(rows(32)), callbacks=[ReselectSupportCallback()]).train()
+    for name, layer in model.sparse_layers().items():
+        after = set(zip(layer.rows.tolist(), layer.cols.tolist()))
+        assert len(after) == 20 and after != before[name]

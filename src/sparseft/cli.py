@@ -39,6 +39,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--calibration-steps", type=int, default=20)
+    p.add_argument("--reselect-every", type=int, help="sparsegrad-fixed: re-choose 10%% of the support every N steps")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -116,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             rank=args.rank,
             density=args.density,
             calibration_steps=args.calibration_steps,
+            reselect_every=args.reselect_every,
             show_progress=not args.no_progress,
         )
         result = run_classification(settings, splits, tokenizer)

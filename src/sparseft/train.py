@@ -35,6 +35,7 @@ class RunSettings:
     rank: int = 8
     density: float | None = None
     calibration_steps: int = 20
+    reselect_every: int | None = None
     warmup_fraction: float = 0.06
     eval_split: str = "test"
     eval_batch_size: int = 128
@@ -95,6 +96,8 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     model = load_classifier(settings.model_dir, len(splits["train"].label_names), settings.seed)
     prepared = prepare(method, model, rank=settings.rank, density=settings.density)
     model = prepared.model
+    reselect = settings.reselect_every if method == "sparsegrad-fixed" else None
+    reselect_batches = batches(train, settings.batch_size, seed=20_000 + settings.seed) if reselect else None
 
     calibration_s = 0.0
     if prepared.needs_calibration:
@@ -127,6 +130,8 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
         if step == settings.steps:
             detail = state_bytes(model, optimizer)  # gradients still allocated: the true peak state
         optimizer.zero_grad(set_to_none=True)
+        if reselect and step % reselect == 0 and step < settings.steps:
+            prepared.sparse.reselect_support([next(reselect_batches)], optimizer=optimizer)
         times.append(time.perf_counter() - t0)
         loss_value = loss.item()
         running += loss_value
