@@ -311,13 +311,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eigh", type=int, nargs="*", default=[384, 576, 768, 1536, 3072], help="group sizes to time")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shapes", nargs="+", choices=["bert", "llama"], default=["bert", "llama"])
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     global METHODS
     METHODS = METHODS[:3] + tuple(f"sparsegrad-fixed-narrow{L}" for L in args.narrow) + METHODS[3:]
-    shapes = dict(SHAPES)
+    shapes = {k: v for k, v in SHAPES.items() if k.split("-")[0] in args.shapes}
     if args.quick:
         shapes = {"llama-like 576x1536": SHAPES["llama-like 576x1536"]}
         args.tokens, args.rounds, args.eigh = [2048], 2, [384, 768]

@@ -63,13 +63,43 @@ def narrowed(L: int):
     return get_sparse_model
 
 
+def calibrate_only(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from sparseft.data import batches, encode
+    from sparseft.train import load_classifier
+
+    splits = _load_splits(argparse.Namespace(data=None, text_column="text", label_column="label", group_column=None))
+    model_dir = str(default_model_dir())
+    train = encode(AutoTokenizer.from_pretrained(model_dir), splits["train"], 64)
+    model = load_classifier(model_dir, len(splits["train"].label_names), args.seed)
+    methods.get_sparse_model = narrowed(0)
+    prepared = methods.prepare("sparsegrad-fixed", model, rank=8)
+    t0 = time.perf_counter()
+    report = prepared.sparse.calibrate(batches(train, 16, seed=10_000 + args.seed, steps=args.calibration_steps),
+                                       steps=args.calibration_steps, show_progress=False)
+    print(f"calibration: {args.calibration_steps} steps of 16x64 tokens, {time.perf_counter() - t0:.1f} s "
+          f"(Gram pass {report.gram_seconds:.1f} s, eigh {sum(report.eigh_seconds.values()):.1f} s, support pass {report.support_seconds:.1f} s)")
+    for name, s in SPREAD.items():
+        print(f"  {name} {s['shape'][0]}x{s['shape'][1]} k={prepared.sparse.sparse_layers()[name].k}: |R| {s['R']}, |C| {s['C']}, "
+              f"90% of support rows < {s['rows_90']}, cols < {s['cols_90']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "supports_calibration.json").write_text(json.dumps({"settings": vars(args), "layers": SPREAD}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--narrow", type=int, nargs="+", default=[0, 64, 24])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calibration-steps", type=int, default=20)
+    ap.add_argument("--calibrate-only", action="store_true", help="measure |R|, |C| of the unrestricted support; no training")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
+    if args.calibrate_only:
+        calibrate_only(args)
+        return
     splits = _load_splits(argparse.Namespace(data=None, text_column="text", label_column="label", group_column=None))
     from transformers import AutoTokenizer
 
