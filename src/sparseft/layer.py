@@ -18,7 +18,7 @@ How it is computed (see docs/performance.md for the cost model and measurements)
 function does the whole layer, so nothing but the input x is saved for backward:
 
 - forward ``y = x Wᵀ + b`` with the merged ``W = W0 + P_R D Q_Cᵀ`` (merging costs
-  ``m·n·min(a, b)`` multiply-adds, independent of the token count N; dynamic mode keeps the merged
+  ``min(m·b·(a+n), a·n·(b+m))`` multiply-adds, independent of the token count N; dynamic mode keeps the merged
   update cached and folds in only the entries the optimizer changed), or, when that is dearer
   (few tokens), ``x W0ᵀ + b + ((x Q_C) Dᵀ) P_Rᵀ``;
 - input gradient ``g W`` the same way (the merged weight is rebuilt, not kept: no m×n tensor
@@ -45,7 +45,7 @@ _REMERGE_EVERY = 256  # dynamic mode: rebuild the cached update from scratch now
 
 
 def lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor) -> torch.Tensor:
-    """``P_R D Q_Cᵀ`` (m×n) in the cheaper bracketing: m·n·min(a, b) multiply-adds."""
+    """``P_R D Q_Cᵀ`` (m×n) in the cheaper bracketing: min(m·b·(a+n), a·n·(b+m)) multiply-adds."""
     m, (a, b), n = P_R.shape[0], D.shape, Q_C.shape[0]
     if m * a * b + m * b * n <= a * b * n + m * a * n:
         return (P_R @ D) @ Q_C.T
