@@ -6,7 +6,7 @@ For a base layer ``y = x W0ᵀ + b`` (W0 is m×n) and a basis pair P (m×m), Q (
 
 so the *rotated* weight ``W̃ = Pᵀ W Q`` moves only where Δ̃ is non-zero, and the gradient of Δ̃ is
 the rotated gradient ``G̃ = Pᵀ (gᵀ x) Q`` (g = ∂L/∂y). Only the rows R and columns C that the
-support touches matter: ``P Δ̃ Qᵀ = P_R D Q_Cᵀ`` with D = Δ̃[R, C].
+support touches matter: ``P Δ̃ Qᵀ = P_R D Q_Cᵀ`` with D = Δ̃[R, C] (a = |R|, b = |C|).
 
 Selection modes:
 - ``fixed``: the support (k entries) is chosen once from calibration; the trainable parameter
@@ -14,12 +14,20 @@ Selection modes:
 - ``dynamic``: the trainable parameter is the dense ``delta`` (= Δ̃ on the allowed block) and
   its gradient is cut to its top-k entries before each optimizer step (the paper's mode).
 
-Two ways to compute the same numbers, picked per call by FLOP count (``compute_path='auto'``):
-- ``activations``: ``y = x W0ᵀ + b + ((x Q_C) Dᵀ) P_Rᵀ``; cost grows with N·(|R|+|C|)·width and
-  no dense weight gradient is ever formed.
-- ``weights``: ``y = x (W0 + P_R D Q_Cᵀ)ᵀ + b``; autograd then forms the dense weight gradient
-  once (N·m·n) and rotates it (independent of N), cheaper for many tokens.
-Identity bases (MeProp) always use ``weights`` with P_R, Q_C replaced by index selection.
+How it is computed (see docs/performance.md for the cost model and measurements). One autograd
+function does the whole layer, so nothing but the input x is saved for backward:
+
+- forward ``y = x Wᵀ + b`` with the merged ``W = W0 + P_R D Q_Cᵀ`` (merging costs
+  ``min(m·b·(a+n), a·n·(b+m))`` multiply-adds, independent of the token count N; dynamic mode keeps the merged
+  update cached and folds in only the entries the optimizer changed), or, when that is dearer
+  (few tokens), ``x W0ᵀ + b + ((x Q_C) Dᵀ) P_Rᵀ``;
+- input gradient ``g W`` the same way (the merged weight is rebuilt, not kept: no m×n tensor
+  outlives a call);
+- value gradient ``P_Rᵀ gᵀ x Q_C`` by the cheapest of four bracketings (``path_for``):
+  ``activations`` (g P_R)ᵀ(x Q_C), ``weights`` P_Rᵀ(gᵀx)Q_C (the dense weight gradient, rotated),
+  ``output-side`` ((g P_R)ᵀ x) Q_C, ``input-side`` P_Rᵀ(gᵀ(x Q_C)). Only ``weights`` forms an
+  m×n gradient; fixed mode then gathers its k entries.
+Identity bases (MeProp) select rows/columns instead of rotating.
 """
 
 from __future__ import annotations
@@ -31,6 +39,52 @@ from torch import nn
 from .bases import BasisBank
 from .errors import NotCalibratedError
 from .targets import is_transposed, weight_of
+
+GRAD_PATHS = ("activations", "weights", "output-side", "input-side")
+_REMERGE_EVERY = 256  # dynamic mode: rebuild the cached update from scratch now and then (round-off)
+
+
+def lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor) -> torch.Tensor:
+    """``P_R D Q_Cᵀ`` (m×n) in the cheaper bracketing: min(m·b·(a+n), a·n·(b+m)) multiply-adds."""
+    m, (a, b), n = P_R.shape[0], D.shape, Q_C.shape[0]
+    if m * a * b + m * b * n <= a * b * n + m * a * n:
+        return (P_R @ D) @ Q_C.T
+    return P_R @ (D @ Q_C.T)
+
+
+def merge_cost(m: int, n: int, a: int, b: int) -> int:
+    return min(m * a * b + m * b * n, a * b * n + m * a * n)
+
+
+def grad_costs(N: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+    """Multiply-adds of the four bracketings of ``P_aᵀ gᵀ x Q_b`` (g: N×m, x: N×n)."""
+    return {
+        "activations": N * (m * a + n * b + a * b),
+        "weights": N * m * n + min(a * m * n + a * n * b, m * n * b + a * m * b),
+        "output-side": N * (m * a + a * n) + a * n * b,
+        "input-side": N * (n * b + m * b) + a * m * b,
+    }
+
+
+class _SparseUpdate(torch.autograd.Function):
+    """y = x (W0 + ΔW)ᵀ + b with ∂L/∂param computed in the rotated space, never via autograd of ΔW."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, layer: "SparseLinear") -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, param)  # param: autograd's version check (no in-place edits between)
+        return layer._forward_no_grad(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, param = ctx.saved_tensors
+        layer: SparseLinear = ctx.layer
+        grad_x = layer._input_grad(grad_y) if ctx.needs_input_grad[0] else None
+        grad_param = None
+        if ctx.needs_input_grad[1]:
+            grad_param = layer._param_grad(grad_y.reshape(-1, layer.m), x.reshape(-1, layer.n)).to(param.dtype)
+        return grad_x, grad_param, None
 
 
 class SparseLinear(nn.Module):
@@ -69,6 +123,9 @@ class SparseLinear(nn.Module):
             self.select_on_backward = True
             self._hooked_param_id = 0
             self._ensure_hook()
+        # dynamic mode: the merged update P Δ̃ Qᵀ, kept and updated where Δ̃ changed (plain
+        # attributes, not buffers: derived data, never saved)
+        self._cache: tuple | None = None
         # MeProp in dynamic mode needs nothing from calibration.
         self.calibrated = identity and selection == "dynamic"
         self.bypass = False  # True during calibration: behave exactly as the base layer
@@ -77,7 +134,8 @@ class SparseLinear(nn.Module):
     def _store_support(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
         R, local_r = torch.unique(rows, return_inverse=True)
         C, local_c = torch.unique(cols, return_inverse=True)
-        for name, value in (("rows", rows), ("cols", cols), ("R", R), ("C", C), ("local_r", local_r), ("local_c", local_c)):
+        local = local_r * C.numel() + local_c  # position of each value in D = Δ̃[R, C], flattened
+        for name, value in (("rows", rows), ("cols", cols), ("R", R), ("C", C), ("local_r", local_r), ("local_c", local_c), ("local", local)):
             self.register_buffer(name, value.to(torch.long), persistent=False)
 
     @torch.no_grad()
@@ -97,43 +155,162 @@ class SparseLinear(nn.Module):
         idx = torch.topk(scores.flatten().float(), self.k, sorted=False).indices.sort().values
         self.set_support(idx // self.block[1], idx % self.block[1])
 
-    # ----------------------------------------------------------------------------- compute
+    # ----------------------------------------------------------------------------- factors
+    def _index(self) -> tuple[torch.Tensor | slice, torch.Tensor | slice]:
+        if self.selection == "fixed":
+            return self.R, self.C
+        return slice(0, self.block[0]), slice(0, self.block[1])
+
+    def _dense_D(self) -> torch.Tensor:
+        """D = Δ̃[R, C] (a×b); differentiable in ``values`` / ``delta``."""
+        if self.selection == "fixed":
+            # index_copy, not advanced indexing: the latter is ~100x slower on CPU
+            a, b = self.R.numel(), self.C.numel()
+            return self.values.new_zeros(a * b).index_copy(0, self.local, self.values).view(a, b)
+        return self.delta
+
     def _factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(P_R, D, Q_C): the update is P_R D Q_Cᵀ. None stands for identity bases."""
-        if self.selection == "fixed":
-            D = self.values.new_zeros(self.R.numel(), self.C.numel()).index_put((self.local_r, self.local_c), self.values)
-            rows, cols = self.R, self.C
-        else:
-            D = self.delta
-            rows, cols = slice(0, self.block[0]), slice(0, self.block[1])
+        D = self._dense_D()
         if self.identity:
             return None, D, None
+        rows, cols = self._index()
         return self._bank.columns(self.group, "P", rows), D, self._bank.columns(self.group, "Q", cols)
 
     def delta_weight(self) -> torch.Tensor:
-        """ΔW = P_R D Q_Cᵀ as an m×n matrix (differentiable)."""
+        """ΔW = P_R D Q_Cᵀ as an m×n matrix (differentiable; the straightforward formula)."""
         P_R, D, Q_C = self._factors()
         if self.identity:
             if self.selection == "fixed":
-                return D.new_zeros(self.m, self.n).index_put((self.rows, self.cols), self.values)
+                return D.new_zeros(self.m * self.n).index_copy(0, self.rows * self.n + self.cols, self.values).view(self.m, self.n)
             return F.pad(D, (0, self.n - D.shape[1], 0, self.m - D.shape[0]))
-        D = D.to(P_R.dtype)
-        r, c = D.shape
-        if self.m * r * c + self.m * c * self.n <= r * c * self.n + self.m * r * self.n:
-            return (P_R @ D) @ Q_C.T
-        return P_R @ (D @ Q_C.T)
+        return lowrank_product(P_R, D.to(P_R.dtype), Q_C)
+
+    # ----------------------------------------------------------------------------- cost model
+    def _ab(self) -> tuple[int, int]:
+        return (self.R.numel(), self.C.numel()) if self.selection == "fixed" else self.block
+
+    def cost_model(self, tokens: int) -> dict[str, int]:
+        """Multiply-adds of one training step's adapted parts (the frozen x W0ᵀ and g W0 not
+        counted): ``merge`` (each of forward and input gradient, merged-weight way),
+        ``factored`` (each of them, through x Q_C / g P_R), and the four gradient bracketings."""
+        m, n, (a, b) = self.m, self.n, self._ab()
+        if self.identity:  # selecting rows/columns costs no multiply-adds
+            return {"merge": 0, "factored": tokens * a * b, "activations": tokens * a * b,
+                    "weights": tokens * m * n, "output-side": tokens * a * n, "input-side": tokens * m * b}
+        return {"merge": merge_cost(m, n, a, b), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b)}
 
     def path_for(self, tokens: int) -> str:
-        """The cheaper of the two compute paths for ``tokens`` rows of input (FLOPs, fwd+bwd)."""
+        """The bracketing used for the rotated gradient at ``tokens`` rows of input: the one of
+        ``GRAD_PATHS`` with fewest multiply-adds (``compute_path`` forces activations/weights)."""
         if self.compute_path != "auto":
-            return self.compute_path if not self.identity else "weights"
+            return self.compute_path
+        costs = self.cost_model(tokens)
+        return min(GRAD_PATHS, key=costs.__getitem__)
+
+    def _merged_forward(self, tokens: int) -> bool:
+        """Forward and input gradient through the merged weight (else through x Q_C, g P_R)."""
+        if self.selection == "dynamic" or self.compute_path == "weights":
+            return True  # dynamic: the merged update is cached, so merging is (nearly) free
+        if self.compute_path == "activations":
+            return False
+        costs = self.cost_model(tokens)
+        return costs["merge"] <= costs["factored"]
+
+    # ----------------------------------------------------------------------------- compute
+    @torch.no_grad()
+    def _update_weight(self) -> torch.Tensor:
+        """ΔW (m×n, base dtype), for the current parameters."""
+        W0 = weight_of(self.base_layer)
+        if self.selection == "dynamic" and not self.identity:
+            return self._cached_delta_weight().to(W0.dtype)
+        return self.delta_weight().to(W0.dtype)
+
+    @torch.no_grad()
+    def _cached_delta_weight(self) -> torch.Tensor:
+        """Dynamic mode: P Δ̃ Qᵀ, updated in place with only the entries changed since last call."""
+        delta = self.delta
+        P = self._bank.columns(self.group, "P", slice(0, self.block[0]))
+        Q = self._bank.columns(self.group, "Q", slice(0, self.block[1]))
+        key = (delta.data_ptr(), delta._version, P.data_ptr(), P._version, Q.data_ptr(), Q._version, P.dtype)
+        cache = self._cache
+        # In eval mode an incrementally updated cache is rebuilt from scratch, so outputs are
+        # bit-identical to a freshly loaded adapter's (round-off of the increments differs).
+        stale = cache is not None and not self.training and cache[3] > 0
+        if cache is not None and cache[0] == key and not stale:
+            return cache[1]
+        if cache is None or stale or cache[0][2:] != key[2:] or cache[0][0] != key[0] or cache[3] >= _REMERGE_EVERY:
+            update, snapshot, age = lowrank_product(P, delta.to(P.dtype), Q), delta.detach().clone(), 0
+        else:
+            _, update, snapshot, age = cache
+            diff = delta - snapshot
+            changed = diff != 0
+            rows = changed.any(1).nonzero().squeeze(1)
+            cols = changed.any(0).nonzero().squeeze(1)
+            if rows.numel():
+                m, n = self.m, self.n
+                if merge_cost(m, n, rows.numel(), cols.numel()) < merge_cost(m, n, *self.block):
+                    diff = diff.index_select(0, rows).index_select(1, cols).to(P.dtype)
+                    update += lowrank_product(P.index_select(1, rows), diff, Q.index_select(1, cols))
+                    age += 1
+                else:
+                    update, age = lowrank_product(P, delta.to(P.dtype), Q), 0
+                snapshot.copy_(delta)
+        self._cache = (key, update, snapshot, age)
+        return update
+
+    def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+        W0, bias = weight_of(self.base_layer), self.base_layer.bias
+        tokens = x.numel() // self.n
+        if self._merged_forward(tokens):
+            return F.linear(x, W0 + self._update_weight(), bias)
+        P_R, D, Q_C = self._factors()
+        y = F.linear(x, W0, bias)
+        D = D.detach().to(x.dtype)
         if self.identity:
-            return "weights"
-        m, n = self.m, self.n
-        r, c = (self.R.numel(), self.C.numel()) if self.selection == "fixed" else self.block
-        activations = tokens * (2 * n * c + 3 * r * c + 2 * r * m)
-        weights = tokens * m * n + 2 * (m * r * c + m * c * n) + r * m * n + r * n * c
-        return "activations" if activations <= weights else "weights"
+            return y.index_add_(-1, self.R, F.linear(x.index_select(-1, self.C), D))
+        return y + F.linear(F.linear(F.linear(x, Q_C.T.to(x.dtype)), D), P_R.to(x.dtype))
+
+    @torch.no_grad()
+    def _input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        W0 = weight_of(self.base_layer)
+        tokens = grad_y.numel() // self.m
+        if self._merged_forward(tokens):
+            return grad_y @ (W0 + self._update_weight())
+        P_R, D, Q_C = self._factors()
+        D = D.detach().to(grad_y.dtype)
+        if self.identity:
+            return (grad_y @ W0).index_add_(-1, self.C, grad_y.index_select(-1, self.R) @ D)
+        return grad_y @ W0 + ((grad_y @ P_R.to(grad_y.dtype)) @ D) @ Q_C.T.to(grad_y.dtype)
+
+    @torch.no_grad()
+    def _param_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """∂L/∂values (k) or ∂L/∂delta (block): P_Rᵀ gᵀ x Q_C, restricted to the support."""
+        rows, cols = self._index()
+        path = self.path_for(x.shape[0])
+        if self.identity:
+            Gt = g[:, rows].T @ x[:, cols]
+        else:
+            dt = x.dtype
+            P_R = self._bank.columns(self.group, "P", rows).to(dt)
+            Q_C = self._bank.columns(self.group, "Q", cols).to(dt)
+            if path == "activations":
+                Gt = (g @ P_R).T @ (x @ Q_C)
+            elif path == "weights":
+                Gt = lowrank_product(P_R.T, g.T @ x, Q_C.T)
+            elif path == "output-side":
+                Gt = ((g @ P_R).T @ x) @ Q_C
+            else:
+                Gt = P_R.T @ (g.T @ (x @ Q_C))
+        if self.selection == "fixed":
+            return Gt.reshape(-1).index_select(0, self.local)
+        return Gt
+
+    def _fast_path_ok(self) -> bool:
+        """The fused function covers a frozen base layer (the usual case); anything else (a
+        base weight or bias that trains too) goes through plain autograd."""
+        base = self.base_layer
+        return not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bypass:
@@ -147,14 +324,13 @@ class SparseLinear(nn.Module):
             return self.base_layer(x)
         if self.selection == "dynamic" and torch.is_grad_enabled():
             self._ensure_hook()
-        W0 = weight_of(self.base_layer)
-        bias = self.base_layer.bias
-        if self.path_for(x.numel() // self.n) == "weights":
-            return F.linear(x, W0 + self.delta_weight().to(W0.dtype), bias)
-        P_R, D, Q_C = self._factors()
-        dt = x.dtype
-        update = F.linear(F.linear(F.linear(x, Q_C.T.to(dt)), D.to(dt)), P_R.to(dt))
-        return F.linear(x, W0, bias) + update
+        param = self.values if self.selection == "fixed" else self.delta
+        if not self._fast_path_ok():
+            W0 = weight_of(self.base_layer)
+            return F.linear(x, W0 + self.delta_weight().to(W0.dtype), self.base_layer.bias)
+        if not (torch.is_grad_enabled() and (param.requires_grad or x.requires_grad)):
+            return self._forward_no_grad(x)
+        return _SparseUpdate.apply(x, param, self)
 
     # ----------------------------------------------------------------------------- dynamic mode
     def _ensure_hook(self) -> None:
@@ -176,10 +352,12 @@ class SparseLinear(nn.Module):
         if grad is None:
             return None
         flat = grad.view(-1)
-        idx = torch.topk(flat.abs(), self.k, sorted=False).indices
-        kept = flat[idx]
+        idx = torch.topk(flat.abs(), self.k, sorted=False).indices.sort().values
+        kept = flat.index_select(0, idx)
         flat.zero_()
-        flat[idx] = kept
+        flat.index_copy_(0, idx, kept)
+        # SparseAdamW reuses this selection while the gradient is untouched (no second top-k)
+        self.delta._sparseft_selected = (grad, grad._version, idx)
         return idx
 
     # ----------------------------------------------------------------------------- export / merge
@@ -207,6 +385,7 @@ class SparseLinear(nn.Module):
         W = weight_of(self.base_layer)
         if self.calibrated:
             W.copy_((W.float() + self.delta_weight().float()).to(W.dtype))
+        self._cache = None
         return self.base_layer
 
     def extra_repr(self) -> str:
@@ -220,4 +399,4 @@ def adapted_weight(layer: SparseLinear) -> torch.Tensor:
         return weight_of(layer.base_layer).float() + layer.delta_weight().float()
 
 
-__all__ = ["SparseLinear", "adapted_weight", "is_transposed"]
+__all__ = ["SparseLinear", "adapted_weight", "is_transposed", "lowrank_product", "grad_costs", "GRAD_PATHS"]

@@ -77,8 +77,13 @@ class SparseAdamW(torch.optim.Optimizer):
     def _sparse_step(self, p: torch.Tensor, k: int, group: dict) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         flat_grad = p.grad.reshape(-1)
-        idx = torch.topk(flat_grad.abs(), min(k, flat_grad.numel()), sorted=False).indices.sort().values
-        g = flat_grad[idx].float()
+        # index_select/index_copy_ throughout: advanced indexing is ~100x slower on CPU
+        selected_by_layer = getattr(p, "_sparseft_selected", None)
+        if selected_by_layer is not None and selected_by_layer[0] is p.grad and selected_by_layer[1] == p.grad._version:
+            idx = selected_by_layer[2]  # the layer already cut this gradient to its top-k
+        else:
+            idx = torch.topk(flat_grad.abs(), min(k, flat_grad.numel()), sorted=False).indices.sort().values
+        g = flat_grad.index_select(0, idx).float()
         state = self.state[p]
         if not state:
             dev = p.device
@@ -91,23 +96,26 @@ class SparseAdamW(torch.optim.Optimizer):
         state["step"] += 1
         pos = self._positions(state, idx)
         m, v, c = state["exp_avg"], state["exp_avg_sq"], state["count"]
-        m[pos] = b1 * m[pos] + (1 - b1) * g
-        v[pos] = b2 * v[pos] + (1 - b2) * g * g
-        c[pos] += 1
-        state["last"][pos] = state["step"]
-        m_hat = m[pos] / (1 - torch.pow(b1, c[pos]))
-        v_hat = v[pos] / (1 - torch.pow(b2, c[pos]))
+        m_pos = m.index_select(0, pos).mul_(b1).add_(g, alpha=1 - b1)
+        v_pos = v.index_select(0, pos).mul_(b2).addcmul_(g, g, value=1 - b2)
+        c_pos = c.index_select(0, pos).add_(1)
+        m.index_copy_(0, pos, m_pos)
+        v.index_copy_(0, pos, v_pos)
+        c.index_copy_(0, pos, c_pos)
+        state["last"].index_fill_(0, pos, state["step"])
+        m_hat = m_pos / (1 - torch.pow(b1, c_pos))
+        v_hat = v_pos / (1 - torch.pow(b2, c_pos))
         update = m_hat / (v_hat.sqrt() + eps)
         flat = p.view(-1)
-        selected = flat[idx].float()
+        selected = flat.index_select(0, idx).float()
         if wd:
             selected = selected * (1 - lr * wd)
-        flat[idx] = (selected - lr * update).to(p.dtype)
+        flat.index_copy_(0, idx, (selected - lr * update).to(p.dtype))
         cap = group["state_factor"]
         if cap is not None and state["index"].numel() > cap * k:
             keep = torch.topk(state["last"], cap * k, sorted=False).indices.sort().values
             for name in ("index", "exp_avg", "exp_avg_sq", "count", "last"):
-                state[name] = state[name][keep]
+                state[name] = state[name].index_select(0, keep)
 
     @staticmethod
     def _positions(state: dict, idx: torch.Tensor) -> torch.Tensor:
@@ -115,17 +123,17 @@ class SparseAdamW(torch.optim.Optimizer):
         index = state["index"]
         if index.numel():
             pos = torch.searchsorted(index, idx)
-            present = index[pos.clamp(max=index.numel() - 1)] == idx
+            present = index.index_select(0, pos.clamp(max=index.numel() - 1)) == idx
         else:
             present = torch.zeros_like(idx, dtype=torch.bool)
-        new = idx[~present]
+        new = idx.masked_select(~present)
         if new.numel():
             merged = torch.cat([index, new])
             order = torch.argsort(merged)
-            state["index"] = merged[order]
+            state["index"] = merged.index_select(0, order)
             for name in ("exp_avg", "exp_avg_sq", "count", "last"):
                 old = state[name]
-                state[name] = torch.cat([old, old.new_zeros(new.numel())])[order]
+                state[name] = torch.cat([old, old.new_zeros(new.numel())]).index_select(0, order)
             index = state["index"]
         return torch.searchsorted(index, idx)
 

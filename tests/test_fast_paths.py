@@ -1,0 +1,166 @@
+"""Every compute path of SparseLinear gives the numbers of the straightforward formulas:
+
+    y = x (W0 + P Δ̃ Qᵀ)ᵀ + b,   ∂L/∂x by autograd of that,   ∂L/∂Δ̃ = Pᵀ (∂L/∂W) Q on the support,
+
+for fixed and dynamic selection, rotated and identity bases, nn.Linear and GPT-2's Conv1D.
+"""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from sparseft.bases import BasisBank
+from sparseft.layer import GRAD_PATHS, SparseLinear, grad_costs
+from sparseft.targets import weight_of
+
+PATHS = ("auto", *GRAD_PATHS)
+
+
+def orthogonal(size: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))[0].float()
+
+
+def make_layer(m, n, k, selection, identity, conv, path, seed, block=None):
+    gen = torch.Generator().manual_seed(seed)
+    if conv:
+        base = Conv1D(m, n)  # weight stored (n, m)
+        nn.init.normal_(base.weight, generator=gen)
+        nn.init.normal_(base.bias, generator=gen)
+    else:
+        base = nn.Linear(n, m)
+    base.requires_grad_(False)
+    bank = BasisBank()
+    bank.set("g", orthogonal(m, gen), orthogonal(n, gen))
+    layer = SparseLinear(base, group="g", k=k, selection=selection, identity=identity, bank=bank,
+                         block=block or (m, n), compute_path=path)
+    with torch.no_grad():
+        if selection == "fixed":
+            layer.choose_support(torch.rand(layer.block, generator=gen))
+            layer.values.normal_(generator=gen)
+        else:
+            layer.calibrated = True
+            layer.select_on_backward = False  # compare the whole gradient, not its top-k
+            layer.delta.normal_(generator=gen)
+    return layer, gen
+
+
+def reference(layer: SparseLinear, x: torch.Tensor, grad_y: torch.Tensor):
+    """Output, input gradient and Δ̃ gradient (on the support / block) by dense autograd."""
+    m, n = layer.m, layer.n
+    P = torch.eye(m) if layer.identity else layer._bank.full("g", "P")
+    Q = torch.eye(n) if layer.identity else layer._bank.full("g", "Q")
+    dense = torch.zeros(m, n)
+    with torch.no_grad():
+        if layer.selection == "fixed":
+            dense[layer.rows, layer.cols] = layer.values
+        else:
+            dense[: layer.block[0], : layer.block[1]] = layer.delta
+    dense.requires_grad_(True)
+    x = x.detach().clone().requires_grad_(True)
+    W = weight_of(layer.base_layer) + P @ dense @ Q.T
+    y = x @ W.T + layer.base_layer.bias
+    y.backward(grad_y)
+    rotated = dense.grad
+    if layer.selection == "fixed":
+        g = rotated[layer.rows, layer.cols]
+    else:
+        g = rotated[: layer.block[0], : layer.block[1]]
+    return y.detach(), x.grad, g
+
+
+def check(layer, gen, lead):
+    x = torch.randn(*lead, layer.n, generator=gen, requires_grad=True)
+    y = layer(x)
+    grad_y = torch.randn(y.shape, generator=gen)
+    y.backward(grad_y)
+    param = layer.values if layer.selection == "fixed" else layer.delta
+    y_ref, gx_ref, gp_ref = reference(layer, x, grad_y)
+    scale = 1 + float(y_ref.abs().max())
+    torch.testing.assert_close(y, y_ref, atol=1e-4 * scale, rtol=1e-4)
+    torch.testing.assert_close(x.grad, gx_ref, atol=1e-4 * (1 + float(gx_ref.abs().max())), rtol=1e-4)
+    torch.testing.assert_close(param.grad, gp_ref, atol=1e-4 * (1 + float(gp_ref.abs().max())), rtol=1e-4)
+
+
+shapes = st.tuples(st.integers(1, 9), st.integers(1, 9))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mn=shapes,
+    tokens=st.integers(1, 12),
+    selection=st.sampled_from(["fixed", "dynamic"]),
+    identity=st.booleans(),
+    conv=st.booleans(),
+    path=st.sampled_from(PATHS),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, conv, path, seed, data):
+    m, n = mn
+    block = (data.draw(st.integers(1, m)), data.draw(st.integers(1, n)))
+    k = data.draw(st.integers(1, block[0] * block[1]))
+    layer, gen = make_layer(m, n, k, selection, identity, conv, path, seed, block)
+    check(layer, gen, (2, tokens))
+
+
+def test_every_bracketing_of_the_rotated_gradient_agrees():
+    for path in GRAD_PATHS:
+        for selection in ("fixed", "dynamic"):
+            layer, gen = make_layer(10, 6, 17, selection, False, False, path, seed=3)
+            assert layer.path_for(4) == path
+            check(layer, gen, (4,))
+
+
+def test_auto_picks_the_cheapest_bracketing():
+    layer, _ = make_layer(48, 12, 40, "dynamic", False, False, "auto", seed=0)
+    for tokens in (1, 8, 64, 4096):
+        costs = grad_costs(tokens, 48, 12, 48, 12)
+        assert costs[layer.path_for(tokens)] == min(costs.values())
+    # few tokens: rotate the activations; many: rotate the (N-independent) dense gradient
+    assert layer.path_for(1) in ("activations", "input-side", "output-side")
+    assert layer.path_for(10**6) == "weights"
+
+
+def test_dynamic_cached_merge_follows_optimizer_steps():
+    """The merged update is refreshed incrementally from the entries that changed."""
+    layer, gen = make_layer(11, 7, 9, "dynamic", False, False, "auto", seed=5)
+    layer.select_on_backward = True
+    opt = torch.optim.SGD([layer.delta], lr=0.5)
+    for _ in range(4):
+        x = torch.randn(6, 7, generator=gen)
+        layer(x).square().sum().backward()
+        assert int((layer.delta.grad != 0).sum()) <= layer.k
+        opt.step()
+        opt.zero_grad()
+        layer.select_on_backward = False  # compare the whole gradient at the new weights
+        check(layer, gen, (3,))
+        layer.select_on_backward = True
+        opt.zero_grad()
+
+
+def test_no_grad_forward_and_frozen_adapter():
+    layer, gen = make_layer(8, 5, 6, "fixed", False, True, "auto", seed=1)
+    x = torch.randn(4, 5, generator=gen)
+    with torch.no_grad():
+        y = layer(x)
+    y_ref, _, _ = reference(layer, x, torch.zeros(4, 8))
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    layer.values.requires_grad_(False)  # frozen adapter: only the input gradient is formed
+    xg = x.clone().requires_grad_(True)
+    layer(xg).sum().backward()
+    assert xg.grad is not None and layer.values.grad is None
+
+
+def test_trainable_base_falls_back_to_autograd():
+    layer, gen = make_layer(6, 4, 5, "fixed", False, False, "auto", seed=2)
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(3, 4, generator=gen)
+    layer(x).sum().backward()
+    assert layer.base_layer.bias.grad is not None
+    torch.testing.assert_close(layer.base_layer.bias.grad, torch.full((6,), 3.0))
+    y_ref, _, g_ref = reference(layer, x, torch.ones(3, 6))
+    torch.testing.assert_close(layer.values.grad, g_ref, atol=1e-5, rtol=1e-4)
