@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import BasisBank
-from .errors import NotCalibratedError
+from .errors import ConfigError, NotCalibratedError
 from .targets import is_transposed, weight_of
 
 
@@ -155,8 +155,17 @@ class SparseLinear(nn.Module):
 
     # ----------------------------------------------------------------------------- dynamic mode
     def _after_backward(self, param: torch.Tensor) -> None:
-        if self.select_on_backward:
-            self.mask_grad_to_topk_()
+        # SparseAdamW (or an attached optimizer) takes the top-k itself, at step time.
+        if not self.select_on_backward or getattr(param, "_sparseft_optimizer_selects", False):
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Masking here would cut each rank's local gradient before DDP's all-reduce: the ranks'
+            # top-k differ and the reduced update is not the top-k of the global gradient.
+            raise ConfigError(
+                "Dynamic selection under torch.distributed must run after the gradient all-reduce: "
+                "use SparseAdamW, or call model.attach_optimizer(optimizer) before training."
+            )
+        self.mask_grad_to_topk_()
 
     @torch.no_grad()
     def mask_grad_to_topk_(self) -> torch.Tensor | None:

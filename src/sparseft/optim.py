@@ -39,6 +39,12 @@ class SparseAdamW(torch.optim.Optimizer):
         if state_factor is not None and state_factor < 1:
             raise ValueError("state_factor must be ≥ 1 (state for state_factor·k entries) or None (unbounded).")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_factor=state_factor))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, "_sparseft_k", None) is not None:
+                    # the top-k is taken here, from the whole (under DDP: all-reduced) gradient,
+                    # so the layer's per-backward masking must not cut it first
+                    p._sparseft_optimizer_selects = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
