@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import AdapterMismatchError, ConfigError
-from .serialization import META_KEY, atomic_write, atomic_write_text, load_tensors, tensors_checksum
+from .serialization import META_KEY, atomic_write, atomic_write_text, file_checksum, load_tensors
 
 LATEST = "latest.json"
 FORMAT = 1
@@ -140,7 +140,7 @@ def save_checkpoint(
     tensors.update(rng_tensors)
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta["sha256"] = tensors_checksum(tensors)
+    meta["sha256"] = file_checksum(tensors, meta)
     path = root / f"checkpoint-{int(step):08d}.safetensors"
 
     def write(tmp: str) -> None:
