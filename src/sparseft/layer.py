@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import BasisBank
-from .errors import ConfigError, NotCalibratedError
+from .errors import ConfigError, InputError, NotCalibratedError
 from .targets import is_transposed, weight_of
 
 
@@ -135,6 +135,11 @@ class SparseLinear(nn.Module):
         return "activations" if activations <= weights else "weights"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.n:
+            raise InputError(
+                f"This {self.m}×{self.n} layer takes inputs whose last dimension is {self.n}, got shape "
+                f"{tuple(x.shape)}: the batch does not fit the model (wrong model, or inputs not for it)."
+            )
         if self.bypass:
             return self.base_layer(x)
         if not self.calibrated:

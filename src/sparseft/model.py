@@ -382,4 +382,6 @@ def get_sparse_model(model: nn.Module, config: SparseConfig, bases: str | os.Pat
     Call ``calibrate(batches)`` on the result before training (except MeProp's dynamic mode).
     ``bases`` reuses bases saved by ``save_bases`` for this base model.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"get_sparse_model() adapts a torch nn.Module (e.g. a transformers model), got {type(model).__name__}.")
     return _sparse_class_for(type(model))(model, config, bases=bases)

@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 
 from .calibration import move_batch
 from .data import TextDataset, batches, encode, trim_padding
+from .errors import ConfigError
 from .methods import DEFAULT_LR, canonical, prepare
 from .metrics import peak_rss_bytes, state_bytes
 from .progress import progress
@@ -93,6 +94,12 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     train = encode(tokenizer, splits["train"], settings.max_length)
     evaluation = encode(tokenizer, splits[settings.eval_split], settings.max_length)
     model = load_classifier(settings.model_dir, len(splits["train"].label_names), settings.seed)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and settings.max_length > positions:
+        raise ConfigError(
+            f"--max-length {settings.max_length} is longer than this model's {positions} positions: use "
+            f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
+        )
     prepared = prepare(method, model, rank=settings.rank, density=settings.density)
     model = prepared.model
 
