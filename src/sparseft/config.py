@@ -66,7 +66,7 @@ class SparseConfig:
         not TypeErrors from deep inside the model code later."""
         for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "eigh_float64_max"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+            if (v is not None or name == "eigh_float64_max") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
                 raise ConfigError(f"{name}={v!r} must be a whole number (an int){'' if name == 'eigh_float64_max' else ' or None'}.")
         for name in ("density", "reselect_fraction"):
             v = getattr(self, name)
