@@ -10,6 +10,7 @@ run train on the same global batches. Calibration sums Grams over ranks, which e
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,9 +18,12 @@ from pathlib import Path
 import torch
 
 from sparseft import ConfigError, SparseAdamW, SparseGradConfig, get_sparse_model
+from sparseft.distributed import count_broadcast_bytes
 from sparseft.layer import adapted_weight
 from sparseft.serialization import save_tensors
 
+broadcast = count_broadcast_bytes()
+OUT = Path(".")
 GLOBAL_BATCH, SEQ, CALIB_STEPS, TRAIN_STEPS, CALIB_SHARDS = 8, 12, 3, 5, 2
 VARIANTS = ("fixed", "dynamic-sparseadamw", "dynamic-attach", "dynamic-hook")
 
@@ -103,24 +107,29 @@ def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", 
     backward = lambda loss: loss.backward()  # noqa: E731
     net = model
     if world > 1 and launcher == "accelerate":
-        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate import Accelerator
 
-        acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        acc = Accelerator(cpu=True)
         net, opt = acc.prepare(model, opt)
         backward = acc.backward
     elif world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+        net = torch.nn.parallel.DistributedDataParallel(model)  # default settings
     model.train()
+    broadcast["bytes"] = 0
     for batch in global_batches(TRAIN_STEPS, seed=2):
         loss = net(**shard(batch, rank, world)).loss
         backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if world > 1 and rank == 0:  # what DDP broadcast besides gradients during training
+        bases = sum(b.numel() * b.element_size() for b in model.bases.buffers())
+        (OUT / f"{variant}.broadcast.json").write_text(json.dumps({"broadcast": broadcast["bytes"], "bases": bases}))
     return weights(model), calib
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    global OUT
+    out = OUT = Path(sys.argv[1])
     launcher = sys.argv[2] if len(sys.argv) > 2 else "torch"
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -4,6 +4,7 @@ same bases and support. The worker is tests/ddp_worker.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,9 +67,23 @@ def test_two_processes_train_like_one(launcher: str, tmp_path: Path) -> None:
         print(f"{launcher} {variant}: max |1-process - 2-process| = {diff:.3e} (training moved adapted weights by {moved:.3e})")
         assert moved > 1e-3
         assert diff < 1e-5, (variant, diff)
+        # default DDP settings: the bases/supports are not re-broadcast before each forward
+        sent = json.loads((tmp_path / f"{variant}.broadcast.json").read_text())
+        assert sent["broadcast"] < sent["bases"] / 10, sent
     # plain AdamW with per-backward masking would cut local gradients before the all-reduce
     for rank in (0, 1):
         assert "attach_optimizer" in (tmp_path / f"dynamic-hook.error.rank{rank}.txt").read_text()
+
+
+def test_ddp_ignores_bases_and_support_buffers() -> None:
+    model = get_sparse_model(worker.tiny_bert(), SparseGradConfig(density=0.05))
+    model.calibrate(worker.calibration_batches(0, 1), show_progress=False)
+    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    buffers = dict(model.named_buffers())
+    assert ignored <= set(buffers)
+    assert {n for n in buffers if n.startswith("bases.")} <= ignored
+    assert all(f"base_model.{name}.rows" in ignored for name in model.sparse_layers())
+    assert not any("position_ids" in n for n in ignored)  # the model's own buffers stay synced
 
 
 def test_sparseadamw_takes_topk_itself_not_per_backward() -> None:

@@ -111,6 +111,16 @@ class SparseModel(nn.Module):
         return group_targets(self.targets)
 
     @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by DistributedDataParallel: buffers it must not re-broadcast before every forward.
+        The bases and supports are identical on every rank (calibration all-reduces) and constant
+        while training; broadcasting them would cost more than the gradient all-reduce itself."""
+        names = [f"bases.{name}" for name, _ in self.bases.named_buffers()]
+        for layer_name, layer in self.sparse_layers().items():
+            names += [f"base_model.{layer_name}.{b}" for b, _ in layer.named_buffers(recurse=False)]
+        return names
+
+    @property
     def is_calibrated(self) -> bool:
         return all(layer.calibrated for layer in self.sparse_layers().values())
 
