@@ -112,6 +112,16 @@ def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", 
         acc = Accelerator(cpu=True)
         net, opt = acc.prepare(model, opt)
         backward = acc.backward
+    elif world > 1 and launcher == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.base_model.bert.encoder.layer:
+            fully_shard(block)
+        net = fully_shard(model)
+        params = [p for p in model.parameters() if p.requires_grad]  # now DTensor shards
+        opt = type(opt)(params, lr=1e-2) if isinstance(opt, SparseAdamW) else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        if variant == "dynamic-attach":
+            model.attach_optimizer(opt)
     elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)  # default settings
     model.train()
@@ -121,6 +131,14 @@ def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", 
         backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    if launcher == "fsdp2" and world > 1:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.unshard()
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in weights(model).items()}
+        return full, calib
     if world > 1 and rank == 0:  # what DDP broadcast besides gradients during training
         bases = sum(b.numel() * b.element_size() for b in model.bases.buffers())
         (OUT / f"{variant}.broadcast.json").write_text(json.dumps({"broadcast": broadcast["bytes"], "bases": bases}))
@@ -133,13 +151,20 @@ def main() -> None:
     launcher = sys.argv[2] if len(sys.argv) > 2 else "torch"
     torch.set_num_threads(1)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and launcher == "torch":
+    if world > 1 and launcher in ("torch", "fsdp2"):
         torch.distributed.init_process_group("gloo")
     elif world > 1:
         from accelerate import PartialState
 
         PartialState(cpu=True)  # accelerate initialises the gloo process group on CPU
     for variant in VARIANTS:
+        if launcher == "fsdp2" and variant != "fixed":
+            # dynamic selection needs the whole gradient; FSDP shards it: refused, not wrong
+            try:
+                train("dynamic-sparseadamw" if variant == "dynamic-hook" else variant, rank, world, launcher)
+            except ConfigError as exc:
+                (out / f"{variant}.error.rank{rank}.txt").write_text(str(exc))
+            continue
         if variant == "dynamic-hook" and world > 1:
             # per-backward masking would cut local gradients before the all-reduce: refused
             try:

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 LAUNCHERS = {
     "torch": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
+    "fsdp2": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
     # --multi_gpu is accelerate's switch for "launch N processes with torch.distributed"; on a
     # machine without GPUs the processes join a gloo group on CPU.
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -33,7 +34,7 @@ LAUNCHERS = {
 def _launch(launcher: str, out: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_PORT=str(29400 + os.getpid() % 500))
-    cmd = LAUNCHERS[launcher] + (["--master-port", env["MASTER_PORT"]] if launcher == "torch" else
+    cmd = LAUNCHERS[launcher] + (["--master-port", env["MASTER_PORT"]] if launcher != "accelerate" else
                                  ["--main_process_port", env["MASTER_PORT"]]) + [WORKER, str(out), launcher]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -73,6 +74,32 @@ def test_two_processes_train_like_one(launcher: str, tmp_path: Path) -> None:
     # plain AdamW with per-backward masking would cut local gradients before the all-reduce
     for rank in (0, 1):
         assert "attach_optimizer" in (tmp_path / f"dynamic-hook.error.rank{rank}.txt").read_text()
+
+
+def test_fsdp2_fully_shard_on_cpu(tmp_path: Path) -> None:
+    """FSDP2 (fully_shard, gloo, CPU): fixed selection trains the same weights as 1 process;
+    dynamic selection (whose top-k needs the unsharded gradient) is refused with a clear error."""
+    torch.set_num_threads(1)
+    _launch("fsdp2", tmp_path)
+    rank0, _ = load_tensors(tmp_path / "fixed.calib.rank0.safetensors")
+    distributed, _ = load_tensors(tmp_path / "fixed.weights.safetensors")
+    reference, _ = worker.train("fixed", calib=rank0)
+    diff = max(float((reference[k] - distributed[k]).abs().max()) for k in reference)
+    print(f"fsdp2 fixed: max |1-process - 2-process| = {diff:.3e}")
+    assert diff < 1e-5
+    for variant in ("dynamic-sparseadamw", "dynamic-attach"):
+        for rank in (0, 1):
+            assert "selection='fixed' with FSDP" in (tmp_path / f"{variant}.error.rank{rank}.txt").read_text()
+
+
+def test_dynamic_delta_survives_deepcopy_and_to() -> None:
+    """The FSDP guard (delta must stay the registered object) does not fire on ordinary moves."""
+    import copy
+
+    model = get_sparse_model(worker.tiny_bert(), SparseGradConfig(density=0.05, selection="dynamic"))
+    model.calibrate(worker.calibration_batches(0, 1), show_progress=False)
+    clone = copy.deepcopy(model).to(torch.float64).to(torch.float32)
+    clone(**worker.global_batches(1, 3)[0]).loss.backward()
 
 
 def test_ddp_ignores_bases_and_support_buffers() -> None:

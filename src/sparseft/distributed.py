@@ -27,6 +27,23 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 
+SHARDED_DYNAMIC = (
+    "Dynamic selection needs the whole gradient of each layer to take its top-k, but its `delta` "
+    "parameter was replaced, e.g. sharded by FSDP (each rank would pick from its own shard, and the "
+    "optimizer would no longer know it is sparse). Use selection='fixed' with FSDP, or DDP "
+    "(torchrun / accelerate launch without FSDP) for dynamic selection."
+)
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a DTensor split across ranks (FSDP2's fully_shard parameters and gradients)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return isinstance(tensor, DTensor) and not all(p.is_replicate() for p in tensor.placements)
+
+
 @dataclass
 class AllReduceCounter:
     """Bytes and buckets DDP all-reduces for gradients (counted by a communication hook)."""
@@ -71,4 +88,4 @@ def count_broadcast_bytes() -> dict[str, int]:
     return counter
 
 
-__all__ = ["AllReduceCounter", "count_allreduce_bytes", "count_broadcast_bytes"]
+__all__ = ["AllReduceCounter", "count_allreduce_bytes", "count_broadcast_bytes", "is_sharded"]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import BasisBank
+from .distributed import SHARDED_DYNAMIC, is_sharded
 from .errors import ConfigError, InputError, NotCalibratedError
 from .targets import is_transposed, weight_of
 
@@ -64,6 +65,9 @@ class SparseLinear(nn.Module):
         else:
             self.delta = nn.Parameter(torch.zeros(self.block, dtype=dtype, device=W0.device))
             self.delta._sparseft_k = self.k  # read by SparseAdamW
+            # FSDP replaces parameters by shards and gathered copies that carry neither the
+            # marker nor the hook above: forward checks that `delta` is still this object.
+            object.__setattr__(self, "_delta_param", self.delta)
             # Until an optimizer takes over selection (attach_optimizer), cut the gradient to its
             # top-k after every backward, so plain loops never train densely by accident.
             self.select_on_backward = True
@@ -142,6 +146,8 @@ class SparseLinear(nn.Module):
             )
         if self.bypass:
             return self.base_layer(x)
+        if self.selection == "dynamic" and self._parameters.get("delta") is not self._delta_param:
+            raise ConfigError(SHARDED_DYNAMIC)
         if not self.calibrated:
             if self.training and torch.is_grad_enabled():
                 raise NotCalibratedError(
@@ -179,6 +185,8 @@ class SparseLinear(nn.Module):
         grad = self.delta.grad
         if grad is None:
             return None
+        if is_sharded(grad):
+            raise ConfigError(SHARDED_DYNAMIC)
         flat = grad.view(-1)
         idx = torch.topk(flat.abs(), self.k, sorted=False).indices
         kept = flat[idx]

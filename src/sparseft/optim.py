@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .distributed import SHARDED_DYNAMIC, is_sharded
+from .errors import ConfigError
+
 
 class SparseAdamW(torch.optim.Optimizer):
     def __init__(
@@ -82,6 +85,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _sparse_step(self, p: torch.Tensor, k: int, group: dict) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if is_sharded(p.grad):
+            raise ConfigError(SHARDED_DYNAMIC)
         flat_grad = p.grad.reshape(-1)
         idx = torch.topk(flat_grad.abs(), min(k, flat_grad.numel()), sorted=False).indices.sort().values
         g = flat_grad[idx].float()
