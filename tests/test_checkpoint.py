@@ -168,3 +168,52 @@ def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     model, opt, sched = setup("fixed", calibrate=False)
     assert load_checkpoint(out, model, opt, sched)["step"] == 2
     assert model.is_calibrated
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer random BERT (dropout 0.1) with the embedded MiniLM tokenizer, for the CLI."""
+    from transformers import AutoTokenizer
+
+    from sparseft.resources import default_model_dir
+
+    out = tmp_path_factory.mktemp("tinybert")
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, max_position_embeddings=32)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("method", ["sparsegrad-fixed", "sparsegrad-dynamic"])
+def test_cli_resume_equals_uninterrupted(tiny_checkpoint: Path, tmp_path: Path, method: str) -> None:
+    """`sparseft train --checkpoint-every 3`, then a run that lost everything after step 3 and
+    continues with `--resume`: the same step-6 weights, loss curve and accuracy."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sparseft.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} movie number {i} of {i * 7},{i % 2}\n" for i in range(160)))
+    base = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "6", "--calibration-steps", "2",
+            "--batch-size", "8", "--max-length", "16", "--no-progress", "--method", method, "--checkpoint-every", "3"]
+    assert main(base + ["--output-dir", str(tmp_path / "a")]) == 0
+    saved = tmp_path / "a" / "checkpoints" / "seed-0"
+    crashed = tmp_path / "b" / "checkpoints" / "seed-0"
+    crashed.mkdir(parents=True)
+    shutil.copy(saved / "checkpoint-00000003.safetensors", crashed)  # only step 3 survived
+    shutil.copy(saved / "checkpoint-00000006.safetensors", tmp_path / "final-a.safetensors")
+    before = (crashed / "checkpoint-00000003.safetensors").stat().st_mtime_ns
+    assert main(base + ["--output-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")]) == 0
+    # it resumed (no calibration, step 3 not redone) rather than silently starting over
+    assert (crashed / "checkpoint-00000003.safetensors").stat().st_mtime_ns == before
+    a = load_file(tmp_path / "final-a.safetensors")
+    b = load_file(crashed / "checkpoint-00000006.safetensors")
+    params = [k for k in a if k.startswith("param.")]
+    assert params and all(torch.equal(a[k], b[k]) for k in params)
+    ra = json.loads((tmp_path / "a" / "results.json").read_text())[0]
+    rb = json.loads((tmp_path / "b" / "results.json").read_text())[0]
+    assert (ra["accuracy"], ra["loss_curve"], ra["final_loss"]) == (rb["accuracy"], rb["loss_curve"], rb["final_loss"])
+    assert ra["calibration_s"] > 0 and rb["calibration_s"] == 0

@@ -133,6 +133,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             density=args.density,
             calibration_steps=args.calibration_steps,
             show_progress=not args.no_progress,
+            checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
+            checkpoint_every=args.checkpoint_every or 0,
+            resume_dir=str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,
         )
         result = run_classification(settings, splits, tokenizer)
         records.append(result.to_dict())
@@ -153,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad[-fixed|-dynamic], s2ft")
     train.add_argument("--lr", type=_positive(float), help="learning rate (default: the method's default)")
     train.add_argument("--output-dir", default="runs/train", help="writes DIR/results.json")
+    train.add_argument("--checkpoint-every", type=_positive(int), help="save a resumable checkpoint every N steps "
+                       "to OUTPUT_DIR/checkpoints/seed-S/ (atomic; the newest two are kept)")
+    train.add_argument("--resume", metavar="DIR", help="continue each seed from the latest checkpoint in "
+                       "DIR/checkpoints/seed-S/ (DIR: an earlier --output-dir); seeds without one start fresh")
     train.set_defaults(func=cmd_train)
     return parser
 
