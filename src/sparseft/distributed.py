@@ -23,9 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
-
 
 SHARDED_DYNAMIC = (
     "Dynamic selection needs the whole gradient of each layer to take its top-k, but its `delta` "
@@ -58,6 +55,8 @@ class AllReduceCounter:
 
 
 def _counting_allreduce(state: AllReduceCounter, bucket):  # no annotations: DDP checks them literally
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
     buffer = bucket.buffer()
     size = buffer.numel() * buffer.element_size()
     state.bytes += size
@@ -66,7 +65,7 @@ def _counting_allreduce(state: AllReduceCounter, bucket):  # no annotations: DDP
     return default_hooks.allreduce_hook(state.process_group, bucket)
 
 
-def count_allreduce_bytes(ddp_model: DistributedDataParallel) -> AllReduceCounter:
+def count_allreduce_bytes(ddp_model: torch.nn.parallel.DistributedDataParallel) -> AllReduceCounter:
     """Register a communication hook on ``ddp_model`` that all-reduces as usual and counts the
     bytes of every gradient bucket it sends; read ``counter.bytes`` after a step."""
     counter = AllReduceCounter(process_group=torch.distributed.group.WORLD)
@@ -77,6 +76,8 @@ def count_allreduce_bytes(ddp_model: DistributedDataParallel) -> AllReduceCounte
 def count_broadcast_bytes() -> dict[str, int]:
     """Count the bytes every DDP instance broadcasts (buffers before each forward, and the
     parameters and buffers at construction) from now on; returns the live counter dict."""
+    from torch.nn.parallel import DistributedDataParallel
+
     counter = {"bytes": 0}
     original = DistributedDataParallel._distributed_broadcast_coalesced
 
