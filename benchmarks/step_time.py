@@ -126,9 +126,9 @@ def state_and_saved_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch
         "optimizer": sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)),
         "saved_activations": sum(saved.values()),
     }
-    # dynamic mode keeps the merged update and a snapshot of delta to refresh it incrementally
+    # dynamic mode keeps the merged update P Δ̃ Qᵀ between optimizer steps
     out["merge_cache"] = sum(
-        t.numel() * t.element_size() for m in model.modules() if isinstance(m, SparseLinear) and m._cache is not None for t in m._cache[1:3]
+        t.numel() * t.element_size() for m in model.modules() if isinstance(m, SparseLinear) and m._cache is not None for t in m._cache[1:2]
     )
     opt.zero_grad(set_to_none=True)
     out["total"] = sum(out.values())

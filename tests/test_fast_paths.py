@@ -126,7 +126,7 @@ def test_auto_picks_the_cheapest_bracketing():
 
 
 def test_dynamic_cached_merge_follows_optimizer_steps():
-    """The merged update is refreshed incrementally from the entries that changed."""
+    """The cached merged update follows every optimizer step (rebuilt when delta changes)."""
     layer, gen = make_layer(11, 7, 9, "dynamic", False, False, "auto", seed=5)
     layer.select_on_backward = True
     opt = torch.optim.SGD([layer.delta], lr=0.5)

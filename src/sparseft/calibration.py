@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .bases import eigenbasis
-from .errors import CalibrationError
+from .errors import CalibrationError, InputError
 from .layer import SparseLinear
 from .progress import progress
 
@@ -65,7 +65,7 @@ def _all_reduce(t: torch.Tensor) -> None:
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
-        raise CalibrationError(
+        raise InputError(
             f"Batches must be dicts of model inputs (got {type(batch).__name__}); "
             "yield e.g. {'input_ids': ..., 'attention_mask': ..., 'labels': ...}."
         )
@@ -79,7 +79,13 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | Non
             f"Calibration batches must be dicts of model inputs (got {type(batch).__name__}); "
             "yield e.g. {'input_ids': ..., 'attention_mask': ..., 'labels': ...}."
         )
-    outputs = model(**batch)
+    try:
+        outputs = model(**batch)
+    except TypeError as exc:  # an input name the model's forward does not take
+        raise CalibrationError(
+            f"The model rejected a calibration batch with keys {sorted(batch)} ({exc}): yield dicts whose keys "
+            "are the model's forward arguments."
+        ) from exc
     if loss_fn is not None:
         loss = loss_fn(outputs, batch)
     else:
@@ -167,6 +173,10 @@ def calibrate_layers(
     show_progress: bool = True,
 ) -> CalibrationReport:
     """Compute bases (if ``need_bases``) and fixed supports for ``layers`` of ``model``."""
+    if not isinstance(batches, Iterable) or isinstance(batches, (Mapping, torch.Tensor, str)):
+        raise CalibrationError(
+            f"calibrate() takes an iterable of dict batches (a list, a DataLoader), got {type(batches).__name__}."
+        )
     cached: list[Mapping[str, Any]] = []
     for batch in batches:
         cached.append(batch)

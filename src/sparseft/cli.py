@@ -26,20 +26,36 @@ def _seeds(text: str) -> list[int]:
     return parts
 
 
+def _positive(kind: type):
+    """argparse type: a number > 0 (a clear usage error instead of a failure deep in the run)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from exc
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face checkpoint directory (default: embedded all-MiniLM-L6-v2)")
     p.add_argument("--data", help="CSV/TSV/JSONL file (optionally .gz/.bz2); default: embedded Rotten Tomatoes")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--group-column", help="rows sharing this column's value stay on one side of the split")
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default 400)")
+    p.add_argument("--steps", type=int, default=400, help="optimizer steps per run (default 400; 0: evaluate the untrained model)")
     p.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 → seeds 0,1,2) or a list (0,5,7)")
-    p.add_argument("--rank", type=int, default=8, help="sparse budgets match LoRA at this rank: k = r·(m+n) per layer")
+    p.add_argument("--rank", type=_positive(int), default=8, help="sparse budgets match LoRA at this rank: k = r·(m+n) per layer")
     p.add_argument("--density", type=float, help="sparse budget as a fraction of each layer instead of --rank")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--calibration-steps", type=int, default=20)
-    p.add_argument("--reselect-every", type=int, help="sparsegrad-fixed: re-choose 10%% of the support every N steps")
+    p.add_argument("--batch-size", type=_positive(int), default=16)
+    p.add_argument("--max-length", type=_positive(int), default=64)
+    p.add_argument("--calibration-steps", type=_positive(int), default=20)
+    p.add_argument("--reselect-every", type=_positive(int), help="sparsegrad-fixed: re-choose 10%% of the support every N steps")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -119,6 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             calibration_steps=args.calibration_steps,
             reselect_every=args.reselect_every,
             show_progress=not args.no_progress,
+            checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
+            checkpoint_every=args.checkpoint_every or 0,
+            resume_dir=str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,
         )
         result = run_classification(settings, splits, tokenizer)
         records.append(result.to_dict())
@@ -137,8 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a classifier with one method and report held-out accuracy")
     _add_common(train)
     train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad[-fixed|-dynamic], s2ft")
-    train.add_argument("--lr", type=float, help="learning rate (default: the method's default)")
+    train.add_argument("--lr", type=_positive(float), help="learning rate (default: the method's default)")
     train.add_argument("--output-dir", default="runs/train", help="writes DIR/results.json")
+    train.add_argument("--checkpoint-every", type=_positive(int), help="save a resumable checkpoint every N steps "
+                       "to OUTPUT_DIR/checkpoints/seed-S/ (atomic; the newest two are kept)")
+    train.add_argument("--resume", metavar="DIR", help="continue each seed from the latest checkpoint in "
+                       "DIR/checkpoints/seed-S/ (DIR: an earlier --output-dir); seeds without one start fresh")
     train.set_defaults(func=cmd_train)
     return parser
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from .errors import ConfigError
 
 Selection = Literal["fixed", "dynamic"]
+ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ComputePath = Literal["auto", "activations", "weights"]
 
 
@@ -57,7 +61,35 @@ class SparseConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _check_types(self) -> None:
+        """Wrong types (a string density, a fractional k, a bad regex) are ConfigErrors here,
+        not TypeErrors from deep inside the model code later."""
+        for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "eigh_float64_max"):
+            v = getattr(self, name)
+            if (v is not None or name == "eigh_float64_max") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                raise ConfigError(f"{name}={v!r} must be a whole number (an int){'' if name == 'eigh_float64_max' else ' or None'}.")
+        for name in ("density", "reselect_fraction"):
+            v = getattr(self, name)
+            if (v is not None or name == "reselect_fraction") and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise ConfigError(f"{name}={v!r} must be a number (e.g. 0.01).")
+        tm = self.target_modules
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as exc:
+                raise ConfigError(f"target_modules={tm!r} is not a valid regular expression ({exc}); pass a list of names instead.") from exc
+        elif tm is not None and not (isinstance(tm, (list, tuple)) and all(isinstance(t, str) for t in tm)):
+            raise ConfigError(f"target_modules={tm!r} must be None, a list of module names, or one regex string.")
+        ms = self.modules_to_save
+        if ms is not None and not (isinstance(ms, (list, tuple)) and all(isinstance(t, str) for t in ms)):
+            raise ConfigError(f"modules_to_save={ms!r} must be None or a list of module names, e.g. ['classifier'].")
+        if self.adapter_dtype not in (None, *ADAPTER_DTYPES):
+            raise ConfigError(f"adapter_dtype={self.adapter_dtype!r} is not supported; use one of {list(ADAPTER_DTYPES)} or None.")
+        if self.eigh_float64_max < 0:
+            raise ConfigError("eigh_float64_max must be ≥ 0 (the largest Gram size solved in float64; 0: always float32).")
+
     def validate(self) -> None:
+        self._check_types()
         if self.selection not in ("fixed", "dynamic"):
             raise ConfigError(f"selection={self.selection!r} is not known; use 'fixed' or 'dynamic'.")
         if self.k is None and self.match_lora_rank is None:
@@ -105,8 +137,10 @@ class SparseConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparseConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"An adapter config must be a JSON object (a dict), got {type(data).__name__}.")
         method = data.get("method", "sparsegrad")
-        target = CONFIG_CLASSES.get(method)
+        target = CONFIG_CLASSES.get(method) if isinstance(method, str) else None
         if target is None:
             raise ConfigError(f"Unknown method {method!r} in adapter config; known: {sorted(CONFIG_CLASSES)}.")
         names = {f.name for f in dataclasses.fields(target) if f.init}

@@ -62,7 +62,7 @@ def _read_rows(path: Path) -> list[dict]:
                 return list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it as UTF-8.") from exc
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, csv.Error) as exc:
         raise DataError(f"Cannot read {path}: {exc}.") from exc
     raise DataError(f"{path}: unknown file type; use .csv, .tsv or .jsonl (optionally .gz/.bz2).")
 
@@ -95,8 +95,13 @@ def load_table(
         if col not in columns:
             raise DataError(f"{path} has no column {col!r} (columns: {sorted(columns)}); choose one with {flag}.")
     texts, labels, groups = [], [], []
-    for r in rows:
+    for i, r in enumerate(rows, 1):
         text, label = r.get(text_column), r.get(label_column)
+        if isinstance(text, (dict, list)) or isinstance(label, (dict, list)):
+            raise DataError(
+                f"{path}: row {i} has a list/object in {text_column!r} or {label_column!r}; each must be "
+                "one string or number."
+            )
         if text is None or label is None or str(label).strip() == "" or str(label) in drop_labels:
             continue
         text = str(text).strip()

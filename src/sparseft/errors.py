@@ -26,5 +26,9 @@ class AdapterMismatchError(SparseFTError):
     """A saved adapter or bases file does not fit the base model it is loaded onto."""
 
 
+class InputError(SparseFTError):
+    """A tensor or batch given to the model does not fit it (wrong feature size, not a dict)."""
+
+
 class DataError(SparseFTError):
     """A dataset file is missing, empty, or lacks the columns asked for."""

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bases import BasisBank
-from .errors import NotCalibratedError
+from .distributed import SHARDED_DYNAMIC, is_sharded
+from .errors import ConfigError, InputError, NotCalibratedError
 from .targets import is_transposed, weight_of
 
 GRAD_PATHS = ("activations", "weights", "output-side", "input-side")
-_REMERGE_EVERY = 256  # dynamic mode: rebuild the cached update from scratch now and then (round-off)
 
 
 def lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor) -> torch.Tensor:
@@ -118,6 +118,9 @@ class SparseLinear(nn.Module):
         else:
             self.delta = nn.Parameter(torch.zeros(self.block, dtype=dtype, device=W0.device))
             self.delta._sparseft_k = self.k  # read by SparseAdamW
+            # FSDP replaces parameters by shards and gathered copies that carry neither the
+            # marker nor the hook above: forward checks that `delta` is still this object.
+            object.__setattr__(self, "_delta_param", self.delta)
             # Until an optimizer takes over selection (attach_optimizer), cut the gradient to its
             # top-k after every backward, so plain loops never train densely by accident.
             self.select_on_backward = True
@@ -228,36 +231,17 @@ class SparseLinear(nn.Module):
 
     @torch.no_grad()
     def _cached_delta_weight(self) -> torch.Tensor:
-        """Dynamic mode: P Δ̃ Qᵀ, updated in place with only the entries changed since last call."""
+        """Dynamic mode: P Δ̃ Qᵀ, rebuilt only when Δ̃ or the bases changed (forward, input
+        gradient and gradient-accumulation micro-batches between two optimizer steps share it).
+        Always rebuilt whole, never patched, so results do not depend on the update history
+        (a resumed or reloaded model computes bit-identical outputs)."""
         delta = self.delta
         P = self._bank.columns(self.group, "P", slice(0, self.block[0]))
         Q = self._bank.columns(self.group, "Q", slice(0, self.block[1]))
         key = (delta.data_ptr(), delta._version, P.data_ptr(), P._version, Q.data_ptr(), Q._version, P.dtype)
-        cache = self._cache
-        # In eval mode an incrementally updated cache is rebuilt from scratch, so outputs are
-        # bit-identical to a freshly loaded adapter's (round-off of the increments differs).
-        stale = cache is not None and not self.training and cache[3] > 0
-        if cache is not None and cache[0] == key and not stale:
-            return cache[1]
-        if cache is None or stale or cache[0][2:] != key[2:] or cache[0][0] != key[0] or cache[3] >= _REMERGE_EVERY:
-            update, snapshot, age = lowrank_product(P, delta.to(P.dtype), Q), delta.detach().clone(), 0
-        else:
-            _, update, snapshot, age = cache
-            diff = delta - snapshot
-            changed = diff != 0
-            rows = changed.any(1).nonzero().squeeze(1)
-            cols = changed.any(0).nonzero().squeeze(1)
-            if rows.numel():
-                m, n = self.m, self.n
-                if merge_cost(m, n, rows.numel(), cols.numel()) < merge_cost(m, n, *self.block):
-                    diff = diff.index_select(0, rows).index_select(1, cols).to(P.dtype)
-                    update += lowrank_product(P.index_select(1, rows), diff, Q.index_select(1, cols))
-                    age += 1
-                else:
-                    update, age = lowrank_product(P, delta.to(P.dtype), Q), 0
-                snapshot.copy_(delta)
-        self._cache = (key, update, snapshot, age)
-        return update
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, lowrank_product(P, delta.to(P.dtype), Q))
+        return self._cache[1]
 
     def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         W0, bias = weight_of(self.base_layer), self.base_layer.bias
@@ -313,8 +297,15 @@ class SparseLinear(nn.Module):
         return not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.n:
+            raise InputError(
+                f"This {self.m}×{self.n} layer takes inputs whose last dimension is {self.n}, got shape "
+                f"{tuple(x.shape)}: the batch does not fit the model (wrong model, or inputs not for it)."
+            )
         if self.bypass:
             return self.base_layer(x)
+        if self.selection == "dynamic" and self._parameters.get("delta") is not self._delta_param:
+            raise ConfigError(SHARDED_DYNAMIC)
         if not self.calibrated:
             if self.training and torch.is_grad_enabled():
                 raise NotCalibratedError(
@@ -341,8 +332,17 @@ class SparseLinear(nn.Module):
             self._hooked_param_id = id(self.delta)
 
     def _after_backward(self, param: torch.Tensor) -> None:
-        if self.select_on_backward:
-            self.mask_grad_to_topk_()
+        # SparseAdamW (or an attached optimizer) takes the top-k itself, at step time.
+        if not self.select_on_backward or getattr(param, "_sparseft_optimizer_selects", False):
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Masking here would cut each rank's local gradient before DDP's all-reduce: the ranks'
+            # top-k differ and the reduced update is not the top-k of the global gradient.
+            raise ConfigError(
+                "Dynamic selection under torch.distributed must run after the gradient all-reduce: "
+                "use SparseAdamW, or call model.attach_optimizer(optimizer) before training."
+            )
+        self.mask_grad_to_topk_()
 
     @torch.no_grad()
     def mask_grad_to_topk_(self) -> torch.Tensor | None:
@@ -351,6 +351,8 @@ class SparseLinear(nn.Module):
         grad = self.delta.grad
         if grad is None:
             return None
+        if is_sharded(grad):
+            raise ConfigError(SHARDED_DYNAMIC)
         flat = grad.view(-1)
         idx = torch.topk(flat.abs(), self.k, sorted=False).indices.sort().values
         kept = flat.index_select(0, idx)

@@ -116,6 +116,16 @@ class SparseModel(nn.Module):
         return group_targets(self.targets)
 
     @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Read by DistributedDataParallel: buffers it must not re-broadcast before every forward.
+        The bases and supports are identical on every rank (calibration all-reduces) and constant
+        while training; broadcasting them would cost more than the gradient all-reduce itself."""
+        names = [f"bases.{name}" for name, _ in self.bases.named_buffers()]
+        for layer_name, layer in self.sparse_layers().items():
+            names += [f"base_model.{layer_name}.{b}" for b, _ in layer.named_buffers(recurse=False)]
+        return names
+
+    @property
     def is_calibrated(self) -> bool:
         return all(layer.calibrated for layer in self.sparse_layers().values())
 
@@ -421,4 +431,6 @@ def get_sparse_model(model: nn.Module, config: SparseConfig, bases: str | os.Pat
     Call ``calibrate(batches)`` on the result before training (except MeProp's dynamic mode).
     ``bases`` reuses bases saved by ``save_bases`` for this base model.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"get_sparse_model() adapts a torch nn.Module (e.g. a transformers model), got {type(model).__name__}.")
     return _sparse_class_for(type(model))(model, config, bases=bases)

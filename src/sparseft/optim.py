@@ -21,6 +21,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .distributed import SHARDED_DYNAMIC, is_sharded
+from .errors import ConfigError
+
 
 class SparseAdamW(torch.optim.Optimizer):
     def __init__(
@@ -39,6 +42,12 @@ class SparseAdamW(torch.optim.Optimizer):
         if state_factor is not None and state_factor < 1:
             raise ValueError("state_factor must be ≥ 1 (state for state_factor·k entries) or None (unbounded).")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_factor=state_factor))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if getattr(p, "_sparseft_k", None) is not None:
+                    # the top-k is taken here, from the whole (under DDP: all-reduced) gradient,
+                    # so the layer's per-backward masking must not cut it first
+                    p._sparseft_optimizer_selects = True
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -76,6 +85,8 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _sparse_step(self, p: torch.Tensor, k: int, group: dict) -> None:
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if is_sharded(p.grad):
+            raise ConfigError(SHARDED_DYNAMIC)
         flat_grad = p.grad.reshape(-1)
         # index_select/index_copy_ throughout: advanced indexing is ~100x slower on CPU
         selected_by_layer = getattr(p, "_sparseft_selected", None)

@@ -57,14 +57,21 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(key.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
     return h.hexdigest()
+
+
+def file_checksum(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """SHA-256 over the tensors and the JSON metadata (all but its ``sha256`` field), so neither
+    the numbers nor the description of what they belong to can change unnoticed."""
+    canonical = json.dumps(json.loads(json.dumps({k: v for k, v in meta.items() if k != "sha256"})), sort_keys=True)
+    return hashlib.sha256((tensors_checksum(tensors) + canonical).encode()).hexdigest()
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> int:
     """Atomically save ``tensors`` with ``meta`` (JSON) and a checksum; returns the file size."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    meta = dict(meta, sha256=tensors_checksum(tensors))
+    meta = dict(meta, sha256=file_checksum(tensors, meta))
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)}))
     return os.path.getsize(path)
 
@@ -84,8 +91,13 @@ def load_tensors(path: str | os.PathLike, what: str = "adapter") -> tuple[dict[s
         ) from exc
     if raw is None:
         raise AdapterMismatchError(f"{path} is a safetensors file but not a sparseft {what} (no '{META_KEY}' metadata).")
-    meta = json.loads(raw)
-    if tensors_checksum(tensors) != meta.get("sha256"):
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise AdapterMismatchError(f"The {what} file {path} has unreadable sparseft metadata ({exc}): it is corrupted.") from exc
+    if not isinstance(meta, dict):
+        raise AdapterMismatchError(f"The {what} file {path} has sparseft metadata that is not a JSON object: it is corrupted.")
+    if file_checksum(tensors, meta) != meta.get("sha256"):
         raise AdapterMismatchError(
             f"The {what} file {path} fails its checksum: it was modified or corrupted after saving. "
             "Save it again or restore a backup."

@@ -6,6 +6,7 @@ contract needs: accuracy, trainable parameters, exact state bytes, peak RSS, ste
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -17,7 +18,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from .calibration import move_batch
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
+from .errors import ConfigError
 from .methods import DEFAULT_LR, canonical, prepare
 from .metrics import peak_rss_bytes, state_bytes
 from .progress import progress
@@ -41,6 +44,9 @@ class RunSettings:
     eval_batch_size: int = 128
     show_progress: bool = True
     loss_every: int = 10
+    checkpoint_dir: str | None = None  # save a training checkpoint here every `checkpoint_every` steps
+    checkpoint_every: int = 0
+    resume_dir: str | None = None  # continue from the latest checkpoint there (if any)
 
 
 @dataclass
@@ -94,13 +100,20 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     train = encode(tokenizer, splits["train"], settings.max_length)
     evaluation = encode(tokenizer, splits[settings.eval_split], settings.max_length)
     model = load_classifier(settings.model_dir, len(splits["train"].label_names), settings.seed)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and settings.max_length > positions:
+        raise ConfigError(
+            f"--max-length {settings.max_length} is longer than this model's {positions} positions: use "
+            f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
+        )
     prepared = prepare(method, model, rank=settings.rank, density=settings.density)
     model = prepared.model
     reselect = settings.reselect_every if method == "sparsegrad-fixed" else None
     reselect_batches = batches(train, settings.batch_size, seed=20_000 + settings.seed) if reselect else None
 
+    resume = latest_checkpoint(settings.resume_dir) if settings.resume_dir else None
     calibration_s = 0.0
-    if prepared.needs_calibration:
+    if prepared.needs_calibration and resume is None:  # a checkpoint holds the bases and supports
         t0 = time.perf_counter()
         calib = batches(train, settings.batch_size, seed=10_000 + settings.seed, steps=settings.calibration_steps)
         prepared.sparse.calibrate(calib, steps=settings.calibration_steps, show_progress=settings.show_progress)
@@ -115,13 +128,20 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     curve: list[tuple[int, float]] = []
     running, seen = 0.0, 0
     detail: dict[str, int] = {}
+    start = 0
+    if resume is not None:  # weights, optimizer, scheduler, RNG; then skip the batches already seen
+        state = load_checkpoint(resume, model, optimizer, scheduler)
+        if state["extra"].get("lr") != lr:
+            raise ConfigError(f"{resume} was trained with lr={state['extra'].get('lr')}, not {lr:g}: resume with the same --lr.")
+        start, running, seen = state["step"], state["extra"]["running"], state["extra"]["seen"]
+        curve = [tuple(point) for point in state["extra"]["curve"]]
     bar = progress(
-        batches(train, settings.batch_size, seed=settings.seed, steps=settings.steps),
+        itertools.islice(batches(train, settings.batch_size, seed=settings.seed, steps=settings.steps), start, None),
         desc=f"{method} lr={lr:g} seed={settings.seed}",
-        total=settings.steps,
+        total=settings.steps - start,
         disable=not settings.show_progress,
     )
-    for step, batch in enumerate(bar, 1):
+    for step, batch in enumerate(bar, start + 1):
         t0 = time.perf_counter()
         loss = model(**move_batch(batch, device)).loss
         loss.backward()
@@ -143,6 +163,9 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             running, seen = 0.0, 0
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"Training loss became {loss_value} at step {step} ({method}, lr={lr:g}): lower --lr.")
+        if settings.checkpoint_dir and settings.checkpoint_every and step % settings.checkpoint_every == 0:
+            extra = {"lr": lr, "running": running, "seen": seen, "curve": curve}
+            save_checkpoint(settings.checkpoint_dir, model, optimizer, scheduler, step, extra=extra)
 
     acc = accuracy(model, evaluation, settings.eval_batch_size)
     return RunResult(

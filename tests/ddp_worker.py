@@ -1,0 +1,187 @@
+"""Train a tiny random-init BERT with SparseGrad on 1 process or under torchrun / accelerate
+(gloo on CPU), writing the trained weights to compare. Used by tests/test_distributed.py.
+
+Every rank sees its 1/world share of each global batch, so a W-process run and a 1-process
+run train on the same global batches. Calibration sums Grams over ranks, which equals a
+1-process calibration over the union of the ranks' batches (``calibration_batches``).
+
+    torchrun --nproc-per-node 2 tests/ddp_worker.py OUT [torch|accelerate]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from sparseft import ConfigError, SparseAdamW, SparseGradConfig, get_sparse_model
+from sparseft.distributed import count_broadcast_bytes
+from sparseft.layer import adapted_weight
+from sparseft.serialization import save_tensors
+
+broadcast = count_broadcast_bytes()
+OUT = Path(".")
+GLOBAL_BATCH, SEQ, CALIB_STEPS, TRAIN_STEPS, CALIB_SHARDS = 8, 12, 3, 5, 2
+VARIANTS = ("fixed", "dynamic-sparseadamw", "dynamic-attach", "dynamic-hook")
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
+    )
+    return BertForSequenceClassification(config)
+
+
+def global_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        {
+            "input_ids": torch.randint(0, 64, (GLOBAL_BATCH, SEQ), generator=gen),
+            "attention_mask": torch.ones(GLOBAL_BATCH, SEQ, dtype=torch.long),
+            "labels": torch.randint(0, 2, (GLOBAL_BATCH,), generator=gen),
+        }
+        for _ in range(n)
+    ]
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    size = GLOBAL_BATCH // world
+    return {k: v[rank * size : (rank + 1) * size] for k, v in batch.items()}
+
+
+def calibration_batches(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
+    """This rank's calibration batches; with world=1, all CALIB_SHARDS shards of every batch."""
+    shards = range(CALIB_SHARDS) if world == 1 else [rank]
+    return [shard(b, s, CALIB_SHARDS) for b in global_batches(CALIB_STEPS, seed=1) for s in shards]
+
+
+def build(variant: str, rank: int, world: int, calib: dict[str, torch.Tensor] | None = None):
+    """The adapted model and its optimizer; ``calib`` (from ``calibration_state``) replaces
+    calibration, so two runs can be compared on exactly the same bases and support."""
+    selection = "fixed" if variant == "fixed" else "dynamic"
+    model = get_sparse_model(tiny_bert(), SparseGradConfig(density=0.05, selection=selection))
+    if calib is None:
+        model.calibrate(calibration_batches(rank, world), steps=100, show_progress=False)
+    else:
+        model.bases.load(calib, model._group_shapes(), "cpu", torch.float32)
+        for name, layer in model.sparse_layers().items():
+            if selection == "fixed":
+                layer.set_support(calib[f"{name}.rows"], calib[f"{name}.cols"])
+            layer.calibrated = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    if variant == "dynamic-sparseadamw":
+        opt = SparseAdamW(params, lr=1e-2)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        if variant == "dynamic-attach":
+            model.attach_optimizer(opt)
+    return model, opt
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    """What the run learned: each adapted layer's effective weight and the task head."""
+    out = {f"{name}.weight": adapted_weight(layer) for name, layer in model.sparse_layers().items()}
+    out.update({f"classifier.{k}": v for k, v in model.base_model.classifier.state_dict().items()})
+    return out
+
+
+def calibration_state(model) -> dict[str, torch.Tensor]:
+    out = {k: v.clone() for k, v in model.bases.export().items()}
+    for name, layer in model.sparse_layers().items():
+        if layer.selection == "fixed":
+            out[f"{name}.rows"], out[f"{name}.cols"] = layer.rows.clone(), layer.cols.clone()
+    return out
+
+
+def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", calib: dict | None = None) -> tuple[dict, dict]:
+    """Returns (trained weights, calibration state) of this rank."""
+    model, opt = build(variant, rank, world, calib)
+    calib = calibration_state(model)
+    backward = lambda loss: loss.backward()  # noqa: E731
+    net = model
+    if world > 1 and launcher == "accelerate":
+        from accelerate import Accelerator
+
+        acc = Accelerator(cpu=True)
+        net, opt = acc.prepare(model, opt)
+        backward = acc.backward
+    elif world > 1 and launcher == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.base_model.bert.encoder.layer:
+            fully_shard(block)
+        net = fully_shard(model)
+        params = [p for p in model.parameters() if p.requires_grad]  # now DTensor shards
+        opt = type(opt)(params, lr=1e-2) if isinstance(opt, SparseAdamW) else torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+        if variant == "dynamic-attach":
+            model.attach_optimizer(opt)
+    elif world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model)  # default settings
+    model.train()
+    broadcast["bytes"] = 0
+    for batch in global_batches(TRAIN_STEPS, seed=2):
+        loss = net(**shard(batch, rank, world)).loss
+        backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if launcher == "fsdp2" and world > 1:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.unshard()
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in weights(model).items()}
+        return full, calib
+    if world > 1 and rank == 0:  # what DDP broadcast besides gradients during training
+        bases = sum(b.numel() * b.element_size() for b in model.bases.buffers())
+        (OUT / f"{variant}.broadcast.json").write_text(json.dumps({"broadcast": broadcast["bytes"], "bases": bases}))
+    return weights(model), calib
+
+
+def main() -> None:
+    global OUT
+    out = OUT = Path(sys.argv[1])
+    launcher = sys.argv[2] if len(sys.argv) > 2 else "torch"
+    torch.set_num_threads(1)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and launcher in ("torch", "fsdp2"):
+        torch.distributed.init_process_group("gloo")
+    elif world > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=True)  # accelerate initialises the gloo process group on CPU
+    for variant in VARIANTS:
+        if launcher == "fsdp2" and variant != "fixed":
+            # dynamic selection needs the whole gradient; FSDP shards it: refused, not wrong
+            try:
+                train("dynamic-sparseadamw" if variant == "dynamic-hook" else variant, rank, world, launcher)
+            except ConfigError as exc:
+                (out / f"{variant}.error.rank{rank}.txt").write_text(str(exc))
+            continue
+        if variant == "dynamic-hook" and world > 1:
+            # per-backward masking would cut local gradients before the all-reduce: refused
+            try:
+                train(variant, rank, world, launcher)
+            except ConfigError as exc:
+                (out / f"{variant}.error.rank{rank}.txt").write_text(str(exc))
+            continue
+        trained, calib = train(variant, rank, world, launcher)
+        save_tensors(out / f"{variant}.calib.rank{rank}.safetensors", calib, {"kind": "calib"})
+        if rank == 0:
+            save_tensors(out / f"{variant}.weights.safetensors", trained, {"kind": "weights"})
+    if world > 1:
+        if rank == 0:
+            (out / "backend.txt").write_text(torch.distributed.get_backend())
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
