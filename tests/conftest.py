@@ -44,6 +44,19 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg)
 
 
+def save_tiny_bert_checkpoint(out, max_position_embeddings: int):
+    """A 2-layer random BERT classifier checkpoint with the embedded MiniLM tokenizer, for CLI tests."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from sparseft.resources import default_model_dir
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, max_position_embeddings=max_position_embeddings)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
+    return out
+
+
 ARCHS = {"bert": tiny_bert, "roberta": tiny_roberta, "llama": tiny_llama, "gpt2": tiny_gpt2}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import save_tiny_bert_checkpoint
 import torch
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
@@ -173,16 +174,7 @@ def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer random BERT (dropout 0.1) with the embedded MiniLM tokenizer, for the CLI."""
-    from transformers import AutoTokenizer
-
-    from sparseft.resources import default_model_dir
-
-    out = tmp_path_factory.mktemp("tinybert")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, max_position_embeddings=32)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
-    return out
+    return save_tiny_bert_checkpoint(tmp_path_factory.mktemp("tinybert"), max_position_embeddings=32)
 
 
 @pytest.mark.parametrize("method", ["sparsegrad-fixed", "sparsegrad-dynamic"])

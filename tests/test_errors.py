@@ -13,6 +13,7 @@ from sparseft import (
     AdapterMismatchError,
     CalibrationError,
     ConfigError,
+    InputError,
     MePropConfig,
     NotCalibratedError,
     SparseFTError,
@@ -90,7 +91,7 @@ def test_no_batches_and_non_dict_batches():
     model = get_sparse_model(tiny_bert(), SparseGradConfig(density=0.05))
     with pytest.raises(CalibrationError, match="no batches"):
         model.calibrate([], show_progress=False)
-    with pytest.raises(CalibrationError, match="dicts"):
+    with pytest.raises(InputError, match="dicts"):
         model.calibrate([torch.zeros(2, 3)], show_progress=False)
 
 

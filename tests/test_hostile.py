@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_bert_checkpoint
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -272,16 +273,7 @@ def test_bad_input(name, action, expected, part, tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A 2-layer random BERT with 16 positions and the embedded MiniLM tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from sparseft.resources import default_model_dir
-
-    out = tmp_path_factory.mktemp("tinybert")
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, max_position_embeddings=16)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(out)
-    return out
+    return save_tiny_bert_checkpoint(tmp_path_factory.mktemp("tinybert"), max_position_embeddings=16)
 
 
 def test_long_sequences_are_truncated(tiny_checkpoint: Path) -> None:
