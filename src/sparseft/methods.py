@@ -29,8 +29,8 @@ DEFAULT_LR = {
     "lora-mlp": 5e-4,
     "lora-attn": 5e-4,
     "meprop": 2e-4,
-    "sparsegrad-fixed": 2e-4,
-    "sparsegrad-dynamic": 2e-4,
+    "sparsegrad-fixed": 3e-4,
+    "sparsegrad-dynamic": 3e-4,
     "s2ft": 2e-4,
 }
 LR_GRID = {m: (lr / 3, lr, lr * 3) for m, lr in DEFAULT_LR.items()}
