@@ -19,7 +19,7 @@ function does the whole layer, so nothing but the input x is saved for backward:
 
 - forward ``y = x Wᵀ + b`` with the merged ``W = W0 + P_R D Q_Cᵀ`` (merging costs
   ``min(m·b·(a+n), a·n·(b+m))`` multiply-adds, independent of the token count N; dynamic mode keeps the merged
-  update cached and folds in only the entries the optimizer changed), or, when that is dearer
+  update cached between optimizer steps), or, when that is dearer
   (few tokens), ``x W0ᵀ + b + ((x Q_C) Dᵀ) P_Rᵀ``;
 - input gradient ``g W`` the same way (the merged weight is rebuilt, not kept: no m×n tensor
   outlives a call);
