@@ -120,6 +120,8 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
             density=args.density,
             calibration_steps=args.calibration_steps,
             show_progress=not args.no_progress,
+            eval_examples=args.eval_examples,
+            generations=args.generations,
         )
         records.append(run_causal_lm(settings, splits, tokenizer))
         atomic_write_text(out / "results.json", json.dumps(records, indent=2))
@@ -213,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="classification (default; CSV/JSONL text+label) or causal-lm: instruction-tune a chat model "
         "(default SmolLM2-135M-Instruct on chatterbot-corpus; --data JSONL of prompt/response or messages)",
     )
+    train.add_argument("--eval-examples", type=int, default=200, help="causal-lm: held-out conversations scored (default 200)")
+    train.add_argument("--generations", type=int, default=3, help="causal-lm: held-out prompts answered before/after (default 3)")
     # --max-length default depends on the task: 64 tokens (classification), 128 (causal-lm)
     train.set_defaults(max_length=None)
     train.set_defaults(func=cmd_train)
