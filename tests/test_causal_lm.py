@@ -222,3 +222,31 @@ def test_real_smollm2_sparsegrad_learns_and_merges(tokenizer, corpus):
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert not any(type(m).__name__ == "SparseLinear" for m in merged.modules())
     assert generate_answers(merged, tokenizer, prompt, max_new_tokens=8) == adapted
+
+
+# ----------------------------------------------------------------------------- scale
+def test_bf16_llama_calibrates_with_float32_eigh_and_bf16_bases():
+    """The path LLaMA-7B widths take (Grams above eigh_float64_max): float32 Grams and eigh,
+    bases stored in the model's bf16, and the byte counts of sparsegrad_memory()."""
+    from sparseft.causal_lm import sparsegrad_memory
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_sparse_model(LlamaForCausalLM(config).to(torch.bfloat16),
+                             SparseGradConfig(match_lora_rank=2, eigh_float64_max=16))
+    ids = torch.randint(0, 64, (4, 16))
+    model.calibrate([{"input_ids": ids, "labels": ids}] * 2, steps=2, show_progress=False)
+    bank = model.bases
+    assert {b.dtype for n, b in bank.named_buffers() if n.startswith("g")} == {torch.bfloat16}
+    for group in bank.groups:
+        for part in "PQ":
+            B = bank.full(group, part).float()
+            torch.testing.assert_close(B.T @ B, torch.eye(B.shape[0]), atol=3e-2, rtol=0)  # orthogonal to bf16 precision
+    est = sparsegrad_memory(hidden=32, intermediate=64, layers=2, rank=2, model_bytes=2)
+    assert est["bases_bytes"] == sum(b.numel() * b.element_size() for n, b in bank.named_buffers() if n.startswith("g"))
+    values = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert values == 6 * est["k_per_layer"] and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)

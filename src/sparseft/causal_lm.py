@@ -388,6 +388,36 @@ def run_causal_lm(
     ).to_dict()
 
 
+# ----------------------------------------------------------------------------- memory at scale
+def sparsegrad_memory(hidden: int, intermediate: int, layers: int, rank: int = 8, model_bytes: int = 2) -> dict[str, int]:
+    """Bytes SparseGrad needs on a LLaMA-shaped model (MLP gate/up: hidden→intermediate, down:
+    intermediate→hidden), with the budget of LoRA at ``rank`` (k = r·(m+n) per layer).
+
+    - ``gram_bytes``: calibration Grams, float32, all three groups at once: 3·(I² + H²)·4.
+    - ``bases_bytes``: one (P, Q) pair per group in the model dtype: 3·(I² + H²)·model_bytes.
+    - ``fixed_state_bytes``: fixed selection: values + gradient + AdamW moments (float32, 16 B per
+      entry) and the support indices (rows, cols, local_r, local_c: int64, 32 B per entry).
+    - ``dynamic_state_bytes``: dynamic selection: the dense float32 delta and its gradient per
+      layer (8 B per weight) plus SparseAdamW state for 8·k entries (32 B each).
+    - ``lora_state_bytes``: LoRA at ``rank`` on the same layers (float32 params, grads, AdamW).
+    - ``support_scores_bytes``: the fixed-support scoring pass keeps a float32 m×n score per layer.
+    """
+    mn = hidden * intermediate
+    n_layers = 3 * layers
+    k = rank * (hidden + intermediate)
+    basis_numbers = 3 * (intermediate**2 + hidden**2)
+    return {
+        "k_per_layer": k,
+        "gram_bytes": basis_numbers * 4,
+        "bases_bytes": basis_numbers * model_bytes,
+        "fixed_state_bytes": n_layers * k * (16 + 32),
+        "dynamic_state_bytes": n_layers * (mn * 8 + 8 * k * 32),
+        "lora_state_bytes": n_layers * k * 16,
+        "support_scores_bytes": n_layers * mn * 4,
+        "mlp_weight_bytes": n_layers * mn * model_bytes,
+    }
+
+
 __all__ = [
     "CausalLMSettings",
     "answer_loss",
@@ -398,5 +428,6 @@ __all__ = [
     "load_chat_jsonl",
     "load_chat_splits",
     "run_causal_lm",
+    "sparsegrad_memory",
     "split_conversations",
 ]
