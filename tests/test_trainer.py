@@ -230,3 +230,24 @@ def test_sparse_adamw_state_keeps_integer_indices_through_save_and_load(tmp_path
     fresh.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
     assert fresh.state[q]["index"].dtype == torch.long
     assert torch.equal(fresh.state[q]["index"], opt.state[p]["index"])
+
+
+def test_trained_adapter_is_small_and_loads_onto_a_fresh_base(tmp_path):
+    from sparseft import SparseModel
+
+    model = sparse_llama("fixed", tied=True)
+    train(model, tmp_path / "run")
+    sizes = model.save_pretrained(tmp_path / "adapter")
+    model_bytes = sum(p.numel() * p.element_size() for p in tiny_llama(tied=True).parameters())
+    # O(k) values (+ the basis columns they use), not a copy of the model
+    assert sizes["values"] == sum(layer.k for layer in model.sparse_layers().values())
+    assert sizes["adapter_bytes"] < model_bytes
+    loaded = SparseModel.from_pretrained(tiny_llama(tied=True), tmp_path / "adapter")
+    ids = torch.arange(LENGTH).unsqueeze(0)
+    model.eval(), loaded.eval()
+    torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    merged = loaded.merge_and_unload()
+    assert type(merged) is LlamaForCausalLM
+    torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+    out = merged.generate(input_ids=ids[:, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
