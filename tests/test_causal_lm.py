@@ -98,6 +98,7 @@ def test_user_jsonl_prompt_response_and_messages(tmp_path):
         ('{"messages": [{"role": "user", "content": "q"}]}', "last message must be the assistant"),
         ('{"messages": [{"role": "bot", "content": "q"}]}', "message 0 must be"),
         ('{"messages": []}', "non-empty list"),
+        ('{"messages": [{"role": "assistant", "content": "a"}]}', "needs a user message"),
     ],
 )
 def test_bad_chat_files_name_the_problem(tmp_path, line, message):

@@ -85,6 +85,8 @@ def _conversation_of(row: dict, where: str) -> Conversation:
             out.append({"role": m["role"], "content": m["content"]})
         if out[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must be the assistant's answer (role 'assistant') to train on.")
+        if len(out) < 2:
+            raise DataError(f"{where}: the assistant's answer needs a user message before it to answer.")
         return out
     if "prompt" in row and "response" in row:
         prompt, response = row["prompt"], row["response"]
@@ -309,7 +311,10 @@ def run_causal_lm(
     held = splits["test"][: settings.eval_examples] if settings.eval_examples else splits["test"]
     train = encode_chat(tokenizer, splits["train"], settings.max_length)
     evaluation = encode_chat(tokenizer, held, settings.max_length)
-    shown = held[: settings.generations]
+    shown: list[Conversation] = []  # held-out conversations to answer, one per distinct prompt
+    for conv in held:
+        if len(shown) < settings.generations and conv[-2]["content"] not in {c[-2]["content"] for c in shown}:
+            shown.append(conv)
 
     model = load_causal_lm(model_dir, settings.seed)
     loss_before = answer_loss(model, evaluation, settings.eval_batch_size)
