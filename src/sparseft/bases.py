@@ -7,6 +7,9 @@ loading a fixed-selection adapter, as only the columns that adapter uses, with t
 
 from __future__ import annotations
 
+import json
+import re
+
 import torch
 from torch import nn
 
@@ -38,6 +41,8 @@ class BasisBank(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.groups: list[str] = []
+        # Empty, not saved: follows .to(device) so buffers created on load land on the model's device.
+        self.register_buffer("_anchor", torch.zeros(0), persistent=False)
 
     def has(self, group: str) -> bool:
         return group in self.groups
@@ -61,6 +66,31 @@ class BasisBank(nn.Module):
                     del self._buffers[name]
             else:
                 self.register_buffer(name, value.contiguous())
+
+    # The state dict holds the buffers (g0_P, g0_Q, ...) and, as extra state, the group names as
+    # UTF-8 bytes. Loading it into a bank that has not been calibrated yet creates the buffers with
+    # the saved shapes first, so Trainer checkpoints (state dicts) resume onto a fresh model.
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(json.dumps(self.groups).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.groups = json.loads(bytes(state.tolist()).decode())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            self.set_extra_state(extra)
+        device = self._anchor.device
+        for key, value in state_dict.items():
+            name = key[len(prefix) :] if key.startswith(prefix) else None
+            if name and re.fullmatch(r"g\d+_(P|Q|P_cols|Q_cols)", name):
+                current = self._buffers.get(name)
+                if current is None or current.shape != value.shape:
+                    self.register_buffer(name, torch.empty_like(value, device=device))
+        stale = [n for n in self._buffers if prefix + n not in state_dict and re.fullmatch(r"g\d+_(P_cols|Q_cols)", n)]
+        for name in stale:  # the saved bank held whole bases: drop our column subsets
+            del self._buffers[name]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def full(self, group: str, part: str) -> torch.Tensor:
         """The whole basis; error if only some columns are held."""

@@ -105,7 +105,82 @@ def _table(records: list[dict[str, Any]], title: str) -> None:
     console.print(table)
 
 
+def cmd_train_causal_lm(args: argparse.Namespace) -> int:
+    """``sparseft train --task causal-lm``: instruction-tune a chat model, report held-out answer
+    loss/perplexity before and after, and greedy generations for a few held-out prompts."""
+    from transformers import AutoTokenizer
+
+    from .causal_lm import CausalLMSettings, load_chat_splits, run_causal_lm
+    from .methods import canonical
+    from .resources import smollm2_dir
+
+    for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--resume", args.resume), ("--reselect-every", args.reselect_every)):
+        if value:
+            raise SparseFTError(f"{flag} is not supported with --task causal-lm yet; for resumable decoder runs use "
+                                "transformers.Trainer (save_steps / resume_from_checkpoint, see docs/llm.md).")
+    model_dir = _model_dir(args) if args.model else str(smollm2_dir())
+    splits = load_chat_splits(args.data)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    out = Path(args.output_dir)
+    print(
+        f"train {len(splits['train'])} / held-out {len(splits['test'])} conversations "
+        f"({args.data or 'embedded chatterbot-corpus English'}), model {model_dir}",
+        file=sys.stderr,
+    )
+    records: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        settings = CausalLMSettings(
+            model_dir=model_dir,
+            method=canonical(args.method),
+            lr=args.lr,
+            steps=args.steps,
+            seed=seed,
+            batch_size=args.batch_size,
+            max_length=args.max_length or 128,
+            rank=args.rank,
+            density=args.density,
+            calibration_steps=args.calibration_steps,
+            show_progress=not args.no_progress,
+            eval_examples=args.eval_examples,
+            generations=args.generations,
+        )
+        records.append(run_causal_lm(settings, splits, tokenizer))
+        atomic_write_text(out / "results.json", json.dumps(records, indent=2))
+    _causal_lm_table(records, f"sparseft train --task causal-lm: {records[0]['method']}")
+    for r in records:
+        print(f"\n{r['method']} seed {r['seed']}: held-out answer loss {r['eval_loss_before']:.4f} → {r['eval_loss']:.4f}, "
+              f"perplexity {r['perplexity_before']:.2f} → {r['perplexity']:.2f} ({r['eval_examples']} conversations), "
+              f"trainable params {r['trainable_params']:,d}, wall {r['wall_s']:.1f} s")
+        for g in r["generations"]:
+            print(f"  Q: {g['prompt']}\n    reference: {g['reference']}\n    before:    {g['before']}\n    after:     {g['after']}")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+def _causal_lm_table(records: list[dict[str, Any]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    cols = ("method", "seed", "lr", "loss before", "loss after", "ppl before", "ppl after", "trainable", "state MB", "peak RSS MB", "step s", "calib s", "wall s")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in records:
+        table.add_row(
+            r["method"], str(r["seed"]), f"{r['lr']:.1e}", f"{r['eval_loss_before']:.4f}", f"{r['eval_loss']:.4f}",
+            f"{r['perplexity_before']:.2f}", f"{r['perplexity']:.2f}", f"{r['trainable_params']:,d}",
+            f"{r['state_bytes'] / 2**20:.2f}", f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['step_time_s']:.3f}",
+            f"{r['calibration_s']:.1f}", f"{r['wall_s']:.1f}",
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=180)
+    console.print(table)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "classification") == "causal-lm":
+        return cmd_train_causal_lm(args)
     from transformers import AutoTokenizer
 
     from .methods import canonical
@@ -129,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps,
             seed=seed,
             batch_size=args.batch_size,
-            max_length=args.max_length,
+            max_length=args.max_length or 64,
             rank=args.rank,
             density=args.density,
             calibration_steps=args.calibration_steps,
@@ -153,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseft", description="Sparse fine-tuning of transformer MLP layers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune a classifier with one method and report held-out accuracy")
+    train = sub.add_parser("train", help="fine-tune with one method: a classifier (held-out accuracy) or, with --task causal-lm, a chat LM (held-out perplexity)")
     _add_common(train)
     train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad[-fixed|-dynamic], s2ft")
     train.add_argument("--lr", type=_positive(float), help="learning rate (default: the method's default)")
@@ -162,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "to OUTPUT_DIR/checkpoints/seed-S/ (atomic; the newest two are kept)")
     train.add_argument("--resume", metavar="DIR", help="continue each seed from the latest checkpoint in "
                        "DIR/checkpoints/seed-S/ (DIR: an earlier --output-dir); seeds without one start fresh")
+    train.add_argument(
+        "--task",
+        choices=("classification", "causal-lm"),
+        default="classification",
+        help="classification (default; CSV/JSONL text+label) or causal-lm: instruction-tune a chat model "
+        "(default SmolLM2-135M-Instruct on chatterbot-corpus; --data JSONL of prompt/response or messages)",
+    )
+    train.add_argument("--eval-examples", type=int, default=200, help="causal-lm: held-out conversations scored (default 200)")
+    train.add_argument("--generations", type=int, default=3, help="causal-lm: held-out prompts answered before/after (default 3)")
+    # --max-length default depends on the task: 64 tokens (classification), 128 (causal-lm)
+    train.set_defaults(max_length=None)
     train.set_defaults(func=cmd_train)
     return parser
 

@@ -381,6 +381,23 @@ class SparseLinear(nn.Module):
             self.delta[rows.to(self.delta.device), cols.to(self.delta.device)] = values.to(self.delta)
             self.calibrated = True
 
+    # ----------------------------------------------------------------------------- state dict
+    # The support buffers are not persistent (their length is only known after calibration), so
+    # the state dict carries them as "extra state": one (2, k) index tensor, or (2, 0) before
+    # calibration. A state dict saved after calibration thus restores the support on a fresh,
+    # uncalibrated layer (what Trainer's resume_from_checkpoint does).
+    def get_extra_state(self) -> torch.Tensor:
+        if self.selection == "fixed":
+            return torch.stack([self.rows, self.cols]) if self.calibrated else torch.zeros(2, 0, dtype=torch.long)
+        return torch.tensor([int(self.calibrated)], dtype=torch.long)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        if self.selection == "fixed":
+            if state.numel():
+                self.set_support(state[0].long(), state[1].long())
+        elif int(state[0]):
+            self.calibrated = True
+
     @torch.no_grad()
     def merge(self) -> nn.Module:
         """Fold the update into the base weight; returns the plain base layer."""

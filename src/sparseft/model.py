@@ -73,6 +73,8 @@ class SparseModel(nn.Module):
             for p in model.get_submodule(head).parameters():
                 p.requires_grad_(True)
         self.bases = BasisBank()
+        if self.targets:
+            self.bases.to(weight_of(model.get_submodule(self.targets[0].name)).device)
         self.calibration_report: CalibrationReport | None = None
         for target in self.targets:
             base = model.get_submodule(target.name)
@@ -108,6 +110,37 @@ class SparseModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ state dict
+    # transformers.Trainer checkpoints a model that is not a PreTrainedModel with
+    # safetensors.save_file(model.state_dict()) and resumes with model.load_state_dict(sd, False).
+    # safetensors refuses tensors stored twice, so tied weights (input embeddings = LM head) are
+    # kept under their first name only and filled back in on load. The state dict also carries
+    # the bases and the fixed supports (extra state), so it loads onto a fresh, uncalibrated model.
+    def _tied_aliases(self) -> dict[str, str]:
+        """{second name: first name} for each tensor registered under two names."""
+        first: dict[int, str] = {}
+        aliases: dict[str, str] = {}
+        for name, tensor in [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]:
+            if id(tensor) in first:
+                aliases[name] = first[id(tensor)]
+            else:
+                first[id(tensor)] = name
+        return aliases
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for alias in self._tied_aliases():
+            state.pop(prefix + alias, None)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        state = dict(state_dict)
+        for alias, name in self._tied_aliases().items():
+            if alias not in state and name in state:
+                state[alias] = state[name]
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     def sparse_layers(self) -> dict[str, SparseLinear]:
         return {t.name: self.base_model.get_submodule(t.name) for t in self.targets}

@@ -49,6 +49,21 @@ class SparseAdamW(torch.optim.Optimizer):
                     # so the layer's per-backward masking must not cut it first
                     p._sparseft_optimizer_selects = True
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but keep the integer state (entry indices, last-selected steps) integer:
+        torch casts every non-step state tensor to the parameter's float dtype on load, which
+        would round indices above 2**24 (resume_from_checkpoint on large layers)."""
+        integer = {
+            pid: {key: v for key, v in s.items() if isinstance(v, torch.Tensor) and not v.is_floating_point()}
+            for pid, s in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            for key, value in integer.get(pid, {}).items():
+                self.state[p][key] = value.to(p.device)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None

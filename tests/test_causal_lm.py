@@ -1,0 +1,253 @@
+"""Causal-LM instruction tuning: chat data, answer-only labels, perplexity, the run and the CLI.
+
+Runs use a tiny random-init LLaMA with the SmolLM2 tokenizer (converted once from the offline
+GGUF and cached); one integration test trains the real SmolLM2-135M-Instruct for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sparseft import SparseGradConfig, get_sparse_model
+from sparseft.causal_lm import (
+    CausalLMSettings,
+    answer_loss,
+    chatterbot_conversations,
+    encode_chat,
+    encode_conversation,
+    generate_answers,
+    load_chat_jsonl,
+    run_causal_lm,
+    split_conversations,
+)
+from sparseft.errors import DataError
+from sparseft.resources import smollm2_dir
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CONTRACT = {"method", "seed", "lr", "eval_loss", "perplexity", "trainable_params", "state_bytes", "peak_rss_bytes", "step_time_s"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(smollm2_dir())
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return chatterbot_conversations()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny random LLaMA with SmolLM2's vocabulary and tokenizer, saved as a checkpoint."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def small_splits(corpus):
+    splits = split_conversations(corpus)
+    return {"train": splits["train"][:48], "test": splits["test"][:8]}
+
+
+# ----------------------------------------------------------------------------- data
+def test_chatterbot_conversations_alternate_and_end_with_an_answer(corpus):
+    assert len(corpus) > 1500
+    for conv in corpus:
+        assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
+        assert all(m["content"] for m in conv)
+
+
+def test_split_is_fixed_and_disjoint_by_question(corpus):
+    a, b = split_conversations(corpus), split_conversations(list(reversed(corpus)))
+    assert len(a["test"]) == len(b["test"]) and 0.05 * len(corpus) < len(a["test"]) < 0.25 * len(corpus)
+    train_q = {c[0]["content"].lower() for c in a["train"]}
+    assert not any(c[0]["content"].lower() in train_q for c in a["test"])
+
+
+def test_user_jsonl_prompt_response_and_messages(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(10)]
+    rows.append({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "x"}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    convs = load_chat_jsonl(path)
+    assert convs[0] == [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}]
+    assert [m["role"] for m in convs[-1]] == ["system", "user", "assistant"]
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("{not json", "line 11 is not valid JSON"),
+        ('["a list"]', "line 11 is not a JSON object"),
+        ('{"text": "x"}', "needs {'prompt'"),
+        ('{"prompt": "q", "response": ""}', "non-empty strings"),
+        ('{"messages": [{"role": "user", "content": "q"}]}', "last message must be the assistant"),
+        ('{"messages": [{"role": "bot", "content": "q"}]}', "message 0 must be"),
+        ('{"messages": []}', "non-empty list"),
+        ('{"messages": [{"role": "assistant", "content": "a"}]}', "needs a user message"),
+    ],
+)
+def test_bad_chat_files_name_the_problem(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps({"prompt": "q", "response": "a"})] * 10 + [line]) + "\n")
+    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("{", r"\{")):
+        load_chat_jsonl(path)
+
+
+def test_bad_chat_file_kinds(tmp_path):
+    with pytest.raises(DataError, match="No data file"):
+        load_chat_jsonl(tmp_path / "missing.jsonl")
+    (tmp_path / "data.csv").write_text("prompt,response\nq,a\n")
+    with pytest.raises(DataError, match="must be JSONL"):
+        load_chat_jsonl(tmp_path / "data.csv")
+    (tmp_path / "few.jsonl").write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n")
+    with pytest.raises(DataError, match="at least a few dozen"):
+        load_chat_jsonl(tmp_path / "few.jsonl")
+
+
+def test_labels_cover_exactly_the_answers(tokenizer):
+    conv = [
+        {"role": "user", "content": "What is AI?"},
+        {"role": "assistant", "content": "A field of science."},
+        {"role": "user", "content": "Are you sentient?"},
+        {"role": "assistant", "content": "Sort of."},
+    ]
+    ids, labels = encode_conversation(tokenizer, conv, max_length=512)
+    assert ids == tokenizer(tokenizer.apply_chat_template(conv, tokenize=False), add_special_tokens=False)["input_ids"]
+    labelled = [i for i, lab in zip(ids, labels) if lab != -100]
+    assert all(lab in (-100, i) for i, lab in zip(ids, labels))
+    text = tokenizer.decode(labelled)
+    assert text == "A field of science.<|im_end|>\nSort of.<|im_end|>\n"
+    # truncation keeps the first answer's start
+    ids8, labels8 = encode_conversation(tokenizer, conv, max_length=len(ids) - 5)
+    assert len(ids8) == len(labels8) == len(ids) - 5 and labels8 == labels[: len(ids) - 5]
+
+
+def test_encode_chat_pads_and_drops_cut_answers(tokenizer, corpus):
+    data = encode_chat(tokenizer, corpus[:6], max_length=128)
+    assert data["input_ids"].shape == data["labels"].shape == data["attention_mask"].shape
+    assert bool(((data["labels"] != -100) <= (data["attention_mask"] == 1)).all())
+    with pytest.raises(DataError, match="raise --max-length"):
+        encode_chat(tokenizer, corpus[:3], max_length=5)
+
+
+def test_answer_loss_is_the_models_own_loss(tiny_dir, tokenizer, corpus):
+    model = LlamaForCausalLM.from_pretrained(tiny_dir)
+    data = encode_chat(tokenizer, corpus[:1], max_length=128)
+    expected = model(**data).loss.item()
+    assert answer_loss(model, data) == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- runs
+@pytest.mark.parametrize("method", ["full", "lora-mlp", "lora-attn", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic"])
+def test_run_causal_lm_record(tiny_dir, tokenizer, corpus, method):
+    settings = CausalLMSettings(
+        method=method, steps=3, model_dir=str(tiny_dir), batch_size=4, max_length=64, calibration_steps=2,
+        generations=1, max_new_tokens=4, show_progress=False, lr=1e-3,
+    )
+    record = run_causal_lm(settings, small_splits(corpus), tokenizer)
+    assert CONTRACT <= record.keys() and "accuracy" not in record
+    assert record["method"] == method and record["task"] == "causal-lm"
+    assert math.isfinite(record["eval_loss"]) and record["perplexity"] == pytest.approx(math.exp(record["eval_loss"]))
+    assert record["eval_loss"] != record["eval_loss_before"]  # the run changed the model
+    assert record["trainable_params"] > 0 and record["state_bytes"] > 0
+    assert len(record["generations"]) == 1 and set(record["generations"][0]) == {"prompt", "reference", "before", "after"}
+
+
+def test_cli_train_task_causal_lm(tiny_dir, tmp_path, capsys):
+    from sparseft.cli import main
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"What is {i} plus one?", "response": f"{i + 1}."}) for i in range(40)))
+    out = tmp_path / "out"
+    code = main(["train", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(data), "--method", "sparsegrad-dynamic",
+                 "--steps", "2", "--batch-size", "4", "--calibration-steps", "2", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    records = json.loads((out / "results.json").read_text())
+    assert records[0]["method"] == "sparsegrad-dynamic" and "eval_loss" in records[0]
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "Q: What is" in printed
+
+
+def test_cli_causal_lm_bad_data_is_a_clear_error(tiny_dir, tmp_path, capsys):
+    from sparseft.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x"}\n' * 20)
+    assert main(["train", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(bad), "--no-progress"]) == 2
+    assert "needs {'prompt'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the real model
+@pytest.mark.integration
+def test_real_smollm2_sparsegrad_learns_and_merges(tokenizer, corpus):
+    """SmolLM2-135M-Instruct, SparseGrad fixed on the MLPs of its last 4 blocks: a few steps
+    lower the answer loss on the trained conversations; merge_and_unload gives a plain LLaMA
+    whose greedy generate() matches the adapted model's."""
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    config = SparseGradConfig(selection="fixed", match_lora_rank=8, target_modules=r"model\.layers\.(26|27|28|29)\.mlp\.(gate|up|down)_proj")
+    model = get_sparse_model(base, config)
+    data = encode_chat(tokenizer, corpus[:4], max_length=40)
+    batch = {k: v[:, : int(data["attention_mask"].sum(1).max())] for k, v in data.items()}
+    model.calibrate([batch], steps=1, show_progress=False)
+    before = answer_loss(model, batch)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for _ in range(3):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = answer_loss(model, batch)
+    assert after < before - 0.1, (before, after)
+
+    prompt = [corpus[0][:1]]
+    adapted = generate_answers(model, tokenizer, prompt, max_new_tokens=8)
+    merged = model.merge_and_unload()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any(type(m).__name__ == "SparseLinear" for m in merged.modules())
+    assert generate_answers(merged, tokenizer, prompt, max_new_tokens=8) == adapted
+
+
+# ----------------------------------------------------------------------------- scale
+def test_bf16_llama_calibrates_with_float32_eigh_and_bf16_bases():
+    """The path LLaMA-7B widths take (Grams above eigh_float64_max): float32 Grams and eigh,
+    bases stored in the model's bf16, and the byte counts of sparsegrad_memory()."""
+    from sparseft.causal_lm import sparsegrad_memory
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = get_sparse_model(LlamaForCausalLM(config).to(torch.bfloat16),
+                             SparseGradConfig(match_lora_rank=2, eigh_float64_max=16))
+    ids = torch.randint(0, 64, (4, 16))
+    model.calibrate([{"input_ids": ids, "labels": ids}] * 2, steps=2, show_progress=False)
+    bank = model.bases
+    assert {b.dtype for n, b in bank.named_buffers() if n.startswith("g")} == {torch.bfloat16}
+    for group in bank.groups:
+        for part in "PQ":
+            B = bank.full(group, part).float()
+            torch.testing.assert_close(B.T @ B, torch.eye(B.shape[0]), atol=3e-2, rtol=0)  # orthogonal to bf16 precision
+    est = sparsegrad_memory(hidden=32, intermediate=64, layers=2, rank=2, model_bytes=2)
+    assert est["bases_bytes"] == sum(b.numel() * b.element_size() for n, b in bank.named_buffers() if n.startswith("g"))
+    values = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert values == 6 * est["k_per_layer"] and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
