@@ -112,8 +112,6 @@ def test_every_method_trains_one_step():
             prepared.sparse.calibrate([batch(9), batch(10)], steps=2, show_progress=False)
         opt = prepared.make_optimizer(1e-2)
         model.train()
-        with torch.no_grad():
-            base = model(**batch(1)).logits if False else None
         model(**batch(1)).loss.backward()
         opt.step()
         moved = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0]

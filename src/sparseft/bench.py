@@ -129,7 +129,8 @@ class BenchSettings:
     def base_spec(self, method: str) -> dict[str, Any]:
         keys = ("model_dir", "data", "text_column", "label_column", "group_column", "steps", "rank", "density",
                 "batch_size", "max_length", "calibration_steps")
-        return {k: getattr(self, k) for k in keys} | {"method": method, "show_progress": False}
+        # ~25 points per loss curve whatever the run length
+        return {k: getattr(self, k) for k in keys} | {"method": method, "show_progress": False, "loss_every": max(1, self.steps // 25)}
 
 
 # --------------------------------------------------------------------------- worker (one method)
@@ -341,7 +342,7 @@ def plot(records: list[dict[str, Any]], summary: list[dict[str, Any]], task: str
             runs = [r["loss_curve"] for r in curves if r["method"] == method]
             steps = [s for s, _ in runs[0]]
             mean = [statistics.fmean(c[i][1] for c in runs if len(c) > i) for i in range(len(steps))]
-            ax.plot(steps, mean, label=method)
+            ax.plot(steps, mean, marker="o", markersize=3, label=method)
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (mean over seeds)")
         ax.legend(fontsize=8)
