@@ -115,3 +115,9 @@ def test_train_accepts_every_method(tiny, tmp_path, method):
                  "--calibration-steps", "2", "--rank", "2", "--no-progress", "--output-dir", str(out)]) == 0
     (record,) = json.loads((out / "results.json").read_text())
     assert record["method"] == method and 0.0 <= record["accuracy"] <= 1.0
+
+
+def test_eval_subsets_are_a_fixed_random_sample():
+    rows = bench.sample_rows(1000, 100)
+    assert rows == bench.sample_rows(1000, 100) and rows == sorted(rows) and len(set(rows)) == 100
+    assert rows != list(range(100)) and max(rows) > 500  # not the head of a (possibly label-sorted) file

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -76,10 +77,16 @@ def _classification(spec: dict[str, Any]) -> dict[str, Any]:
     splits, tokenizer = _CACHE[key]
     split, rows = spec["eval_split"], spec.get("eval_rows")
     if rows and rows < len(splits[split]):
-        splits = dict(splits, **{split: splits[split].subset(list(range(rows)))})
+        splits = dict(splits, **{split: splits[split].subset(sample_rows(len(splits[split]), rows))})
     names = RunSettings.__dataclass_fields__
     settings = RunSettings(**{k: v for k, v in spec.items() if k in names})
     return run_classification(settings, splits, tokenizer).to_dict()
+
+
+def sample_rows(n: int, rows: int, seed: int = 0) -> list[int]:
+    """A fixed random sample of ``rows`` of ``n`` indices, in order: files are often sorted by
+    label, so the first rows would not represent the split."""
+    return sorted(random.Random(seed).sample(range(n), rows))
 
 
 TASKS: dict[str, Task] = {"classification": Task("accuracy", True, _classification, "text classification")}
