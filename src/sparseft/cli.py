@@ -170,9 +170,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     if methods:
         settings.methods = methods
+    if settings.lr is not None:
+        rates = f"lr {settings.lr:g}"
+    elif settings.sweep:
+        rates = f"lr sweep on {settings.sweep_rows or 'all'} validation rows"
+    else:
+        rates = "default lr"
     print(
-        f"bench: {len(settings.methods)} methods, {settings.steps} steps, seeds {settings.seeds}, "
-        f"{'lr ' + format(settings.lr, 'g') if settings.lr else 'sweep on ' + str(settings.sweep_rows or 'all') + ' validation rows' if settings.sweep else 'default lr'}; "
+        f"bench: {len(settings.methods)} methods, {settings.steps} steps, seeds {settings.seeds}, {rates}; "
         f"train {len(splits['train'])} / validation {len(splits['validation'])} / test {len(splits['test'])} rows, model {model_dir}",
         file=sys.stderr,
     )
