@@ -15,6 +15,7 @@ from .errors import (  # noqa: E402
 )
 from .model import SparseModel, get_sparse_model  # noqa: E402
 from .optim import SparseAdamW  # noqa: E402
+from .s2ft import S2FTConfig, S2FTModel, get_s2ft_model  # noqa: E402
 
 __all__ = [
     "AdapterMismatchError",
@@ -23,6 +24,8 @@ __all__ = [
     "DataError",
     "InputError",
     "MePropConfig",
+    "S2FTConfig",
+    "S2FTModel",
     "NotCalibratedError",
     "SparseAdamW",
     "SparseConfig",
@@ -30,5 +33,6 @@ __all__ = [
     "SparseGradConfig",
     "SparseModel",
     "TargetError",
+    "get_s2ft_model",
     "get_sparse_model",
 ]

@@ -225,6 +225,70 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# `sparseft bench` defaults, sized for a 2-core CPU machine: 8 methods × (3 sweep runs scored on
+# 512 validation rows + 3 seed runs scored on the whole test split), 80 steps each, one torch
+# thread per worker. --quick is a smoke test of every method (a few steps, no sweep, 1 seed).
+BENCH_DEFAULTS = {"steps": 80, "seeds": [0, 1, 2], "calibration_steps": 20, "sweep_rows": 512}
+QUICK = {"steps": 4, "seeds": [0], "calibration_steps": 3, "test_rows": 200, "sweep": False}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import TASKS, BenchSettings, print_table, run_bench
+    from .methods import canonical
+
+    model_dir = _model_dir(args)
+    splits = _load_splits(args)  # fail fast on a bad --data, and say what the split is
+    methods = [canonical(m.strip()) for m in args.methods.split(",") if m.strip()] if args.methods else None
+    explicit = {a for a in ("steps", "seeds", "calibration_steps") if getattr(args, a) is not None}
+    chosen = dict(BENCH_DEFAULTS, **(QUICK if args.quick else {}))
+    chosen.update({a: getattr(args, a) for a in explicit})
+    settings = BenchSettings(
+        model_dir=model_dir,
+        output_dir=args.output_dir,
+        task=args.task,
+        data=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        group_column=args.group_column,
+        steps=chosen["steps"],
+        seeds=chosen["seeds"],
+        lr=args.lr,
+        sweep=chosen.get("sweep", True) and not args.no_sweep,
+        sweep_rows=args.sweep_rows if args.sweep_rows is not None else chosen["sweep_rows"],
+        test_rows=args.test_rows if args.test_rows is not None else chosen.get("test_rows"),
+        rank=args.rank,
+        density=args.density,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        calibration_steps=chosen["calibration_steps"],
+        threads=args.threads or 1,  # one thread per worker: stable timings on a shared machine
+        show_progress=not args.no_progress,
+    )
+    if methods:
+        settings.methods = methods
+    if settings.lr is not None:
+        rates = f"lr {settings.lr:g}"
+    elif settings.sweep:
+        rates = f"lr sweep on {settings.sweep_rows or 'all'} validation rows"
+    else:
+        rates = "default lr"
+    print(
+        f"bench: {len(settings.methods)} methods, {settings.steps} steps, seeds {settings.seeds}, {rates}; "
+        f"train {len(splits['train'])} / validation {len(splits['validation'])} / test {len(splits['test'])} rows, model {model_dir}",
+        file=sys.stderr,
+    )
+    doc = run_bench(settings)
+    task = TASKS[settings.task]
+    print_table(doc["methods"], settings.task, f"sparseft bench ({task.label or settings.task}): test {task.metric}, "
+                f"{settings.steps} steps, rank-{settings.rank} budgets, seeds {settings.seeds}")
+    out = Path(settings.output_dir)
+    for method, why in doc["failed"].items():
+        print(f"{method}: {why}", file=sys.stderr)
+    print(f"results: {out / 'results.json'} (test runs), {out / 'sweep.json'} (validation sweep), "
+          f"{out / 'benchmark.md'}, plots in {out}; wall {doc['wall_s']:.0f} s")
+    return 1 if doc["failed"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseft", description="Sparse fine-tuning of transformer MLP layers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     # --max-length default depends on the task: 64 tokens (classification), 128 (causal-lm)
     train.set_defaults(max_length=None)
     train.set_defaults(func=cmd_train)
+
+    from .bench import TASKS
+
+    bench = sub.add_parser("bench", help="every method side by side: LR sweep on validation, seeds on test, table + plots")
+    _add_common(bench)
+    # None = the bench defaults (BENCH_DEFAULTS, or QUICK with --quick)
+    bench.set_defaults(steps=None, seeds=None, calibration_steps=None)
+    what = {"steps": "optimizer steps per run", "seeds": "final-run seeds: a count (3 → 0,1,2) or a list (0,5,7)",
+            "calibration_steps": "calibration steps (SparseGrad)"}
+    for action in bench._actions:
+        if action.dest in what:
+            action.help = f"{what[action.dest]} (bench default {BENCH_DEFAULTS[action.dest]}, --quick {QUICK[action.dest]})"
+    bench.add_argument("--methods", help="comma list (default: all 8): full,head,lora-mlp,lora-attn,meprop,sparsegrad-fixed,sparsegrad-dynamic,s2ft")
+    bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
+    bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
+    bench.add_argument("--sweep-rows", type=int, help=f"validation rows scored in the sweep (default {BENCH_DEFAULTS['sweep_rows']}; 0 = all)")
+    bench.add_argument("--test-rows", type=int, help="test rows scored in the final runs (default: all)")
+    bench.add_argument("--quick", action="store_true", help="smoke run: every method, 4 steps, 1 seed, no sweep, 200 test rows")
+    bench.add_argument("--task", default="classification", choices=sorted(TASKS), help="default %(default)s")
+    bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, summary.json, benchmark.md, PNGs")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

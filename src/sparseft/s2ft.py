@@ -1,0 +1,373 @@
+"""S2FT: structured sparse fine-tuning of MLP channels (Yang et al., NeurIPS 2024, arXiv 2412.06289).
+
+In an MLP block ``h = act(x W_inᵀ)`` (LLaMA: ``act(x W_gateᵀ) ⊙ (x W_upᵀ)``), ``y = h W_outᵀ``,
+intermediate channel j is row j of every in-projection and column j of the out-projection.
+S2FT picks a set S of channels per block and trains exactly those rows and columns as dense
+slices; everything else stays frozen:
+
+    W_in  = W_in⁰  + E_S Δ_in        Δ_in  : |S|×n   (rows S of up/gate, BERT intermediate.dense)
+    W_out = W_out⁰ + Δ_out E_Sᵀ      Δ_out : m×|S|   (columns S of down, BERT output.dense)
+
+with E_S the I×|S| channel-selection matrix. The forward adds ``x Δ_inᵀ`` into output channels S
+of each in-layer and ``x[..., S] Δ_outᵀ`` to the out-layer's output, so gradients and optimizer
+state are O(|S|·width) and no dense weight gradient is formed. The slices are stored as
+updates (zero at the start, so the model is exactly the base model until it trains) and
+``merge_and_unload`` adds them into the weights: plain layers of the model's own class again.
+
+Budget per block: ``density`` δ gives |S| = round(δ·I); ``match_lora_rank`` r gives the
+trainable count of LoRA at rank r on the same layers, |S| = round(r·Σ(m+n) / (Σ_in n + Σ_out m))
+(BERT/MiniLM, h=384, I=1536, r=8: |S| = 8·2·1920/768 = 40 channels).
+
+Selection: ``"random"`` draws S per block from a seeded generator (the paper's choice);
+``"gradient"`` ranks channels by the squared gradient norm of their rows and column over a few
+calibration batches (``model.calibrate(batches)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import __version__
+from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
+from .serialization import atomic_write_text, load_tensors, save_tensors
+from .targets import Target, find_heads, find_targets, is_transposed, weight_of
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+# Out-projections of an MLP block, by name (needed when hidden == intermediate size).
+_OUT_NAME = re.compile(r".*(?:down_proj|output\.dense|c_proj|fc2|dense_4h_to_h|lin2|wo)$")
+_BLOCK = re.compile(r"(.*\.\d+)\.")
+
+
+@dataclass
+class S2FTConfig:
+    """Which channels of each MLP block train.
+
+    Budget (first set wins): ``match_lora_rank`` r (same trainable count as LoRA at rank r on
+    the same layers), else ``density`` (fraction of the intermediate channels).
+    """
+
+    density: float | None = None
+    match_lora_rank: int | None = 8
+    selection: Literal["random", "gradient"] = "random"
+    seed: int = 0
+    # Module names/suffixes or a regex (as in SparseGradConfig); None: the MLP layers found.
+    target_modules: list[str] | str | None = None
+    # Trained densely and saved with the adapter; None: a classifier/score head if present.
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.match_lora_rank is None and self.density is None:
+            raise ConfigError("S2FTConfig needs a budget: set match_lora_rank (e.g. 8) or density (e.g. 0.02).")
+        if self.match_lora_rank is not None and int(self.match_lora_rank) < 1:
+            raise ConfigError(f"match_lora_rank={self.match_lora_rank} must be a positive LoRA rank.")
+        if self.match_lora_rank is None and not (0.0 < float(self.density) <= 1.0):
+            raise ConfigError(f"density={self.density} must be in (0, 1]: the fraction of each MLP's channels that train.")
+        if self.selection not in ("random", "gradient"):
+            raise ConfigError(f"selection={self.selection!r} is not known; use 'random' (the paper's) or 'gradient'.")
+
+    def channels(self, intermediate: int, lora_count: int, per_channel: int) -> int:
+        """|S| for a block of ``intermediate`` channels."""
+        if self.match_lora_rank is not None:
+            c = max(1, round(lora_count / per_channel))
+        else:
+            c = max(1, round(float(self.density) * intermediate))
+        if c > intermediate:
+            raise ConfigError(
+                f"The budget asks for {c} channels but the MLP has only {intermediate}; lower match_lora_rank/density."
+            )
+        return c
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class S2FTLinear(nn.Module):
+    """A frozen ``base_layer`` (nn.Linear or Conv1D) plus a trainable dense slice: rows
+    ``channels`` of its m×n weight (``axis='rows'``) or those columns (``axis='cols'``)."""
+
+    def __init__(self, base_layer: nn.Module, channels: torch.Tensor, axis: Literal["rows", "cols"]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        W0 = weight_of(base_layer)
+        self.m, self.n = (int(s) for s in W0.shape)
+        self.axis = axis
+        dtype = torch.float32 if W0.dtype in (torch.float16, torch.bfloat16) else W0.dtype
+        shape = (channels.numel(), self.n) if axis == "rows" else (self.m, channels.numel())
+        self.delta = nn.Parameter(torch.zeros(shape, dtype=dtype, device=W0.device))
+        self.register_buffer("channels", channels.to(W0.device, torch.long), persistent=False)
+
+    def set_channels(self, channels: torch.Tensor) -> None:
+        if channels.numel() != self.channels.numel():
+            raise ValueError(f"expected {self.channels.numel()} channels, got {channels.numel()}")
+        self.channels = channels.to(self.channels.device, torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        delta = self.delta.to(x.dtype)
+        if self.axis == "rows":
+            return y.index_add(-1, self.channels, F.linear(x, delta))
+        return y + F.linear(x.index_select(-1, self.channels), delta)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """Add the slice into the base weight; returns the plain base layer."""
+        W = weight_of(self.base_layer)  # a view for Conv1D: writes go to its stored weight
+        d = self.delta.to(W.dtype)
+        if self.axis == "rows":
+            W.index_add_(0, self.channels, d)
+        else:
+            W.index_add_(1, self.channels, d)
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"{self.m}x{self.n}, {self.channels.numel()} {self.axis} trainable"
+
+
+@dataclass(frozen=True)
+class MLPBlock:
+    """The in-projections (up/gate) and out-projection(s) (down) of one MLP block."""
+
+    name: str
+    inputs: tuple[Target, ...]
+    outputs: tuple[Target, ...]
+    intermediate: int
+
+
+def find_mlp_blocks(model: nn.Module, target_modules: list[str] | str | None = None) -> list[MLPBlock]:
+    """Pair the MLP layers of each block: in-layers map hidden→I, out-layers map I→hidden."""
+    by_block: dict[str, list[Target]] = {}
+    for t in find_targets(model, target_modules):
+        match = _BLOCK.match(t.name)
+        by_block.setdefault(match.group(1) if match else "", []).append(t)
+    blocks = []
+    for name, targets in by_block.items():
+        outs = [t for t in targets if _OUT_NAME.fullmatch(t.name)]
+        if not outs:  # unknown naming: the out-layer is the one fed by the others' outputs
+            outs = [t for t in targets if any(o is not t and o.m == t.n and o.n == t.m for o in targets)]
+            outs = [t for t in outs if t.m < t.n] or outs[:1]
+        ins = [t for t in targets if t not in outs]
+        sizes = {t.m for t in ins} | {t.n for t in outs}
+        if not ins or not outs or len(sizes) != 1:
+            raise TargetError(
+                f"Cannot pair the MLP layers of block {name or '<root>'!r} into in/out projections "
+                f"({[(t.name, t.m, t.n) for t in targets]}); pass target_modules= naming the up/gate and down layers."
+            )
+        blocks.append(MLPBlock(name, tuple(ins), tuple(outs), sizes.pop()))
+    return blocks
+
+
+class S2FTModel(nn.Module):
+    """A model whose MLP blocks train |S| channels each. Build with :func:`get_s2ft_model`."""
+
+    def __init__(self, model: nn.Module, config: S2FTConfig) -> None:
+        super().__init__()
+        if any(isinstance(m, S2FTLinear) for m in model.modules()):
+            raise ConfigError("This model already has S2FT layers; merge_and_unload() it or use a fresh model.")
+        self.base_model = model
+        self.s2ft_config = config
+        self.blocks = find_mlp_blocks(model, config.target_modules)
+        self.heads = find_heads(model, config.modules_to_save)
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for head in self.heads:
+            for p in model.get_submodule(head).parameters():
+                p.requires_grad_(True)
+        gen = torch.Generator().manual_seed(config.seed)
+        for block in self.blocks:
+            layers = block.inputs + block.outputs
+            lora = config.match_lora_rank * sum(t.m + t.n for t in layers) if config.match_lora_rank else 0
+            per_channel = sum(t.n for t in block.inputs) + sum(t.m for t in block.outputs)
+            c = config.channels(block.intermediate, lora, per_channel)
+            channels = torch.randperm(block.intermediate, generator=gen)[:c].sort().values
+            for t, axis in [(t, "rows") for t in block.inputs] + [(t, "cols") for t in block.outputs]:
+                parent, _, attr = t.name.rpartition(".")
+                setattr(model.get_submodule(parent) if parent else model, attr, S2FTLinear(model.get_submodule(t.name), channels, axis))
+        self.calibrated = config.selection == "random"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.calibrated and self.training and torch.is_grad_enabled():
+            raise NotCalibratedError("S2FT selection='gradient' chooses channels from gradients: call model.calibrate(batches) first.")
+        return self.base_model(*args, **kwargs)
+
+    def s2ft_layers(self) -> dict[str, S2FTLinear]:
+        return {t.name: self.base_model.get_submodule(t.name) for b in self.blocks for t in b.inputs + b.outputs}
+
+    def channels(self) -> dict[str, list[int]]:
+        """The trained channels of each block."""
+        return {b.name: self.base_model.get_submodule(b.inputs[0].name).channels.tolist() for b in self.blocks}
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        batches: Iterable[Mapping[str, Any]],
+        steps: int = 20,
+        loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
+        show_progress: bool = False,
+    ) -> dict[str, list[int]]:
+        """Gradient selection: score channel j of a block by Σ‖∂L/∂(row j of in-layers)‖² +
+        ‖∂L/∂(column j of the out-layer)‖² over ``steps`` batches, keep the top |S|."""
+        layers = self.s2ft_layers()
+        bases = [layer.base_layer.weight for layer in layers.values()]
+        scores = {b.name: torch.zeros(b.intermediate, dtype=torch.float64) for b in self.blocks}
+        was_training = self.base_model.training
+        self.base_model.eval()  # no dropout noise in the scores
+        for w in bases:
+            w.requires_grad_(True)
+        seen = 0
+        try:
+            with torch.enable_grad():
+                for batch in batches:
+                    if seen >= steps:
+                        break
+                    device = bases[0].device
+                    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    out = self.base_model(**batch)
+                    loss = loss_fn(out, batch) if loss_fn is not None else out.loss
+                    loss.backward()
+                    for b in self.blocks:
+                        for t in b.inputs:
+                            scores[b.name] += _channel_sq(layers[t.name], "rows")
+                        for t in b.outputs:
+                            scores[b.name] += _channel_sq(layers[t.name], "cols")
+                    for w in bases:
+                        w.grad = None
+                    seen += 1
+        finally:
+            for w in bases:
+                w.requires_grad_(False)
+            for p in self.base_model.parameters():  # the slices and heads got gradients too
+                p.grad = None
+            self.base_model.train(was_training)
+        if seen == 0:
+            raise ConfigError("calibrate() got no batches: pass an iterable of model-input dicts.")
+        for b in self.blocks:
+            c = layers[b.inputs[0].name].channels.numel()
+            chosen = torch.topk(scores[b.name], c).indices.sort().values
+            for t in b.inputs + b.outputs:
+                layers[t.name].set_channels(chosen)
+        self.calibrated = True
+        return self.channels()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all): the slices plus the dense heads; all = the base model's parameters."""
+        trainable = sum(layer.delta.numel() for layer in self.s2ft_layers().values())
+        trainable += sum(p.numel() for h in self.heads for p in self.base_model.get_submodule(h).parameters())
+        total = sum(p.numel() for n, p in self.base_model.named_parameters() if not n.endswith(".delta"))
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def merge_and_unload(self) -> nn.Module:
+        """Write the slices into the weights and return the base model with plain layers."""
+        for name, layer in self.s2ft_layers().items():
+            parent, _, attr = name.rpartition(".")
+            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, attr, layer.merge())
+        for name, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, True))
+        return self.base_model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> int:
+        """Write ``adapter_model.safetensors`` (slices, channels, heads) and ``adapter_config.json``
+        atomically; returns the adapter file's size in bytes."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in self.s2ft_layers().items():
+            tensors[f"layers.{name}.delta"] = layer.delta
+        for block, channels in self.channels().items():
+            tensors[f"blocks.{block}.channels"] = torch.tensor(channels, dtype=torch.int64)
+        for head in self.heads:
+            for key, value in self.base_model.get_submodule(head).state_dict().items():
+                tensors[f"heads.{head}.{key}"] = value
+        meta = {
+            "kind": "s2ft-adapter",
+            "version": __version__,
+            "config": self.s2ft_config.to_dict(),
+            "base_model_class": type(self.base_model).__name__,
+            "layers": {name: [layer.m, layer.n, layer.axis] for name, layer in self.s2ft_layers().items()},
+        }
+        out = Path(save_directory)
+        size = save_tensors(out / ADAPTER_FILE, tensors, meta)
+        atomic_write_text(out / CONFIG_FILE, json.dumps(dict(meta, adapter_bytes=size), indent=2))
+        return size
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, save_directory: str | os.PathLike) -> "S2FTModel":
+        """Rebuild on a fresh ``model`` from ``save_pretrained`` output."""
+        path = Path(save_directory)
+        tensors, meta = load_tensors(path / ADAPTER_FILE if path.is_dir() else path, "adapter")
+        if meta.get("kind") != "s2ft-adapter":
+            raise AdapterMismatchError(f"{path} is not an S2FT adapter (kind {meta.get('kind')!r}).")
+        if meta["base_model_class"] != type(model).__name__:
+            raise AdapterMismatchError(
+                f"This adapter was trained on a {meta['base_model_class']}, not a {type(model).__name__}: load that model class."
+            )
+        s2 = get_s2ft_model(model, S2FTConfig(**meta["config"]))
+        ours = {name: [layer.m, layer.n, layer.axis] for name, layer in s2.s2ft_layers().items()}
+        if ours != meta["layers"]:
+            raise AdapterMismatchError("The adapter's layers do not fit this model: it was saved for another architecture or size.")
+        with torch.no_grad():
+            for b in s2.blocks:
+                for t in b.inputs + b.outputs:
+                    layer = s2.base_model.get_submodule(t.name)
+                    layer.set_channels(tensors[f"blocks.{b.name}.channels"])
+                    layer.delta.copy_(tensors[f"layers.{t.name}.delta"])
+            for head in s2.heads:
+                prefix = f"heads.{head}."
+                s2.base_model.get_submodule(head).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        s2.calibrated = True
+        return s2
+
+
+def _channel_sq(layer: S2FTLinear, axis: str) -> torch.Tensor:
+    """Per-channel squared gradient norm of the base weight: rows (in-layers) or columns (out)."""
+    g = layer.base_layer.weight.grad
+    G = g.t() if is_transposed(layer.base_layer) else g  # as m×n
+    return G.double().pow(2).sum(1 if axis == "rows" else 0).cpu()
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def get_s2ft_model(model: nn.Module, config: S2FTConfig | None = None) -> S2FTModel:
+    """Adapt ``model``'s MLP blocks for S2FT in place and wrap it. The wrapper's ``forward``
+    carries the base model's signature, so ``transformers.Trainer`` sees the real input names."""
+    config = config or S2FTConfig()
+    cls = type(model)
+    if cls not in _CLASSES:
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return S2FTModel.forward(self, *args, **kwargs)
+
+        try:
+            forward.__signature__ = inspect.Signature(list(inspect.signature(cls.forward).parameters.values()))  # type: ignore[attr-defined]
+        except (TypeError, ValueError):
+            pass
+        _CLASSES[cls] = type(f"S2FT{cls.__name__}", (S2FTModel,), {"forward": forward, "__module__": __name__})
+    return _CLASSES[cls](model, config)
+
+
+__all__ = ["MLPBlock", "S2FTConfig", "S2FTLinear", "S2FTModel", "find_mlp_blocks", "get_s2ft_model"]

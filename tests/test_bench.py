@@ -1,0 +1,123 @@
+"""`sparseft bench`: the sweep selects on validation only, the summary/table are right, and the
+command runs end to end on a tiny model (one subprocess per method); `sparseft train` takes
+every method."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from sparseft import bench
+from sparseft.cli import main
+from sparseft.methods import METHODS
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "actor", "scene", "the", "a", "was", "very"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny BERT classifier checkpoint with its tokenizer, and a CSV of 160 labelled rows."""
+    root = tmp_path_factory.mktemp("tiny")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    model_dir = root / "model"
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=2)
+    BertForSequenceClassification(cfg).save_pretrained(model_dir)
+    rng = random.Random(0)
+    lines = ["text,label"]
+    for i in range(160):
+        label = i % 2
+        mood = rng.choice(WORDS[:3] if label else WORDS[3:6])
+        lines.append(f"the {rng.choice(WORDS[6:10])} was very {mood} {i},{'pos' if label else 'neg'}")
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    return str(model_dir), str(root / "data.csv")
+
+
+def fake_task(spec):
+    """Validation favours lr=2, test favours lr=3: selection must follow validation."""
+    score = {"validation": {1.0: 0.5, 2.0: 0.9, 3.0: 0.7}, "test": {1.0: 0.6, 2.0: 0.7, 3.0: 0.99}}[spec["eval_split"]][spec["lr"]]
+    return {"method": spec["method"], "seed": spec["seed"], "lr": spec["lr"], "accuracy": score + spec["seed"] / 100,
+            "trainable_params": 10, "state_bytes": 80, "peak_rss_bytes": 1, "step_time_s": 0.1, "eval_split": spec["eval_split"]}
+
+
+def test_sweep_selects_on_validation_never_test(capsys, monkeypatch):
+    monkeypatch.setitem(bench.TASKS, "fake", bench.Task("accuracy", True, fake_task))
+    bench.worker({"task": "fake", "base": {"method": "head"}, "rates": [1.0, 2.0, 3.0], "sweep_seed": 0, "sweep_rows": 64,
+                  "seeds": [0, 1], "test_rows": None})
+    records = [json.loads(line[len(bench.RECORD_PREFIX):]) for line in capsys.readouterr().out.splitlines()]
+    sweep = [r for r in records if r["phase"] == "sweep"]
+    final = [r for r in records if r["phase"] == "final"]
+    assert [r["eval_split"] for r in sweep] == ["validation"] * 3 and [r["lr"] for r in sweep] == [1.0, 2.0, 3.0]
+    assert [r["eval_split"] for r in final] == ["test", "test"] and {r["lr"] for r in final} == {2.0}
+    assert [r["seed"] for r in final] == [0, 1]
+
+
+def test_lower_is_better_task_and_diverged_rates(capsys, monkeypatch):
+    def loss_task(spec):
+        if spec["lr"] == 3.0:
+            raise FloatingPointError("Training loss became nan")
+        return {"method": spec["method"], "seed": spec["seed"], "lr": spec["lr"], "eval_loss": spec["lr"]}
+
+    monkeypatch.setitem(bench.TASKS, "loss", bench.Task("eval_loss", False, loss_task))
+    bench.worker({"task": "loss", "base": {"method": "full"}, "rates": [2.0, 1.0, 3.0], "sweep_seed": 0, "sweep_rows": None,
+                  "seeds": [0], "test_rows": None})
+    records = [json.loads(line[len(bench.RECORD_PREFIX):]) for line in capsys.readouterr().out.splitlines()]
+    assert records[2]["error"] and records[-1]["phase"] == "final" and records[-1]["lr"] == 1.0
+
+
+def test_summary_mean_std_and_ratio_to_full():
+    recs = []
+    for method, accs, step in (("full", [0.8, 0.9], 1.0), ("s2ft", [0.7, 0.7], 0.25)):
+        for seed, acc in enumerate(accs):
+            recs.append({"method": method, "seed": seed, "lr": 1e-3, "accuracy": acc, "trainable_params": 100 if method == "full" else 7,
+                         "state_bytes": 400, "peak_rss_bytes": 2**20 * (seed + 1), "step_time_s": step, "calibration_s": 0.0})
+    rows = bench.summarize(recs, "classification")
+    assert [r["method"] for r in rows] == ["full", "s2ft"]
+    assert rows[0]["accuracy_mean"] == pytest.approx(0.85) and rows[0]["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert rows[1]["step_time_vs_full"] == pytest.approx(0.25) and rows[1]["peak_rss_bytes"] == 2 * 2**20
+    table = bench.markdown_table(rows, "classification").splitlines()
+    assert len(table) == 4 and "0.8500 ± 0.0707 (n=2)" in table[2] and "0.25×" in table[3]
+
+
+def test_bench_end_to_end(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    out = tmp_path / "bench"
+    code = main(["bench", "--model", model_dir, "--data", data, "--methods", "head,s2ft", "--steps", "3", "--seeds", "2",
+                 "--batch-size", "8", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert len(sweep) == 6 and {r["eval_split"] for r in sweep} == {"validation"}
+    assert len(results) == 4 and {r["eval_split"] for r in results} == {"test"}
+    for r in results:
+        for key in ("method", "seed", "lr", "accuracy", "trainable_params", "state_bytes", "peak_rss_bytes", "step_time_s"):
+            assert key in r
+        assert r["peak_rss_bytes"] > 0 and r["state_bytes"] > 0
+    by_method = {r["method"]: r for r in results}
+    assert by_method["s2ft"]["trainable_params"] > by_method["head"]["trainable_params"]
+    assert (out / "accuracy_vs_params.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
+    assert (out / "benchmark.md").read_text().count("\n") == 4
+    assert "s2ft" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_accepts_every_method(tiny, tmp_path, method):
+    model_dir, data = tiny
+    out = tmp_path / method
+    assert main(["train", "--model", model_dir, "--data", data, "--method", method, "--steps", "2", "--batch-size", "8",
+                 "--calibration-steps", "2", "--rank", "2", "--no-progress", "--output-dir", str(out)]) == 0
+    (record,) = json.loads((out / "results.json").read_text())
+    assert record["method"] == method and 0.0 <= record["accuracy"] <= 1.0
+
+
+def test_eval_subsets_are_a_fixed_random_sample():
+    rows = bench.sample_rows(1000, 100)
+    assert rows == bench.sample_rows(1000, 100) and rows == sorted(rows) and len(set(rows)) == 100
+    assert rows != list(range(100)) and max(rows) > 500  # not the head of a (possibly label-sorted) file
