@@ -89,7 +89,35 @@ def sample_rows(n: int, rows: int, seed: int = 0) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), rows))
 
 
-TASKS: dict[str, Task] = {"classification": Task("accuracy", True, _classification, "text classification")}
+def _causal_lm(spec: dict[str, Any]) -> dict[str, Any]:
+    """One instruction-tuning run (:func:`sparseft.causal_lm.run_causal_lm`). The sweep is scored
+    on a validation part carved from train (10%, fixed), never on the held-out test part."""
+    from transformers import AutoTokenizer
+
+    from .causal_lm import CausalLMSettings, load_chat_splits, run_causal_lm
+
+    key = ("causal-lm", spec["model_dir"], spec.get("data"))
+    if key not in _CACHE:
+        splits = load_chat_splits(spec.get("data"))
+        held = set(sample_rows(len(splits["train"]), max(1, len(splits["train"]) // 10), seed=1))
+        parts = {
+            "train": [c for i, c in enumerate(splits["train"]) if i not in held],
+            "validation": [c for i, c in enumerate(splits["train"]) if i in held],
+            "test": splits["test"],
+        }
+        _CACHE[key] = (parts, AutoTokenizer.from_pretrained(spec["model_dir"]))
+    parts, tokenizer = _CACHE[key]
+    names = CausalLMSettings.__dataclass_fields__
+    settings = CausalLMSettings(**{k: v for k, v in spec.items() if k in names})
+    settings.eval_examples = spec.get("eval_rows")
+    settings.generations = 0 if spec["eval_split"] == "validation" else settings.generations
+    return run_causal_lm(settings, {"train": parts["train"], "test": parts[spec["eval_split"]]}, tokenizer)
+
+
+TASKS: dict[str, Task] = {
+    "classification": Task("accuracy", True, _classification, "text classification"),
+    "causal-lm": Task("eval_loss", False, _causal_lm, "instruction tuning, answer-token loss"),
+}
 
 
 def register_task(name: str, task: Task) -> None:
@@ -270,6 +298,9 @@ def summarize(records: list[dict[str, Any]], task: str, methods: list[str] | Non
             "step_time_s": statistics.median(r["step_time_s"] for r in runs),
             "calibration_s": statistics.fmean(r.get("calibration_s", 0.0) for r in runs),
         })
+        if all("perplexity" in r for r in runs):  # causal LM: perplexity before → after
+            rows[-1]["perplexity_before"] = statistics.fmean(r["perplexity_before"] for r in runs)
+            rows[-1]["perplexity"] = statistics.fmean(r["perplexity"] for r in runs)
     full = next((r["step_time_s"] for r in rows if r["method"] == "full"), None)
     for r in rows:
         r["step_time_vs_full"] = r["step_time_s"] / full if full else None
@@ -288,12 +319,12 @@ def _cells(row: dict[str, Any], metric: str) -> list[str]:
         f"{row['step_time_s']:.3f}",
         f"{ratio:.2f}×" if ratio is not None else "—",
         f"{row['calibration_s']:.1f}",
-    ]
+    ] + ([f"{row['perplexity_before']:.2f} → {row['perplexity']:.2f}"] if metric == "eval_loss" else [])
 
 
 def _headers(metric: str) -> list[str]:
     return ["method", "trainable params", f"{metric} (mean ± std)", "lr", "state bytes", "peak RSS MiB", "step s (median)",
-            "step vs full", "calibration s"]
+            "step vs full", "calibration s"] + (["perplexity before → after"] if metric == "eval_loss" else [])
 
 
 def markdown_table(summary: list[dict[str, Any]], task: str) -> str:

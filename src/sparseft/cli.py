@@ -236,8 +236,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import TASKS, BenchSettings, print_table, run_bench
     from .methods import canonical
 
-    model_dir = _model_dir(args)
-    splits = _load_splits(args)  # fail fast on a bad --data, and say what the split is
+    if args.task == "causal-lm":
+        from .causal_lm import load_chat_splits
+        from .resources import smollm2_dir
+
+        model_dir = _model_dir(args) if args.model else str(smollm2_dir())
+        chats = load_chat_splits(args.data)
+        splits = {"train": chats["train"], "validation": chats["train"][: len(chats["train"]) // 10], "test": chats["test"]}
+    else:
+        model_dir = _model_dir(args)
+        splits = _load_splits(args)  # fail fast on a bad --data, and say what the split is
     methods = [canonical(m.strip()) for m in args.methods.split(",") if m.strip()] if args.methods else None
     explicit = {a for a in ("steps", "seeds", "calibration_steps") if getattr(args, a) is not None}
     chosen = dict(BENCH_DEFAULTS, **(QUICK if args.quick else {}))
@@ -259,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rank=args.rank,
         density=args.density,
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=args.max_length or (128 if args.task == "causal-lm" else 64),
         calibration_steps=chosen["calibration_steps"],
         threads=args.threads or 1,  # one thread per worker: stable timings on a shared machine
         show_progress=not args.no_progress,
@@ -319,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="every method side by side: LR sweep on validation, seeds on test, table + plots")
     _add_common(bench)
     # None = the bench defaults (BENCH_DEFAULTS, or QUICK with --quick)
-    bench.set_defaults(steps=None, seeds=None, calibration_steps=None)
+    bench.set_defaults(steps=None, seeds=None, calibration_steps=None, max_length=None)
     what = {"steps": "optimizer steps per run", "seeds": "final-run seeds: a count (3 → 0,1,2) or a list (0,5,7)",
             "calibration_steps": "calibration steps (SparseGrad)"}
     for action in bench._actions:
