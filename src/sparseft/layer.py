@@ -80,6 +80,10 @@ class _SparseUpdate(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, param = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
+        # Under autocast the output (and so grad_y) may be bf16 while x is float32; backward runs
+        # outside autocast, so compute in the widest of them and the weight's (the engine casts grad_x back).
+        dtype = torch.promote_types(torch.promote_types(grad_y.dtype, x.dtype), weight_of(layer.base_layer).dtype)
+        grad_y, x = grad_y.to(dtype), x.to(dtype)
         grad_x = layer._input_grad(grad_y) if ctx.needs_input_grad[0] else None
         grad_param = None
         if ctx.needs_input_grad[1]:
