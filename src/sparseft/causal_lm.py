@@ -14,7 +14,6 @@ message, so the same question (chatterbot has several answers to some) never sit
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import statistics
 import time
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import move_batch
-from .data import _open_text, batches
+from .data import batches, read_jsonl
 from .errors import DataError
 from .methods import canonical, prepare
 from .metrics import peak_rss_bytes, state_bytes
@@ -106,23 +105,7 @@ def load_chat_jsonl(path: str | Path) -> list[Conversation]:
         raise DataError(f"No data file at {path}.")
     if not path.name.removesuffix(".gz").removesuffix(".bz2").endswith((".jsonl", ".json")):
         raise DataError(f"{path}: causal-LM data must be JSONL (.jsonl, optionally .gz/.bz2) with prompt/response or messages.")
-    out: list[Conversation] = []
-    try:
-        with _open_text(path) as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg}); one JSON object per line.") from exc
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {i} is not a JSON object.")
-                out.append(_conversation_of(row, f"{path}: line {i}"))
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it as UTF-8.") from exc
-    except (OSError, EOFError) as exc:
-        raise DataError(f"Cannot read {path}: {exc}.") from exc
+    out = [_conversation_of(row, f"{path}: line {i}") for i, row in read_jsonl(path)]
     if len(out) < 10:
         raise DataError(f"{path} has {len(out)} conversation(s); at least a few dozen are needed (some are held out).")
     return out

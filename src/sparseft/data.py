@@ -42,29 +42,41 @@ def _open_text(path: Path) -> io.TextIOBase:
     return opener(path, "rt", encoding="utf-8", newline="")
 
 
-def _read_rows(path: Path) -> list[dict]:
-    name = path.name.removesuffix(".bz2").removesuffix(".gz")
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-empty line of a JSONL file (optionally .gz/.bz2)."""
+    rows = []
     try:
         with _open_text(path) as f:
-            if name.endswith((".jsonl", ".json")):
-                rows = []
-                for i, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg}); one JSON object per line.") from exc
-                        if not isinstance(row, dict):
-                            raise DataError(f"{path}: line {i} is not a JSON object.")
-                        rows.append(row)
-                return rows
-            if name.endswith((".csv", ".tsv")):
-                return list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {i} is not valid JSON ({exc.msg}); one JSON object per line.") from exc
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {i} is not a JSON object.")
+                rows.append((i, row))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it as UTF-8.") from exc
+    except (OSError, EOFError) as exc:
+        raise DataError(f"Cannot read {path}: {exc}.") from exc
+    return rows
+
+
+def _read_rows(path: Path) -> list[dict]:
+    name = path.name.removesuffix(".bz2").removesuffix(".gz")
+    if name.endswith((".jsonl", ".json")):
+        return [row for _, row in read_jsonl(path)]
+    if not name.endswith((".csv", ".tsv")):
+        raise DataError(f"{path}: unknown file type; use .csv, .tsv or .jsonl (optionally .gz/.bz2).")
+    try:
+        with _open_text(path) as f:
+            return list(csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ","))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text (byte {exc.start}): re-save it as UTF-8.") from exc
     except (OSError, EOFError, csv.Error) as exc:
         raise DataError(f"Cannot read {path}: {exc}.") from exc
-    raise DataError(f"{path}: unknown file type; use .csv, .tsv or .jsonl (optionally .gz/.bz2).")
 
 
 def _label_order(values: list[str]) -> list[str]:

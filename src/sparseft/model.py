@@ -50,7 +50,23 @@ def base_fingerprint(model: nn.Module, targets: list[Target]) -> str:
     return h.hexdigest()[:16]
 
 
-class SparseModel(nn.Module):
+class BaseModelWrapper(nn.Module):
+    """Passes calls and unknown attributes on to ``self.base_model``, as ``peft.PeftModel`` does,
+    so ``model.config``, ``generate`` and friends keep working on the wrapper."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+
+class SparseModel(BaseModelWrapper):
     """A model whose target layers train a k-entry update each. Build with :func:`get_sparse_model`."""
 
     def __init__(self, model: nn.Module, config: SparseConfig, bases: str | os.PathLike | None = None) -> None:
@@ -100,17 +116,6 @@ class SparseModel(nn.Module):
             _DENSE_STATE_HOOK.append(register_optimizer_step_post_hook(_warn_on_dense_state))
 
     # ------------------------------------------------------------------ plumbing
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
     # ------------------------------------------------------------------ state dict
     # transformers.Trainer checkpoints a model that is not a PreTrainedModel with
     # safetensors.save_file(model.state_dict()) and resumes with model.load_state_dict(sd, False).

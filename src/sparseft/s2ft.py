@@ -41,6 +41,7 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
+from .model import BaseModelWrapper
 from .serialization import atomic_write_text, load_tensors, save_tensors
 from .targets import Target, find_heads, find_targets, is_transposed, weight_of
 
@@ -170,7 +171,7 @@ def find_mlp_blocks(model: nn.Module, target_modules: list[str] | str | None = N
     return blocks
 
 
-class S2FTModel(nn.Module):
+class S2FTModel(BaseModelWrapper):
     """A model whose MLP blocks train |S| channels each. Build with :func:`get_s2ft_model`."""
 
     def __init__(self, model: nn.Module, config: S2FTConfig) -> None:
@@ -198,14 +199,6 @@ class S2FTModel(nn.Module):
                 parent, _, attr = t.name.rpartition(".")
                 setattr(model.get_submodule(parent) if parent else model, attr, S2FTLinear(model.get_submodule(t.name), channels, axis))
         self.calibrated = config.selection == "random"
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self.calibrated and self.training and torch.is_grad_enabled():
