@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from .calibration import move_batch
-from .data import batches, read_jsonl
+from .data import read_jsonl
 from .errors import DataError
 from .methods import canonical, prepare
-from .metrics import peak_rss_bytes, state_bytes
-from .progress import progress
+from .metrics import peak_rss_bytes
+from .train import fit
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -281,7 +281,7 @@ def run_causal_lm(
     """Instruction-tune with ``settings.method``; returns the results-contract record (a dict)
     with held-out ``eval_loss``/``perplexity`` after training and ``*_before``, trainable params,
     state bytes, peak RSS, median step time, and greedy generations before/after."""
-    from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import AutoTokenizer
 
     from .resources import smollm2_dir
 
@@ -305,47 +305,11 @@ def run_causal_lm(
     prepared = prepare(method, model, rank=settings.rank, density=settings.density)
     model = prepared.model
 
-    calibration_s = 0.0
-    if prepared.needs_calibration:
-        t0 = time.perf_counter()
-        calib = batches(train, settings.batch_size, seed=10_000 + settings.seed, steps=settings.calibration_steps)
-        prepared.sparse.calibrate(calib, steps=settings.calibration_steps, show_progress=settings.show_progress)
-        calibration_s = time.perf_counter() - t0
-
-    optimizer = prepared.make_optimizer(lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_fraction * settings.steps), settings.steps)
-    torch.manual_seed(settings.seed)
-    model.train()
-    device = next(model.parameters()).device
-    times: list[float] = []
-    curve: list[tuple[int, float]] = []
-    running, seen = 0.0, 0
-    detail: dict[str, int] = {}
-    bar = progress(
-        batches(train, settings.batch_size, seed=settings.seed, steps=settings.steps),
-        desc=f"{method} lr={lr:g} seed={settings.seed}",
-        total=settings.steps,
-        disable=not settings.show_progress,
-    )
-    for step, batch in enumerate(bar, 1):
-        t0 = time.perf_counter()
-        loss = model(**move_batch(batch, device)).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step == settings.steps:
-            detail = state_bytes(model, optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FloatingPointError(f"Training loss became {value} at step {step} ({method}, lr={lr:g}): lower --lr.")
-        running, seen = running + value, seen + 1
-        if step % settings.loss_every == 0 or step == settings.steps:
-            curve.append((step, running / seen))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{running / seen:.4f}")
-            running, seen = 0.0, 0
+    loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
+               batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
+               warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
+               show_progress=settings.show_progress)
+    times, curve, detail, calibration_s = loop.times, loop.curve, loop.detail, loop.calibration_s
 
     loss_after = answer_loss(model, evaluation, settings.eval_batch_size)
     after = generate_answers(model, tokenizer, shown, settings.max_new_tokens) if shown else []

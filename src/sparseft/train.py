@@ -21,7 +21,7 @@ from .calibration import move_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
 from .errors import ConfigError
-from .methods import DEFAULT_LR, canonical, prepare
+from .methods import DEFAULT_LR, Prepared, canonical, prepare
 from .metrics import peak_rss_bytes, state_bytes
 from .progress import progress
 
@@ -91,6 +91,96 @@ def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: 
     return correct / n
 
 
+@dataclass
+class LoopResult:
+    times: list[float]
+    curve: list[tuple[int, float]]
+    detail: dict[str, int]
+    calibration_s: float
+
+
+def fit(
+    prepared: Prepared,
+    train: Any,
+    *,
+    lr: float,
+    method: str,
+    steps: int,
+    seed: int,
+    batch_size: int,
+    calibration_steps: int,
+    warmup_fraction: float,
+    loss_every: int,
+    show_progress: bool,
+    reselect_every: int | None = None,
+    resume_dir: str | None = None,
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 0,
+) -> LoopResult:
+    """The training loop shared by every task: calibrate if the method needs it, AdamW-style
+    optimizer with linear warm-up/decay, ``steps`` shuffled batches of ``train`` (a dict of
+    tensors), optional support re-selection and resumable checkpoints."""
+    model = prepared.model
+    reselect_batches = batches(train, batch_size, seed=20_000 + seed) if reselect_every else None
+    resume = latest_checkpoint(resume_dir) if resume_dir else None
+    calibration_s = 0.0
+    if prepared.needs_calibration and resume is None:  # a checkpoint holds the bases and supports
+        t0 = time.perf_counter()
+        calib = batches(train, batch_size, seed=10_000 + seed, steps=calibration_steps)
+        prepared.sparse.calibrate(calib, steps=calibration_steps, show_progress=show_progress)
+        calibration_s = time.perf_counter() - t0
+
+    optimizer = prepared.make_optimizer(lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_fraction * steps), steps)
+    torch.manual_seed(seed)
+    model.train()
+    device = next(model.parameters()).device
+    times: list[float] = []
+    curve: list[tuple[int, float]] = []
+    running, seen = 0.0, 0
+    detail: dict[str, int] = {}
+    start = 0
+    if resume is not None:  # weights, optimizer, scheduler, RNG; then skip the batches already seen
+        state = load_checkpoint(resume, model, optimizer, scheduler)
+        if state["extra"].get("lr") != lr:
+            raise ConfigError(f"{resume} was trained with lr={state['extra'].get('lr')}, not {lr:g}: resume with the same --lr.")
+        start, running, seen = state["step"], state["extra"]["running"], state["extra"]["seen"]
+        curve = [tuple(point) for point in state["extra"]["curve"]]
+    bar = progress(
+        itertools.islice(batches(train, batch_size, seed=seed, steps=steps), start, None),
+        desc=f"{method} lr={lr:g} seed={seed}",
+        total=steps - start,
+        disable=not show_progress,
+    )
+    for step, batch in enumerate(bar, start + 1):
+        t0 = time.perf_counter()
+        loss = model(**move_batch(batch, device)).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step == steps:
+            detail = state_bytes(model, optimizer)  # gradients still allocated: the true peak state
+        optimizer.zero_grad(set_to_none=True)
+        if reselect_every and step % reselect_every == 0 and step < steps:
+            prepared.sparse.reselect_support([next(reselect_batches)], optimizer=optimizer)
+        times.append(time.perf_counter() - t0)
+        loss_value = loss.item()
+        running += loss_value
+        seen += 1
+        if step % loss_every == 0 or step == steps:
+            curve.append((step, running / seen))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{running / seen:.4f}")
+            running, seen = 0.0, 0
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"Training loss became {loss_value} at step {step} ({method}, lr={lr:g}): lower --lr.")
+        if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
+            extra = {"lr": lr, "running": running, "seen": seen, "curve": curve}
+            save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, extra=extra)
+
+    return LoopResult(times, curve, detail, calibration_s)
+
+
 def run_classification(settings: RunSettings, splits: dict[str, TextDataset], tokenizer=None) -> RunResult:
     """Fine-tune ``settings.model_dir`` on ``splits['train']``, report accuracy on the eval split."""
     t_start = time.perf_counter()
@@ -109,63 +199,12 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     prepared = prepare(method, model, rank=settings.rank, density=settings.density)
     model = prepared.model
     reselect = settings.reselect_every if method == "sparsegrad-fixed" else None
-    reselect_batches = batches(train, settings.batch_size, seed=20_000 + settings.seed) if reselect else None
-
-    resume = latest_checkpoint(settings.resume_dir) if settings.resume_dir else None
-    calibration_s = 0.0
-    if prepared.needs_calibration and resume is None:  # a checkpoint holds the bases and supports
-        t0 = time.perf_counter()
-        calib = batches(train, settings.batch_size, seed=10_000 + settings.seed, steps=settings.calibration_steps)
-        prepared.sparse.calibrate(calib, steps=settings.calibration_steps, show_progress=settings.show_progress)
-        calibration_s = time.perf_counter() - t0
-
-    optimizer = prepared.make_optimizer(lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_fraction * settings.steps), settings.steps)
-    torch.manual_seed(settings.seed)
-    model.train()
-    device = next(model.parameters()).device
-    times: list[float] = []
-    curve: list[tuple[int, float]] = []
-    running, seen = 0.0, 0
-    detail: dict[str, int] = {}
-    start = 0
-    if resume is not None:  # weights, optimizer, scheduler, RNG; then skip the batches already seen
-        state = load_checkpoint(resume, model, optimizer, scheduler)
-        if state["extra"].get("lr") != lr:
-            raise ConfigError(f"{resume} was trained with lr={state['extra'].get('lr')}, not {lr:g}: resume with the same --lr.")
-        start, running, seen = state["step"], state["extra"]["running"], state["extra"]["seen"]
-        curve = [tuple(point) for point in state["extra"]["curve"]]
-    bar = progress(
-        itertools.islice(batches(train, settings.batch_size, seed=settings.seed, steps=settings.steps), start, None),
-        desc=f"{method} lr={lr:g} seed={settings.seed}",
-        total=settings.steps - start,
-        disable=not settings.show_progress,
-    )
-    for step, batch in enumerate(bar, start + 1):
-        t0 = time.perf_counter()
-        loss = model(**move_batch(batch, device)).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step == settings.steps:
-            detail = state_bytes(model, optimizer)  # gradients still allocated: the true peak state
-        optimizer.zero_grad(set_to_none=True)
-        if reselect and step % reselect == 0 and step < settings.steps:
-            prepared.sparse.reselect_support([next(reselect_batches)], optimizer=optimizer)
-        times.append(time.perf_counter() - t0)
-        loss_value = loss.item()
-        running += loss_value
-        seen += 1
-        if step % settings.loss_every == 0 or step == settings.steps:
-            curve.append((step, running / seen))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{running / seen:.4f}")
-            running, seen = 0.0, 0
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"Training loss became {loss_value} at step {step} ({method}, lr={lr:g}): lower --lr.")
-        if settings.checkpoint_dir and settings.checkpoint_every and step % settings.checkpoint_every == 0:
-            extra = {"lr": lr, "running": running, "seen": seen, "curve": curve}
-            save_checkpoint(settings.checkpoint_dir, model, optimizer, scheduler, step, extra=extra)
+    loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
+               batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
+               warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
+               show_progress=settings.show_progress, reselect_every=reselect, resume_dir=settings.resume_dir,
+               checkpoint_dir=settings.checkpoint_dir, checkpoint_every=settings.checkpoint_every)
+    model, times, curve, detail, calibration_s = prepared.model, loop.times, loop.curve, loop.detail, loop.calibration_s
 
     acc = accuracy(model, evaluation, settings.eval_batch_size)
     return RunResult(
