@@ -90,12 +90,14 @@ def test_bench_end_to_end(tiny, tmp_path, capsys):
     model_dir, data = tiny
     out = tmp_path / "bench"
     code = main(["bench", "--model", model_dir, "--data", data, "--methods", "head,s2ft", "--steps", "3", "--seeds", "2",
-                 "--batch-size", "8", "--no-progress", "--output-dir", str(out)])
+                 "--batch-size", "8", "--jobs", "2", "--no-progress", "--output-dir", str(out)])
     assert code == 0
     sweep = json.loads((out / "sweep.json").read_text())
     results = json.loads((out / "results.json").read_text())
     assert len(sweep) == 6 and {r["eval_split"] for r in sweep} == {"validation"}
     assert len(results) == 4 and {r["eval_split"] for r in results} == {"test"}
+    # two workers ran at once; the files list runs in method order whichever finished first
+    assert [(r["method"], r["seed"]) for r in results] == [("head", 0), ("head", 1), ("s2ft", 0), ("s2ft", 1)]
     for r in results:
         for key in ("method", "seed", "lr", "accuracy", "trainable_params", "state_bytes", "peak_rss_bytes", "step_time_s"):
             assert key in r

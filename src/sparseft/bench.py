@@ -154,6 +154,7 @@ class BenchSettings:
     max_length: int = 64
     calibration_steps: int = 20
     threads: int | None = None
+    jobs: int = 1  # methods run at once, each in its own process
     show_progress: bool = True
 
     def rates(self, method: str) -> list[float]:
@@ -222,7 +223,11 @@ def _launch(spec_path: Path, log_path: Path) -> subprocess.Popen:
 
 
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
-    """Run every method (one subprocess each), write the outputs, return the summary."""
+    """Run every method (one subprocess each, ``settings.jobs`` at a time), write the outputs,
+    return the summary."""
+    import queue
+    import threading
+
     from tqdm.auto import tqdm
 
     methods = [canonical(m) for m in settings.methods]
@@ -231,11 +236,12 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     (out / "logs").mkdir(parents=True, exist_ok=True)
     per_method = {m: (len(settings.rates(m)) if len(settings.rates(m)) > 1 else 0) + len(settings.seeds) for m in methods}
     bar = tqdm(total=sum(per_method.values()), desc="sparseft bench", unit="run", disable=not settings.show_progress, dynamic_ncols=True)
-    finals: list[dict[str, Any]] = []
-    sweeps: list[dict[str, Any]] = []
+    records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}  # per method, in arrival order
     failed: dict[str, str] = {}
+    events: queue.Queue = queue.Queue()  # (method, record) per finished run, (method, None) when a worker ends
     t0 = time.perf_counter()
-    for method in methods:
+
+    def start(method: str) -> None:
         spec = {
             "task": settings.task, "base": settings.base_spec(method), "rates": settings.rates(method),
             "sweep_seed": settings.sweep_seed, "sweep_rows": settings.sweep_rows, "seeds": settings.seeds,
@@ -243,32 +249,48 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         }
         spec_path = out / "logs" / f"{method}.spec.json"
         atomic_write_text(spec_path, json.dumps(spec, indent=2))
-        bar.set_description(f"sparseft bench: {method}")
         proc = _launch(spec_path, out / "logs" / f"{method}.log")
-        assert proc.stdout is not None
-        done = 0
-        for line in proc.stdout:
-            if not line.startswith(RECORD_PREFIX):
-                continue
-            rec = json.loads(line[len(RECORD_PREFIX):])
-            (sweeps if rec["phase"] == "sweep" else finals).append(rec)
-            done += 1
-            bar.update(1)
-            where = "validation" if rec["phase"] == "sweep" else "test"
-            bar.write(f"[{time.perf_counter() - t0:6.0f} s] {method:<18} {rec['phase']:<5} lr={rec['lr']:.1e} seed={rec['seed']} "
-                      f"{where} {task.metric} {rec[task.metric]:.4f}" + (f"  ({rec.get('wall_s', 0):.0f} s)" if "wall_s" in rec else ""),
-                      file=sys.stderr)
-            atomic_write_text(out / "results.json", json.dumps(finals, indent=2))
-            atomic_write_text(out / "sweep.json", json.dumps(sweeps, indent=2))
-        if proc.wait() != 0:
-            failed[method] = f"worker exited with status {proc.returncode}; see {out / 'logs' / (method + '.log')}"
-            bar.write(f"{method}: FAILED ({failed[method]})", file=sys.stderr)
-            bar.update(per_method[method] - done)
+
+        def pump() -> None:  # one reader thread per worker: the parent never blocks on one pipe
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(RECORD_PREFIX):
+                    events.put((method, json.loads(line[len(RECORD_PREFIX):])))
+            if proc.wait() != 0:
+                failed[method] = f"worker exited with status {proc.returncode}; see {out / 'logs' / (method + '.log')}"
+            events.put((method, None))
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def ordered(phase: str) -> list[dict[str, Any]]:  # method order, whatever order the runs finished in
+        return [r for m in methods for r in records[m] if r["phase"] == phase]
+
+    waiting, running = list(methods), 0
+    while waiting or running:
+        while waiting and running < max(1, settings.jobs):
+            start(waiting.pop(0))
+            running += 1
+        method, rec = events.get()
+        if rec is None:
+            running -= 1
+            if method in failed:
+                bar.write(f"{method}: FAILED ({failed[method]})", file=sys.stderr)
+                bar.update(per_method[method] - len(records[method]))
+            continue
+        records[method].append(rec)
+        bar.update(1)
+        where = "validation" if rec["phase"] == "sweep" else "test"
+        bar.write(f"[{time.perf_counter() - t0:6.0f} s] {method:<18} {rec['phase']:<5} lr={rec['lr']:.1e} seed={rec['seed']} "
+                  f"{where} {task.metric} {rec[task.metric]:.4f}" + (f"  ({rec.get('wall_s', 0):.0f} s)" if "wall_s" in rec else ""),
+                  file=sys.stderr)
+        atomic_write_text(out / "results.json", json.dumps(ordered("final"), indent=2))
+        atomic_write_text(out / "sweep.json", json.dumps(ordered("sweep"), indent=2))
     bar.close()
+    finals = ordered("final")
     summary = summarize(finals, settings.task, methods)
     summary_doc = {"settings": asdict(settings), "failed": failed, "wall_s": time.perf_counter() - t0, "methods": summary}
     atomic_write_text(out / "results.json", json.dumps(finals, indent=2))
-    atomic_write_text(out / "sweep.json", json.dumps(sweeps, indent=2))
+    atomic_write_text(out / "sweep.json", json.dumps(ordered("sweep"), indent=2))
     atomic_write_text(out / "summary.json", json.dumps(summary_doc, indent=2))
     atomic_write_text(out / "benchmark.md", markdown_table(summary, settings.task) + "\n")
     plot(finals, summary, settings.task, out)

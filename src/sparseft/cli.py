@@ -226,9 +226,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # `sparseft bench` defaults, sized for a 2-core CPU machine: 8 methods × (3 sweep runs scored on
-# 512 validation rows + 3 seed runs scored on the whole test split), 80 steps each, one torch
-# thread per worker. --quick is a smoke test of every method (a few steps, no sweep, 1 seed).
-BENCH_DEFAULTS = {"steps": 80, "seeds": [0, 1, 2], "calibration_steps": 20, "sweep_rows": 512}
+# 512 validation rows + 3 seed runs scored on the whole test split), 150 steps each (enough for
+# every method to leave the majority-class floor), one torch thread per worker, two workers at
+# once. --quick is a smoke test of every method (a few steps, no sweep, 1 seed).
+BENCH_DEFAULTS = {"steps": 150, "seeds": [0, 1, 2], "calibration_steps": 20, "sweep_rows": 512}
 QUICK = {"steps": 4, "seeds": [0], "calibration_steps": 3, "test_rows": 200, "sweep": False}
 
 
@@ -270,6 +271,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_length=args.max_length or (128 if args.task == "causal-lm" else 64),
         calibration_steps=chosen["calibration_steps"],
         threads=args.threads or 1,  # one thread per worker: stable timings on a shared machine
+        jobs=args.jobs or max(1, (os.cpu_count() or 1) // (args.threads or 1)),
         show_progress=not args.no_progress,
     )
     if methods:
@@ -339,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep-rows", type=int, help=f"validation rows scored in the sweep (default {BENCH_DEFAULTS['sweep_rows']}; 0 = all)")
     bench.add_argument("--test-rows", type=int, help="test rows scored in the final runs (default: all)")
     bench.add_argument("--quick", action="store_true", help="smoke run: every method, 4 steps, 1 seed, no sweep, 200 test rows")
+    bench.add_argument("--jobs", type=_positive(int), help="methods run at once, one process each "
+                       "(default: CPU cores ÷ --threads; 1 for timings free of a neighbour)")
     bench.add_argument("--task", default="classification", choices=sorted(TASKS), help="default %(default)s")
     bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, summary.json, benchmark.md, PNGs")
     bench.set_defaults(func=cmd_bench)
