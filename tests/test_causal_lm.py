@@ -183,6 +183,29 @@ def test_cli_train_task_causal_lm(tiny_dir, tmp_path, capsys):
     assert "perplexity" in printed and "Q: What is" in printed
 
 
+def test_cli_bench_task_causal_lm(tiny_dir, tmp_path, capsys):
+    """`sparseft bench --task causal-lm` runs the decoder methods at the causal-LM default rates,
+    without the classifier-only "head" method, and tabulates perplexity before → after."""
+    from sparseft import bench
+    from sparseft.causal_lm import DEFAULT_LR
+    from sparseft.cli import main
+
+    settings = bench.BenchSettings("unused", task="causal-lm", sweep=False)
+    assert "head" not in settings.methods and len(settings.methods) == 7
+    assert settings.rates("full") == [DEFAULT_LR["full"]]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"What is {i} plus one?", "response": f"{i + 1}."}) for i in range(40)))
+    out = tmp_path / "bench"
+    code = main(["bench", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(data), "--methods", "full,sparsegrad-fixed",
+                 "--steps", "2", "--batch-size", "4", "--calibration-steps", "2", "--no-progress", "--output-dir", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["full", "sparsegrad-fixed"] and all(CONTRACT <= set(r) for r in results)
+    assert [r["lr"] for r in results] == [DEFAULT_LR["full"], DEFAULT_LR["sparsegrad-fixed"]]  # default: no sweep, 1 seed
+    assert "perplexity before → after" in (out / "benchmark.md").read_text()
+    capsys.readouterr()
+
+
 def test_cli_causal_lm_bad_data_is_a_clear_error(tiny_dir, tmp_path, capsys):
     from sparseft.cli import main
 

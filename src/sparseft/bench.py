@@ -3,7 +3,7 @@
 Protocol, per method:
 
 1. **Sweep** (skipped when ``--lr`` is given): each learning rate of the method's grid
-   (:data:`sparseft.methods.LR_GRID`, the default rate ÷3, ×1, ×3) trains with the sweep seed and
+   (the task's default rate for the method ÷3, ×1, ×3) trains with the sweep seed and
    is scored on the *validation* split (its first ``sweep_rows`` rows). The best rate there is
    chosen; the test split is never looked at.
 2. **Final**: the chosen rate trains once per seed and is scored on the *test* split.
@@ -35,12 +35,13 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .methods import DEFAULT_LR, LR_GRID, METHODS, canonical
+from .causal_lm import DEFAULT_LR as CAUSAL_LM_LR
+from .methods import DEFAULT_LR, METHODS, canonical
 from .serialization import atomic_write_text
 
 RECORD_PREFIX = "@@sparseft-record "
@@ -49,12 +50,15 @@ RECORD_PREFIX = "@@sparseft-record "
 # --------------------------------------------------------------------------- tasks
 @dataclass(frozen=True)
 class Task:
-    """How one run of a task is done: ``run(spec) -> record`` (a dict with ``metric`` in it)."""
+    """How one run of a task is done: ``run(spec) -> record`` (a dict with ``metric`` in it), the
+    methods it supports (the default set) and their default learning rates (the sweep's centre)."""
 
     metric: str
     higher_is_better: bool
     run: Callable[[dict[str, Any]], dict[str, Any]]
     label: str = ""
+    methods: tuple[str, ...] = METHODS
+    default_lr: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -116,7 +120,9 @@ def _causal_lm(spec: dict[str, Any]) -> dict[str, Any]:
 
 TASKS: dict[str, Task] = {
     "classification": Task("accuracy", True, _classification, "text classification"),
-    "causal-lm": Task("eval_loss", False, _causal_lm, "instruction tuning, answer-token loss"),
+    # a causal LM has no classifier head: "head" does not apply
+    "causal-lm": Task("eval_loss", False, _causal_lm, "instruction tuning, answer-token loss",
+                      methods=tuple(m for m in METHODS if m != "head"), default_lr=CAUSAL_LM_LR),
 }
 
 
@@ -136,7 +142,7 @@ class BenchSettings:
     model_dir: str
     output_dir: str = "runs/bench"
     task: str = "classification"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] | None = None  # None: every method the task supports
     data: str | None = None
     text_column: str = "text"
     label_column: str = "label"
@@ -157,10 +163,15 @@ class BenchSettings:
     jobs: int = 1  # methods run at once, each in its own process
     show_progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.methods is None:
+            self.methods = list(TASKS[self.task].methods)
+
     def rates(self, method: str) -> list[float]:
         if self.lr is not None:
             return [self.lr]
-        return list(LR_GRID[method]) if self.sweep else [DEFAULT_LR[method]]
+        lr = TASKS[self.task].default_lr[method]
+        return [lr / 3, lr, lr * 3] if self.sweep else [lr]
 
     def base_spec(self, method: str) -> dict[str, Any]:
         keys = ("model_dir", "data", "text_column", "label_column", "group_column", "steps", "rank", "density",

@@ -228,8 +228,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 # `sparseft bench` defaults, sized for a 2-core CPU machine: 8 methods × (3 sweep runs scored on
 # 512 validation rows + 3 seed runs scored on the whole test split), 150 steps each (enough for
 # every method to leave the majority-class floor), one torch thread per worker, two workers at
-# once. --quick is a smoke test of every method (a few steps, no sweep, 1 seed).
-BENCH_DEFAULTS = {"steps": 150, "seeds": [0, 1, 2], "calibration_steps": 20, "sweep_rows": 512}
+# once. A causal-LM step of SmolLM2-135M costs ~20× a MiniLM step here (18 s for full
+# fine-tuning, batch 8, one thread), so its default is one seed at each method's default rate.
+# --quick is a smoke test of every method (a few steps, no sweep, 1 seed).
+BENCH_DEFAULTS = {
+    "classification": {"steps": 150, "seeds": [0, 1, 2], "calibration_steps": 20, "sweep_rows": 512},
+    "causal-lm": {"steps": 25, "seeds": [0], "calibration_steps": 10, "sweep_rows": None, "sweep": False},
+}
 QUICK = {"steps": 4, "seeds": [0], "calibration_steps": 3, "test_rows": 200, "sweep": False}
 
 
@@ -249,7 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         splits = _load_splits(args)  # fail fast on a bad --data, and say what the split is
     methods = [canonical(m.strip()) for m in args.methods.split(",") if m.strip()] if args.methods else None
     explicit = {a for a in ("steps", "seeds", "calibration_steps") if getattr(args, a) is not None}
-    chosen = dict(BENCH_DEFAULTS, **(QUICK if args.quick else {}))
+    chosen = dict(BENCH_DEFAULTS[args.task], **(QUICK if args.quick else {}))
     chosen.update({a: getattr(args, a) for a in explicit})
     settings = BenchSettings(
         model_dir=model_dir,
@@ -262,7 +267,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steps=chosen["steps"],
         seeds=chosen["seeds"],
         lr=args.lr,
-        sweep=chosen.get("sweep", True) and not args.no_sweep,
+        sweep=(chosen.get("sweep", True) or args.sweep) and not args.no_sweep,
         sweep_rows=args.sweep_rows if args.sweep_rows is not None else chosen["sweep_rows"],
         test_rows=args.test_rows if args.test_rows is not None else chosen.get("test_rows"),
         rank=args.rank,
@@ -334,11 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
             "calibration_steps": "calibration steps (SparseGrad)"}
     for action in bench._actions:
         if action.dest in what:
-            action.help = f"{what[action.dest]} (bench default {BENCH_DEFAULTS[action.dest]}, --quick {QUICK[action.dest]})"
-    bench.add_argument("--methods", help="comma list (default: all 8): full,head,lora-mlp,lora-attn,meprop,sparsegrad-fixed,sparsegrad-dynamic,s2ft")
+            defaults = ", ".join(f"{task} {d[action.dest]}" for task, d in BENCH_DEFAULTS.items())
+            action.help = f"{what[action.dest]} (bench default: {defaults}; --quick {QUICK[action.dest]})"
+    bench.add_argument("--methods", help="comma list (default: every method the task supports; head is classification only): full,head,lora-mlp,lora-attn,meprop,sparsegrad-fixed,sparsegrad-dynamic,s2ft")
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
-    bench.add_argument("--sweep-rows", type=int, help=f"validation rows scored in the sweep (default {BENCH_DEFAULTS['sweep_rows']}; 0 = all)")
+    bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")
+    bench.add_argument("--sweep-rows", type=int, help=f"validation rows scored in the sweep (default {BENCH_DEFAULTS['classification']['sweep_rows']}; 0 = all)")
     bench.add_argument("--test-rows", type=int, help="test rows scored in the final runs (default: all)")
     bench.add_argument("--quick", action="store_true", help="smoke run: every method, 4 steps, 1 seed, no sweep, 200 test rows")
     bench.add_argument("--jobs", type=_positive(int), help="methods run at once, one process each "

@@ -34,7 +34,6 @@ DEFAULT_LR = {
     "sparsegrad-dynamic": 3e-4,
     "s2ft": 2e-4,
 }
-LR_GRID = {m: (lr / 3, lr, lr * 3) for m, lr in DEFAULT_LR.items()}
 
 _ATTENTION = re.compile(
     r".*(attention\.self\.(query|key|value)|attention\.output\.dense|self_attn\.(q|k|v|o)_proj|attn\.(c_attn|c_proj)|attention\.(q_lin|k_lin|v_lin|out_lin))"
