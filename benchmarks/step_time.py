@@ -131,6 +131,13 @@ def state_and_saved_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch
     )
     opt.zero_grad(set_to_none=True)
     out["total"] = sum(out.values())
+    # what the method holds besides that: the support index of fixed selection, and the bases
+    # (P, Q per group, shared by every layer of the group in a real model; here one per layer)
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    out["support_index"] = sum(b.numel() * b.element_size() for m in layers for b in m.buffers(recurse=False))
+    bank = getattr(model, "bases", None)  # a SparseModel's BasisBank
+    out["bases"] = sum(b.numel() * b.element_size() for b in bank.buffers()) if isinstance(bank, nn.Module) else 0
+    out["total_with_bases"] = out["total"] + out["support_index"] + out["bases"]
     return out
 
 
@@ -387,13 +394,16 @@ def report(results: dict) -> None:
                 table.add_row(shape, n, m, f"{r['seconds'][m]:.3f}", f"{r['vs_lora'][m]:.2f}", f"{r['vs_full'][m]:.2f}", f"{r['flop_model'][m]:.2f}")
     console.print(table)
     mem = Table(title="Exact bytes (MiB) of the block's trainable state and saved activations, and ratio to LoRA")
-    for col in ("shape", "N", "method", "params", "grads", "optimizer", "saved act.", "merge cache", "total", "vs LoRA"):
+    columns = ("params", "grads", "optimizer", "saved_activations", "merge_cache", "total", "support_index", "bases", "total_with_bases")
+    for col in ("shape", "N", "method", "params", "grads", "optimizer", "saved act.", "merge cache", "total", "vs LoRA",
+                "support index", "bases", "total + index + bases", "vs LoRA "):
         mem.add_column(col, justify="left" if col in ("shape", "method") else "right")
     for shape, per_n in results["memory"].items():
         for n, per_m in per_n.items():
             for m, b in per_m.items():
-                mem.add_row(shape, n, m, *(f"{b[c] / 2**20:.2f}" for c in ("params", "grads", "optimizer", "saved_activations", "merge_cache", "total")),
-                            f"{b['total'] / per_m['lora']['total']:.2f}")
+                cells = [f"{b[c] / 2**20:.2f}" for c in columns]
+                mem.add_row(shape, n, m, *cells[:6], f"{b['total'] / per_m['lora']['total']:.2f}", *cells[6:],
+                            f"{b['total_with_bases'] / per_m['lora']['total_with_bases']:.2f}")
     console.print(mem)
     br = Table(title="Rotated-gradient bracketing (dynamic, full block): measured fastest vs path_for's choice")
     for col in ("shape", "N", "layer", *GRAD_PATHS, "chosen", "fastest"):

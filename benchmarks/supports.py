@@ -7,7 +7,8 @@ For each value L of --narrow (0 = no restriction) one ``sparseft train`` run of 
 L directions of its *narrow* side (the model width, 384 here: columns of intermediate.dense,
 rows of output.dense); the wide side stays free. Prints, per layer group, the distinct rows |R|
 and columns |C| of the calibrated support (what the fast path's cost grows with), the rank
-below which 90% of the support's rows / columns fall, and the test accuracy of each run.
+below which 90% of the support's rows / columns fall, and the validation accuracy of each run
+(``--eval-split test`` to score on test instead).
 The restriction is applied by narrowing each layer's ``block`` before calibration (the
 config's ``support_rows`` / ``support_cols`` restrict the same axis in every layer, which for a
 BERT MLP pair would cut the wide side of one of the two layers).
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--calibration-steps", type=int, default=20)
     ap.add_argument("--calibrate-only", action="store_true", help="measure |R|, |C| of the unrestricted support; no training")
+    ap.add_argument("--eval-split", default="validation", choices=["validation", "test"],
+                    help="where accuracy is scored (validation: a restriction is a design choice, never chosen on test)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.calibrate_only:
@@ -113,7 +116,8 @@ def main() -> None:
         try:
             t0 = time.perf_counter()
             result = run_classification(
-                RunSettings(model_dir=model_dir, method="sparsegrad-fixed", steps=args.steps, seed=args.seed, show_progress=False),
+                RunSettings(model_dir=model_dir, method="sparsegrad-fixed", steps=args.steps, seed=args.seed, show_progress=False,
+                            eval_split=args.eval_split, calibration_steps=args.calibration_steps),
                 splits,
                 tokenizer,
             )
@@ -128,7 +132,7 @@ def main() -> None:
         }
         runs.append({"narrow": L, "accuracy": result.accuracy, "final_loss": result.final_loss, "step_time_s": result.step_time_s,
                      "wall_s": time.perf_counter() - t0, "groups": summary, "layers": dict(SPREAD)})
-        print(f"narrow={L or 'none'}: accuracy {result.accuracy:.4f}, final loss {result.final_loss:.4f}, "
+        print(f"narrow={L or 'none'}: {args.eval_split} accuracy {result.accuracy:.4f}, final loss {result.final_loss:.4f}, "
               f"median step {result.step_time_s:.3f} s", flush=True)
         for g, s in summary.items():
             print(f"  {g} {s['shape'][0]}x{s['shape'][1]}: |R| {s['R']:.0f}, |C| {s['C']:.0f}, "

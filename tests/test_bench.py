@@ -117,6 +117,10 @@ def test_train_accepts_every_method(tiny, tmp_path, method):
                  "--calibration-steps", "2", "--rank", "2", "--no-progress", "--output-dir", str(out)]) == 0
     (record,) = json.loads((out / "results.json").read_text())
     assert record["method"] == method and 0.0 <= record["accuracy"] <= 1.0
+    # what SparseGrad holds besides its trainable state is reported, not hidden
+    detail = record["state_detail"]
+    assert (detail["bases_bytes"] > 0) == method.startswith("sparsegrad")
+    assert (detail["support_index_bytes"] > 0) == (method == "sparsegrad-fixed")
 
 
 def test_eval_subsets_are_a_fixed_random_sample():

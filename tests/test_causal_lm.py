@@ -270,6 +270,8 @@ def test_bf16_llama_calibrates_with_float32_eigh_and_bf16_bases():
     est = sparsegrad_memory(hidden=32, intermediate=64, layers=2, rank=2, model_bytes=2)
     assert est["bases_bytes"] == sum(b.numel() * b.element_size() for n, b in bank.named_buffers() if n.startswith("g"))
     values = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    index = sum(b.numel() * b.element_size() for layer in model.sparse_layers().values() for b in layer.buffers(recurse=False))
+    assert 6 * 4 * est["k_per_layer"] < index <= est["support_index_bytes"]  # int32 positions + R, C
     assert values == 6 * est["k_per_layer"] and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

@@ -348,7 +348,8 @@ def sparsegrad_memory(hidden: int, intermediate: int, layers: int, rank: int = 8
     - ``gram_bytes``: calibration Grams, float32, all three groups at once: 3·(I² + H²)·4.
     - ``bases_bytes``: one (P, Q) pair per group in the model dtype: 3·(I² + H²)·model_bytes.
     - ``fixed_state_bytes``: fixed selection: values + gradient + AdamW moments (float32, 16 B per
-      entry) and the support indices (rows, cols, local_r, local_c: int64, 32 B per entry).
+      entry) and the support index (``support_index_bytes``: an int32 position per entry, and
+      the distinct rows R and columns C, int64, at most H + I of them per layer).
     - ``dynamic_state_bytes``: dynamic selection: the dense float32 delta and its gradient per
       layer (8 B per weight) plus SparseAdamW state for 8·k entries (32 B each).
     - ``lora_state_bytes``: LoRA at ``rank`` on the same layers (float32 params, grads, AdamW).
@@ -362,7 +363,8 @@ def sparsegrad_memory(hidden: int, intermediate: int, layers: int, rank: int = 8
         "k_per_layer": k,
         "gram_bytes": basis_numbers * 4,
         "bases_bytes": basis_numbers * model_bytes,
-        "fixed_state_bytes": n_layers * k * (16 + 32),
+        "support_index_bytes": n_layers * (4 * k + 8 * (hidden + intermediate)),
+        "fixed_state_bytes": n_layers * (16 * k + 4 * k + 8 * (hidden + intermediate)),
         "dynamic_state_bytes": n_layers * (mn * 8 + 8 * k * 32),
         "lora_state_bytes": n_layers * k * 16,
         "support_scores_bytes": n_layers * mn * 4,

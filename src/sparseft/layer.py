@@ -139,11 +139,27 @@ class SparseLinear(nn.Module):
 
     # ----------------------------------------------------------------------------- support
     def _store_support(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Keep the support compactly: the distinct rotated rows R and columns C it touches, and
+        per value its position in D = Δ̃[R, C] (flattened), int32 where that fits. 4 bytes per
+        entry instead of the 16 of (rows, cols) as int64: next to the 16 bytes of value, gradient
+        and AdamW moments that LoRA also pays, the index is the only memory LoRA does not need."""
         R, local_r = torch.unique(rows, return_inverse=True)
         C, local_c = torch.unique(cols, return_inverse=True)
-        local = local_r * C.numel() + local_c  # position of each value in D = Δ̃[R, C], flattened
-        for name, value in (("rows", rows), ("cols", cols), ("R", R), ("C", C), ("local_r", local_r), ("local_c", local_c), ("local", local)):
-            self.register_buffer(name, value.to(torch.long), persistent=False)
+        local = local_r * C.numel() + local_c
+        index_dtype = torch.int32 if R.numel() * C.numel() < 2**31 else torch.long
+        self.register_buffer("R", R.to(torch.long), persistent=False)
+        self.register_buffer("C", C.to(torch.long), persistent=False)
+        self.register_buffer("local", local.to(index_dtype), persistent=False)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Rotated row of each value (int64, computed from the compact support)."""
+        return self.R.index_select(0, self.local.long() // max(1, self.C.numel()))
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """Rotated column of each value (int64, computed from the compact support)."""
+        return self.C.index_select(0, self.local.long() % max(1, self.C.numel()))
 
     @torch.no_grad()
     def set_support(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
@@ -173,7 +189,7 @@ class SparseLinear(nn.Module):
         if self.selection == "fixed":
             # index_copy, not advanced indexing: the latter is ~100x slower on CPU
             a, b = self.R.numel(), self.C.numel()
-            return self.values.new_zeros(a * b).index_copy(0, self.local, self.values).view(a, b)
+            return self.values.new_zeros(a * b).index_copy(0, self.local.long(), self.values).view(a, b)
         return self.delta
 
     def _factors(self) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -291,7 +307,7 @@ class SparseLinear(nn.Module):
             else:
                 Gt = P_R.T @ (g.T @ (x @ Q_C))
         if self.selection == "fixed":
-            return Gt.reshape(-1).index_select(0, self.local)
+            return Gt.reshape(-1).index_select(0, self.local)  # int32 index: no copy
         return Gt
 
     def _fast_path_ok(self) -> bool:

@@ -25,6 +25,23 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
         for state in optimizer.state.values():
             out["optimizer_bytes"] += sum(_bytes(v) for v in state.values() if isinstance(v, torch.Tensor))
     out["state_bytes"] = out["param_bytes"] + out["grad_bytes"] + out["optimizer_bytes"]
+    out.update(adapter_buffer_bytes(model))
+    return out
+
+
+def adapter_buffer_bytes(model: nn.Module) -> dict[str, int]:
+    """What SparseGrad holds besides trainable state (not part of ``state_bytes``, which LoRA's
+    numbers are compared on): the bases P, Q of every group, and the support index of fixed
+    selection (int32 positions + the distinct rows/columns)."""
+    from .bases import BasisBank
+    from .layer import SparseLinear
+
+    out = {"bases_bytes": 0, "support_index_bytes": 0}
+    for module in model.modules():
+        if isinstance(module, BasisBank):
+            out["bases_bytes"] += sum(_bytes(b) for b in module.buffers())
+        elif isinstance(module, SparseLinear):
+            out["support_index_bytes"] += sum(_bytes(b) for b in module.buffers(recurse=False))
     return out
 
 
