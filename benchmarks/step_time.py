@@ -315,7 +315,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--narrow", type=int, nargs="*", default=[64, 24], help="one fixed-selection variant per L: support in the leading L directions of each layer's narrow side")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--eigh", type=int, nargs="*", default=[384, 576, 768, 1536, 3072], help="group sizes to time")
+    ap.add_argument("--eigh", type=int, nargs="*", default=[384, 576, 768, 1536, 3072, 4096, 11008], help="group sizes to time (11008: LLaMA-7B MLP width)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shapes", nargs="+", choices=["bert", "llama"], default=["bert", "llama"])
     ap.add_argument("--out", default="benchmarks/results")

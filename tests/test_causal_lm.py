@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from sparseft import SparseGradConfig, get_sparse_model
+from sparseft import SparseGradConfig, SparseModel, get_sparse_model
 from sparseft.causal_lm import (
     CausalLMSettings,
     answer_loss,
@@ -168,13 +168,19 @@ def test_run_causal_lm_record(tiny_dir, tokenizer, corpus, method):
     assert len(record["generations"]) == 1 and set(record["generations"][0]) == {"prompt", "reference", "before", "after"}
 
 
-def test_cli_train_task_causal_lm(tiny_dir, tmp_path, capsys):
-    from sparseft.cli import main
-
+@pytest.fixture
+def chat_file(tmp_path):
+    """A user JSONL of 40 prompt/response pairs."""
     data = tmp_path / "chat.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"What is {i} plus one?", "response": f"{i + 1}."}) for i in range(40)))
+    return data
+
+
+def test_cli_train_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
+    from sparseft.cli import main
+
     out = tmp_path / "out"
-    code = main(["train", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(data), "--method", "sparsegrad-dynamic",
+    code = main(["train", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--method", "sparsegrad-dynamic",
                  "--steps", "2", "--batch-size", "4", "--calibration-steps", "2", "--no-progress", "--output-dir", str(out)])
     assert code == 0
     records = json.loads((out / "results.json").read_text())
@@ -183,7 +189,7 @@ def test_cli_train_task_causal_lm(tiny_dir, tmp_path, capsys):
     assert "perplexity" in printed and "Q: What is" in printed
 
 
-def test_cli_bench_task_causal_lm(tiny_dir, tmp_path, capsys):
+def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     """`sparseft bench --task causal-lm` runs the decoder methods at the causal-LM default rates,
     without the classifier-only "head" method, and tabulates perplexity before → after."""
     from sparseft import bench
@@ -193,10 +199,8 @@ def test_cli_bench_task_causal_lm(tiny_dir, tmp_path, capsys):
     settings = bench.BenchSettings("unused", task="causal-lm", sweep=False)
     assert "head" not in settings.methods and len(settings.methods) == 7
     assert settings.rates("full") == [DEFAULT_LR["full"]]
-    data = tmp_path / "chat.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"What is {i} plus one?", "response": f"{i + 1}."}) for i in range(40)))
     out = tmp_path / "bench"
-    code = main(["bench", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(data), "--methods", "full,sparsegrad-fixed",
+    code = main(["bench", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--methods", "full,sparsegrad-fixed",
                  "--steps", "2", "--batch-size", "4", "--calibration-steps", "2", "--no-progress", "--output-dir", str(out)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
@@ -217,7 +221,7 @@ def test_cli_causal_lm_bad_data_is_a_clear_error(tiny_dir, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- the real model
 @pytest.mark.integration
-def test_real_smollm2_sparsegrad_learns_and_merges(tokenizer, corpus):
+def test_real_smollm2_sparsegrad_learns_and_merges(tokenizer, corpus, tmp_path):
     """SmolLM2-135M-Instruct, SparseGrad fixed on the MLPs of its last 4 blocks: a few steps
     lower the answer loss on the trained conversations; merge_and_unload gives a plain LLaMA
     whose greedy generate() matches the adapted model's."""
@@ -242,6 +246,13 @@ def test_real_smollm2_sparsegrad_learns_and_merges(tokenizer, corpus):
 
     prompt = [corpus[0][:1]]
     adapted = generate_answers(model, tokenizer, prompt, max_new_tokens=8)
+    # the adapter file is small and reproduces the trained model on a fresh base
+    sizes = model.save_pretrained(tmp_path / "adapter")
+    model_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    assert sizes["adapter_bytes"] < model_bytes / 10, (sizes, model_bytes)
+    fresh = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    loaded = SparseModel.from_pretrained(fresh, tmp_path / "adapter")
+    assert generate_answers(loaded, tokenizer, prompt, max_new_tokens=8) == adapted
     merged = model.merge_and_unload()
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert not any(type(m).__name__ == "SparseLinear" for m in merged.modules())
