@@ -127,3 +127,27 @@ def test_eval_subsets_are_a_fixed_random_sample():
     rows = bench.sample_rows(1000, 100)
     assert rows == bench.sample_rows(1000, 100) and rows == sorted(rows) and len(set(rows)) == 100
     assert rows != list(range(100)) and max(rows) > 500  # not the head of a (possibly label-sorted) file
+
+
+def test_support_narrow_restricts_the_narrow_side_only(tiny, tmp_path):
+    """`support_narrow=L` keeps each layer's support in the leading L directions of its narrow
+    side (rows of a wide layer, columns of a tall one), the wide side free; `--support-narrow`
+    reaches it from the command line."""
+    from sparseft import SparseGradConfig
+    from sparseft.errors import ConfigError
+    from sparseft.methods import prepare
+
+    config = SparseGradConfig(match_lora_rank=1, support_narrow=4)
+    assert config.block(64, 32) == (64, 4) and config.block(32, 64) == (4, 64) and config.block(3, 64) == (3, 64)
+    with pytest.raises(ConfigError, match="support_narrow"):
+        SparseGradConfig(match_lora_rank=1, support_narrow=0)
+    model = BertForSequenceClassification.from_pretrained(tiny[0])
+    prepared = prepare("sparsegrad-fixed", model, rank=1, support_narrow=4)
+    ids = torch.randint(5, 19, (8, 12))
+    prepared.sparse.calibrate([{"input_ids": ids, "labels": torch.randint(0, 2, (8,))}] * 2, steps=2, show_progress=False)
+    for layer in prepared.sparse.sparse_layers().values():
+        narrow, wide = (layer.rows, layer.cols) if layer.m <= layer.n else (layer.cols, layer.rows)
+        assert int(narrow.max()) < 4 and int(wide.max()) >= 4
+    out = tmp_path / "narrow"
+    assert main(["train", "--model", tiny[0], "--data", tiny[1], "--method", "sparsegrad-fixed", "--support-narrow", "4", "--rank", "1",
+                 "--steps", "2", "--batch-size", "8", "--calibration-steps", "2", "--no-progress", "--output-dir", str(out)]) == 0

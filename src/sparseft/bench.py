@@ -156,6 +156,7 @@ class BenchSettings:
     test_rows: int | None = None  # test rows scored in the final runs (None: all)
     rank: int = 8
     density: float | None = None
+    support_narrow: int | None = None
     batch_size: int = 16
     max_length: int = 64
     calibration_steps: int = 20
@@ -174,7 +175,7 @@ class BenchSettings:
         return [lr / 3, lr, lr * 3] if self.sweep else [lr]
 
     def base_spec(self, method: str) -> dict[str, Any]:
-        keys = ("model_dir", "data", "text_column", "label_column", "group_column", "steps", "rank", "density",
+        keys = ("model_dir", "data", "text_column", "label_column", "group_column", "steps", "rank", "density", "support_narrow",
                 "batch_size", "max_length", "calibration_steps")
         # ~25 points per loss curve whatever the run length
         return {k: getattr(self, k) for k in keys} | {"method": method, "show_progress": False, "loss_every": max(1, self.steps // 25)}

@@ -227,6 +227,7 @@ class CausalLMSettings:
     seed: int = 0
     rank: int = 8
     density: float | None = None
+    support_narrow: int | None = None  # SparseGrad: leading directions of each layer's narrow side
     model_dir: str | None = None
     batch_size: int = 8
     max_length: int = 128
@@ -302,7 +303,7 @@ def run_causal_lm(
     model = load_causal_lm(model_dir, settings.seed)
     loss_before = answer_loss(model, evaluation, settings.eval_batch_size)
     before = generate_answers(model, tokenizer, shown, settings.max_new_tokens) if shown else []
-    prepared = prepare(method, model, rank=settings.rank, density=settings.density)
+    prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
     model = prepared.model
 
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,

@@ -52,6 +52,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 → seeds 0,1,2) or a list (0,5,7)")
     p.add_argument("--rank", type=_positive(int), default=8, help="sparse budgets match LoRA at this rank: k = r·(m+n) per layer")
     p.add_argument("--density", type=float, help="sparse budget as a fraction of each layer instead of --rank")
+    p.add_argument("--support-narrow", type=_positive(int), metavar="L", help="SparseGrad: keep each layer's support in the "
+                   "leading L directions of its narrow side (faster; docs/performance.md has what it costs)")
     p.add_argument("--batch-size", type=_positive(int), default=16)
     p.add_argument("--max-length", type=_positive(int), default=64)
     p.add_argument("--calibration-steps", type=_positive(int), default=20)
@@ -139,6 +141,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
             max_length=args.max_length or 128,
             rank=args.rank,
             density=args.density,
+            support_narrow=args.support_narrow,
             calibration_steps=args.calibration_steps,
             show_progress=not args.no_progress,
             eval_examples=args.eval_examples,
@@ -207,6 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             max_length=args.max_length or 64,
             rank=args.rank,
             density=args.density,
+            support_narrow=args.support_narrow,
             calibration_steps=args.calibration_steps,
             reselect_every=args.reselect_every,
             show_progress=not args.no_progress,
@@ -272,6 +276,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         test_rows=args.test_rows if args.test_rows is not None else chosen.get("test_rows"),
         rank=args.rank,
         density=args.density,
+        support_narrow=args.support_narrow,
         batch_size=args.batch_size,
         max_length=args.max_length or (128 if args.task == "causal-lm" else 64),
         calibration_steps=chosen["calibration_steps"],

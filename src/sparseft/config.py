@@ -49,6 +49,11 @@ class SparseConfig:
     # space (HOSVD orders directions by energy). None: the whole m×n space.
     support_rows: int | None = None
     support_cols: int | None = None
+    # Restrict each layer's *narrow* side (the smaller of m, n: the model width of an MLP layer)
+    # to its leading `support_narrow` directions, the wide side free. The fast setting: the
+    # value gradient then costs ~N·L·(m+n), LoRA-like for L ≈ 3·rank (docs/performance.md,
+    # which also has the accuracy it cost on the embedded task). None: no restriction.
+    support_narrow: int | None = None
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Eigendecomposition precision: float64 up to this Gram size, float32 above it.
@@ -64,7 +69,7 @@ class SparseConfig:
     def _check_types(self) -> None:
         """Wrong types (a string density, a fractional k, a bad regex) are ConfigErrors here,
         not TypeErrors from deep inside the model code later."""
-        for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "eigh_float64_max"):
+        for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "support_narrow", "eigh_float64_max"):
             v = getattr(self, name)
             if (v is not None or name == "eigh_float64_max") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
                 raise ConfigError(f"{name}={v!r} must be a whole number (an int){'' if name == 'eigh_float64_max' else ' or None'}.")
@@ -110,15 +115,25 @@ class SparseConfig:
             raise ConfigError("reselect_fraction must be in (0, 1].")
         if self.compute_path not in ("auto", "activations", "weights"):
             raise ConfigError("compute_path must be 'auto', 'activations' or 'weights'.")
-        for name in ("support_rows", "support_cols"):
+        for name in ("support_rows", "support_cols", "support_narrow"):
             v = getattr(self, name)
             if v is not None and int(v) < 1:
                 raise ConfigError(f"{name}={v} must be a positive number of leading directions, or None.")
 
-    def budget(self, m: int, n: int) -> int:
-        """Entries trainable in one m×n layer under this config."""
+    def block(self, m: int, n: int) -> tuple[int, int]:
+        """The leading rows × columns of an m×n layer's rotated space its support may use."""
         rows = min(m, self.support_rows or m)
         cols = min(n, self.support_cols or n)
+        if self.support_narrow is not None:
+            if m <= n:
+                rows = min(rows, int(self.support_narrow))
+            else:
+                cols = min(cols, int(self.support_narrow))
+        return rows, cols
+
+    def budget(self, m: int, n: int) -> int:
+        """Entries trainable in one m×n layer under this config."""
+        rows, cols = self.block(m, n)
         if self.k is not None:
             k = int(self.k)
         elif self.match_lora_rank is not None:

@@ -69,8 +69,10 @@ def _lora(model: nn.Module, targets: list[str], rank: int, heads: list[str]) -> 
     return Prepared(peft_model, _adamw(peft_model), False, int(trainable))
 
 
-def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None = None) -> Prepared:
-    """Set ``model`` up for ``method``; the model is modified in place or wrapped."""
+def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None = None,
+            support_narrow: int | None = None) -> Prepared:
+    """Set ``model`` up for ``method``; the model is modified in place or wrapped.
+    ``support_narrow`` (SparseGrad only): see :class:`sparseft.config.SparseGradConfig`."""
     method = canonical(method)
     heads = find_heads(model, None)
     budget = {"density": density} if density is not None else {"density": None, "match_lora_rank": rank}
@@ -101,7 +103,7 @@ def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None 
         make = lambda lr: SparseAdamW([p for p in sparse.parameters() if p.requires_grad], lr=lr)  # noqa: E731
         return Prepared(sparse, make, False, sparse.get_nb_trainable_parameters()[0], sparse)
     selection = "fixed" if method == "sparsegrad-fixed" else "dynamic"
-    sparse = get_sparse_model(model, SparseGradConfig(selection=selection, **budget))
+    sparse = get_sparse_model(model, SparseGradConfig(selection=selection, support_narrow=support_narrow, **budget))
     if selection == "fixed":
         make = _adamw(sparse)
     else:

@@ -104,7 +104,7 @@ class SparseModel(BaseModelWrapper):
                 selection=config.selection,
                 identity=config.identity_bases,
                 bank=self.bases,
-                block=(config.support_rows or target.m, config.support_cols or target.n),
+                block=config.block(target.m, target.n),
                 compute_path=config.compute_path,
                 adapter_dtype=adapter_dtype,
             )

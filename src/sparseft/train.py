@@ -37,6 +37,7 @@ class RunSettings:
     max_length: int = 64
     rank: int = 8
     density: float | None = None
+    support_narrow: int | None = None  # SparseGrad: leading directions of each layer's narrow side
     calibration_steps: int = 20
     reselect_every: int | None = None
     warmup_fraction: float = 0.06
@@ -196,7 +197,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {settings.max_length} is longer than this model's {positions} positions: use "
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
-    prepared = prepare(method, model, rank=settings.rank, density=settings.density)
+    prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
     model = prepared.model
     reselect = settings.reselect_every if method == "sparsegrad-fixed" else None
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
