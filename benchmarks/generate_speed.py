@@ -46,7 +46,8 @@ def main() -> None:
         for layer in sparse.sparse_layers().values():
             layer.values.normal_(0.0, 1e-3)
     merged = sparse.merge_and_unload().eval()
-    changed = max(float((a - b).abs().max()) for a, b in zip(merged.parameters(), plain.parameters()))
+    with torch.no_grad():
+        changed = max(float((a - b).abs().max()) for a, b in zip(merged.parameters(), plain.parameters()))
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": splits["test"][0][-2]["content"]}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
 
