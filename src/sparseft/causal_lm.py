@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,7 @@ from .calibration import move_batch
 from .data import read_jsonl
 from .errors import DataError
 from .methods import canonical, prepare
-from .metrics import peak_rss_bytes
-from .train import fit
+from .train import RunRecord, fit
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -241,32 +239,16 @@ class CausalLMSettings:
     loss_every: int = 10
 
 
-@dataclass
-class CausalLMResult:
-    method: str
-    seed: int
-    lr: float
+@dataclass(kw_only=True)
+class CausalLMResult(RunRecord):
     eval_loss: float
     perplexity: float
     eval_loss_before: float
     perplexity_before: float
-    trainable_params: int
-    state_bytes: int
-    peak_rss_bytes: int
-    step_time_s: float
-    calibration_s: float
-    wall_s: float
-    steps: int
-    final_loss: float
     eval_examples: int
     task: str = "causal-lm"
     eval_split: str = "test"
     generations: list[dict[str, str]] = field(default_factory=list)
-    state_detail: dict[str, int] = field(default_factory=dict)
-    loss_curve: list[tuple[int, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def load_causal_lm(model_dir: str | Path, seed: int = 0):
@@ -310,8 +292,6 @@ def run_causal_lm(
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
                show_progress=settings.show_progress)
-    times, curve, detail, calibration_s = loop.times, loop.curve, loop.detail, loop.calibration_s
-
     loss_after = answer_loss(model, evaluation, settings.eval_batch_size)
     after = generate_answers(model, tokenizer, shown, settings.max_new_tokens) if shown else []
     generations = [
@@ -326,18 +306,10 @@ def run_causal_lm(
         perplexity=math.exp(loss_after),
         eval_loss_before=loss_before,
         perplexity_before=math.exp(loss_before),
-        trainable_params=prepared.trainable_params,
-        state_bytes=detail.get("state_bytes", 0),
-        peak_rss_bytes=peak_rss_bytes(),
-        step_time_s=statistics.median(times) if times else 0.0,
-        calibration_s=calibration_s,
-        wall_s=time.perf_counter() - t_start,
         steps=settings.steps,
-        final_loss=curve[-1][1] if curve else float("nan"),
         eval_examples=int(evaluation["input_ids"].shape[0]),
         generations=generations,
-        state_detail=detail,
-        loss_curve=curve,
+        **loop.record(prepared, t_start),
     ).to_dict()
 
 

@@ -107,13 +107,24 @@ def _table(records: list[dict[str, Any]], title: str) -> None:
     console.print(table)
 
 
+def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_max_length: int) -> dict[str, Any]:
+    """The settings every `sparseft train` run takes from the command line, whatever the task."""
+    from .methods import canonical
+
+    return {
+        "model_dir": model_dir, "method": canonical(args.method), "lr": args.lr, "steps": args.steps, "seed": seed,
+        "batch_size": args.batch_size, "max_length": args.max_length or default_max_length, "rank": args.rank,
+        "density": args.density, "support_narrow": args.support_narrow, "calibration_steps": args.calibration_steps,
+        "show_progress": not args.no_progress,
+    }
+
+
 def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     """``sparseft train --task causal-lm``: instruction-tune a chat model, report held-out answer
     loss/perplexity before and after, and greedy generations for a few held-out prompts."""
     from transformers import AutoTokenizer
 
     from .causal_lm import CausalLMSettings, load_chat_splits, run_causal_lm
-    from .methods import canonical
     from .resources import smollm2_dir
 
     for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--resume", args.resume), ("--reselect-every", args.reselect_every)):
@@ -132,18 +143,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     for seed in args.seeds:
         settings = CausalLMSettings(
-            model_dir=model_dir,
-            method=canonical(args.method),
-            lr=args.lr,
-            steps=args.steps,
-            seed=seed,
-            batch_size=args.batch_size,
-            max_length=args.max_length or 128,
-            rank=args.rank,
-            density=args.density,
-            support_narrow=args.support_narrow,
-            calibration_steps=args.calibration_steps,
-            show_progress=not args.no_progress,
+            **_run_options(args, model_dir, seed, default_max_length=128),
             eval_examples=args.eval_examples,
             generations=args.generations,
         )
@@ -186,7 +186,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return cmd_train_causal_lm(args)
     from transformers import AutoTokenizer
 
-    from .methods import canonical
     from .train import RunSettings, run_classification
 
     model_dir = _model_dir(args)
@@ -201,19 +200,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for seed in args.seeds:
         settings = RunSettings(
-            model_dir=model_dir,
-            method=canonical(args.method),
-            lr=args.lr,
-            steps=args.steps,
-            seed=seed,
-            batch_size=args.batch_size,
-            max_length=args.max_length or 64,
-            rank=args.rank,
-            density=args.density,
-            support_narrow=args.support_narrow,
-            calibration_steps=args.calibration_steps,
+            **_run_options(args, model_dir, seed, default_max_length=64),
             reselect_every=args.reselect_every,
-            show_progress=not args.no_progress,
             checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
             checkpoint_every=args.checkpoint_every or 0,
             resume_dir=str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,

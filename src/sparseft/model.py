@@ -65,6 +65,38 @@ class BaseModelWrapper(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model(*args, **kwargs)
 
+    def _freeze_all_but_heads(self, model: nn.Module) -> None:
+        """Freeze ``model`` except its ``self.heads``; remember each parameter's ``requires_grad``
+        for :meth:`_unwrap`."""
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for head in self.heads:
+            for p in model.get_submodule(head).parameters():
+                p.requires_grad_(True)
+
+    def _unwrap(self) -> nn.Module:
+        """The base model, its parameters' ``requires_grad`` as before wrapping (merge's last step)."""
+        for name, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, True))
+        return self.base_model
+
+    @staticmethod
+    def _read_adapter(model: nn.Module, save_directory: str | os.PathLike, kind: str, wrong_kind: str) -> tuple[dict, dict]:
+        """(tensors, meta) of an adapter saved by ``save_pretrained``, after checking that it is a
+        ``kind`` adapter (else ``wrong_kind``, formatted with the path and the kind found) made
+        for ``model``'s class."""
+        path = Path(save_directory)
+        tensors, meta = load_tensors(path / ADAPTER_FILE if path.is_dir() else path, "adapter")
+        if meta.get("kind") != kind:
+            raise AdapterMismatchError(wrong_kind.format(path=path, kind=meta.get("kind")))
+        if meta["base_model_class"] != type(model).__name__:
+            raise AdapterMismatchError(
+                f"This adapter was trained on a {meta['base_model_class']}, not a {type(model).__name__}: "
+                "load the same model class (e.g. AutoModelForSequenceClassification vs AutoModel)."
+            )
+        return tensors, meta
+
 
 class SparseModel(BaseModelWrapper):
     """A model whose target layers train a k-entry update each. Build with :func:`get_sparse_model`."""
@@ -82,12 +114,7 @@ class SparseModel(BaseModelWrapper):
         self.heads: list[str] = find_heads(model, config.modules_to_save)
         self.fingerprint = base_fingerprint(model, self.targets)
         saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for head in self.heads:
-            for p in model.get_submodule(head).parameters():
-                p.requires_grad_(True)
+        self._freeze_all_but_heads(model)
         self.bases = BasisBank()
         if self.targets:
             self.bases.to(weight_of(model.get_submodule(self.targets[0].name)).device)
@@ -357,15 +384,8 @@ class SparseModel(BaseModelWrapper):
         cls, model: nn.Module, save_directory: str | os.PathLike, bases: str | os.PathLike | None = None
     ) -> "SparseModel":
         """Rebuild the adapted model on a fresh ``model`` from ``save_pretrained`` output."""
-        path = Path(save_directory)
-        tensors, meta = load_tensors(path / ADAPTER_FILE if path.is_dir() else path, "adapter")
-        if meta.get("kind") != "adapter":
-            raise AdapterMismatchError(f"{path} holds sparseft {meta.get('kind')}, not an adapter; use load_bases() for bases.")
-        if meta["base_model_class"] != type(model).__name__:
-            raise AdapterMismatchError(
-                f"This adapter was trained on a {meta['base_model_class']}, not a {type(model).__name__}: "
-                "load the same model class (e.g. AutoModelForSequenceClassification vs AutoModel)."
-            )
+        tensors, meta = cls._read_adapter(model, save_directory, "adapter",
+                                          "{path} holds sparseft {kind}, not an adapter; use load_bases() for bases.")
         config = SparseConfig.from_dict(meta["config"])
         # check the fit before touching the model: a failed load leaves it as it was
         targets = find_targets(model, config.target_modules)
@@ -407,9 +427,7 @@ class SparseModel(BaseModelWrapper):
             layer = self.base_model.get_submodule(target.name)
             parent_name, _, attr = target.name.rpartition(".")
             setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, attr, layer.merge())
-        for name, p in self.base_model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, True))
-        return self.base_model
+        return self._unwrap()
 
 
 def _is_adapter_param(name: str) -> bool:

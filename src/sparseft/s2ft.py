@@ -41,12 +41,10 @@ from torch import nn
 
 from . import __version__
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
-from .model import BaseModelWrapper
-from .serialization import atomic_write_text, load_tensors, save_tensors
+from .model import ADAPTER_FILE, CONFIG_FILE, BaseModelWrapper
+from .serialization import atomic_write_text, save_tensors
 from .targets import Target, find_heads, find_targets, is_transposed, weight_of
 
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 
 # Out-projections of an MLP block, by name (needed when hidden == intermediate size).
 _OUT_NAME = re.compile(r".*(?:down_proj|output\.dense|c_proj|fc2|dense_4h_to_h|lin2|wo)$")
@@ -182,12 +180,7 @@ class S2FTModel(BaseModelWrapper):
         self.s2ft_config = config
         self.blocks = find_mlp_blocks(model, config.target_modules)
         self.heads = find_heads(model, config.modules_to_save)
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for head in self.heads:
-            for p in model.get_submodule(head).parameters():
-                p.requires_grad_(True)
+        self._freeze_all_but_heads(model)
         gen = torch.Generator().manual_seed(config.seed)
         for block in self.blocks:
             layers = block.inputs + block.outputs
@@ -280,9 +273,7 @@ class S2FTModel(BaseModelWrapper):
         for name, layer in self.s2ft_layers().items():
             parent, _, attr = name.rpartition(".")
             setattr(self.base_model.get_submodule(parent) if parent else self.base_model, attr, layer.merge())
-        for name, p in self.base_model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, True))
-        return self.base_model
+        return self._unwrap()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> int:
         """Write ``adapter_model.safetensors`` (slices, channels, heads) and ``adapter_config.json``
@@ -310,14 +301,7 @@ class S2FTModel(BaseModelWrapper):
     @classmethod
     def from_pretrained(cls, model: nn.Module, save_directory: str | os.PathLike) -> "S2FTModel":
         """Rebuild on a fresh ``model`` from ``save_pretrained`` output."""
-        path = Path(save_directory)
-        tensors, meta = load_tensors(path / ADAPTER_FILE if path.is_dir() else path, "adapter")
-        if meta.get("kind") != "s2ft-adapter":
-            raise AdapterMismatchError(f"{path} is not an S2FT adapter (kind {meta.get('kind')!r}).")
-        if meta["base_model_class"] != type(model).__name__:
-            raise AdapterMismatchError(
-                f"This adapter was trained on a {meta['base_model_class']}, not a {type(model).__name__}: load that model class."
-            )
+        tensors, meta = cls._read_adapter(model, save_directory, "s2ft-adapter", "{path} is not an S2FT adapter (kind {kind!r}).")
         s2 = get_s2ft_model(model, S2FTConfig(**meta["config"]))
         ours = {name: [layer.m, layer.n, layer.axis] for name, layer in s2.s2ft_layers().items()}
         if ours != meta["layers"]:

@@ -50,26 +50,33 @@ class RunSettings:
     resume_dir: str | None = None  # continue from the latest checkpoint there (if any)
 
 
-@dataclass
-class RunResult:
+@dataclass(kw_only=True)
+class RunRecord:
+    """What every run reports, whatever the task: the results-contract keys besides the metric,
+    and the cost and curve fields :meth:`LoopResult.record` fills."""
+
     method: str
     seed: int
     lr: float
-    accuracy: float
+    steps: int
     trainable_params: int
     state_bytes: int
     peak_rss_bytes: int
     step_time_s: float
     calibration_s: float
     wall_s: float
-    eval_split: str
-    steps: int
     final_loss: float
     state_detail: dict[str, int] = field(default_factory=dict)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(kw_only=True)
+class RunResult(RunRecord):
+    accuracy: float
+    eval_split: str
 
 
 def load_classifier(model_dir: str | Path, num_labels: int, seed: int):
@@ -98,6 +105,21 @@ class LoopResult:
     curve: list[tuple[int, float]]
     detail: dict[str, int]
     calibration_s: float
+
+    def record(self, prepared: Prepared, t_start: float) -> dict[str, Any]:
+        """The cost and curve fields of a run's results record (every task has them)."""
+        return {
+            "trainable_params": prepared.trainable_params,
+            "state_bytes": self.detail.get("state_bytes", 0),
+            "peak_rss_bytes": peak_rss_bytes(),
+            # the first steps warm up allocators and caches: the median is the steady state
+            "step_time_s": statistics.median(self.times) if self.times else 0.0,
+            "calibration_s": self.calibration_s,
+            "wall_s": time.perf_counter() - t_start,
+            "final_loss": self.curve[-1][1] if self.curve else float("nan"),
+            "state_detail": self.detail,
+            "loss_curve": self.curve,
+        }
 
 
 def fit(
@@ -198,31 +220,12 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
-    model = prepared.model
     reselect = settings.reselect_every if method == "sparsegrad-fixed" else None
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
                show_progress=settings.show_progress, reselect_every=reselect, resume_dir=settings.resume_dir,
                checkpoint_dir=settings.checkpoint_dir, checkpoint_every=settings.checkpoint_every)
-    model, times, curve, detail, calibration_s = prepared.model, loop.times, loop.curve, loop.detail, loop.calibration_s
-
-    acc = accuracy(model, evaluation, settings.eval_batch_size)
-    return RunResult(
-        method=method,
-        seed=settings.seed,
-        lr=lr,
-        accuracy=acc,
-        trainable_params=prepared.trainable_params,
-        state_bytes=detail.get("state_bytes", 0),
-        peak_rss_bytes=peak_rss_bytes(),
-        # the first steps warm up allocators and caches: the median is the steady state
-        step_time_s=statistics.median(times) if times else 0.0,
-        calibration_s=calibration_s,
-        wall_s=time.perf_counter() - t_start,
-        eval_split=settings.eval_split,
-        steps=settings.steps,
-        final_loss=curve[-1][1] if curve else float("nan"),
-        state_detail=detail,
-        loss_curve=curve,
-    )
+    acc = accuracy(prepared.model, evaluation, settings.eval_batch_size)
+    return RunResult(method=method, seed=settings.seed, lr=lr, accuracy=acc, eval_split=settings.eval_split,
+                     steps=settings.steps, **loop.record(prepared, t_start))
