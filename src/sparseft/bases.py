@@ -1,8 +1,15 @@
-"""The basis pairs (P, Q), one per layer group, kept once and shared by the group's layers.
+"""The bases an update is trained in: the basis pairs (P, Q) and the two kinds a layer holds.
 
-``BasisBank`` is an ``nn.Module`` so that ``model.to(device)`` moves each basis once (layers
-only hold a reference to the bank, never a copy). A basis may be stored whole (m×m) or, after
-loading a fixed-selection adapter, as only the columns that adapter uses, with their indices.
+``BasisBank`` keeps one pair per layer group, shared by the group's layers. It is an
+``nn.Module`` so that ``model.to(device)`` moves each basis once (layers only hold a reference to
+the bank, never a copy). A basis may be stored whole (m×m) or, after loading a fixed-selection
+adapter, as only the columns that adapter uses, with their indices.
+
+A layer holds one of two small basis objects, which apply ``P_R D Q_Cᵀ`` and its transposes for
+the rows R and columns C its support touches (formulas and costs: :mod:`sparseft.ops`):
+
+- :class:`RotatedBasis`: SparseGrad's P, Q from the bank (``W = W0 + P_R D Q_Cᵀ``);
+- :class:`IdentityBasis`: P = Q = I, so R and C select rows and columns of W (MeProp).
 """
 
 from __future__ import annotations
@@ -11,9 +18,13 @@ import json
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError
+from .ops import GRAD_PATHS, identity_costs, lowrank_product, rotated_costs
+
+Index = torch.Tensor | slice  # rows/columns of the basis: indices (fixed support) or a leading block
 
 
 def eigenbasis(gram: torch.Tensor, float64_max: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,3 +179,106 @@ class BasisBank(nn.Module):
                 None if P_cols is None else P_cols.to(device=device, dtype=torch.long),
                 None if Q_cols is None else Q_cols.to(device=device, dtype=torch.long),
             )
+
+
+def _take(t: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
+    """``t`` restricted to ``idx`` along ``dim`` (index_select for indices: no advanced-index copy)."""
+    if isinstance(idx, slice):
+        return t[(slice(None),) * (dim % t.dim()) + (idx,)]
+    return t.index_select(dim, idx)
+
+
+def _arange(idx: Index, size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(size, device=device)[idx] if isinstance(idx, slice) else idx
+
+
+class RotatedBasis:
+    """SparseGrad's basis: the columns of the group's P (m×m) and Q (n×n) held in ``bank``.
+    Plain object, not a module: the bank (owned by the tuner) holds the tensors."""
+
+    is_identity = False
+
+    def __init__(self, bank: BasisBank, group: str) -> None:
+        self.bank, self.group = bank, group
+
+    def P(self, rows: Index) -> torch.Tensor:
+        return self.bank.columns(self.group, "P", rows)
+
+    def Q(self, cols: Index) -> torch.Tensor:
+        return self.bank.columns(self.group, "Q", cols)
+
+    def version(self, rows: Index, cols: Index) -> tuple:
+        """Changes whenever the basis tensors change (for caches of the merged update)."""
+        P, Q = self.P(rows), self.Q(cols)
+        return (P.data_ptr(), P._version, Q.data_ptr(), Q._version, P.dtype)
+
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
+        """ΔW = P_R D Q_Cᵀ (m×n), differentiable in D."""
+        P_R, Q_C = self.P(rows), self.Q(cols)
+        return lowrank_product(P_R, D.to(P_R.dtype), Q_C)
+
+    def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        """y + x Q_C Dᵀ P_Rᵀ (the factored forward)."""
+        dt = x.dtype
+        return y + F.linear(F.linear(F.linear(x, self.Q(cols).T.to(dt)), D), self.P(rows).to(dt))
+
+    def add_input_grad(self, gx: torch.Tensor, g: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        """gx + g P_R D Q_Cᵀ (the factored input gradient)."""
+        dt = g.dtype
+        return gx + ((g @ self.P(rows).to(dt)) @ D) @ self.Q(cols).T.to(dt)
+
+    def rotate(self, G: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        """P_Rᵀ G Q_C in float32 (calibration scores)."""
+        return self.P(rows).float().T @ G.float() @ self.Q(cols).float()
+
+    def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str) -> torch.Tensor:
+        """P_Rᵀ gᵀ x Q_C by the bracketing ``path`` (one of ``GRAD_PATHS``)."""
+        dt = x.dtype
+        P_R, Q_C = self.P(rows).to(dt), self.Q(cols).to(dt)
+        if path == "activations":
+            return (g @ P_R).T @ (x @ Q_C)
+        if path == "weights":
+            return lowrank_product(P_R.T, g.T @ x, Q_C.T)
+        if path == "output-side":
+            return ((g @ P_R).T @ x) @ Q_C
+        assert path == GRAD_PATHS[3], path
+        return P_R.T @ (g.T @ (x @ Q_C))
+
+    @staticmethod
+    def costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+        return rotated_costs(tokens, m, n, a, b)
+
+
+class IdentityBasis:
+    """P = Q = I: the support's rows and columns are rows and columns of W itself."""
+
+    is_identity = True
+
+    def version(self, rows: Index, cols: Index) -> tuple:
+        return ()
+
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
+        out = D.new_zeros(m, n)
+        if isinstance(rows, slice):
+            out[rows, cols] = D
+        else:
+            out[rows.unsqueeze(1), cols] = D
+        return out
+
+    def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        upd = F.linear(_take(x, -1, cols), D)
+        return y.index_add_(-1, _arange(rows, y.shape[-1], y.device)[: upd.shape[-1]], upd)
+
+    def add_input_grad(self, gx: torch.Tensor, g: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        upd = _take(g, -1, rows) @ D
+        return gx.index_add_(-1, _arange(cols, gx.shape[-1], gx.device)[: upd.shape[-1]], upd)
+
+    def rotate(self, G: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        return _take(_take(G, 0, rows), 1, cols).float()
+
+    def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str) -> torch.Tensor:
+        return _take(g, 1, rows).T @ _take(x, 1, cols)
+
+    @staticmethod
+    def costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+        return identity_costs(tokens, m, n, a, b)

@@ -8,6 +8,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .model import SparseModel
+from .tuner import unwrap_model
 
 
 class ReselectSupportCallback(TrainerCallback):
@@ -30,9 +31,7 @@ class ReselectSupportCallback(TrainerCallback):
 
 
 def _unwrap(model: Any) -> SparseModel:
-    while not isinstance(model, SparseModel):
-        inner = getattr(model, "module", None)
-        if inner is None:
-            raise TypeError("ReselectSupportCallback needs a SparseModel (from get_sparse_model).")
-        model = inner
-    return model
+    sparse = unwrap_model(model, SparseModel)
+    if sparse is None:
+        raise TypeError("ReselectSupportCallback needs a SparseModel (from get_sparse_model).")
+    return sparse

@@ -35,6 +35,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from .model import SparseModel
 from .optim import SparseAdamW
+from .tuner import unwrap_model
 
 
 def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -45,9 +46,7 @@ def _inner(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
 
 
 def _sparse(model: Any) -> SparseModel | None:
-    while model is not None and not isinstance(model, SparseModel):
-        model = getattr(model, "module", None)  # DDP / accelerate wrappers
-    return model
+    return unwrap_model(model, SparseModel)
 
 
 def sparse_optimizer(

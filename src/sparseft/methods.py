@@ -1,4 +1,9 @@
-"""The fine-tuning methods the jobs run, by name, each set up on a fresh model.
+"""The method registry: every fine-tuning method the jobs run, by name.
+
+A :class:`Method` says how to set a fresh model up (``build``), what it trains, its default
+learning rate per task kind, and whether it needs calibration. ``prepare``, the CLI and the
+bench read this registry only; adding a method is one :func:`register_method` call (with its
+config and layer elsewhere).
 
 ``prepare(name, model, rank=...)`` returns the model to train, the optimizer to use, whether
 calibration is needed and the trainable-parameter count. Sparse methods get the budget of LoRA
@@ -8,8 +13,8 @@ at ``rank`` on the same layers (k = r·(m+n) per layer) unless ``density`` is gi
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,31 +25,22 @@ from .model import SparseModel, get_sparse_model
 from .optim import SparseAdamW
 from .targets import find_heads, find_targets
 
-METHODS = ("full", "head", "lora-mlp", "lora-attn", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic", "s2ft")
-ALIASES = {"sparsegrad": "sparsegrad-fixed", "lora": "lora-mlp"}
-# Starting points; override with --lr, or let `sparseft bench` sweep them on validation data.
-# sparsegrad-fixed's 1e-3 was the best of two validation points on the embedded task (docs/sparsegrad.md).
-DEFAULT_LR = {
-    "full": 5e-5,
-    "head": 1e-3,
-    "lora-mlp": 5e-4,
-    "lora-attn": 5e-4,
-    "meprop": 2e-4,
-    "sparsegrad-fixed": 1e-3,
-    "sparsegrad-dynamic": 3e-4,
-    "s2ft": 2e-4,
-}
-
 _ATTENTION = re.compile(
     r".*(attention\.self\.(query|key|value)|attention\.output\.dense|self_attn\.(q|k|v|o)_proj|attn\.(c_attn|c_proj)|attention\.(q_lin|k_lin|v_lin|out_lin))"
 )
 
 
-def canonical(method: str) -> str:
-    name = ALIASES.get(method, method)
-    if name not in METHODS:
-        raise ConfigError(f"Unknown method {method!r}; choose from {', '.join(METHODS)} (or 'sparsegrad').")
-    return name
+@dataclass(frozen=True)
+class Budget:
+    """What a method may train: LoRA's count at ``rank`` on the same layers, or ``density``;
+    ``support_narrow`` is SparseGrad's narrow-side restriction (see SparseGradConfig)."""
+
+    rank: int = 8
+    density: float | None = None
+    support_narrow: int | None = None
+
+    def sparse_kwargs(self) -> dict:
+        return {"density": self.density} if self.density is not None else {"density": None, "match_lora_rank": self.rank}
 
 
 @dataclass
@@ -56,56 +52,189 @@ class Prepared:
     sparse: SparseModel | None = None
 
 
-def _adamw(model: nn.Module) -> Callable[[float], torch.optim.Optimizer]:
-    return lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+@dataclass(frozen=True)
+class Method:
+    name: str
+    trains: str  # one line for tables and --help
+    build: Callable[[nn.Module, Budget], Prepared]
+    # default learning rate per task kind: the starting point; `sparseft bench` sweeps around it
+    lr: Mapping[str, float] = field(default_factory=dict)
+    needs_head: bool = False  # only meaningful for models with a task head
+
+    def default_lr(self, task: str = "classification") -> float:
+        return self.lr.get(task, self.lr["classification"])
 
 
-def _lora(model: nn.Module, targets: list[str], rank: int, heads: list[str]) -> Prepared:
-    from peft import LoraConfig, get_peft_model
+REGISTRY: dict[str, Method] = {}
+ALIASES = {"sparsegrad": "sparsegrad-fixed", "lora": "lora-mlp"}
 
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, modules_to_save=heads or None)
-    peft_model = get_peft_model(model, config)
-    trainable, _ = peft_model.get_nb_trainable_parameters()
-    return Prepared(peft_model, _adamw(peft_model), False, int(trainable))
+
+def register_method(method: Method, aliases: Sequence[str] = ()) -> Method:
+    """Make ``method`` known to ``prepare``, ``sparseft train --method`` and ``sparseft bench``."""
+    REGISTRY[method.name] = method
+    for alias in aliases:
+        ALIASES[alias] = method.name
+    return method
+
+
+class _Names(Sequence):
+    """The registered method names, in registration order (a live view of REGISTRY)."""
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return tuple(REGISTRY)[i]
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(REGISTRY))
+
+    def __contains__(self, name: object) -> bool:
+        return name in REGISTRY
+
+    def __repr__(self) -> str:
+        return repr(tuple(REGISTRY))
+
+
+METHODS: Sequence[str] = _Names()
+
+
+class _DefaultLR(Mapping):
+    """{method: default lr} for one task kind (a live view of REGISTRY)."""
+
+    def __init__(self, task: str) -> None:
+        self.task = task
+
+    def __getitem__(self, name: str) -> float:
+        return REGISTRY[name].default_lr(self.task)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(REGISTRY))
+
+    def __len__(self) -> int:
+        return len(REGISTRY)
+
+
+DEFAULT_LR: Mapping[str, float] = _DefaultLR("classification")
+
+
+def default_lrs(task: str) -> Mapping[str, float]:
+    return _DefaultLR(task)
+
+
+def canonical(method: str) -> str:
+    name = ALIASES.get(method, method)
+    if name not in REGISTRY:
+        raise ConfigError(f"Unknown method {method!r}; choose from {', '.join(REGISTRY)} (or {', '.join(ALIASES)}).")
+    return name
 
 
 def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None = None,
             support_narrow: int | None = None) -> Prepared:
     """Set ``model`` up for ``method``; the model is modified in place or wrapped.
     ``support_narrow`` (SparseGrad only): see :class:`sparseft.config.SparseGradConfig`."""
-    method = canonical(method)
-    heads = find_heads(model, None)
-    budget = {"density": density} if density is not None else {"density": None, "match_lora_rank": rank}
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return Prepared(model, _adamw(model), False, sum(p.numel() for p in model.parameters()))
-    if method == "head":
-        if not heads:
-            raise ConfigError("Method 'head' needs a task head named classifier/score in the model.")
-        for name, p in model.named_parameters():
-            p.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
-        return Prepared(model, _adamw(model), False, sum(p.numel() for p in model.parameters() if p.requires_grad))
-    if method == "lora-mlp":
-        return _lora(model, [t.name for t in find_targets(model)], rank, heads)
-    if method == "lora-attn":
-        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _ATTENTION.fullmatch(n)]
-        if not names:
-            raise ConfigError(f"No attention projections found in {type(model).__name__} for lora-attn.")
-        return _lora(model, names, rank, heads)
-    if method == "s2ft":
-        from .s2ft import S2FTConfig, get_s2ft_model
+    return REGISTRY[canonical(method)].build(model, Budget(rank, density, support_narrow))
 
-        s2 = get_s2ft_model(model, S2FTConfig(match_lora_rank=rank if density is None else None, density=density))
-        return Prepared(s2, _adamw(s2), False, s2.get_nb_trainable_parameters()[0])
-    if method == "meprop":
-        sparse = get_sparse_model(model, MePropConfig(selection="dynamic", **budget))
-        make = lambda lr: SparseAdamW([p for p in sparse.parameters() if p.requires_grad], lr=lr)  # noqa: E731
-        return Prepared(sparse, make, False, sparse.get_nb_trainable_parameters()[0], sparse)
-    selection = "fixed" if method == "sparsegrad-fixed" else "dynamic"
-    sparse = get_sparse_model(model, SparseGradConfig(selection=selection, support_narrow=support_narrow, **budget))
-    if selection == "fixed":
-        make = _adamw(sparse)
-    else:
-        make = lambda lr: SparseAdamW([p for p in sparse.parameters() if p.requires_grad], lr=lr)  # noqa: E731
-    return Prepared(sparse, make, True, sparse.get_nb_trainable_parameters()[0], sparse)
+
+# ----------------------------------------------------------------------------- builders
+def _adamw(model: nn.Module) -> Callable[[float], torch.optim.Optimizer]:
+    return lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+def _sparse_adamw(model: nn.Module) -> Callable[[float], torch.optim.Optimizer]:
+    return lambda lr: SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _full(model: nn.Module, budget: Budget) -> Prepared:
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return Prepared(model, _adamw(model), False, _count(model))
+
+
+def _head(model: nn.Module, budget: Budget) -> Prepared:
+    heads = find_heads(model, None)
+    if not heads:
+        raise ConfigError("Method 'head' needs a task head named classifier/score in the model.")
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name == h or name.startswith(h + ".") for h in heads))
+    return Prepared(model, _adamw(model), False, _count(model))
+
+
+def _peft(model: nn.Module, peft_config) -> Prepared:
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, peft_config)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    return Prepared(peft_model, _adamw(peft_model), False, int(trainable))
+
+
+def _lora(targets: Callable[[nn.Module], list[str]]) -> Callable[[nn.Module, Budget], Prepared]:
+    def build(model: nn.Module, budget: Budget) -> Prepared:
+        from peft import LoraConfig
+
+        r = budget.rank
+        heads = find_heads(model, None)
+        return _peft(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets(model),
+                                       modules_to_save=heads or None))
+
+    return build
+
+
+def _mlp_names(model: nn.Module) -> list[str]:
+    return [t.name for t in find_targets(model)]
+
+
+def _attention_names(model: nn.Module) -> list[str]:
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _ATTENTION.fullmatch(n)]
+    if not names:
+        raise ConfigError(f"No attention projections found in {type(model).__name__} for lora-attn.")
+    return names
+
+
+def _s2ft(model: nn.Module, budget: Budget) -> Prepared:
+    from .s2ft import S2FTConfig, get_s2ft_model
+
+    s2 = get_s2ft_model(model, S2FTConfig(match_lora_rank=budget.rank if budget.density is None else None, density=budget.density))
+    return Prepared(s2, _adamw(s2), False, s2.get_nb_trainable_parameters()[0])
+
+
+def _meprop(model: nn.Module, budget: Budget) -> Prepared:
+    sparse = get_sparse_model(model, MePropConfig(selection="dynamic", **budget.sparse_kwargs()))
+    return Prepared(sparse, _sparse_adamw(sparse), False, sparse.get_nb_trainable_parameters()[0], sparse)
+
+
+def _sparsegrad(selection: str) -> Callable[[nn.Module, Budget], Prepared]:
+    def build(model: nn.Module, budget: Budget) -> Prepared:
+        config = SparseGradConfig(selection=selection, support_narrow=budget.support_narrow, **budget.sparse_kwargs())
+        sparse = get_sparse_model(model, config)
+        make = _adamw(sparse) if selection == "fixed" else _sparse_adamw(sparse)
+        return Prepared(sparse, make, True, sparse.get_nb_trainable_parameters()[0], sparse)
+
+    return build
+
+
+# Default rates: classification = the embedded task (MiniLM, Rotten Tomatoes; sparsegrad-fixed's
+# 1e-3 was the best of two validation points, docs/sparsegrad.md); causal-lm = short
+# instruction-tuning runs of a small LLaMA (SmolLM2-135M, batch 8).
+register_method(Method("full", "every parameter", _full, {"classification": 5e-5, "causal-lm": 2e-5}))
+register_method(Method("head", "the task head only", _head, {"classification": 1e-3, "causal-lm": 1e-4}, needs_head=True))
+register_method(Method("lora-mlp", "LoRA (peft) on the MLP layers", _lora(_mlp_names),
+                       {"classification": 5e-4, "causal-lm": 1e-3}), aliases=["lora"])
+register_method(Method("lora-attn", "LoRA (peft) on the attention projections", _lora(_attention_names),
+                       {"classification": 5e-4, "causal-lm": 1e-3}))
+register_method(Method("meprop", "top-k of the plain MLP gradient each step", _meprop,
+                       {"classification": 2e-4, "causal-lm": 1e-3}))
+register_method(Method("sparsegrad-fixed", "k rotated MLP entries chosen in calibration", _sparsegrad("fixed"),
+                       {"classification": 1e-3, "causal-lm": 1e-3}), aliases=["sparsegrad"])
+register_method(Method("sparsegrad-dynamic", "top-k rotated MLP entries each step", _sparsegrad("dynamic"),
+                       {"classification": 3e-4, "causal-lm": 1e-3}))
+register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2ft,
+                       {"classification": 2e-4, "causal-lm": 1e-3}))
+
+
+__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGISTRY", "canonical", "default_lrs",
+           "prepare", "register_method"]

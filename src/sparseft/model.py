@@ -1,16 +1,14 @@
-"""``SparseModel``: a Hugging Face (or any torch) model with its MLP layers adapted.
+"""``SparseModel``: the SparseGrad / MeProp tuner (config → :class:`SparseLinear` layers).
 
-Like ``peft.PeftModel`` it wraps the base model, forwards calls to it, and adds the adapter
-life cycle: ``calibrate`` → train → ``save_pretrained`` / ``from_pretrained`` →
-``merge_and_unload``. ``get_sparse_model`` returns a subclass whose ``forward`` carries the
-base model's signature, so ``transformers.Trainer`` sees the model's real input names and labels.
+The life cycle (wrap, freeze, save/load, merge, disable) is :class:`sparseft.tuner.BaseTuner`'s;
+this module adds what is SparseGrad's own: the shared bases (``BasisBank``), ``calibrate`` (bases
+and fixed supports from a few gradient passes), dynamic selection with any optimizer
+(``attach_optimizer``), fixed-support re-selection, and the bases files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -27,11 +25,10 @@ from .calibration import CalibrationReport, LossFn, calibrate_layers, rotated_gr
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .layer import SparseLinear
-from .serialization import atomic_write_text, load_tensors, save_tensors
-from .targets import Target, find_heads, find_targets, group_targets, weight_of
+from .serialization import load_tensors, save_tensors
+from .targets import Target, find_targets, group_targets, weight_of
+from .tuner import ADAPTER_FILE, CONFIG_FILE, BaseTuner
 
-ADAPTER_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
 BASES_FILE = "bases.safetensors"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -50,81 +47,39 @@ def base_fingerprint(model: nn.Module, targets: list[Target]) -> str:
     return h.hexdigest()[:16]
 
 
-class BaseModelWrapper(nn.Module):
-    """Passes calls and unknown attributes on to ``self.base_model``, as ``peft.PeftModel`` does,
-    so ``model.config``, ``generate`` and friends keep working on the wrapper."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
-
-    def _freeze_all_but_heads(self, model: nn.Module) -> None:
-        """Freeze ``model`` except its ``self.heads``; remember each parameter's ``requires_grad``
-        for :meth:`_unwrap`."""
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for head in self.heads:
-            for p in model.get_submodule(head).parameters():
-                p.requires_grad_(True)
-
-    def _unwrap(self) -> nn.Module:
-        """The base model, its parameters' ``requires_grad`` as before wrapping (merge's last step)."""
-        for name, p in self.base_model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, True))
-        return self.base_model
-
-    @staticmethod
-    def _read_adapter(model: nn.Module, save_directory: str | os.PathLike, kind: str, wrong_kind: str) -> tuple[dict, dict]:
-        """(tensors, meta) of an adapter saved by ``save_pretrained``, after checking that it is a
-        ``kind`` adapter (else ``wrong_kind``, formatted with the path and the kind found) made
-        for ``model``'s class."""
-        path = Path(save_directory)
-        tensors, meta = load_tensors(path / ADAPTER_FILE if path.is_dir() else path, "adapter")
-        if meta.get("kind") != kind:
-            raise AdapterMismatchError(wrong_kind.format(path=path, kind=meta.get("kind")))
-        if meta["base_model_class"] != type(model).__name__:
-            raise AdapterMismatchError(
-                f"This adapter was trained on a {meta['base_model_class']}, not a {type(model).__name__}: "
-                "load the same model class (e.g. AutoModelForSequenceClassification vs AutoModel)."
-            )
-        return tensors, meta
-
-
-class SparseModel(BaseModelWrapper):
+class SparseModel(BaseTuner):
     """A model whose target layers train a k-entry update each. Build with :func:`get_sparse_model`."""
 
+    adapter_kind = "adapter"
+    layer_class = SparseLinear
+    config_class = SparseConfig
+
     def __init__(self, model: nn.Module, config: SparseConfig, bases: str | os.PathLike | None = None) -> None:
-        super().__init__()
         if not isinstance(config, SparseConfig):
             raise ConfigError(f"config must be a SparseGradConfig or MePropConfig, got {type(config).__name__}.")
-        config.validate()
-        if any(isinstance(m, SparseLinear) for m in model.modules()):
-            raise ConfigError("This model is already adapted by sparseft; merge_and_unload() it or use a fresh model.")
-        self.base_model = model
-        self.sparse_config = config
-        self.targets: list[Target] = find_targets(model, config.target_modules)
-        self.heads: list[str] = find_heads(model, config.modules_to_save)
+        super().__init__(model, config, bases=bases)
+
+    @property
+    def sparse_config(self) -> SparseConfig:
+        return self.tuner_config
+
+    def _setup(self, model: nn.Module, bases: str | os.PathLike | None = None) -> None:
+        self.targets: list[Target] = find_targets(model, self.tuner_config.target_modules)
         self.fingerprint = base_fingerprint(model, self.targets)
-        saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
-        self._freeze_all_but_heads(model)
+        self._saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
         self.bases = BasisBank()
         if self.targets:
             self.bases.to(weight_of(model.get_submodule(self.targets[0].name)).device)
         self.calibration_report: CalibrationReport | None = None
+
+    def _create_layers(self, model: nn.Module):
+        config = self.tuner_config
         for target in self.targets:
             base = model.get_submodule(target.name)
             adapter_dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else (
                 torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
             )
-            layer = SparseLinear(
+            yield target.name, SparseLinear(
                 base,
                 group=target.group,
                 k=config.budget(target.m, target.n),
@@ -135,60 +90,24 @@ class SparseModel(BaseModelWrapper):
                 compute_path=config.compute_path,
                 adapter_dtype=adapter_dtype,
             )
-            parent_name, _, attr = target.name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
-        if saved_bases is not None:
-            self._fill_bases(saved_bases)
-        if config.selection == "dynamic" and not _DENSE_STATE_HOOK:
+
+    def _after_inject(self, **_: Any) -> None:
+        if self._saved_bases is not None:
+            self._fill_bases(self._saved_bases)
+        self._saved_bases = None
+        if self.tuner_config.selection == "dynamic" and not _DENSE_STATE_HOOK:
             _DENSE_STATE_HOOK.append(register_optimizer_step_post_hook(_warn_on_dense_state))
 
-    # ------------------------------------------------------------------ plumbing
-    # ------------------------------------------------------------------ state dict
-    # transformers.Trainer checkpoints a model that is not a PreTrainedModel with
-    # safetensors.save_file(model.state_dict()) and resumes with model.load_state_dict(sd, False).
-    # safetensors refuses tensors stored twice, so tied weights (input embeddings = LM head) are
-    # kept under their first name only and filled back in on load. The state dict also carries
-    # the bases and the fixed supports (extra state), so it loads onto a fresh, uncalibrated model.
-    def _tied_aliases(self) -> dict[str, str]:
-        """{second name: first name} for each tensor registered under two names."""
-        first: dict[int, str] = {}
-        aliases: dict[str, str] = {}
-        for name, tensor in [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]:
-            if id(tensor) in first:
-                aliases[name] = first[id(tensor)]
-            else:
-                first[id(tensor)] = name
-        return aliases
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        for alias in self._tied_aliases():
-            state.pop(prefix + alias, None)
-        return state
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        state = dict(state_dict)
-        for alias, name in self._tied_aliases().items():
-            if alias not in state and name in state:
-                state[alias] = state[name]
-        return super().load_state_dict(state, strict=strict, assign=assign)
-
     def sparse_layers(self) -> dict[str, SparseLinear]:
-        return {t.name: self.base_model.get_submodule(t.name) for t in self.targets}
+        return self.adapted_layers()
 
     def groups(self) -> dict[str, list[Target]]:
         return group_targets(self.targets)
 
     @property
     def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
-        """Read by DistributedDataParallel: buffers it must not re-broadcast before every forward.
-        The bases and supports are identical on every rank (calibration all-reduces) and constant
-        while training; broadcasting them would cost more than the gradient all-reduce itself."""
-        names = [f"bases.{name}" for name, _ in self.bases.named_buffers()]
-        for layer_name, layer in self.sparse_layers().items():
-            names += [f"base_model.{layer_name}.{b}" for b, _ in layer.named_buffers(recurse=False)]
-        return names
+        """The bases too: identical on every rank (calibration all-reduces) and constant."""
+        return [f"bases.{name}" for name, _ in self.bases.named_buffers()] + super()._ddp_params_and_buffers_to_ignore
 
     @property
     def is_calibrated(self) -> bool:
@@ -267,39 +186,8 @@ class SparseModel(BaseModelWrapper):
             scores = rotated_gradient_scores(self.base_model, layers, self.bases, list(batches), loss_fn)
         swapped = 0
         for name, layer in layers.items():
-            n_swap = max(1, round(fraction * layer.k))
-            cols = layer.block[1]
-            current = layer.rows * cols + layer.cols
-            flat = scores[name].flatten()
-            flat[current] = -float("inf")
-            n_swap = min(n_swap, int(torch.isfinite(flat).sum()))
-            if n_swap == 0:
-                continue
-            drop = torch.topk(layer.values.abs().float(), n_swap, largest=False).indices
-            grow = torch.topk(flat, n_swap).indices
-            rows, cols_ = layer.rows.clone(), layer.cols.clone()
-            rows[drop], cols_[drop] = grow // cols, grow % cols
-            layer.values[drop] = 0
-            layer.set_support(rows, cols_)
-            if optimizer is not None:
-                for value in optimizer.state.get(layer.values, {}).values():
-                    if isinstance(value, torch.Tensor) and value.shape == layer.values.shape:
-                        value[drop] = 0
-            swapped += n_swap
+            swapped += layer.support.regrow(layer.values, scores[name], max(1, round(fraction * layer.k)), optimizer)
         return swapped
-
-    # ------------------------------------------------------------------ budget report
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all): trainable counts k per adapted layer (the entries updated, also in
-        dynamic mode where the dense ``delta`` buffer holds them) plus the dense heads."""
-        trainable = sum(layer.k for layer in self.sparse_layers().values())
-        trainable += sum(p.numel() for h in self.heads for p in self.base_model.get_submodule(h).parameters())
-        total = sum(p.numel() for n, p in self.base_model.named_parameters() if not _is_adapter_param(n))
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------------ bases files
     def _group_shapes(self) -> dict[str, tuple[int, int]]:
@@ -332,62 +220,57 @@ class SparseModel(BaseModelWrapper):
         self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype)
 
     # ------------------------------------------------------------------ adapter files
-    def _adapter_meta(self) -> dict[str, Any]:
-        return {
-            "kind": "adapter",
-            "version": __version__,
-            "config": self.sparse_config.to_dict(),
-            "base_model_class": type(self.base_model).__name__,
-            "fingerprint": self.fingerprint,
-            "targets": [[t.name, t.group, t.m, t.n] for t in self.targets],
-            "heads": self.heads,
-        }
+    def _meta(self) -> dict[str, Any]:
+        return {**super()._meta(), "fingerprint": self.fingerprint,
+                "targets": [[t.name, t.group, t.m, t.n] for t in self.targets], "heads": self.heads}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, save_bases: bool = True, **_: Any) -> dict[str, int]:
+    def _check_ready_to_save(self) -> None:
+        if not self.is_calibrated:
+            raise NotCalibratedError("Nothing to save yet: call calibrate() (and train) before save_pretrained().")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, save_bases: bool = True, **kwargs: Any) -> dict[str, int]:
         """Write the adapter only: ``adapter_model.safetensors`` (O(k) values, their rotated
         positions, the basis columns they use, the dense heads) and ``adapter_config.json``.
         Each file is written atomically. Returns sizes in bytes and counts."""
-        if not self.is_calibrated:
-            raise NotCalibratedError("Nothing to save yet: call calibrate() (and train) before save_pretrained().")
-        out = Path(save_directory)
+        return super().save_pretrained(save_directory, save_bases=save_bases)
+
+    def _adapter_tensors(self, save_bases: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
         used: dict[str, list[set[int]]] = {}
-        values = 0
         for name, layer in self.sparse_layers().items():
             rows, cols, vals = layer.sparse_state()
             index_dtype = torch.int32 if max(layer.m, layer.n) < 2**31 else torch.int64
             tensors[f"layers.{name}.rows"] = rows.to(index_dtype)
             tensors[f"layers.{name}.cols"] = cols.to(index_dtype)
             tensors[f"layers.{name}.values"] = vals
-            values += vals.numel()
             if layer.selection == "fixed":
                 u = used.setdefault(layer.group, [set(), set()])
                 u[0].update(layer.R.tolist())
                 u[1].update(layer.C.tolist())
-        for head in self.heads:
-            for key, value in self.base_model.get_submodule(head).state_dict().items():
-                tensors[f"heads.{head}.{key}"] = value
-        meta = self._adapter_meta()
-        meta["bases_included"] = bool(save_bases and not self.sparse_config.identity_bases)
-        if meta["bases_included"]:
+        bases_included = bool(save_bases and not self.sparse_config.identity_bases)
+        if bases_included:
             cols = None
             if self.sparse_config.selection == "fixed":
                 cols = {g: tuple(torch.tensor(sorted(s), dtype=torch.long) for s in pair) for g, pair in used.items()}
             tensors.update(self.bases.export(cols))
-        adapter_bytes = save_tensors(out / ADAPTER_FILE, tensors, meta)
-        atomic_write_text(out / CONFIG_FILE, json.dumps(dict(meta, adapter_bytes=adapter_bytes), indent=2))
+        return tensors, {"bases_included": bases_included}
+
+    def _save_result(self, size: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
+        values = sum(v.numel() for k, v in tensors.items() if k.startswith("layers.") and k.endswith(".values"))
         basis_numbers = sum(v.numel() for k, v in tensors.items() if k.startswith("bases.") and not k.endswith("_cols"))
-        return {"adapter_bytes": adapter_bytes, "values": values, "basis_numbers": basis_numbers}
+        return {"adapter_bytes": size, "values": values, "basis_numbers": basis_numbers}
 
     @classmethod
-    def from_pretrained(
-        cls, model: nn.Module, save_directory: str | os.PathLike, bases: str | os.PathLike | None = None
-    ) -> "SparseModel":
-        """Rebuild the adapted model on a fresh ``model`` from ``save_pretrained`` output."""
-        tensors, meta = cls._read_adapter(model, save_directory, "adapter",
-                                          "{path} holds sparseft {kind}, not an adapter; use load_bases() for bases.")
-        config = SparseConfig.from_dict(meta["config"])
-        # check the fit before touching the model: a failed load leaves it as it was
+    def _wrong_kind(cls, path: Path, kind: Any) -> str:
+        return f"{path} holds sparseft {kind}, not an adapter; use load_bases() for bases."
+
+    @classmethod
+    def config_from_meta(cls, meta: dict[str, Any]) -> SparseConfig:
+        return SparseConfig.from_dict(meta["config"])
+
+    @classmethod
+    def _check_fit(cls, model: nn.Module, config: SparseConfig, meta: dict[str, Any],
+                   bases: str | os.PathLike | None = None) -> None:
         targets = find_targets(model, config.target_modules)
         saved_targets = [tuple(t) for t in meta["targets"]]
         ours = [(t.name, t.group, t.m, t.n) for t in targets]
@@ -401,38 +284,28 @@ class SparseModel(BaseModelWrapper):
                 "The adapter was trained on other base weights (fingerprint "
                 f"{meta['fingerprint']} ≠ {base_fingerprint(model, targets)}): load the base checkpoint it was trained on."
             )
-        sparse = get_sparse_model(model, config)
-        weight = next(iter(sparse.sparse_layers().values())).base_layer.weight
+        if not meta.get("bases_included") and not config.identity_bases and bases is None:
+            raise AdapterMismatchError("This adapter was saved without bases: pass bases='path/to/bases.safetensors'.")
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, save_directory: str | os.PathLike, bases: str | os.PathLike | None = None
+    ) -> "SparseModel":
+        """Rebuild the adapted model on a fresh ``model`` from ``save_pretrained`` output."""
+        sparse = super().from_pretrained(model, save_directory, bases=bases)
+        return sparse.to(next(iter(sparse.sparse_layers().values())).base_layer.weight.device)
+
+    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                              bases: str | os.PathLike | None = None) -> None:
+        weight = next(iter(self.sparse_layers().values())).base_layer.weight
         if meta.get("bases_included"):
-            sparse.bases.load(tensors, sparse._group_shapes(), weight.device, weight.dtype)
-        elif not config.identity_bases:
-            if bases is None:
-                raise AdapterMismatchError("This adapter was saved without bases: pass bases='path/to/bases.safetensors'.")
-            sparse.load_bases(bases)
-        for name, layer in sparse.sparse_layers().items():
+            self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype)
+        elif not self.sparse_config.identity_bases:
+            self.load_bases(bases)
+        for name, layer in self.sparse_layers().items():
             layer.load_sparse_state(
                 tensors[f"layers.{name}.rows"].long(), tensors[f"layers.{name}.cols"].long(), tensors[f"layers.{name}.values"]
             )
-        for head in sparse.heads:
-            module = sparse.base_model.get_submodule(head)
-            state = {k[len(f"heads.{head}.") :]: v for k, v in tensors.items() if k.startswith(f"heads.{head}.")}
-            module.load_state_dict(state)
-        return sparse.to(weight.device)
-
-    # ------------------------------------------------------------------ merge
-    def merge_and_unload(self) -> nn.Module:
-        """Fold every update into its base weight and return the base model (its own class,
-        plain nn.Linear / Conv1D layers, no sparseft module left)."""
-        for target in self.targets:
-            layer = self.base_model.get_submodule(target.name)
-            parent_name, _, attr = target.name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, attr, layer.merge())
-        return self._unwrap()
-
-
-def _is_adapter_param(name: str) -> bool:
-    leaf = name.rsplit(".", 1)[-1]
-    return leaf in ("values", "delta") and ".base_layer." not in name
 
 
 _DENSE_STATE_HOOK: list[Any] = []
@@ -461,26 +334,6 @@ def _warn_on_dense_state(optimizer: torch.optim.Optimizer, args: Any, kwargs: An
                 return
 
 
-_CLASSES: dict[type, type] = {}
-
-
-def _sparse_class_for(model_class: type) -> type:
-    """A SparseModel subclass whose ``forward`` has ``model_class.forward``'s signature, so that
-    Trainer finds the input names and label names it inspects for."""
-    if model_class not in _CLASSES:
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
-
-        try:
-            params = list(inspect.signature(model_class.forward).parameters.values())
-            forward.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        except (TypeError, ValueError):
-            pass
-        _CLASSES[model_class] = type(f"Sparse{model_class.__name__}", (SparseModel,), {"forward": forward, "__module__": __name__})
-    return _CLASSES[model_class]
-
-
 def get_sparse_model(model: nn.Module, config: SparseConfig, bases: str | os.PathLike | None = None) -> SparseModel:
     """Adapt ``model``'s MLP layers (or ``config.target_modules``) in place and wrap it.
 
@@ -489,4 +342,4 @@ def get_sparse_model(model: nn.Module, config: SparseConfig, bases: str | os.Pat
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"get_sparse_model() adapts a torch nn.Module (e.g. a transformers model), got {type(model).__name__}.")
-    return _sparse_class_for(type(model))(model, config, bases=bases)
+    return SparseModel.wrap(model, config, bases=bases)

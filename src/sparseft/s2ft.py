@@ -26,9 +26,6 @@ calibration batches (``model.calibrate(batches)``).
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import json
-import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -39,11 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import __version__
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
-from .model import ADAPTER_FILE, CONFIG_FILE, BaseModelWrapper
-from .serialization import atomic_write_text, save_tensors
-from .targets import Target, find_heads, find_targets, is_transposed, weight_of
+from .targets import Target, find_targets, is_transposed, weight_of
+from .tuner import BaseTuner, BaseTunerLayer
 
 
 # Out-projections of an MLP block, by name (needed when hidden == intermediate size).
@@ -94,15 +89,13 @@ class S2FTConfig:
         return dataclasses.asdict(self)
 
 
-class S2FTLinear(nn.Module):
+class S2FTLinear(BaseTunerLayer):
     """A frozen ``base_layer`` (nn.Linear or Conv1D) plus a trainable dense slice: rows
     ``channels`` of its m×n weight (``axis='rows'``) or those columns (``axis='cols'``)."""
 
     def __init__(self, base_layer: nn.Module, channels: torch.Tensor, axis: Literal["rows", "cols"]) -> None:
-        super().__init__()
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         W0 = weight_of(base_layer)
-        self.m, self.n = (int(s) for s in W0.shape)
         self.axis = axis
         dtype = torch.float32 if W0.dtype in (torch.float16, torch.bfloat16) else W0.dtype
         shape = (channels.numel(), self.n) if axis == "rows" else (self.m, channels.numel())
@@ -114,23 +107,17 @@ class S2FTLinear(nn.Module):
             raise ValueError(f"expected {self.channels.numel()} channels, got {channels.numel()}")
         self.channels = channels.to(self.channels.device, torch.long)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def update_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         delta = self.delta.to(x.dtype)
         if self.axis == "rows":
             return y.index_add(-1, self.channels, F.linear(x, delta))
         return y + F.linear(x.index_select(-1, self.channels), delta)
 
-    @torch.no_grad()
-    def merge(self) -> nn.Module:
-        """Add the slice into the base weight; returns the plain base layer."""
-        W = weight_of(self.base_layer)  # a view for Conv1D: writes go to its stored weight
-        d = self.delta.to(W.dtype)
-        if self.axis == "rows":
-            W.index_add_(0, self.channels, d)
-        else:
-            W.index_add_(1, self.channels, d)
-        return self.base_layer
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW: the slice placed at its rows (or columns) of an m×n zero matrix."""
+        dim = 0 if self.axis == "rows" else 1
+        return self.delta.new_zeros(self.m, self.n).index_add(dim, self.channels, self.delta)
 
     def extra_repr(self) -> str:
         return f"{self.m}x{self.n}, {self.channels.numel()} {self.axis} trainable"
@@ -169,18 +156,23 @@ def find_mlp_blocks(model: nn.Module, target_modules: list[str] | str | None = N
     return blocks
 
 
-class S2FTModel(BaseModelWrapper):
+class S2FTModel(BaseTuner):
     """A model whose MLP blocks train |S| channels each. Build with :func:`get_s2ft_model`."""
 
-    def __init__(self, model: nn.Module, config: S2FTConfig) -> None:
-        super().__init__()
-        if any(isinstance(m, S2FTLinear) for m in model.modules()):
-            raise ConfigError("This model already has S2FT layers; merge_and_unload() it or use a fresh model.")
-        self.base_model = model
-        self.s2ft_config = config
-        self.blocks = find_mlp_blocks(model, config.target_modules)
-        self.heads = find_heads(model, config.modules_to_save)
-        self._freeze_all_but_heads(model)
+    adapter_kind = "s2ft-adapter"
+    layer_class = S2FTLinear
+    config_class = S2FTConfig
+
+    @property
+    def s2ft_config(self) -> S2FTConfig:
+        return self.tuner_config
+
+    def _setup(self, model: nn.Module) -> None:
+        self.blocks = find_mlp_blocks(model, self.tuner_config.target_modules)
+        self.calibrated = self.tuner_config.selection == "random"
+
+    def _create_layers(self, model: nn.Module):
+        config = self.tuner_config
         gen = torch.Generator().manual_seed(config.seed)
         for block in self.blocks:
             layers = block.inputs + block.outputs
@@ -189,17 +181,14 @@ class S2FTModel(BaseModelWrapper):
             c = config.channels(block.intermediate, lora, per_channel)
             channels = torch.randperm(block.intermediate, generator=gen)[:c].sort().values
             for t, axis in [(t, "rows") for t in block.inputs] + [(t, "cols") for t in block.outputs]:
-                parent, _, attr = t.name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, attr, S2FTLinear(model.get_submodule(t.name), channels, axis))
-        self.calibrated = config.selection == "random"
+                yield t.name, S2FTLinear(model.get_submodule(t.name), channels, axis)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def _before_forward(self) -> None:
         if not self.calibrated and self.training and torch.is_grad_enabled():
             raise NotCalibratedError("S2FT selection='gradient' chooses channels from gradients: call model.calibrate(batches) first.")
-        return self.base_model(*args, **kwargs)
 
     def s2ft_layers(self) -> dict[str, S2FTLinear]:
-        return {t.name: self.base_model.get_submodule(t.name) for b in self.blocks for t in b.inputs + b.outputs}
+        return self.adapted_layers()
 
     def channels(self) -> dict[str, list[int]]:
         """The trained channels of each block."""
@@ -257,66 +246,33 @@ class S2FTModel(BaseModelWrapper):
         self.calibrated = True
         return self.channels()
 
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all): the slices plus the dense heads; all = the base model's parameters."""
-        trainable = sum(layer.delta.numel() for layer in self.s2ft_layers().values())
-        trainable += sum(p.numel() for h in self.heads for p in self.base_model.get_submodule(h).parameters())
-        total = sum(p.numel() for n, p in self.base_model.named_parameters() if not n.endswith(".delta"))
-        return trainable, total
-
-    def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
-
-    def merge_and_unload(self) -> nn.Module:
-        """Write the slices into the weights and return the base model with plain layers."""
-        for name, layer in self.s2ft_layers().items():
-            parent, _, attr = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, attr, layer.merge())
-        return self._unwrap()
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: Any) -> int:
-        """Write ``adapter_model.safetensors`` (slices, channels, heads) and ``adapter_config.json``
-        atomically; returns the adapter file's size in bytes."""
-        tensors: dict[str, torch.Tensor] = {}
-        for name, layer in self.s2ft_layers().items():
-            tensors[f"layers.{name}.delta"] = layer.delta
+    def _adapter_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {f"layers.{name}.delta": layer.delta for name, layer in self.s2ft_layers().items()}
         for block, channels in self.channels().items():
             tensors[f"blocks.{block}.channels"] = torch.tensor(channels, dtype=torch.int64)
-        for head in self.heads:
-            for key, value in self.base_model.get_submodule(head).state_dict().items():
-                tensors[f"heads.{head}.{key}"] = value
-        meta = {
-            "kind": "s2ft-adapter",
-            "version": __version__,
-            "config": self.s2ft_config.to_dict(),
-            "base_model_class": type(self.base_model).__name__,
-            "layers": {name: [layer.m, layer.n, layer.axis] for name, layer in self.s2ft_layers().items()},
-        }
-        out = Path(save_directory)
-        size = save_tensors(out / ADAPTER_FILE, tensors, meta)
-        atomic_write_text(out / CONFIG_FILE, json.dumps(dict(meta, adapter_bytes=size), indent=2))
-        return size
+        return tensors, {"layers": {name: [layer.m, layer.n, layer.axis] for name, layer in self.s2ft_layers().items()}}
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, save_directory: str | os.PathLike) -> "S2FTModel":
-        """Rebuild on a fresh ``model`` from ``save_pretrained`` output."""
-        tensors, meta = cls._read_adapter(model, save_directory, "s2ft-adapter", "{path} is not an S2FT adapter (kind {kind!r}).")
-        s2 = get_s2ft_model(model, S2FTConfig(**meta["config"]))
-        ours = {name: [layer.m, layer.n, layer.axis] for name, layer in s2.s2ft_layers().items()}
+    def _wrong_kind(cls, path: Path, kind: Any) -> str:
+        return f"{path} is not an S2FT adapter (kind {kind!r})."
+
+    @classmethod
+    def _check_fit(cls, model: nn.Module, config: S2FTConfig, meta: dict[str, Any], **_: Any) -> None:
+        ours = {}
+        for b in find_mlp_blocks(model, config.target_modules):
+            ours.update({t.name: [t.m, t.n, "rows"] for t in b.inputs})
+            ours.update({t.name: [t.m, t.n, "cols"] for t in b.outputs})
         if ours != meta["layers"]:
             raise AdapterMismatchError("The adapter's layers do not fit this model: it was saved for another architecture or size.")
-        with torch.no_grad():
-            for b in s2.blocks:
-                for t in b.inputs + b.outputs:
-                    layer = s2.base_model.get_submodule(t.name)
-                    layer.set_channels(tensors[f"blocks.{b.name}.channels"])
-                    layer.delta.copy_(tensors[f"layers.{t.name}.delta"])
-            for head in s2.heads:
-                prefix = f"heads.{head}."
-                s2.base_model.get_submodule(head).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        s2.calibrated = True
-        return s2
+
+    @torch.no_grad()
+    def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], **_: Any) -> None:
+        for b in self.blocks:
+            for t in b.inputs + b.outputs:
+                layer = self.base_model.get_submodule(t.name)
+                layer.set_channels(tensors[f"blocks.{b.name}.channels"])
+                layer.delta.copy_(tensors[f"layers.{t.name}.delta"])
+        self.calibrated = True
 
 
 def _channel_sq(layer: S2FTLinear, axis: str) -> torch.Tensor:
@@ -326,25 +282,10 @@ def _channel_sq(layer: S2FTLinear, axis: str) -> torch.Tensor:
     return G.double().pow(2).sum(1 if axis == "rows" else 0).cpu()
 
 
-_CLASSES: dict[type, type] = {}
-
-
 def get_s2ft_model(model: nn.Module, config: S2FTConfig | None = None) -> S2FTModel:
     """Adapt ``model``'s MLP blocks for S2FT in place and wrap it. The wrapper's ``forward``
     carries the base model's signature, so ``transformers.Trainer`` sees the real input names."""
-    config = config or S2FTConfig()
-    cls = type(model)
-    if cls not in _CLASSES:
-
-        def forward(self, *args: Any, **kwargs: Any) -> Any:
-            return S2FTModel.forward(self, *args, **kwargs)
-
-        try:
-            forward.__signature__ = inspect.Signature(list(inspect.signature(cls.forward).parameters.values()))  # type: ignore[attr-defined]
-        except (TypeError, ValueError):
-            pass
-        _CLASSES[cls] = type(f"S2FT{cls.__name__}", (S2FTModel,), {"forward": forward, "__module__": __name__})
-    return _CLASSES[cls](model, config)
+    return S2FTModel.wrap(model, config or S2FTConfig())
 
 
 __all__ = ["MLPBlock", "S2FTConfig", "S2FTLinear", "S2FTModel", "find_mlp_blocks", "get_s2ft_model"]

@@ -1,0 +1,109 @@
+"""The arithmetic of a sparse update in a basis: the one place for the forward/backward formulas,
+their cost model and the choice of bracketing.
+
+A layer ``y = x W0ᵀ + b`` (W0 is m×n) trains ``W = W0 + P_R D Q_Cᵀ``, where P_R (m×a) and Q_C
+(n×b) are the basis columns the support touches and D (a×b) holds the trained entries (zero
+elsewhere). With g = ∂L/∂y (N×m) and x the input (N×n):
+
+    forward          y   = x W0ᵀ + b + x Q_C Dᵀ P_Rᵀ
+    input gradient   ∂x  = g W0 + g P_R D Q_Cᵀ
+    value gradient   ∂D  = P_Rᵀ gᵀ x Q_C                      (only its support entries are kept)
+
+The update is applied either *merged* (ΔW = P_R D Q_Cᵀ formed once, ``merge_cost``
+multiply-adds, independent of N) or *factored* (through x Q_C and g P_R, linear in N). The
+value gradient has four bracketings (``GRAD_PATHS``), costed in ``grad_costs``:
+
+    activations   (g P_R)ᵀ (x Q_C)          N·(m·a + n·b + a·b)
+    weights       P_Rᵀ (gᵀ x) Q_C           N·m·n + the cheaper side of the rotation
+    output-side   ((g P_R)ᵀ x) Q_C          N·(m·a + a·n) + a·n·b
+    input-side    P_Rᵀ (gᵀ (x Q_C))         N·(n·b + m·b) + a·m·b
+
+With identity bases (MeProp, SHiRA-like supports) P_R and Q_C select rows and columns, so the
+rotations cost nothing (``identity_costs``). ``SparseUpdate`` is the autograd function that runs a
+whole adapted layer, saving only x, so no m×n tensor outlives a call.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .targets import weight_of
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layer import SparseLinear
+
+GRAD_PATHS = ("activations", "weights", "output-side", "input-side")
+
+
+def lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor) -> torch.Tensor:
+    """``P_R D Q_Cᵀ`` (m×n) in the cheaper bracketing: min(m·b·(a+n), a·n·(b+m)) multiply-adds."""
+    m, (a, b), n = P_R.shape[0], D.shape, Q_C.shape[0]
+    if m * a * b + m * b * n <= a * b * n + m * a * n:
+        return (P_R @ D) @ Q_C.T
+    return P_R @ (D @ Q_C.T)
+
+
+def merge_cost(m: int, n: int, a: int, b: int) -> int:
+    """Multiply-adds of forming ``P_R D Q_Cᵀ`` (m×n) from an a×b D."""
+    return min(m * a * b + m * b * n, a * b * n + m * a * n)
+
+
+def grad_costs(N: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+    """Multiply-adds of the four bracketings of ``P_aᵀ gᵀ x Q_b`` (g: N×m, x: N×n)."""
+    return {
+        "activations": N * (m * a + n * b + a * b),
+        "weights": N * m * n + min(a * m * n + a * n * b, m * n * b + a * m * b),
+        "output-side": N * (m * a + a * n) + a * n * b,
+        "input-side": N * (n * b + m * b) + a * m * b,
+    }
+
+
+def rotated_costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+    """One training step's adapted multiply-adds in a rotated basis (frozen x W0ᵀ, g W0 not
+    counted): ``merge`` and ``factored`` (each of forward and input gradient), and the four
+    value-gradient bracketings."""
+    return {"merge": merge_cost(m, n, a, b), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b)}
+
+
+def identity_costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+    """As :func:`rotated_costs` for identity bases: selecting rows/columns costs nothing."""
+    return {"merge": 0, "factored": tokens * a * b, "activations": tokens * a * b,
+            "weights": tokens * m * n, "output-side": tokens * a * n, "input-side": tokens * m * b}
+
+
+def cheapest_path(costs: dict[str, int]) -> str:
+    """The value-gradient bracketing of ``GRAD_PATHS`` with the fewest multiply-adds."""
+    return min(GRAD_PATHS, key=costs.__getitem__)
+
+
+class SparseUpdate(torch.autograd.Function):
+    """y = x (W0 + ΔW)ᵀ + b with ∂L/∂param computed in the basis, never via autograd of ΔW.
+
+    The layer supplies the three formulas above (``_forward_no_grad``, ``_input_grad``,
+    ``_param_grad``); this function only routes dtypes and saved tensors."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, param: torch.Tensor, layer: "SparseLinear") -> torch.Tensor:
+        ctx.layer = layer
+        ctx.save_for_backward(x, param)  # param: autograd's version check (no in-place edits between)
+        return layer._forward_no_grad(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        x, param = ctx.saved_tensors
+        layer: SparseLinear = ctx.layer
+        # Under autocast the output (and so grad_y) may be bf16 while x is float32; backward runs
+        # outside autocast, so compute in the widest of them and the weight's (the engine casts grad_x back).
+        dtype = torch.promote_types(torch.promote_types(grad_y.dtype, x.dtype), weight_of(layer.base_layer).dtype)
+        grad_y, x = grad_y.to(dtype), x.to(dtype)
+        grad_x = layer._input_grad(grad_y) if ctx.needs_input_grad[0] else None
+        grad_param = None
+        if ctx.needs_input_grad[1]:
+            grad_param = layer._param_grad(grad_y.reshape(-1, layer.m), x.reshape(-1, layer.n)).to(param.dtype)
+        return grad_x, grad_param, None
+
+
+__all__ = ["GRAD_PATHS", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "rotated_costs"]

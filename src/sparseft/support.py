@@ -1,0 +1,246 @@
+"""Supports: which entries of the rotated update Δ̃ train, and the parameter that holds them.
+
+A layer holds one support object and one basis object (:mod:`sparseft.bases`); the layer only
+composes them. A support owns:
+
+- the trainable parameter's shape (``new_parameter``) and how it becomes the a×b matrix
+  D = Δ̃[R, C] (``dense``), with R, C the rotated rows/columns it touches (``index``);
+- how the a×b value gradient P_Rᵀ gᵀ x Q_C becomes the parameter's gradient (``gather``);
+- its O(k) export (``sparse_state`` / ``load_sparse_state``) and its state-dict extra state.
+
+Two kinds:
+
+- :class:`FixedSupport` (``selection="fixed"``): k positions chosen once in calibration, the
+  parameter is the k-vector ``values``, so any optimizer keeps O(k) state.
+- :class:`DynamicSupport` (``selection="dynamic"``, the paper's): the parameter is the dense
+  ``delta`` over the allowed block; its gradient is cut to its top-k entries before each
+  optimizer step (after each backward, until an optimizer takes the top-k itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import SHARDED_DYNAMIC, is_sharded
+from .errors import ConfigError
+
+
+class FixedSupport:
+    """k fixed positions of the ``block`` (rows × cols) of the rotated space.
+
+    Its tensors are non-persistent buffers ``R``, ``C``, ``local`` of the ``owner`` layer (so
+    they follow ``.to(device)`` and keep their names there). Stored compactly: the distinct rotated rows R and columns C it touches, and per value its
+    position in D = Δ̃[R, C] (flattened), int32 where that fits. 4 bytes per entry instead of the
+    16 of (rows, cols) as int64: next to the 16 bytes of value, gradient and AdamW moments that
+    LoRA also pays, the index is the only memory LoRA does not need."""
+
+    kind = "fixed"
+    param_name = "values"
+    caches_merged = False  # the merged update is rebuilt per call (see SparseLinear._merged_forward)
+
+    def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
+        self.owner, self.k, self.block = owner, int(k), block
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        self._store(empty, empty)
+
+    R = property(lambda self: self.owner.R)
+    C = property(lambda self: self.owner.C)
+    local = property(lambda self: self.owner.local)
+
+    def new_parameter(self, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+        return nn.Parameter(torch.zeros(self.k, dtype=dtype, device=device))
+
+    def _store(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        R, local_r = torch.unique(rows, return_inverse=True)
+        C, local_c = torch.unique(cols, return_inverse=True)
+        local = local_r * C.numel() + local_c
+        index_dtype = torch.int32 if R.numel() * C.numel() < 2**31 else torch.long
+        self.owner.register_buffer("R", R.to(torch.long), persistent=False)
+        self.owner.register_buffer("C", C.to(torch.long), persistent=False)
+        self.owner.register_buffer("local", local.to(index_dtype), persistent=False)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """Rotated row of each value (int64, computed from the compact support)."""
+        return self.R.index_select(0, self.local.long() // max(1, self.C.numel()))
+
+    @property
+    def cols(self) -> torch.Tensor:
+        """Rotated column of each value (int64, computed from the compact support)."""
+        return self.C.index_select(0, self.local.long() % max(1, self.C.numel()))
+
+    @torch.no_grad()
+    def set(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        """Entry i of ``values`` lives at rotated position (rows[i], cols[i])."""
+        if rows.numel() != self.k or cols.numel() != self.k:
+            raise ValueError(f"support needs {self.k} entries, got {rows.numel()}")
+        if int(rows.max()) >= self.block[0] or int(cols.max()) >= self.block[1]:
+            raise ValueError("support lies outside the allowed block")
+        device = self.R.device
+        self._store(rows.to(device), cols.to(device))
+
+    @torch.no_grad()
+    def choose(self, scores: torch.Tensor) -> None:
+        """The k entries of the largest ``scores`` (shape = block)."""
+        idx = torch.topk(scores.flatten().float(), self.k, sorted=False).indices.sort().values
+        self.set(idx // self.block[1], idx % self.block[1])
+
+    def index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.R, self.C
+
+    def shape(self) -> tuple[int, int]:
+        return self.R.numel(), self.C.numel()
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        """D = Δ̃[R, C] (a×b); differentiable in ``values``."""
+        # index_copy, not advanced indexing: the latter is ~100x slower on CPU
+        a, b = self.shape()
+        return values.new_zeros(a * b).index_copy(0, self.local.long(), values).view(a, b)
+
+    def gather(self, Gt: torch.Tensor) -> torch.Tensor:
+        """The k support entries of the a×b value gradient."""
+        return Gt.reshape(-1).index_select(0, self.local)  # int32 index: no copy
+
+    @torch.no_grad()
+    def regrow(self, values: torch.Tensor, scores: torch.Tensor, n_swap: int, optimizer: Any = None) -> int:
+        """SpIEL-style drop/grow: the ``n_swap`` smallest |values| leave (back to the base weight,
+        optimizer state zeroed), the largest ``scores`` off the support come in. Returns the count."""
+        flat = scores.flatten().clone()
+        flat[self.rows * self.block[1] + self.cols] = -float("inf")
+        n_swap = min(n_swap, int(torch.isfinite(flat).sum()))
+        if n_swap == 0:
+            return 0
+        drop = torch.topk(values.abs().float(), n_swap, largest=False).indices
+        grow = torch.topk(flat, n_swap).indices
+        rows, cols = self.rows.clone(), self.cols.clone()
+        rows[drop], cols[drop] = grow // self.block[1], grow % self.block[1]
+        values[drop] = 0
+        self.set(rows, cols)
+        if optimizer is not None:
+            for value in optimizer.state.get(values, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == values.shape:
+                    value[drop] = 0
+        return n_swap
+
+    @torch.no_grad()
+    def sparse_state(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.rows.clone(), self.cols.clone(), values.detach().clone()
+
+    @torch.no_grad()
+    def load_sparse_state(self, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, saved: torch.Tensor) -> None:
+        self.set(rows, cols)
+        values.copy_(saved.to(values.dtype))
+
+    # State dict: the support's length is only known after calibration, so its buffers are not
+    # persistent; the layer's extra state carries one (2, k) index tensor, (2, 0) before calibration.
+    def extra_state(self, calibrated: bool) -> torch.Tensor:
+        return torch.stack([self.rows, self.cols]) if calibrated else torch.zeros(2, 0, dtype=torch.long)
+
+    def load_extra_state(self, state: torch.Tensor) -> bool:
+        """Returns whether the state held a support (the layer is then calibrated)."""
+        if state.numel():
+            self.set(state[0].long(), state[1].long())
+            return True
+        return False
+
+
+class DynamicSupport:
+    """Any k entries of the ``block``, re-chosen as the top-k of the gradient every step."""
+
+    kind = "dynamic"
+    param_name = "delta"
+    caches_merged = True  # the merged update only changes at optimizer steps: keep it
+
+    def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
+        self.k, self.block = int(k), block
+        # Until an optimizer takes over selection (attach_optimizer), cut the gradient to its
+        # top-k after every backward, so plain loops never train densely by accident.
+        self.select_on_backward = True
+        self._hooked_param_id = 0
+
+    def new_parameter(self, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+        delta = nn.Parameter(torch.zeros(self.block, dtype=dtype, device=device))
+        delta._sparseft_k = self.k  # read by SparseAdamW
+        # FSDP replaces parameters by shards and gathered copies that carry neither the marker
+        # nor the hook: check_parameter() tests that `delta` is still this object.
+        self._param = delta
+        self.ensure_hook(delta)
+        return delta
+
+    def check_parameter(self, delta: torch.Tensor | None) -> None:
+        if delta is not self._param:
+            raise ConfigError(SHARDED_DYNAMIC)
+
+    def index(self) -> tuple[slice, slice]:
+        return slice(0, self.block[0]), slice(0, self.block[1])
+
+    def shape(self) -> tuple[int, int]:
+        return self.block
+
+    def dense(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta
+
+    def gather(self, Gt: torch.Tensor) -> torch.Tensor:
+        return Gt
+
+    def ensure_hook(self, delta: torch.Tensor) -> None:
+        """Register the top-k hook on ``delta`` once per parameter object: a deep copy (or a
+        replaced parameter) gets a new object, and hooks do not travel with copies."""
+        if self._hooked_param_id != id(delta):
+            delta.register_post_accumulate_grad_hook(self._after_backward)
+            self._hooked_param_id = id(delta)
+
+    def _after_backward(self, param: torch.Tensor) -> None:
+        # SparseAdamW (or an attached optimizer) takes the top-k itself, at step time.
+        if not self.select_on_backward or getattr(param, "_sparseft_optimizer_selects", False):
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Masking here would cut each rank's local gradient before DDP's all-reduce: the ranks'
+            # top-k differ and the reduced update is not the top-k of the global gradient.
+            raise ConfigError(
+                "Dynamic selection under torch.distributed must run after the gradient all-reduce: "
+                "use SparseAdamW, or call model.attach_optimizer(optimizer) before training."
+            )
+        self.mask_grad_to_topk_(param)
+
+    @torch.no_grad()
+    def mask_grad_to_topk_(self, delta: torch.Tensor) -> torch.Tensor | None:
+        """Keep the k largest |entries| of ``delta.grad``, zero the rest. Returns the flat
+        indices kept (None without a gradient)."""
+        grad = delta.grad
+        if grad is None:
+            return None
+        if is_sharded(grad):
+            raise ConfigError(SHARDED_DYNAMIC)
+        flat = grad.view(-1)
+        idx = torch.topk(flat.abs(), self.k, sorted=False).indices.sort().values
+        kept = flat.index_select(0, idx)
+        flat.zero_()
+        flat.index_copy_(0, idx, kept)
+        # SparseAdamW reuses this selection while the gradient is untouched (no second top-k)
+        delta._sparseft_selected = (grad, grad._version, idx)
+        return idx
+
+    @torch.no_grad()
+    def sparse_state(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        nz = delta.nonzero(as_tuple=True)
+        return nz[0], nz[1], delta[nz].detach().clone()
+
+    @torch.no_grad()
+    def load_sparse_state(self, delta: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, saved: torch.Tensor) -> None:
+        delta.zero_()
+        delta[rows.to(delta.device), cols.to(delta.device)] = saved.to(delta)
+
+    def extra_state(self, calibrated: bool) -> torch.Tensor:
+        return torch.tensor([int(calibrated)], dtype=torch.long)
+
+    def load_extra_state(self, state: torch.Tensor) -> bool:
+        return bool(int(state[0]))
+
+
+SUPPORTS: dict[str, type[FixedSupport] | type[DynamicSupport]] = {"fixed": FixedSupport, "dynamic": DynamicSupport}
+
+__all__ = ["DynamicSupport", "FixedSupport", "SUPPORTS"]
