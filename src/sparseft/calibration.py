@@ -226,13 +226,7 @@ def calibrate_layers(
             scores = {name: torch.zeros(layer.block, device=layer.base_layer.weight.device) for name, layer in layers.items()}
 
             def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
-                rows, cols = layer.block
-                if identity:
-                    scores[name].add_(G[:rows, :cols].float().abs())
-                    return
-                P_b = bank.columns(layer.group, "P", slice(0, rows)).float()
-                Q_b = bank.columns(layer.group, "Q", slice(0, cols)).float()
-                scores[name].add_((P_b.T @ G.float() @ Q_b).abs())
+                scores[name].add_(_rotated_block(layer, G).abs())
 
             rng.restore()
             gradient_pass(model, layers, cached, loss_fn, score, "calibrate: support", show_progress)
@@ -252,6 +246,12 @@ def calibrate_layers(
     return report
 
 
+def _rotated_block(layer: SparseLinear, G: torch.Tensor) -> torch.Tensor:
+    """The allowed block of the layer's rotated gradient P_bᵀ G Q_b (float32)."""
+    rows, cols = layer.block
+    return layer.basis.rotate(G, slice(0, rows), slice(0, cols))
+
+
 def rotated_gradient_scores(
     model: nn.Module,
     layers: Mapping[str, SparseLinear],
@@ -264,13 +264,7 @@ def rotated_gradient_scores(
     scores: dict[str, torch.Tensor] = {}
 
     def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
-        rows, cols = layer.block
-        if layer.identity:
-            s = G[:rows, :cols].float().abs()
-        else:
-            P_b = bank.columns(layer.group, "P", slice(0, rows)).float()
-            Q_b = bank.columns(layer.group, "Q", slice(0, cols)).float()
-            s = (P_b.T @ G.float() @ Q_b).abs()
+        s = _rotated_block(layer, G).abs()
         scores[name] = scores[name] + s if name in scores else s
 
     rng = _RngState()
