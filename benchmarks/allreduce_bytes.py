@@ -18,7 +18,7 @@ from transformers import AutoModelForSequenceClassification
 
 from sparseft.distributed import count_allreduce_bytes, count_broadcast_bytes
 from sparseft.methods import prepare
-from sparseft.resources import default_model_dir
+from sparseft.app.resources import default_model_dir
 
 
 def batch(gen: torch.Generator, size: int = 8, length: int = 64) -> dict[str, torch.Tensor]:

@@ -24,9 +24,9 @@ import torch
 from transformers import AutoTokenizer
 
 from sparseft import SparseGradConfig, get_sparse_model
-from sparseft.causal_lm import encode_chat, load_causal_lm, load_chat_splits
-from sparseft.data import batches
-from sparseft.resources import smollm2_dir
+from sparseft.app.causal_lm import encode_chat, load_causal_lm, load_chat_splits
+from sparseft.app.data import batches
+from sparseft.app.resources import smollm2_dir
 
 
 def main() -> None:

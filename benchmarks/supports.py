@@ -28,9 +28,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 import sparseft.methods as methods
-from sparseft.cli import _load_splits
-from sparseft.resources import default_model_dir
-from sparseft.train import RunSettings, run_classification
+from sparseft.app.cli import _load_splits
+from sparseft.app.resources import default_model_dir
+from sparseft.app.train import RunSettings, run_classification
 
 SPREAD: dict[str, dict] = {}
 
@@ -67,8 +67,8 @@ def narrowed(L: int):
 def calibrate_only(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    from sparseft.data import batches, encode
-    from sparseft.train import load_classifier
+    from sparseft.app.data import batches, encode
+    from sparseft.app.train import load_classifier
 
     splits = _load_splits(argparse.Namespace(data=None, text_column="text", label_column="label", group_column=None))
     model_dir = str(default_model_dir())

@@ -48,7 +48,7 @@ def save_tiny_bert_checkpoint(out, max_position_embeddings: int):
     """A 2-layer random BERT classifier checkpoint with the embedded MiniLM tokenizer, for CLI tests."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from sparseft.resources import default_model_dir
+    from sparseft.app.resources import default_model_dir
 
     torch.manual_seed(0)
     BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-from sparseft import bench
-from sparseft.cli import main
+from sparseft.app import bench
+from sparseft.app.cli import main
 from sparseft.methods import METHODS
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "actor", "scene", "the", "a", "was", "very"]

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from sparseft import SparseGradConfig, SparseModel, get_sparse_model
-from sparseft.causal_lm import (
+from sparseft.app.causal_lm import (
     CausalLMSettings,
     answer_loss,
     chatterbot_conversations,
@@ -27,7 +27,7 @@ from sparseft.causal_lm import (
     split_conversations,
 )
 from sparseft.errors import DataError
-from sparseft.resources import smollm2_dir
+from sparseft.app.resources import smollm2_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONTRACT = {"method", "seed", "lr", "eval_loss", "perplexity", "trainable_params", "state_bytes", "peak_rss_bytes", "step_time_s"}
@@ -177,7 +177,7 @@ def chat_file(tmp_path):
 
 
 def test_cli_train_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
-    from sparseft.cli import main
+    from sparseft.app.cli import main
 
     out = tmp_path / "out"
     code = main(["train", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--method", "sparsegrad-dynamic",
@@ -192,9 +192,9 @@ def test_cli_train_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
 def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     """`sparseft bench --task causal-lm` runs the decoder methods at the causal-LM default rates,
     without the classifier-only "head" method, and tabulates perplexity before → after."""
-    from sparseft import bench
-    from sparseft.causal_lm import DEFAULT_LR
-    from sparseft.cli import main
+    from sparseft.app import bench
+    from sparseft.app.causal_lm import DEFAULT_LR
+    from sparseft.app.cli import main
 
     settings = bench.BenchSettings("unused", task="causal-lm", sweep=False)
     assert "head" not in settings.methods and len(settings.methods) == 7
@@ -211,7 +211,7 @@ def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
 
 
 def test_cli_causal_lm_bad_data_is_a_clear_error(tiny_dir, tmp_path, capsys):
-    from sparseft.cli import main
+    from sparseft.app.cli import main
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x"}\n' * 20)
@@ -263,7 +263,7 @@ def test_real_smollm2_sparsegrad_learns_and_merges(tokenizer, corpus, tmp_path):
 def test_bf16_llama_calibrates_with_float32_eigh_and_bf16_bases():
     """The path LLaMA-7B widths take (Grams above eigh_float64_max): float32 Grams and eigh,
     bases stored in the model's bf16, and the byte counts of sparsegrad_memory()."""
-    from sparseft.causal_lm import sparsegrad_memory
+    from sparseft.app.causal_lm import sparsegrad_memory
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

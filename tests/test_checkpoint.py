@@ -19,7 +19,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, get_linear_schedule_with_warmup
 
 from sparseft import AdapterMismatchError, MePropConfig, SparseAdamW, SparseGradConfig, get_sparse_model
-from sparseft.checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from sparseft.app.checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ CHILD = r"""
 import os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_checkpoint import setup, run
-from sparseft.checkpoint import save_checkpoint
+from sparseft.app.checkpoint import save_checkpoint
 out = sys.argv[1]
 model, opt, sched = setup("fixed", calibrate=True)
 run(model, opt, sched, 0, 2)
@@ -185,7 +185,7 @@ def test_cli_resume_equals_uninterrupted(tiny_checkpoint: Path, tmp_path: Path, 
 
     from safetensors.torch import load_file
 
-    from sparseft.cli import main
+    from sparseft.app.cli import main
 
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"{'good' if i % 2 else 'bad'} movie number {i} of {i * 7},{i % 2}\n" for i in range(160)))

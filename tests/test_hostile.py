@@ -31,7 +31,7 @@ from sparseft import (
     TargetError,
     get_sparse_model,
 )
-from sparseft.data import encode, load_table, split_dataset
+from sparseft.app.data import encode, load_table, split_dataset
 
 DTYPES = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 4e-2}
 
@@ -280,7 +280,7 @@ def test_long_sequences_are_truncated(tiny_checkpoint: Path) -> None:
     """Documented: texts longer than --max-length are cut to max_length tokens (ending in [SEP])."""
     from transformers import AutoTokenizer
 
-    from sparseft.data import TextDataset
+    from sparseft.app.data import TextDataset
 
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
     ds = TextDataset(["word " * 5000, "short"], [0, 1], ["a", "b"], ["g1", "g2"])
@@ -300,7 +300,7 @@ def test_long_sequences_are_truncated(tiny_checkpoint: Path) -> None:
     ],
 )
 def test_cli_bad_arguments(tiny_checkpoint: Path, tmp_path: Path, capsys, extra, message) -> None:
-    from sparseft.cli import main
+    from sparseft.app.cli import main
 
     data = _file(tmp_path, "d.csv", _rows(120))
     argv = ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", "1", "--calibration-steps", "1",

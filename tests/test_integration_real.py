@@ -9,10 +9,10 @@ import torch
 from transformers import AutoTokenizer
 
 from sparseft import SparseGradConfig, SparseModel, get_sparse_model
-from sparseft.cli import main
-from sparseft.data import batches, encode, rotten_tomatoes, split_dataset
-from sparseft.resources import default_model_dir
-from sparseft.train import load_classifier
+from sparseft.app.cli import main
+from sparseft.app.data import batches, encode, rotten_tomatoes, split_dataset
+from sparseft.app.resources import default_model_dir
+from sparseft.app.train import load_classifier
 
 pytestmark = pytest.mark.integration
 

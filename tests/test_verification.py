@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertForSequenceClassification
 
 from sparseft import AdapterMismatchError, SparseGradConfig, SparseModel, get_sparse_model
-from sparseft.checkpoint import load_checkpoint, save_checkpoint
+from sparseft.app.checkpoint import load_checkpoint, save_checkpoint
 from sparseft.model import ADAPTER_FILE
 
 

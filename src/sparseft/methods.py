@@ -60,6 +60,7 @@ class Method:
     # default learning rate per task kind: the starting point; `sparseft bench` sweeps around it
     lr: Mapping[str, float] = field(default_factory=dict)
     needs_head: bool = False  # only meaningful for models with a task head
+    in_default_bench: bool = True  # part of plain `sparseft bench`'s default set (the suite picks its own)
 
     def default_lr(self, task: str = "classification") -> float:
         return self.lr.get(task, self.lr["classification"])
@@ -122,6 +123,11 @@ def default_lrs(task: str) -> Mapping[str, float]:
     return _DefaultLR(task)
 
 
+def bench_methods(task: str = "classification") -> tuple[str, ...]:
+    """The methods plain ``sparseft bench`` runs by default for a task kind."""
+    return tuple(m for m, spec in REGISTRY.items() if spec.in_default_bench and not (spec.needs_head and task == "causal-lm"))
+
+
 def canonical(method: str) -> str:
     name = ALIASES.get(method, method)
     if name not in REGISTRY:
@@ -129,11 +135,44 @@ def canonical(method: str) -> str:
     return name
 
 
+REGIMES = ("peft", "paper")
+
+
 def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None = None,
-            support_narrow: int | None = None) -> Prepared:
+            support_narrow: int | None = None, regime: str = "peft") -> Prepared:
     """Set ``model`` up for ``method``; the model is modified in place or wrapped.
+
+    ``regime="peft"``: only the method's parameters and the task head train (what PEFT users
+    run). ``regime="paper"``: the SparseGrad paper's GLUE protocol, where only the MLP treatment
+    differs between methods: attention, embeddings, LayerNorms and the head train fully for every
+    method, and the MLP layers' own weights stay frozen except for what the method trains.
     ``support_narrow`` (SparseGrad only): see :class:`sparseft.config.SparseGradConfig`."""
-    return REGISTRY[canonical(method)].build(model, Budget(rank, density, support_narrow))
+    if regime not in REGIMES:
+        raise ConfigError(f"regime={regime!r} is not known; use 'peft' (adapters and head train) or 'paper' (all but the MLPs train).")
+    name = canonical(method)
+    mlp = {id(p) for t in find_targets(model) for p in model.get_submodule(t.name).parameters()}
+    prepared = REGISTRY[name].build(model, Budget(rank, density, support_narrow))
+    if regime == "paper" and name != "full":
+        _train_all_but_mlp(prepared.model, mlp)
+        prepared.trainable_params = _trainable_count(prepared)
+    return prepared
+
+
+def _train_all_but_mlp(model: nn.Module, mlp: set[int]) -> None:
+    """Unfreeze every parameter but the MLP layers' base weights (peft's frozen copy of a
+    ``modules_to_save`` head stays frozen: it is not used in the forward)."""
+    for name, p in model.named_parameters():
+        if id(p) not in mlp and ".original_module." not in name:
+            p.requires_grad_(True)
+
+
+def _trainable_count(prepared: Prepared) -> int:
+    """Trainable entries: the method's own count for its adapted layers plus every other trainable tensor."""
+    model = prepared.model
+    get = getattr(model, "adapted_layers", None)
+    adapters = {id(p) for layer in get().values() for p in layer.adapter_parameters()} if get else set()
+    own = sum(layer.trainable_count() for layer in get().values()) if get else 0
+    return own + sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapters)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -195,6 +234,32 @@ def _attention_names(model: nn.Module) -> list[str]:
     return names
 
 
+def _mlp_budget(model: nn.Module, rank: int) -> tuple[list[str], float]:
+    """The MLP layers and the fraction of their entries LoRA at ``rank`` trains (r·Σ(m+n) / Σ m·n)."""
+    targets = find_targets(model)
+    return [t.name for t in targets], rank * sum(t.m + t.n for t in targets) / sum(t.m * t.n for t in targets)
+
+
+def _shira(model: nn.Module, budget: Budget) -> Prepared:
+    """peft's SHiRA: a random fixed sparse support in the original basis, r·(m+n) entries per layer."""
+    from peft import ShiraConfig
+
+    if budget.density is not None:
+        raise ConfigError("shira's budget is LoRA's at --rank (r·(m+n) entries per layer); --density does not apply.")
+    heads = find_heads(model, None)
+    return _peft(model, ShiraConfig(r=budget.rank, target_modules=_mlp_names(model), modules_to_save=heads or None, random_seed=0))
+
+
+def _supertuning(model: nn.Module, budget: Budget) -> Prepared:
+    """peft's Super-Tuning: a magnitude-chosen sparse support of the same size as LoRA's budget."""
+    from peft import SupertuningConfig
+
+    names, fraction = _mlp_budget(model, budget.rank)
+    fraction = budget.density if budget.density is not None else fraction
+    heads = find_heads(model, None)
+    return _peft(model, SupertuningConfig(sparsity=1.0 - fraction, target_modules=names, modules_to_save=heads or None))
+
+
 def _s2ft(model: nn.Module, budget: Budget) -> Prepared:
     from .s2ft import S2FTConfig, get_s2ft_model
 
@@ -234,7 +299,12 @@ register_method(Method("sparsegrad-dynamic", "top-k rotated MLP entries each ste
                        {"classification": 3e-4, "causal-lm": 1e-3}))
 register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2ft,
                        {"classification": 2e-4, "causal-lm": 1e-3}))
+# peft's own sparse adapters at the same budget, through peft exactly as LoRA is.
+register_method(Method("shira", "peft SHiRA: r·(m+n) random MLP entries, original basis", _shira,
+                       {"classification": 3e-3, "causal-lm": 1e-3}, in_default_bench=False))
+register_method(Method("supertuning", "peft Super-Tuning: magnitude-chosen MLP entries", _supertuning,
+                       {"classification": 1e-3, "causal-lm": 1e-3}, in_default_bench=False))
 
 
-__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGISTRY", "canonical", "default_lrs",
+__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "bench_methods", "canonical", "default_lrs",
            "prepare", "register_method"]

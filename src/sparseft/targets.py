@@ -18,7 +18,7 @@ from .errors import TargetError
 
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W of shape (in, out)
     from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
+except ImportError:  # transformers not installed (the hf extra): plain nn.Linear layers only
     Conv1D = ()  # type: ignore[assignment]
 
 # Known MLP layers per architecture family; names are matched as suffixes of module names.

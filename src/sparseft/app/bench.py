@@ -11,7 +11,7 @@ Protocol, per method:
 Budgets are matched: the sparse methods (MeProp, SparseGrad, S2FT) get the trainable count of
 LoRA at ``rank`` on the same MLP layers, and every record carries its method's actual count.
 
-Each method runs in its own subprocess (``python -m sparseft.bench --worker SPEC``), so the peak
+Each method runs in its own subprocess (``python -m sparseft.app.bench --worker SPEC``), so the peak
 RSS of a method is its own; workers stream one JSON record per finished run to the parent,
 which shows progress and writes into the output directory:
 
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from .causal_lm import DEFAULT_LR as CAUSAL_LM_LR
-from .methods import DEFAULT_LR, METHODS, canonical
-from .serialization import atomic_write_text
+from ..methods import DEFAULT_LR, bench_methods, canonical
+from ..serialization import atomic_write_text
 
 RECORD_PREFIX = "@@sparseft-record "
 
@@ -57,7 +57,7 @@ class Task:
     higher_is_better: bool
     run: Callable[[dict[str, Any]], dict[str, Any]]
     label: str = ""
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = field(default_factory=bench_methods)
     default_lr: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
 
 
@@ -65,7 +65,7 @@ _CACHE: dict[tuple, Any] = {}
 
 
 def _classification(spec: dict[str, Any]) -> dict[str, Any]:
-    """One text-classification run (:func:`sparseft.train.run_classification`)."""
+    """One text-classification run (:func:`sparseft.app.train.run_classification`)."""
     from transformers import AutoTokenizer
 
     from .data import load_table, rotten_tomatoes, split_dataset
@@ -94,7 +94,7 @@ def sample_rows(n: int, rows: int, seed: int = 0) -> list[int]:
 
 
 def _causal_lm(spec: dict[str, Any]) -> dict[str, Any]:
-    """One instruction-tuning run (:func:`sparseft.causal_lm.run_causal_lm`). The sweep is scored
+    """One instruction-tuning run (:func:`sparseft.app.causal_lm.run_causal_lm`). The sweep is scored
     on a validation part carved from train (10%, fixed), never on the held-out test part."""
     from transformers import AutoTokenizer
 
@@ -122,7 +122,7 @@ TASKS: dict[str, Task] = {
     "classification": Task("accuracy", True, _classification, "text classification"),
     # a causal LM has no classifier head: "head" does not apply
     "causal-lm": Task("eval_loss", False, _causal_lm, "instruction tuning, answer-token loss",
-                      methods=tuple(m for m in METHODS if m != "head"), default_lr=CAUSAL_LM_LR),
+                      methods=bench_methods("causal-lm"), default_lr=CAUSAL_LM_LR),
 }
 
 
@@ -224,12 +224,12 @@ def worker(spec: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- parent
 def _launch(spec_path: Path, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ)
-    src = str(Path(__file__).resolve().parent.parent)  # the sparseft the parent runs, first on the path
+    src = str(Path(__file__).resolve().parents[2])  # the sparseft the parent runs, first on the path
     env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return subprocess.Popen(
-        [sys.executable, "-m", "sparseft.bench", "--worker", str(spec_path)],
+        [sys.executable, "-m", "sparseft.app.bench", "--worker", str(spec_path)],
         stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True, env=env,  # noqa: SIM115
     )
 
@@ -428,7 +428,7 @@ def plot(records: list[dict[str, Any]], summary: list[dict[str, Any]], task: str
 
 def _main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--worker":
-        print("usage: python -m sparseft.bench --worker SPEC.json (internal; use `sparseft bench`)", file=sys.stderr)
+        print("usage: python -m sparseft.app.bench --worker SPEC.json (internal; use `sparseft bench`)", file=sys.stderr)
         return 2
     worker(json.loads(Path(argv[1]).read_text()))
     return 0

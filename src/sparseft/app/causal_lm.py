@@ -23,25 +23,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .calibration import move_batch
+from ..calibration import move_batch
 from .data import read_jsonl
-from .errors import DataError
-from .methods import canonical, prepare
+from ..errors import DataError
+from ..methods import canonical, default_lrs, prepare
 from .train import RunRecord, fit
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
-# Learning rates for short instruction-tuning runs of a small LLaMA (SmolLM2-135M, batch 8).
-DEFAULT_LR = {
-    "full": 2e-5,
-    "head": 1e-4,
-    "lora-mlp": 1e-3,
-    "lora-attn": 1e-3,
-    "meprop": 1e-3,
-    "sparsegrad-fixed": 1e-3,
-    "sparsegrad-dynamic": 1e-3,
-    "s2ft": 1e-3,
-}
+# Learning rates for short instruction-tuning runs of a small LLaMA (SmolLM2-135M, batch 8): the
+# registry's "causal-lm" rates.
+DEFAULT_LR = default_lrs("causal-lm")
 
 
 # ----------------------------------------------------------------------------- data

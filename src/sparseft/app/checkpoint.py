@@ -31,8 +31,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import AdapterMismatchError, ConfigError
-from .serialization import META_KEY, atomic_write, atomic_write_text, file_checksum, load_tensors
+from ..errors import AdapterMismatchError, ConfigError
+from ..serialization import META_KEY, atomic_write, atomic_write_text, file_checksum, load_tensors
 
 LATEST = "latest.json"
 FORMAT = 1
@@ -57,7 +57,7 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 # ---------------------------------------------------------------------------------- state → file
 def _model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from .model import SparseModel
+    from ..model import SparseModel
 
     tensors = {f"param.{name}": p.detach() for name, p in _trainable(model).items()}
     meta: dict[str, Any] = {"params": {name: list(p.shape) for name, p in _trainable(model).items()}}
@@ -192,7 +192,7 @@ def load_checkpoint(
     same way as when saving, e.g. ``get_sparse_model`` without calibrating), ``optimizer``
     (created over the same parameters) and ``scheduler``. Returns ``{"step", "extra"}``.
     Every mismatch (another model, other trainable parameters, another optimizer) is an error."""
-    from .model import SparseModel
+    from ..model import SparseModel
 
     path = Path(path)
     if path.is_dir():

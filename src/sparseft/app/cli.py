@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import SparseFTError
-from .serialization import atomic_write_text
+from ..errors import SparseFTError
+from ..serialization import atomic_write_text
 
 
 def _seeds(text: str) -> list[int]:
@@ -109,7 +109,7 @@ def _table(records: list[dict[str, Any]], title: str) -> None:
 
 def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_max_length: int) -> dict[str, Any]:
     """The settings every `sparseft train` run takes from the command line, whatever the task."""
-    from .methods import canonical
+    from ..methods import canonical
 
     return {
         "model_dir": model_dir, "method": canonical(args.method), "lr": args.lr, "steps": args.steps, "seed": seed,
@@ -230,9 +230,52 @@ BENCH_DEFAULTS = {
 QUICK = {"steps": 4, "seeds": [0], "calibration_steps": 3, "test_rows": 200, "sweep": False}
 
 
+def cmd_suite(args: argparse.Namespace) -> int:
+    """``sparseft bench --suite``: every suite task, paired seeds, per-method sweep, CIs vs LoRA-MLP."""
+    from .suite import SuiteSettings, print_table, run_suite
+    from .tasks import fetch_suite_sources
+
+    if args.prepare:
+        fetch_suite_sources(progress=not args.no_progress)
+        if not args.suite:
+            print("suite sources ready", file=sys.stderr)
+            return 0
+    given = {"steps": args.steps, "seeds": len(args.seeds) if args.seeds else None, "rank": args.rank,
+             "batch_size": args.batch_size, "max_length": args.max_length, "calibration_steps": args.calibration_steps,
+             "test_rows": args.test_rows, "val_rows": args.sweep_rows, "jobs": args.jobs, "threads": args.threads}
+    given = {k: v for k, v in given.items() if v is not None}
+    given["output_dir"] = args.output_dir if args.output_dir != "runs/bench" else "runs/suite"
+    given["regime"] = args.regime
+    given["model"] = args.model or "minilm"
+    given["show_progress"] = not args.no_progress
+    if args.methods:
+        given["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    if args.tasks:
+        given["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if args.jobs is None:
+        given["jobs"] = max(1, (os.cpu_count() or 1) // (args.threads or 1))
+    settings = SuiteSettings.quick(**given) if args.quick else SuiteSettings(**given)
+    print(f"suite: {settings.regime} regime, model {settings.model}, tasks {', '.join(settings.tasks)}; "
+          f"{len(settings.methods)} methods, {settings.steps} steps, {settings.seeds} seeds, lr grid ×{settings.grid} "
+          f"(+{settings.max_extend} at an edge), {settings.val_rows} validation / {settings.test_rows} test rows per task, "
+          f"{settings.jobs} workers", file=sys.stderr)
+    doc = run_suite(settings)
+    print_table(doc["records"], settings)
+    for failure in doc["failures"]:
+        print(f"failed: {failure['task']} {failure['method']} lr={failure['lr']:g} seed={failure['seed']}: {failure['error']}", file=sys.stderr)
+    detect = doc["detectable_difference"]
+    out = Path(settings.output_dir)
+    print(f"results: {out / 'suite.json'}, {out / 'suite.md'}, {out / 'suite_ci.png'}, runs in {out / 'records.jsonl'}; "
+          f"wall {doc['wall_s'] / 60:.1f} min" + (f"; pooled CI half-width ≈ {100 * detect:.2f} points" if detect else ""))
+    return 1 if doc["failures"] else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import TASKS, BenchSettings, print_table, run_bench
-    from .methods import canonical
+    from ..methods import canonical
+
+    if args.suite or args.prepare:
+        return cmd_suite(args)
 
     if args.task == "causal-lm":
         from .causal_lm import load_chat_splits
@@ -340,16 +383,40 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")
     bench.add_argument("--sweep-rows", type=int, help=f"validation rows scored in the sweep (default {BENCH_DEFAULTS['classification']['sweep_rows']}; 0 = all)")
     bench.add_argument("--test-rows", type=int, help="test rows scored in the final runs (default: all)")
-    bench.add_argument("--quick", action="store_true", help="smoke run: every method, 4 steps, 1 seed, no sweep, 200 test rows")
+    bench.add_argument("--quick", action="store_true", help="smoke run: every method, 4 steps, 1 seed, no sweep, 200 test rows "
+                       "(with --suite: every task and method, 6 steps, 2 rates, 2 seeds)")
     bench.add_argument("--jobs", type=_positive(int), help="methods run at once, one process each "
                        "(default: CPU cores ÷ --threads; 1 for timings free of a neighbour)")
     bench.add_argument("--task", default="classification", choices=sorted(TASKS), help="default %(default)s")
+    suite = bench.add_argument_group("suite (--suite): real tasks, paired seeds, 95%% CIs of each method's difference to lora-mlp")
+    suite.add_argument("--suite", action="store_true", help="run the benchmark suite (rotten_tomatoes, sarcasm, vitaminc, "
+                       "multiemo; writes OUTPUT_DIR/suite.json, suite.md, suite_ci.png); default output runs/suite")
+    suite.add_argument("--regime", choices=("peft", "paper"), default="peft", help="peft: only adapters and head train "
+                       "(default); paper: attention, embeddings, LayerNorms and head train fully, only the MLP treatment differs")
+    suite.add_argument("--tasks", help="comma list of suite tasks (default: all four)")
+    suite.add_argument("--prepare", action="store_true", help="download the suite's data sources (pip download: evals "
+                       "wheel, bigbench sdist) into the cache first; with --suite it then runs")
     bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, summary.json, benchmark.md, PNGs")
     bench.set_defaults(func=cmd_bench)
     return parser
 
 
+# What the application needs beyond the library (the `bench` extra, which includes `hf`).
+BENCH_PACKAGES = frozenset({"transformers", "peft", "accelerate", "tqdm", "rich", "matplotlib", "numpy", "yaml", "gguf"})
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in BENCH_PACKAGES:
+            raise
+        print(f"sparseft: error: the command line needs the bench extra ({exc.name} is not installed): "
+              'pip install "sparseft[bench]"', file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)

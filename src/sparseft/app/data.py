@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 from .resources import rotten_tomatoes_path
 
 

@@ -33,15 +33,17 @@ def adapter_buffer_bytes(model: nn.Module) -> dict[str, int]:
     """What SparseGrad holds besides trainable state (not part of ``state_bytes``, which LoRA's
     numbers are compared on): the bases P, Q of every group, and the support index of fixed
     selection (int32 positions + the distinct rows/columns)."""
-    from .bases import BasisBank
-    from .layer import SparseLinear
+    from ..bases import BasisBank
+    from ..layer import SparseLinear
 
     out = {"bases_bytes": 0, "support_index_bytes": 0}
     for module in model.modules():
         if isinstance(module, BasisBank):
             out["bases_bytes"] += sum(_bytes(b) for b in module.buffers())
-        elif isinstance(module, SparseLinear):
-            out["support_index_bytes"] += sum(_bytes(b) for b in module.buffers(recurse=False))
+        elif isinstance(module, SparseLinear):  # its buffers and its support's, not the base layer's
+            base = getattr(module, "base_layer", None)
+            skip = {id(b) for b in base.buffers()} if isinstance(base, nn.Module) else set()
+            out["support_index_bytes"] += sum(_bytes(b) for b in module.buffers() if id(b) not in skip)
     return out
 
 

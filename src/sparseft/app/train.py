@@ -10,6 +10,7 @@ import itertools
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-from .calibration import move_batch
+from ..calibration import move_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
-from .errors import ConfigError
-from .methods import DEFAULT_LR, Prepared, canonical, prepare
+from ..errors import ConfigError
+from ..methods import DEFAULT_LR, Prepared, canonical, prepare
 from .metrics import peak_rss_bytes, state_bytes
-from .progress import progress
+from ..progress import progress
 
 
 @dataclass
@@ -139,10 +140,12 @@ def fit(
     resume_dir: str | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
+    on_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> LoopResult:
     """The training loop shared by every task: calibrate if the method needs it, AdamW-style
     optimizer with linear warm-up/decay, ``steps`` shuffled batches of ``train`` (a dict of
-    tensors), optional support re-selection and resumable checkpoints."""
+    tensors), optional support re-selection and resumable checkpoints. ``on_step(step, model)``
+    runs after each step, outside the timed part (e.g. evaluations during training)."""
     model = prepared.model
     reselect_batches = batches(train, batch_size, seed=20_000 + seed) if reselect_every else None
     resume = latest_checkpoint(resume_dir) if resume_dir else None
@@ -200,6 +203,8 @@ def fit(
         if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
             extra = {"lr": lr, "running": running, "seen": seen, "curve": curve}
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, extra=extra)
+        if on_step is not None:
+            on_step(step, model)
 
     return LoopResult(times, curve, detail, calibration_s)
 
