@@ -1,0 +1,526 @@
+"""The benchmark suite (``sparseft bench --suite``): several real tasks, paired seeds, a per-method
+learning-rate sweep on validation data, and each method's paired difference to LoRA-MLP with a
+95% bootstrap interval, per task and pooled.
+
+Protocol, per (task, method):
+
+1. **Sweep** on seed 0: the method's centre rate × ``grid`` (default ⅓, 1, 3), scored on the
+   task's validation rows. While the best rate is at an end of the grid, the grid grows one more
+   step that way (up to ``max_extend`` times); a rate still at the edge is flagged
+   ``lr_at_grid_edge``. Test predictions are recorded for every run but read only for the chosen
+   rate: nothing is tuned on test.
+2. **Seeds** 1 … S-1 at the chosen rate. Seed s means the same data order, the same calibration
+   batches and the same head initialisation for every method, so runs pair across methods.
+3. **Comparison**: per seed and test row, correct(method) - correct(lora-mlp); mean and 95%
+   interval by bootstrap over test rows and seeds (:mod:`sparseft.app.stats`), per task and pooled
+   over tasks. Also: the step (and seconds, calibration included) at which the method's
+   validation accuracy first reaches LoRA-MLP's final one, from a few evaluations during training.
+
+Runs go to worker processes (``jobs``, one torch thread each) and stream into
+``records.jsonl``; ``suite.json`` (the output contract), ``suite.md`` and ``suite_ci.png`` are
+written at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..serialization import atomic_write_text
+from .stats import paired_difference
+from .tasks import SUITE_TASKS
+
+REFERENCE = "lora-mlp"
+# The default set: full fine-tuning, the reference, both SparseGrad modes and peft's own sparse
+# adapters. meprop and s2ft run with --methods (they would push the default run past 100 minutes).
+SUITE_METHODS = ("full", "lora-mlp", "sparsegrad-fixed", "sparsegrad-dynamic", "shira", "supertuning")
+# Centre of each method's sweep in the paper regime, where attention, embeddings, LayerNorms and
+# head train fully next to the method: one rate for all of them, near full fine-tuning's.
+PAPER_LR = {"full": 5e-5}
+PAPER_LR_DEFAULT = 1e-4
+
+
+@dataclass
+class SuiteSettings:
+    output_dir: str = "runs/suite"
+    regime: str = "peft"
+    model: str = "minilm"  # "minilm", "mpnet" or a local from_pretrained folder
+    tasks: tuple[str, ...] = SUITE_TASKS
+    methods: tuple[str, ...] = SUITE_METHODS
+    steps: int = 80
+    batch_size: int = 16
+    max_length: int = 64
+    rank: int = 8
+    seeds: int = 3
+    calibration_steps: int = 10
+    warmup_fraction: float = 0.06
+    grid: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    max_extend: int = 1
+    val_rows: int = 400
+    test_rows: int = 1000
+    curve_points: int = 3  # validation evaluations during training (time to reach LoRA's accuracy)
+    curve_rows: int = 150
+    jobs: int = 2
+    threads: int = 1
+    lr_overrides: dict[str, float] = field(default_factory=dict)  # method -> sweep centre
+    cache_dir: str | None = None
+    show_progress: bool = True
+
+    @classmethod
+    def quick(cls, **kwargs: Any) -> "SuiteSettings":
+        """A smoke run of the whole suite: every task and method, a few steps, two rates, two seeds."""
+        base = dict(steps=6, seeds=2, calibration_steps=2, grid=(1.0, 3.0), max_extend=0, val_rows=48, test_rows=64,
+                    curve_points=2, curve_rows=32, max_length=48)
+        return cls(**{**base, **kwargs})
+
+    def centre(self, method: str) -> float:
+        from ..methods import REGISTRY
+
+        if method in self.lr_overrides:
+            return self.lr_overrides[method]
+        if self.regime == "paper":
+            return PAPER_LR.get(method, PAPER_LR_DEFAULT)
+        return REGISTRY[method].default_lr("classification")
+
+
+# ----------------------------------------------------------------------------- one run (worker side)
+_WORKER_CACHE: dict[tuple, Any] = {}
+
+
+def _model_dir(model: str, cache_dir: str | None) -> str:
+    if model == "minilm":
+        from .resources import default_model_dir
+
+        return str(default_model_dir())
+    if model == "mpnet":
+        from .tasks import mpnet_dir
+
+        return str(mpnet_dir(cache_dir))
+    if not Path(model).is_dir():
+        raise ConfigError(f"--model {model!r} is neither 'minilm', 'mpnet' nor a model folder.")
+    return model
+
+
+def _encoded(task: str, model_dir: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Tokenized splits of ``task`` (train whole; validation/test subsampled, fixed), cached per process."""
+    key = (task, model_dir, settings["max_length"], settings["val_rows"], settings["test_rows"], settings["curve_rows"])
+    if key not in _WORKER_CACHE:
+        import torch
+        from transformers import AutoTokenizer
+
+        from .tasks import load_task, subsample
+
+        data = load_task(task, cache_dir=settings["cache_dir"])
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+
+        def encode(rows):
+            pairs = [r.text_pair for r in rows] if data.is_pair else None
+            enc = tokenizer([r.text for r in rows], pairs, truncation=True, max_length=settings["max_length"],
+                            padding="max_length", return_tensors="pt")
+            out = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            out["labels"] = torch.tensor([r.label for r in rows])
+            return out
+
+        validation = subsample(data.validation, settings["val_rows"], seed=1)
+        _WORKER_CACHE[key] = {
+            "num_labels": data.num_labels,
+            "train": encode(data.train),
+            "validation": encode(validation),
+            "curve": encode(validation[: settings["curve_rows"]]),
+            "test": encode(subsample(data.test, settings["test_rows"], seed=2)),
+        }
+    return _WORKER_CACHE[key]
+
+
+def _predictions(model, data: dict[str, Any], batch_size: int = 128) -> list[int]:
+    """1 where the model's argmax is the label, per row."""
+    import torch
+
+    from .data import trim_padding
+
+    was_training = model.training
+    model.eval()
+    out: list[int] = []
+    with torch.no_grad():
+        for start in range(0, len(data["labels"]), batch_size):
+            batch = trim_padding({k: v[start:start + batch_size] for k, v in data.items()})
+            labels = batch.pop("labels")
+            out += (model(**batch).logits.argmax(-1) == labels).int().tolist()
+    model.train(was_training)
+    return out
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run: ``job`` has task, method, lr, seed, need_test and the settings dict."""
+    import torch
+
+    from ..methods import prepare
+    from .metrics import peak_rss_bytes
+    from .train import fit, load_classifier
+
+    s = job["settings"]
+    torch.set_num_threads(s["threads"])
+    t0 = time.perf_counter()
+    model_dir = _model_dir(s["model"], s["cache_dir"])
+    data = _encoded(job["task"], model_dir, s)
+    model = load_classifier(model_dir, data["num_labels"], job["seed"])
+    prepared = prepare(job["method"], model, rank=s["rank"], regime=s["regime"])
+    steps = s["steps"]
+    marks = sorted({max(1, round(steps * (i + 1) / s["curve_points"])) for i in range(s["curve_points"])})
+    curve: list[tuple[int, float]] = []
+
+    def on_step(step: int, model_: Any) -> None:
+        if step in marks:
+            hits = _predictions(model_, data["curve"])
+            curve.append((step, sum(hits) / len(hits)))
+
+    loop = fit(prepared, data["train"], lr=job["lr"], method=job["method"], steps=steps, seed=job["seed"],
+               batch_size=s["batch_size"], calibration_steps=s["calibration_steps"], warmup_fraction=s["warmup_fraction"],
+               loss_every=max(1, steps // 10), show_progress=False, on_step=on_step)
+    val = _predictions(prepared.model, data["validation"])
+    record = {
+        "task": job["task"], "method": job["method"], "lr": job["lr"], "seed": job["seed"], "regime": s["regime"],
+        "val_accuracy": sum(val) / len(val), "curve": curve,
+        "trainable_params": prepared.trainable_params,
+        "step_time_s": statistics.median(loop.times) if loop.times else 0.0,
+        "calibration_s": loop.calibration_s, "final_loss": loop.curve[-1][1] if loop.curve else float("nan"),
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    if job["need_test"]:
+        test = _predictions(prepared.model, data["test"])
+        record["test_correct"] = test
+        record["test_accuracy"] = sum(test) / len(test)
+    record["wall_s"] = time.perf_counter() - t0
+    return record
+
+
+def _safe_run(job: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return run_job(job)
+    except Exception as exc:  # one diverged or broken run must not lose the others
+        return {"task": job["task"], "method": job["method"], "lr": job["lr"], "seed": job["seed"],
+                "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # one line per run from the parent instead
+
+
+# ----------------------------------------------------------------------------- scheduling (parent side)
+def _rate(centre: float, factor: float) -> float:
+    return float(f"{centre * factor:.3g}")
+
+
+class _Runner:
+    """Submits jobs to the pool, streams finished records to records.jsonl, reports progress."""
+
+    def __init__(self, settings: SuiteSettings, out: Path, total_hint: int) -> None:
+        self.settings = settings
+        self.out = out
+        self.records: list[dict[str, Any]] = []
+        self.pool = ProcessPoolExecutor(max_workers=settings.jobs, initializer=_init_worker, initargs=(settings.threads,))
+        self.log = open(out / "records.jsonl", "a", encoding="utf-8")
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self.total = total_hint
+        self.bar = None
+        if settings.show_progress and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_hint, desc="suite runs", unit="run")
+        self.base = {k: v for k, v in asdict(settings).items() if k in (
+            "regime", "model", "steps", "batch_size", "max_length", "rank", "calibration_steps", "warmup_fraction",
+            "val_rows", "test_rows", "curve_points", "curve_rows", "threads", "cache_dir")}
+
+    def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        futures = {self.pool.submit(_safe_run, {**job, "settings": self.base}): job for job in jobs}
+        results = []
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                rec = f.result()
+                results.append(rec)
+                self.records.append(rec)
+                self.log.write(json.dumps(rec) + "\n")
+                self.log.flush()
+                self.done += 1
+                self._report(rec)
+        return results
+
+    def _report(self, rec: dict[str, Any]) -> None:
+        what = f"{rec['task']} {rec['method']} lr={rec['lr']:g} seed={rec['seed']}"
+        score = f"error: {rec['error']}" if "error" in rec else f"val {rec['val_accuracy']:.4f} ({rec['wall_s']:.0f} s)"
+        if self.bar is not None:
+            self.total = max(self.total, self.done)
+            self.bar.total = self.total
+            self.bar.set_postfix_str(what)
+            self.bar.update(1)
+        else:  # piped output (CI, nohup, tee): one line per finished run, so progress is visible
+            elapsed = time.perf_counter() - self.t0
+            print(f"[suite {self.done}/{max(self.total, self.done)} {elapsed / 60:.1f} min] {what}: {score}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.log.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_suite(settings: SuiteSettings) -> dict[str, Any]:
+    """Run the whole protocol; write records.jsonl, suite.json, suite.md and suite_ci.png."""
+    from ..methods import REGIMES, canonical
+
+    if settings.regime not in REGIMES:
+        raise ConfigError(f"--regime {settings.regime!r} is not known; use {' or '.join(REGIMES)}.")
+    methods = tuple(canonical(m) for m in settings.methods)
+    if REFERENCE not in methods:
+        methods = (REFERENCE, *methods)
+    settings = replace(settings, methods=methods)
+    for task in settings.tasks:
+        if task not in SUITE_TASKS:
+            raise ConfigError(f"Unknown suite task {task!r}; choose from {', '.join(SUITE_TASKS)}.")
+    _model_dir(settings.model, settings.cache_dir)  # fail fast on a missing model
+    from .tasks import load_task
+
+    for task in settings.tasks:  # fail fast (and build the split caches once, in this process)
+        load_task(task, cache_dir=settings.cache_dir)
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "records.jsonl").unlink(missing_ok=True)
+    pairs = [(t, m) for t in settings.tasks for m in methods]
+    runner = _Runner(settings, out, len(pairs) * (len(settings.grid) + settings.seeds - 1))
+    t0 = time.perf_counter()
+    try:
+        # 1. sweep on seed 0, growing the grid while the best rate is at its edge
+        tried: dict[tuple[str, str], dict[float, dict[str, Any]]] = {p: {} for p in pairs}
+        factors = {p: list(settings.grid) for p in pairs}
+        todo = [(p, f) for p in pairs for f in settings.grid]
+        for round_ in range(settings.max_extend + 1):
+            jobs = [{"task": t, "method": m, "lr": _rate(settings.centre(m), f), "seed": 0, "need_test": True}
+                    for (t, m), f in todo]
+            for rec in runner.run(jobs):
+                tried[(rec["task"], rec["method"])][rec["lr"]] = rec
+            todo = []
+            if round_ == settings.max_extend:
+                break
+            for p in pairs:
+                best, edge = _choose(tried[p], factors[p], settings.centre(p[1]))
+                if edge is not None:
+                    f = factors[p][0] / 3 if edge == "low" else factors[p][-1] * 3
+                    factors[p] = sorted([*factors[p], f])
+                    todo.append((p, f))
+                    runner.total += 1
+            if not todo:
+                break
+        chosen = {}
+        for p in pairs:
+            best, edge = _choose(tried[p], factors[p], settings.centre(p[1]))
+            chosen[p] = (best, edge is not None)
+        # 2. the other seeds at the chosen rate
+        jobs = [{"task": t, "method": m, "lr": chosen[(t, m)][0], "seed": s, "need_test": True}
+                for (t, m) in pairs if chosen[(t, m)][0] is not None for s in range(1, settings.seeds)]
+        runner.run(jobs)
+    finally:
+        runner.close()
+    doc = summarize(runner.records, settings, chosen)
+    doc["wall_s"] = time.perf_counter() - t0
+    doc["settings"] = asdict(settings)
+    atomic_write_text(out / "suite.json", json.dumps(doc["records"], indent=1))
+    atomic_write_text(out / "suite_run.json", json.dumps({k: v for k, v in doc.items() if k != "records"}, indent=1, default=str))
+    atomic_write_text(out / "suite.md", markdown(doc["records"], settings))
+    doc["plots"] = [str(p) for p in plot_ci(doc["records"], settings, out / "suite_ci.png")]
+    return doc
+
+
+def _choose(runs: dict[float, dict[str, Any]], factors: list[float], centre: float) -> tuple[float | None, str | None]:
+    """(best rate by validation accuracy, 'low'/'high' if it is at that end of the grid)."""
+    rates = [_rate(centre, f) for f in sorted(factors)]
+    ok = [(r, runs[r]["val_accuracy"]) for r in rates if r in runs and "error" not in runs[r]
+          and math.isfinite(runs[r].get("final_loss", float("nan")))]
+    if not ok:
+        return None, None
+    best = max(ok, key=lambda rv: (rv[1], -abs(math.log(rv[0] / centre))))[0]
+    if len(rates) == 1:
+        return best, "high"
+    return best, "low" if best == rates[0] else "high" if best == rates[-1] else None
+
+
+# ----------------------------------------------------------------------------- summary
+def _reach(curve: list, target: float) -> int | None:
+    for step, acc in curve:
+        if acc >= target:
+            return int(step)
+    return None
+
+
+def summarize(records: list[dict[str, Any]], settings: SuiteSettings,
+              chosen: dict[tuple[str, str], tuple[float | None, bool]]) -> dict[str, Any]:
+    """The contract's records: one per (task, method) and one per method with task 'pooled'."""
+    final: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
+    for rec in records:
+        key = (rec["task"], rec["method"])
+        if "error" in rec or key not in chosen or rec["lr"] != chosen[key][0]:
+            continue
+        final.setdefault(key, {})[rec["seed"]] = rec
+    out: list[dict[str, Any]] = []
+    failures = [r for r in records if "error" in r]
+    per_method_correct: dict[str, dict[str, list]] = {}
+    ref_correct: dict[str, list] = {}
+    for task in settings.tasks:
+        ref = final.get((task, REFERENCE), {})
+        for method in settings.methods:
+            runs = final.get((task, method), {})
+            seeds = sorted(set(runs) & set(ref))
+            row: dict[str, Any] = {"task": task, "regime": settings.regime, "method": method, "model": settings.model,
+                                   "lr": chosen.get((task, method), (None, False))[0],
+                                   "lr_at_grid_edge": bool(chosen.get((task, method), (None, False))[1]),
+                                   "seeds": sorted(runs), "accuracy": None, "accuracy_std": None, "diff_vs_lora_mlp": None}
+            if runs:
+                accs = [runs[s]["test_accuracy"] for s in sorted(runs)]
+                row["accuracy"] = statistics.fmean(accs)
+                row["accuracy_std"] = statistics.stdev(accs) if len(accs) > 1 else None
+                row["val_accuracy"] = statistics.fmean(runs[s]["val_accuracy"] for s in runs)
+                row["trainable_params"] = runs[min(runs)]["trainable_params"]
+                row["step_time_s"] = statistics.median(runs[s]["step_time_s"] for s in runs)
+                row["calibration_s"] = statistics.median(runs[s]["calibration_s"] for s in runs)
+                row["test_rows"] = len(runs[min(runs)]["test_correct"])
+            if runs and seeds:
+                a = [runs[s]["test_correct"] for s in seeds]
+                b = [ref[s]["test_correct"] for s in seeds]
+                row["diff_vs_lora_mlp"] = paired_difference(a, b, seed=hash_task(task))
+                per_method_correct.setdefault(method, {})[task] = a
+                ref_correct.setdefault(method, {})[task] = b  # type: ignore[assignment]
+                reach = [_reach(runs[s]["curve"], ref[s]["curve"][-1][1]) for s in seeds if ref[s]["curve"]]
+                hit = [r for r in reach if r is not None]
+                row["steps_to_lora_final"] = statistics.median(hit) if len(hit) * 2 > len(reach) else None
+                row["seconds_to_lora_final"] = (row["steps_to_lora_final"] * row["step_time_s"] + row["calibration_s"]
+                                                if row["steps_to_lora_final"] is not None else None)
+            out.append(row)
+    full_acc = {t: next((r["accuracy"] for r in out if r["task"] == t and r["method"] == "full"), None) for t in settings.tasks}
+    lora_acc = {t: next((r["accuracy"] for r in out if r["task"] == t and r["method"] == REFERENCE), None) for t in settings.tasks}
+    for method in settings.methods:
+        rows = [r for r in out if r["method"] == method and r["accuracy"] is not None]
+        pooled: dict[str, Any] = {"task": "pooled", "regime": settings.regime, "method": method, "model": settings.model,
+                                  "lr": None, "lr_at_grid_edge": any(r["lr_at_grid_edge"] for r in rows),
+                                  "tasks": [r["task"] for r in rows],
+                                  "accuracy": statistics.fmean(r["accuracy"] for r in rows) if rows else None,
+                                  "diff_vs_lora_mlp": None}
+        correct = per_method_correct.get(method, {})
+        if correct and set(correct) == set(settings.tasks):
+            pooled["diff_vs_lora_mlp"] = paired_difference(correct, ref_correct[method], seed=7)
+        gaps = [(r["accuracy"] - lora_acc[r["task"]]) / (full_acc[r["task"]] - lora_acc[r["task"]])
+                for r in rows if full_acc.get(r["task"]) is not None and lora_acc.get(r["task"]) is not None
+                and full_acc[r["task"]] - lora_acc[r["task"]] > 1e-9]
+        pooled["share_of_lora_to_full_gap"] = statistics.fmean(gaps) if gaps and len(gaps) == len(rows) else None
+        out.append(pooled)
+    halfwidths = [(r["diff_vs_lora_mlp"]["ci_high"] - r["diff_vs_lora_mlp"]["ci_low"]) / 2 for r in out
+                  if r["task"] == "pooled" and r["method"] != REFERENCE and r["diff_vs_lora_mlp"]]
+    return {"records": out, "failures": failures,
+            "detectable_difference": statistics.median(halfwidths) if halfwidths else None}
+
+
+def hash_task(task: str) -> int:
+    import hashlib
+
+    return int(hashlib.sha256(task.encode()).hexdigest()[:8], 16)
+
+
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "—"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    headers = ["task", "method", "accuracy %", "Δ vs lora-mlp (95% CI), points", "lr", "steps to LoRA's final", "trainable"]
+    rows = []
+    for r in records:
+        d = r.get("diff_vs_lora_mlp")
+        diff = "—" if not d else f"{_pct(d['mean'], True)} [{_pct(d['ci_low'], True)}, {_pct(d['ci_high'], True)}]"
+        lr = "—" if r.get("lr") is None else f"{r['lr']:.2g}{' (edge)' if r.get('lr_at_grid_edge') else ''}"
+        if r["task"] == "pooled" and r.get("lr_at_grid_edge"):
+            lr = "(an edge)"
+        acc = _pct(r.get("accuracy"))
+        if r.get("accuracy_std") is not None:
+            acc += f" ± {100 * r['accuracy_std']:.2f}"
+        reach = r.get("steps_to_lora_final")
+        gap = r.get("share_of_lora_to_full_gap")
+        reach_cell = ("—" if reach is None else f"{reach:g}") if r["task"] != "pooled" else (
+            "" if gap is None else f"gap closed {100 * gap:.0f}%")
+        rows.append([r["task"], r["method"], acc, diff, lr, reach_cell, f"{r.get('trainable_params', 0) or 0:,}" if r["task"] != "pooled" else ""])
+    return headers, rows
+
+
+def markdown(records: list[dict[str, Any]], settings: SuiteSettings) -> str:
+    headers, rows = table_rows(records)
+    lines = [f"Suite ({settings.regime} regime, {settings.model}, {settings.steps} steps, {settings.seeds} seeds, "
+             f"{settings.test_rows} test rows per task)", "", "| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(records: list[dict[str, Any]], settings: SuiteSettings) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, rows = table_rows(records)
+    table = Table(title=f"sparseft suite: {settings.regime} regime, {settings.model}, {settings.steps} steps, "
+                        f"{settings.seeds} seeds (Δ = paired difference to lora-mlp, accuracy points)")
+    for h in headers:
+        table.add_column(h, justify="left" if h in ("task", "method") else "right", overflow="fold")
+    for r in rows:
+        table.add_row(*r)
+    Console(width=max(170, Console().width)).print(table)
+
+
+def plot_ci(records: list[dict[str, Any]], settings: SuiteSettings, path: Path) -> list[Path]:
+    """Paired difference to LoRA-MLP per method, one panel per task plus the pooled one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [*settings.tasks, "pooled"]
+    methods = [m for m in settings.methods if m != REFERENCE]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 0.45 * len(methods) + 1.8), sharey=True)
+    axes = [axes] if len(tasks) == 1 else list(axes)
+    for ax, task in zip(axes, tasks):
+        for i, m in enumerate(methods):
+            r = next((r for r in records if r["task"] == task and r["method"] == m), None)
+            d = r and r.get("diff_vs_lora_mlp")
+            if not d:
+                continue
+            lo, hi, mean = 100 * d["ci_low"], 100 * d["ci_high"], 100 * d["mean"]
+            color = "tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray"
+            ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=3)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("Δ accuracy vs lora-mlp (points)")
+        ax.set_yticks(range(len(methods)), methods)
+    fig.suptitle(f"Paired difference to LoRA-MLP, 95% CI — {settings.regime} regime, {settings.model}, "
+                 f"{settings.steps} steps, {settings.seeds} seeds", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+__all__ = ["REFERENCE", "SUITE_METHODS", "SuiteSettings", "paired_difference", "run_suite", "summarize"]

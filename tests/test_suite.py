@@ -1,0 +1,110 @@
+"""The benchmark suite's protocol pieces: regimes, the sweep's edge rule, the summary contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_batch, tiny_bert
+from sparseft.app.suite import REFERENCE, SuiteSettings, _choose, _rate, summarize
+from sparseft.errors import ConfigError
+from sparseft.methods import prepare
+from sparseft.targets import find_targets
+
+MLP_METHODS = ["lora-mlp", "sparsegrad-fixed", "sparsegrad-dynamic", "meprop", "s2ft", "shira", "supertuning"]
+
+
+def _split(model: torch.nn.Module):
+    """Parameter ids of the MLP base weights, and of attention/embeddings/LayerNorms."""
+    mlp = {id(p) for t in find_targets(model) for p in model.get_submodule(t.name).parameters()}
+    rest = {id(p) for n, p in model.named_parameters() if id(p) not in mlp and "classifier" not in n}
+    return mlp, rest
+
+
+@pytest.mark.parametrize("method", MLP_METHODS)
+def test_regimes_train_what_they_say(method: str) -> None:
+    """peft: nothing of attention/embeddings/LayerNorms trains; paper: all of it does; the MLP
+    base weights never do (only the method's own entries)."""
+    counts = {}
+    for regime in ("peft", "paper"):
+        torch.manual_seed(0)
+        model = tiny_bert()
+        mlp, rest = _split(model)
+        prepared = prepare(method, model, rank=2, regime=regime)
+        trainable = {id(p) for p in prepared.model.parameters() if p.requires_grad}
+        assert not trainable & mlp
+        if regime == "peft":
+            assert not trainable & rest
+        else:
+            assert rest <= trainable
+        counts[regime] = prepared.trainable_params
+    model = tiny_bert()
+    mlp, rest = _split(model)
+    rest_count = sum(p.numel() for p in model.parameters() if id(p) in rest)
+    assert counts["paper"] - counts["peft"] == rest_count  # same MLP budget, plus the rest of the model
+
+
+def test_paper_regime_updates_attention_and_mlp_entries() -> None:
+    torch.manual_seed(0)
+    model = tiny_bert()
+    prepared = prepare("sparsegrad-fixed", model, rank=2, regime="paper")
+    prepared.sparse.calibrate([make_batch("bert", i) for i in range(2)], steps=2, show_progress=False)
+    query = prepared.model.base_model.bert.encoder.layer[0].attention.self.query.weight
+    before = query.detach().clone()
+    opt = prepared.make_optimizer(1e-2)
+    prepared.model(**make_batch("bert", 5)).loss.backward()
+    opt.step()
+    assert not torch.equal(query, before)
+    assert any(float(layer.values.abs().sum()) > 0 for layer in prepared.sparse.sparse_layers().values())
+
+
+def test_unknown_regime_is_refused() -> None:
+    with pytest.raises(ConfigError, match="regime"):
+        prepare("lora-mlp", tiny_bert(), regime="glue")
+
+
+def test_sweep_edge_rule() -> None:
+    centre = 1e-3
+    runs = {_rate(centre, f): {"val_accuracy": acc, "final_loss": 0.5} for f, acc in [(1 / 3, 0.70), (1, 0.75), (3, 0.72)]}
+    assert _choose(runs, [1 / 3, 1, 3], centre) == (_rate(centre, 1), None)
+    runs[_rate(centre, 3)]["val_accuracy"] = 0.80
+    assert _choose(runs, [1 / 3, 1, 3], centre) == (_rate(centre, 3), "high")
+    runs[_rate(centre, 1 / 3)]["val_accuracy"] = 0.90
+    assert _choose(runs, [1 / 3, 1, 3], centre) == (_rate(centre, 1 / 3), "low")
+    runs[_rate(centre, 1 / 3)]["final_loss"] = float("nan")  # a diverged run never wins
+    assert _choose(runs, [1 / 3, 1, 3], centre) == (_rate(centre, 3), "high")
+
+
+def _record(task, method, seed, correct, lr=1e-3):
+    return {"task": task, "method": method, "lr": lr, "seed": seed, "val_accuracy": sum(correct) / len(correct),
+            "test_correct": correct, "test_accuracy": sum(correct) / len(correct), "curve": [(5, 0.45), (10, sum(correct) / len(correct))],
+            "trainable_params": 10, "step_time_s": 0.1, "calibration_s": 0.0, "final_loss": 0.3}
+
+
+def test_summary_has_the_contract_and_the_paired_difference() -> None:
+    settings = SuiteSettings(tasks=("a", "b"), methods=(REFERENCE, "sparsegrad-fixed", "full"), seeds=2)
+    n = 400
+    ref = [1] * (n // 2) + [0] * (n // 2)
+    better = [1] * (n // 2 + 40) + [0] * (n // 2 - 40)  # +10 points
+    records = []
+    for task in ("a", "b"):
+        for seed in (0, 1):
+            records += [_record(task, REFERENCE, seed, ref), _record(task, "sparsegrad-fixed", seed, better if task == "a" else ref),
+                        _record(task, "full", seed, better)]
+    records.append(_record("a", "sparsegrad-fixed", 0, [0] * n, lr=3e-3))  # a swept rate that was not chosen
+    chosen = {(t, m): (1e-3, m == "full") for t in ("a", "b") for m in settings.methods}
+    doc = summarize(records, settings, chosen)
+    rows = {(r["task"], r["method"]): r for r in doc["records"]}
+    for r in doc["records"]:
+        assert {"task", "regime", "method", "accuracy", "lr", "lr_at_grid_edge", "diff_vs_lora_mlp"} <= set(r)
+        json.dumps(r)
+    assert rows[("a", "sparsegrad-fixed")]["diff_vs_lora_mlp"]["mean"] == pytest.approx(0.10)
+    assert rows[("b", "sparsegrad-fixed")]["diff_vs_lora_mlp"]["mean"] == pytest.approx(0.0)
+    pooled = rows[("pooled", "sparsegrad-fixed")]
+    assert pooled["diff_vs_lora_mlp"]["mean"] == pytest.approx(0.05)
+    assert pooled["diff_vs_lora_mlp"]["ci_low"] < 0.05 < pooled["diff_vs_lora_mlp"]["ci_high"]
+    assert rows[("pooled", "full")]["lr_at_grid_edge"] is True
+    assert pooled["share_of_lora_to_full_gap"] == pytest.approx(0.5)  # closes all of a's gap, none of b's
+    assert rows[("a", "sparsegrad-fixed")]["steps_to_lora_final"] == 10
