@@ -104,6 +104,8 @@ def test_unwrap_model_sees_through_wrappers() -> None:
 
     assert unwrap_model(Wrapper(Wrapper(tuner)), SparseModel) is tuner
     assert unwrap_model(Wrapper(nn.Linear(2, 2)), SparseModel) is None
+    dp = nn.DataParallel(tuner)
+    assert unwrap_model(dp) is tuner and unwrap_model(tuner) is tuner  # cls=None: strip DDP-style wrappers only
 
 
 # ----------------------------------------------------------------------------- a method in one file

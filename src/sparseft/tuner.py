@@ -87,8 +87,16 @@ class BaseTunerLayer(nn.Module):
             self.merged = False
 
 
-def unwrap_model(model: Any, cls: type | tuple[type, ...]) -> Any:
-    """The ``cls`` instance under DDP / accelerate / FSDP wrappers (their ``.module``), or None."""
+_WRAPPERS = ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel")
+
+
+def unwrap_model(model: Any, cls: type | tuple[type, ...] | None = None) -> Any:
+    """The ``cls`` instance under DDP / accelerate / FSDP wrappers (their ``.module``), or None;
+    with ``cls=None``, the module under the DDP / DataParallel / FSDP wrappers, whatever it is."""
+    if cls is None:
+        while type(model).__name__ in _WRAPPERS and hasattr(model, "module"):
+            model = model.module
+        return model
     while model is not None and not isinstance(model, cls):
         model = getattr(model, "module", None)
     return model

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import AdapterMismatchError, ConfigError
+from ..tuner import unwrap_model
 from ..serialization import META_KEY, atomic_write, atomic_write_text, file_checksum, load_tensors
 
 LATEST = "latest.json"
@@ -40,15 +41,6 @@ FORMAT = 1
 # so a test can SIGKILL the process mid-save.
 _PAUSE_ENV = "SPARSEFT_CHECKPOINT_PAUSE_BEFORE_RENAME"
 _NAME = re.compile(r"checkpoint-(\d+)\.safetensors")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP / accelerate wrappers (their ``.module``)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
-        type(model).__name__ == "DistributedDataParallel" and hasattr(model, "module")
-    ):
-        model = model.module
-    return model
 
 
 def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -123,7 +115,7 @@ def save_checkpoint(
     keep the newest ``keep`` checkpoints. Returns the file's path."""
     if keep < 1:
         raise ConfigError("keep must be at least 1: the newest checkpoint is never deleted.")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     tensors, model_meta = _model_state(model)
@@ -203,7 +195,7 @@ def load_checkpoint(
     tensors, meta = load_tensors(path, "checkpoint")
     if meta.get("kind") != "checkpoint" or meta.get("format") != FORMAT:
         raise AdapterMismatchError(f"{path} is a sparseft {meta.get('kind')} file, not a checkpoint of format {FORMAT}.")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     saved = meta["model"]
     if isinstance(model, SparseModel) and saved.get("fingerprint") not in (None, model.fingerprint):
         raise AdapterMismatchError(
