@@ -30,6 +30,7 @@ from .bases import eigenbasis
 from .errors import CalibrationError, InputError
 from .layer import SparseLinear
 from .progress import progress
+from .targets import is_transposed
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
 
@@ -122,7 +123,9 @@ def gradient_pass(
             param.grad = None  # free it now: streaming, never the stack of gradients
             if grad is None:
                 return
-            G = grad.t() if grad.shape != (layer.m, layer.n) else grad
+            # Conv1D stores W as (in, out): transpose by the layer kind, never by the shape
+            # (a square Conv1D's gradient has the right shape the wrong way round)
+            G = grad.t() if is_transposed(layer.base_layer) else grad
             if not bool(torch.isfinite(G).all()):
                 bad.append(f"{name} (step {step['i']})")
                 return
