@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .bases import eigenbasis
+from .config import SUPPORT_CRITERIA  # noqa: F401  (re-exported: the criteria support_scores knows)
 from .errors import CalibrationError, InputError
 from .layer import SparseLinear
 from .progress import progress
@@ -174,8 +175,10 @@ def calibrate_layers(
     need_bases: bool,
     float64_max: int,
     show_progress: bool = True,
+    criterion: str = "abs-sum",
 ) -> CalibrationReport:
-    """Compute bases (if ``need_bases``) and fixed supports for ``layers`` of ``model``."""
+    """Compute bases (if ``need_bases``) and fixed supports for ``layers`` of ``model``; the
+    support is the top-k of ``criterion`` (see :func:`support_scores`)."""
     if not isinstance(batches, Iterable) or isinstance(batches, (Mapping, torch.Tensor, str)):
         raise CalibrationError(
             f"calibrate() takes an iterable of dict batches (a list, a DataLoader), got {type(batches).__name__}."
@@ -226,15 +229,30 @@ def calibrate_layers(
                 bank.set(group, P.to(dtype), Q.to(dtype))
         if fixed:
             t0 = time.perf_counter()
-            scores = {name: torch.zeros(layer.block, device=layer.base_layer.weight.device) for name, layer in layers.items()}
+            if criterion == "random":
+                scores = {name: _random_scores(layer, i) for i, (name, layer) in enumerate(layers.items())}
+            else:
+                sums = {name: [torch.zeros(layer.block, device=layer.base_layer.weight.device) for _ in range(2)]
+                        for name, layer in layers.items()}
 
-            def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
-                scores[name].add_(_rotated_block(layer, G).abs())
+                def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
+                    first, second = sums[name]
+                    R = _rotated_block(layer, G)
+                    if criterion == "abs-sum":
+                        first.add_(R.abs())
+                    else:
+                        first.add_(R)
+                        if criterion == "snr":
+                            second.add_(R * R)
 
-            rng.restore()
-            gradient_pass(model, layers, cached, loss_fn, score, "calibrate: support", show_progress)
+                rng.restore()
+                gradient_pass(model, layers, cached, loss_fn, score, "calibrate: support", show_progress)
+                scores = {}
+                for name, (first, second) in sums.items():
+                    _all_reduce(first)
+                    _all_reduce(second)
+                    scores[name] = support_scores(criterion, first, second)
             for name, layer in layers.items():
-                _all_reduce(scores[name])
                 layer.choose_support(scores[name])
                 report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
             report.support_seconds = time.perf_counter() - t0
@@ -247,6 +265,29 @@ def calibrate_layers(
         model.train(was_training)
         rng.restore()
     return report
+
+
+def support_scores(criterion: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Score of each rotated entry from the per-step rotated gradients G̃_s summed over steps:
+
+    - ``abs-sum``: Σ_s |G̃_s| (``first`` holds it): large however the sign varies;
+    - ``sum``: |Σ_s G̃_s|: large where the steps agree (the update a full step would make);
+    - ``snr``: |Σ_s G̃_s| / sqrt(Σ_s G̃_s²): agreement relative to the noise, scale-free;
+    - ``random``: no gradient (handled by the caller; SHiRA-like supports for ablations).
+    """
+    if criterion == "abs-sum":
+        return first
+    if criterion == "sum":
+        return first.abs()
+    if criterion == "snr":
+        return first.abs() / second.sqrt().clamp(min=1e-30)  # an entry with no gradient scores 0
+    raise ValueError(f"unknown support criterion {criterion!r}")
+
+
+def _random_scores(layer: SparseLinear, index: int) -> torch.Tensor:
+    """Seeded uniform scores: a random support of the allowed block, the same on every rank."""
+    gen = torch.Generator().manual_seed(1_000_003 * (index + 1))
+    return torch.rand(layer.block, generator=gen).to(layer.base_layer.weight.device)
 
 
 def _rotated_block(layer: SparseLinear, G: torch.Tensor) -> torch.Tensor:

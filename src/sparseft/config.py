@@ -20,6 +20,7 @@ from .errors import ConfigError
 Selection = Literal["fixed", "dynamic"]
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ComputePath = Literal["auto", "activations", "weights"]
+SUPPORT_CRITERIA = ("abs-sum", "sum", "snr", "random")  # see sparseft.calibration.support_scores
 
 
 @dataclass
@@ -54,6 +55,10 @@ class SparseConfig:
     # value gradient then costs ~N·L·(m+n), LoRA-like for L ≈ 3·rank (docs/performance.md,
     # which also has the accuracy it cost on the embedded task). None: no restriction.
     support_narrow: int | None = None
+    # Fixed selection: how calibration scores each rotated entry from the per-step rotated
+    # gradients G̃_s: "abs-sum" Σ|G̃_s| (default), "sum" |ΣG̃_s|, "snr" |ΣG̃_s|/sqrt(ΣG̃_s²), or
+    # "random" (no gradient: a seeded random support, for ablations).
+    support_criterion: str = "abs-sum"
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Eigendecomposition precision: float64 up to this Gram size, float32 above it.
@@ -113,6 +118,8 @@ class SparseConfig:
             raise ConfigError("reselect_every must be a positive number of optimizer steps, or None.")
         if not (0.0 < self.reselect_fraction <= 1.0):
             raise ConfigError("reselect_fraction must be in (0, 1].")
+        if self.support_criterion not in SUPPORT_CRITERIA:
+            raise ConfigError(f"support_criterion={self.support_criterion!r} is not known; use one of {list(SUPPORT_CRITERIA)}.")
         if self.compute_path not in ("auto", "activations", "weights"):
             raise ConfigError("compute_path must be 'auto', 'activations' or 'weights'.")
         for name in ("support_rows", "support_cols", "support_narrow"):

@@ -272,9 +272,9 @@ def _meprop(model: nn.Module, budget: Budget) -> Prepared:
     return Prepared(sparse, _sparse_adamw(sparse), False, sparse.get_nb_trainable_parameters()[0], sparse)
 
 
-def _sparsegrad(selection: str) -> Callable[[nn.Module, Budget], Prepared]:
+def _sparsegrad(selection: str, config_class: type = SparseGradConfig, **options) -> Callable[[nn.Module, Budget], Prepared]:
     def build(model: nn.Module, budget: Budget) -> Prepared:
-        config = SparseGradConfig(selection=selection, support_narrow=budget.support_narrow, **budget.sparse_kwargs())
+        config = config_class(selection=selection, support_narrow=budget.support_narrow, **budget.sparse_kwargs(), **options)
         sparse = get_sparse_model(model, config)
         make = _adamw(sparse) if selection == "fixed" else _sparse_adamw(sparse)
         return Prepared(sparse, make, True, sparse.get_nb_trainable_parameters()[0], sparse)
@@ -299,6 +299,13 @@ register_method(Method("sparsegrad-dynamic", "top-k rotated MLP entries each ste
                        {"classification": 3e-4, "causal-lm": 1e-3}))
 register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2ft,
                        {"classification": 2e-4, "causal-lm": 1e-3}))
+# The two-by-two of what each half of SparseGrad buys: basis (rotated / identity) × support
+# (calibrated / random). Rotated + calibrated is sparsegrad-fixed, identity + random is SHiRA.
+register_method(Method("sparsegrad-random", "k rotated MLP entries at random (ablation)",
+                       _sparsegrad("fixed", support_criterion="random"), {"classification": 1e-3, "causal-lm": 1e-3},
+                       in_default_bench=False))
+register_method(Method("meprop-fixed", "k MLP entries of largest calibration gradient, no rotation (ablation)",
+                       _sparsegrad("fixed", MePropConfig), {"classification": 1e-3, "causal-lm": 1e-3}, in_default_bench=False))
 # peft's own sparse adapters at the same budget, through peft exactly as LoRA is.
 register_method(Method("shira", "peft SHiRA: r·(m+n) random MLP entries, original basis", _shira,
                        {"classification": 3e-3, "causal-lm": 1e-3}, in_default_bench=False))

@@ -144,6 +144,7 @@ class SparseModel(BaseTuner):
             need_bases=need_bases,
             float64_max=self.sparse_config.eigh_float64_max,
             show_progress=show_progress,
+            criterion=self.sparse_config.support_criterion,
         )
         return self.calibration_report
 

@@ -1,0 +1,69 @@
+"""Support criteria of fixed-selection calibration, checked against dense autograd gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from conftest import make_batch
+from sparseft import ConfigError, MePropConfig, SparseGradConfig, get_sparse_model
+
+
+def bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=64, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def _per_step_grads(batches):
+    """Dense weight gradient of every MLP layer, per batch (plain autograd on the base model)."""
+    model = bert()
+    names = [n for n, _ in model.named_modules() if n.endswith(("intermediate.dense", "output.dense")) and "attention" not in n]
+    grads = {n: [] for n in names}
+    for b in batches:
+        model.zero_grad()
+        model(**b).loss.backward()
+        for n in names:
+            grads[n].append(model.get_submodule(n).weight.grad.detach().clone())
+    return grads
+
+
+@pytest.mark.parametrize("criterion", ["abs-sum", "sum", "snr"])
+@pytest.mark.parametrize("config_class", [SparseGradConfig, MePropConfig])
+def test_support_is_the_topk_of_the_criterion(criterion: str, config_class) -> None:
+    batches = [make_batch("bert", i) for i in range(3)]
+    k = 40
+    model = get_sparse_model(bert(), config_class(k=k, selection="fixed", support_criterion=criterion))
+    model.calibrate(batches, steps=3, show_progress=False)
+    grads = _per_step_grads(batches)
+    for name, layer in model.sparse_layers().items():
+        P = torch.eye(layer.m) if layer.identity else model.bases.full(layer.group, "P").float()
+        Q = torch.eye(layer.n) if layer.identity else model.bases.full(layer.group, "Q").float()
+        rotated = torch.stack([P.T @ g @ Q for g in grads[name]])
+        score = {"abs-sum": rotated.abs().sum(0), "sum": rotated.sum(0).abs(),
+                 "snr": rotated.sum(0).abs() / rotated.pow(2).sum(0).sqrt()}[criterion]
+        chosen = score[layer.rows, layer.cols]
+        outside = score.clone()
+        outside[layer.rows, layer.cols] = -1
+        assert float(chosen.min()) >= float(outside.max()) * (1 - 1e-4), name
+
+
+def test_criteria_choose_differently_and_random_ignores_gradients() -> None:
+    supports = {}
+    for criterion in ("abs-sum", "sum", "random"):
+        model = get_sparse_model(bert(), SparseGradConfig(k=40, support_criterion=criterion))
+        model.calibrate([make_batch("bert", i) for i in range(3)], steps=3, show_progress=False)
+        layer = next(iter(model.sparse_layers().values()))
+        supports[criterion] = set(zip(layer.rows.tolist(), layer.cols.tolist()))
+    assert supports["abs-sum"] != supports["sum"]
+    other = get_sparse_model(bert(), MePropConfig(k=40, selection="fixed", support_criterion="random"))
+    other.calibrate([make_batch("bert", i) for i in range(7, 9)], steps=2, show_progress=False)
+    layer = next(iter(other.sparse_layers().values()))
+    assert set(zip(layer.rows.tolist(), layer.cols.tolist())) == supports["random"]  # same seeds, other batches
+
+
+def test_unknown_criterion_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="support_criterion"):
+        SparseGradConfig(support_criterion="magnitude")
