@@ -61,6 +61,7 @@ class Method:
     lr: Mapping[str, float] = field(default_factory=dict)
     needs_head: bool = False  # only meaningful for models with a task head
     in_default_bench: bool = True  # part of plain `sparseft bench`'s default set (the suite picks its own)
+    ablation: bool = False  # a variant for studies: runs by name, not listed in METHODS
 
     def default_lr(self, task: str = "classification") -> float:
         return self.lr.get(task, self.lr["classification"])
@@ -78,23 +79,27 @@ def register_method(method: Method, aliases: Sequence[str] = ()) -> Method:
     return method
 
 
+def _listed() -> tuple[str, ...]:
+    return tuple(name for name, m in REGISTRY.items() if not m.ablation)
+
+
 class _Names(Sequence):
-    """The registered method names, in registration order (a live view of REGISTRY)."""
+    """The registered method names but ablations, in registration order (a live view of REGISTRY)."""
 
     def __getitem__(self, i):  # type: ignore[override]
-        return tuple(REGISTRY)[i]
+        return _listed()[i]
 
     def __len__(self) -> int:
-        return len(REGISTRY)
+        return len(_listed())
 
     def __iter__(self) -> Iterator[str]:
-        return iter(tuple(REGISTRY))
+        return iter(_listed())
 
     def __contains__(self, name: object) -> bool:
-        return name in REGISTRY
+        return name in _listed()
 
     def __repr__(self) -> str:
-        return repr(tuple(REGISTRY))
+        return repr(_listed())
 
 
 METHODS: Sequence[str] = _Names()
@@ -110,10 +115,10 @@ class _DefaultLR(Mapping):
         return REGISTRY[name].default_lr(self.task)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(tuple(REGISTRY))
+        return iter(_listed())
 
     def __len__(self) -> int:
-        return len(REGISTRY)
+        return len(_listed())
 
 
 DEFAULT_LR: Mapping[str, float] = _DefaultLR("classification")
@@ -131,7 +136,9 @@ def bench_methods(task: str = "classification") -> tuple[str, ...]:
 def canonical(method: str) -> str:
     name = ALIASES.get(method, method)
     if name not in REGISTRY:
-        raise ConfigError(f"Unknown method {method!r}; choose from {', '.join(REGISTRY)} (or {', '.join(ALIASES)}).")
+        ablations = [n for n, m in REGISTRY.items() if m.ablation]
+        raise ConfigError(f"Unknown method {method!r}; choose from {', '.join(_listed())} (or {', '.join(ALIASES)}; "
+                          f"ablations: {', '.join(ablations)}).")
     return name
 
 
@@ -303,9 +310,10 @@ register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2f
 # (calibrated / random). Rotated + calibrated is sparsegrad-fixed, identity + random is SHiRA.
 register_method(Method("sparsegrad-random", "k rotated MLP entries at random (ablation)",
                        _sparsegrad("fixed", support_criterion="random"), {"classification": 1e-3, "causal-lm": 1e-3},
-                       in_default_bench=False))
+                       in_default_bench=False, ablation=True))
 register_method(Method("meprop-fixed", "k MLP entries of largest calibration gradient, no rotation (ablation)",
-                       _sparsegrad("fixed", MePropConfig), {"classification": 1e-3, "causal-lm": 1e-3}, in_default_bench=False))
+                       _sparsegrad("fixed", MePropConfig), {"classification": 1e-3, "causal-lm": 1e-3},
+                       in_default_bench=False, ablation=True))
 # peft's own sparse adapters at the same budget, through peft exactly as LoRA is.
 register_method(Method("shira", "peft SHiRA: r·(m+n) random MLP entries, original basis", _shira,
                        {"classification": 3e-3, "causal-lm": 1e-3}, in_default_bench=False))
