@@ -303,22 +303,30 @@ def rotated_gradient_scores(
     batches: list[Mapping[str, Any]],
     loss_fn: LossFn | None,
     show_progress: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Σ |rotated gradient| over ``batches`` at the current (adapted) weights, per layer block."""
-    scores: dict[str, torch.Tensor] = {}
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(Σ |rotated gradient|, mean rotated gradient) over ``batches`` at the current (adapted)
+    weights, per layer block."""
+    sums: dict[str, list[torch.Tensor]] = {}
 
     def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
-        s = _rotated_block(layer, G).abs()
-        scores[name] = scores[name] + s if name in scores else s
+        R = _rotated_block(layer, G)
+        if name in sums:
+            sums[name][0].add_(R.abs())
+            sums[name][1].add_(R)
+        else:
+            sums[name] = [R.abs(), R.clone()]
 
     rng = _RngState()
     try:
         gradient_pass(model, layers, batches, loss_fn, score, "reselect", show_progress)
     finally:
         rng.restore()
-    for s in scores.values():
-        _all_reduce(s)
-    return scores
+    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    for abs_sum, signed in sums.values():
+        _all_reduce(abs_sum)
+        _all_reduce(signed)
+        signed /= max(1, len(batches)) * world
+    return {n: s[0] for n, s in sums.items()}, {n: s[1] for n, s in sums.items()}
 
 
 __all__ = ["CalibrationReport", "calibrate_layers", "rotated_gradient_scores", "batch_loss", "move_batch"]

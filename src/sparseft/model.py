@@ -175,8 +175,10 @@ class SparseModel(BaseTuner):
     ) -> int:
         """Fixed selection: swap the ``fraction`` of each support with the smallest |values|
         for the entries of largest rotated gradient on ``batches`` (SpIEL-style drop/grow).
-        Dropped entries return to the base weight; their optimizer state is zeroed. Returns
-        the number of entries swapped over all layers."""
+        Dropped entries return to the base weight. With an Adam-style ``optimizer`` the grown
+        entries start afresh: their moments are seeded from the rotated gradient on ``batches``
+        so that their next update has a fresh Adam's size (lr), whatever the step count.
+        Returns the number of entries swapped over all layers."""
         if self.sparse_config.selection != "fixed":
             raise ConfigError("reselect_support() is for selection='fixed'; dynamic selection re-chooses every step.")
         if not self.is_calibrated:
@@ -184,10 +186,11 @@ class SparseModel(BaseTuner):
         fraction = self.sparse_config.reselect_fraction if fraction is None else fraction
         layers = self.sparse_layers()
         with torch.enable_grad():
-            scores = rotated_gradient_scores(self.base_model, layers, self.bases, list(batches), loss_fn)
+            scores, grads = rotated_gradient_scores(self.base_model, layers, self.bases, list(batches), loss_fn)
         swapped = 0
         for name, layer in layers.items():
-            swapped += layer.support.regrow(layer.values, scores[name], max(1, round(fraction * layer.k)), optimizer)
+            swapped += layer.support.regrow(layer.values, scores[name], max(1, round(fraction * layer.k)), optimizer,
+                                            grads=grads[name])
         return swapped
 
     # ------------------------------------------------------------------ bases files

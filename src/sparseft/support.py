@@ -105,9 +105,17 @@ class FixedSupport:
         return Gt.reshape(-1).index_select(0, self.local)  # int32 index: no copy
 
     @torch.no_grad()
-    def regrow(self, values: torch.Tensor, scores: torch.Tensor, n_swap: int, optimizer: Any = None) -> int:
-        """SpIEL-style drop/grow: the ``n_swap`` smallest |values| leave (back to the base weight,
-        optimizer state zeroed), the largest ``scores`` off the support come in. Returns the count."""
+    def regrow(self, values: torch.Tensor, scores: torch.Tensor, n_swap: int, optimizer: Any = None,
+               grads: torch.Tensor | None = None) -> int:
+        """SpIEL-style drop/grow: the ``n_swap`` smallest |values| leave (back to the base weight),
+        the largest ``scores`` off the support come in. Returns the count.
+
+        Optimizer state of the swapped slots: a grown entry must not inherit the global step
+        count with zero moments (Adam's bias correction would then scale its first update by
+        (1-β1)/sqrt(1-β2)·sqrt(1-β2^t)/(1-β1^t): up to ≈3.2× lr late in training). With ``grads``
+        (the rotated gradient, block-shaped) its moments are seeded as m = (1-β1^t)·g,
+        v = (1-β2^t)·g², the state a fresh Adam would have after seeing g with the current step
+        count, so its next update is ≈ lr·g/|g|; other state tensors of the slot are zeroed."""
         flat = scores.flatten().clone()
         flat[self.rows * self.block[1] + self.cols] = -float("inf")
         n_swap = min(n_swap, int(torch.isfinite(flat).sum()))
@@ -120,9 +128,19 @@ class FixedSupport:
         values[drop] = 0
         self.set(rows, cols)
         if optimizer is not None:
-            for value in optimizer.state.get(values, {}).values():
+            state = optimizer.state.get(values, {})
+            for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == values.shape:
                     value[drop] = 0
+            group = next((g for g in optimizer.param_groups if any(p is values for p in g["params"])), None)
+            step = state.get("step")
+            if grads is not None and group is not None and "betas" in group and step is not None \
+                    and "exp_avg" in state and "exp_avg_sq" in state:
+                t = float(step)
+                beta1, beta2 = group["betas"]
+                g = grads.flatten().index_select(0, grow).to(values.dtype)
+                state["exp_avg"][drop] = (1 - beta1**t) * g
+                state["exp_avg_sq"][drop] = (1 - beta2**t) * g * g
         return n_swap
 
     @torch.no_grad()
