@@ -109,8 +109,15 @@ def test_adapter_file_is_small(tmp_path):
     layers = len(model.sparse_layers())
     assert info["values"] == 20 * layers
     assert info["adapter_bytes"] < full_bytes / 4
-    # basis columns saved are only those the support touches
-    assert info["basis_numbers"] <= sum(64 * 64 + 32 * 32 for _ in range(2))
+    # basis columns saved are exactly those the support touches, per group: m·|∪R| + n·|∪C|
+    used: dict[str, tuple[set, set, int, int]] = {}
+    for layer in model.sparse_layers().values():
+        rows, cols, _, _ = used.setdefault(layer.group, (set(), set(), layer.m, layer.n))
+        rows.update(layer.R.tolist())
+        cols.update(layer.C.tolist())
+    expected = sum(m * len(r) + n * len(c) for r, c, m, n in used.values())
+    full = sum(m * m + n * n for _, _, m, n in used.values())
+    assert info["basis_numbers"] == expected < full
 
 
 def _dense_gradients(base, arch, batch, names):
@@ -272,11 +279,30 @@ def test_calibration_leaves_model_and_rng_untouched():
     assert all(not l.base_layer.weight.requires_grad for l in model.sparse_layers().values())
 
 
-def test_calibration_is_streaming_not_stacking():
-    """Gram accumulation keeps no per-step gradient: memory held is m²+n² per group."""
+def test_calibration_is_streaming_not_stacking(monkeypatch):
+    """Gram accumulation keeps no per-step gradient: each layer's gradient is folded into the
+    Grams and freed as it is produced, so at most one weight gradient is alive at a time."""
+    import sparseft.calibration as calibration
+
+    alive, peak = set(), [0]
+    real = calibration.gradient_pass
+
+    def watching(model, layers, batches, loss_fn, on_grad, desc, show_progress):
+        def on_grad_watched(name, layer, G):
+            for n, l in layers.items():  # every other layer's weight gradient is already freed
+                if l.base_layer.weight.grad is not None:
+                    alive.add(n)
+            peak[0] = max(peak[0], len(alive) + 1)
+            alive.clear()
+            on_grad(name, layer, G)
+
+        return real(model, layers, batches, loss_fn, on_grad_watched, desc, show_progress)
+
+    monkeypatch.setattr(calibration, "gradient_pass", watching)
     _, model = calibrated("bert", SparseGradConfig(density=0.05), steps=5)
     report = model.calibration_report
     assert report.steps == 5 and set(report.eigh_seconds) == {l.group for l in model.sparse_layers().values()}
+    assert peak[0] == 1
 
 
 def test_budget_matches_lora_rank_and_density():
