@@ -2,8 +2,9 @@
 (gloo on CPU), writing the trained weights to compare. Used by tests/test_distributed.py.
 
 Every rank sees its 1/world share of each global batch, so a W-process run and a 1-process
-run train on the same global batches. Calibration sums Grams over ranks, which equals a
-1-process calibration over the union of the ranks' batches (``calibration_batches``).
+run train on the same global batches. Calibration reduces each layer's gradient over the ranks
+before it forms Grams and scores, so it equals a 1-process calibration on the same global
+batches (``calibration_batches``).
 
     torchrun --nproc-per-node 2 tests/ddp_worker.py OUT [torch|accelerate]
 """
@@ -24,7 +25,7 @@ from sparseft.serialization import save_tensors
 
 broadcast = count_broadcast_bytes()
 OUT = Path(".")
-GLOBAL_BATCH, SEQ, CALIB_STEPS, TRAIN_STEPS, CALIB_SHARDS = 8, 12, 3, 5, 2
+GLOBAL_BATCH, SEQ, CALIB_STEPS, TRAIN_STEPS = 8, 12, 3, 5
 VARIANTS = ("fixed", "dynamic-sparseadamw", "dynamic-attach", "dynamic-hook")
 
 
@@ -57,9 +58,8 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, to
 
 
 def calibration_batches(rank: int, world: int) -> list[dict[str, torch.Tensor]]:
-    """This rank's calibration batches; with world=1, all CALIB_SHARDS shards of every batch."""
-    shards = range(CALIB_SHARDS) if world == 1 else [rank]
-    return [shard(b, s, CALIB_SHARDS) for b in global_batches(CALIB_STEPS, seed=1) for s in shards]
+    """This rank's share of each global calibration batch (world=1: the global batches)."""
+    return [shard(b, rank, world) for b in global_batches(CALIB_STEPS, seed=1)]
 
 
 def build(variant: str, rank: int, world: int, calib: dict[str, torch.Tensor] | None = None):

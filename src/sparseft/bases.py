@@ -33,13 +33,32 @@ def eigenbasis(gram: torch.Tensor, float64_max: int = 4096) -> tuple[torch.Tenso
     For ``gram = Σ G Gᵀ`` these are the left singular vectors of the mode unfolding of the
     stacked gradients, i.e. the HOSVD factor of that mode. Computed in float64 up to
     ``float64_max`` (float32 above, where float64 costs too much memory and time).
+
+    Directions whose eigenvalue is below the float32 round-off of the accumulated Gram
+    (λ < size·ε₃₂·λ_max) carry no signal: eigh would orient them arbitrarily, differently for
+    Grams equal up to round-off (another summation order, another number of processes). They
+    are replaced by a deterministic orthonormal completion of the leading ones (QR of
+    [V_leading | I], ordered by its energy under the Gram), so Grams equal up to round-off give
+    the same span for the noise directions instead of an arbitrary rotation of them.
     """
     dtype = torch.float64 if gram.shape[0] <= float64_max else torch.float32
     sym = gram.to(dtype)
     sym = (sym + sym.T) / 2  # accumulated in float32: remove the asymmetric round-off
     values, vectors = torch.linalg.eigh(sym)
     order = torch.argsort(values, descending=True)
-    return vectors[:, order].to(torch.float32), values[order].to(torch.float32)
+    values, vectors = values[order], vectors[:, order]
+    size = gram.shape[0]
+    tol = float(values[0].clamp(min=0)) * size * torch.finfo(torch.float32).eps
+    keep = int((values > tol).sum())
+    if 0 < keep < size:
+        eye = torch.eye(size, dtype=dtype, device=vectors.device)
+        completion, _ = torch.linalg.qr(torch.cat([vectors[:, :keep], eye], dim=1))
+        tail = completion[:, keep:size]
+        energy = ((sym @ tail) * tail).sum(0)  # Rayleigh quotients: keep the energy order
+        by_energy = torch.argsort(energy, descending=True)
+        vectors = torch.cat([vectors[:, :keep], tail[:, by_energy]], dim=1)
+        values = torch.cat([values[:keep], energy[by_energy]])
+    return vectors.to(torch.float32), values.to(torch.float32)
 
 
 def _key(index: int, part: str) -> str:

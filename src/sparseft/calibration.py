@@ -59,10 +59,13 @@ class _RngState:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
-def _all_reduce(t: torch.Tensor) -> None:
-    """Sum over ranks, so every process builds the same bases and support."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean of ``t`` over the ranks (in place), so every process sees the gradient of the
+    global batch: calibrating on W processes then equals 1 process on the global batches."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
+        t /= torch.distributed.get_world_size()
+    return t
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -124,6 +127,10 @@ def gradient_pass(
             param.grad = None  # free it now: streaming, never the stack of gradients
             if grad is None:
                 return
+            # Under torch.distributed each rank holds its shard's gradient: reduce it first (the
+            # Gram of a sum is not the sum of the ranks' Grams). Hooks fire in the same order on
+            # every rank, so the collectives match up.
+            grad = _mean_over_ranks(grad)
             # Conv1D stores W as (in, out): transpose by the layer kind, never by the shape
             # (a square Conv1D's gradient has the right shape the wrong way round)
             G = grad.t() if is_transposed(layer.base_layer) else grad
@@ -218,9 +225,7 @@ def calibrate_layers(
             rng.restore()
             gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)
             report.gram_seconds = time.perf_counter() - t0
-            for group, (gram_P, gram_Q) in grams.items():
-                _all_reduce(gram_P)
-                _all_reduce(gram_Q)
+            for group, (gram_P, gram_Q) in grams.items():  # identical on every rank already
                 t1 = time.perf_counter()
                 P, _ = eigenbasis(gram_P, float64_max)
                 Q, _ = eigenbasis(gram_Q, float64_max)
@@ -249,8 +254,6 @@ def calibrate_layers(
                 gradient_pass(model, layers, cached, loss_fn, score, "calibrate: support", show_progress)
                 scores = {}
                 for name, (first, second) in sums.items():
-                    _all_reduce(first)
-                    _all_reduce(second)
                     scores[name] = support_scores(criterion, first, second)
             for name, layer in layers.items():
                 layer.choose_support(scores[name])
@@ -321,11 +324,8 @@ def rotated_gradient_scores(
         gradient_pass(model, layers, batches, loss_fn, score, "reselect", show_progress)
     finally:
         rng.restore()
-    world = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
-    for abs_sum, signed in sums.values():
-        _all_reduce(abs_sum)
-        _all_reduce(signed)
-        signed /= max(1, len(batches)) * world
+    for _, signed in sums.values():  # gradients were reduced over ranks as they came
+        signed /= max(1, len(batches))
     return {n: s[0] for n, s in sums.items()}, {n: s[1] for n, s in sums.items()}
 
 

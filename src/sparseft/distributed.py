@@ -2,9 +2,9 @@
 
 What DDP needs to know about an adapted model (tested in tests/test_distributed.py):
 
-- Calibrate before wrapping: calibration all-reduces its Gram matrices and support scores, so
-  every rank builds bit-identical bases and supports (the sum over ranks equals one process
-  calibrating on the union of the ranks' batches).
+- Calibrate before wrapping: calibration averages each layer's gradient over the ranks before
+  it forms Grams and support scores, so every rank builds bit-identical bases and supports, equal
+  to one process calibrating on the same global batches.
 - Dynamic selection must see the all-reduced gradient: use ``SparseAdamW`` (it takes the top-k
   at step time) or ``model.attach_optimizer(opt)``. The layers' per-backward masking would cut
   each rank's *local* gradient before the all-reduce, so it refuses to run when the world size
