@@ -88,6 +88,10 @@ class SparseUpdate(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, param: torch.Tensor, layer: "SparseLinear") -> torch.Tensor:
         ctx.layer = layer
         ctx.save_for_backward(x, param)  # param: autograd's version check (no in-place edits between)
+        # Remember the autocast state, as torch.amp.custom_fwd does: backward runs outside it.
+        device = x.device.type
+        ctx.autocast = torch.is_autocast_enabled(device)
+        ctx.autocast_dtype = torch.get_autocast_dtype(device) if ctx.autocast else None
         return layer._forward_no_grad(x)
 
     @staticmethod
@@ -95,10 +99,18 @@ class SparseUpdate(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):
         x, param = ctx.saved_tensors
         layer: SparseLinear = ctx.layer
-        # Under autocast the output (and so grad_y) may be bf16 while x is float32; backward runs
-        # outside autocast, so compute in the widest of them and the weight's (the engine casts grad_x back).
+        if ctx.autocast:
+            # Mixed precision: the backward matmuls run in the autocast dtype, as the forward's
+            # did (torch.amp.custom_bwd); the trained values and their gradient stay float32.
+            with torch.autocast(x.device.type, dtype=ctx.autocast_dtype):
+                return SparseUpdate._grads(ctx, layer, grad_y, x, param)
+        # Without autocast, compute in the widest of grad, input and weight dtypes (the engine
+        # casts grad_x back to x's dtype).
         dtype = torch.promote_types(torch.promote_types(grad_y.dtype, x.dtype), weight_of(layer.base_layer).dtype)
-        grad_y, x = grad_y.to(dtype), x.to(dtype)
+        return SparseUpdate._grads(ctx, layer, grad_y.to(dtype), x.to(dtype), param)
+
+    @staticmethod
+    def _grads(ctx, layer: "SparseLinear", grad_y: torch.Tensor, x: torch.Tensor, param: torch.Tensor):
         grad_x = layer._input_grad(grad_y) if ctx.needs_input_grad[0] else None
         grad_param = None
         if ctx.needs_input_grad[1]:
