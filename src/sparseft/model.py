@@ -113,6 +113,13 @@ class SparseModel(BaseTuner):
     def is_calibrated(self) -> bool:
         return all(layer.calibrated for layer in self.sparse_layers().values())
 
+    @torch.no_grad()
+    def adapter_entries(self) -> dict[str, int]:
+        """Entries each layer's saved update holds: k with fixed selection; with dynamic
+        selection every entry any step has updated (a different top-k each step), which grows
+        with training past k, up to the whole block (see docs/sparsegrad.md)."""
+        return {name: int(layer.sparse_state()[2].numel()) for name, layer in self.sparse_layers().items()}
+
     # ------------------------------------------------------------------ calibration
     def calibrate(
         self,
@@ -262,7 +269,14 @@ class SparseModel(BaseTuner):
     def _save_result(self, size: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
         values = sum(v.numel() for k, v in tensors.items() if k.startswith("layers.") and k.endswith(".values"))
         basis_numbers = sum(v.numel() for k, v in tensors.items() if k.startswith("bases.") and not k.endswith("_cols"))
-        return {"adapter_bytes": size, "values": values, "basis_numbers": basis_numbers}
+        k = sum(layer.k for layer in self.sparse_layers().values())
+        if values > 4 * k:
+            warnings.warn(
+                f"This dynamic-selection adapter stores {values:,d} entries, {values / k:.1f}× its per-step budget "
+                f"k = {k:,d}: every entry any step updated is kept. Use selection='fixed' for O(k) adapters.",
+                stacklevel=3,
+            )
+        return {"adapter_bytes": size, "values": values, "basis_numbers": basis_numbers, "k": k}
 
     @classmethod
     def _wrong_kind(cls, path: Path, kind: Any) -> str:
