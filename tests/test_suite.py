@@ -108,3 +108,22 @@ def test_summary_has_the_contract_and_the_paired_difference() -> None:
     assert rows[("pooled", "full")]["lr_at_grid_edge"] is True
     assert pooled["share_of_lora_to_full_gap"] == pytest.approx(0.5)  # closes all of a's gap, none of b's
     assert rows[("a", "sparsegrad-fixed")]["steps_to_lora_final"] == 10
+
+
+def test_method_variants_by_name() -> None:
+    from sparseft.methods import DEFAULT_LR, canonical, split_methods
+
+    assert split_methods("lora-mlp,sparsegrad[support_criterion=snr;support_narrow=8],meprop") == [
+        "lora-mlp", "sparsegrad[support_criterion=snr;support_narrow=8]", "meprop"]
+    name = canonical("sparsegrad[support_narrow=8;support_criterion=snr]")
+    assert name == "sparsegrad-fixed[support_criterion=snr;support_narrow=8]"
+    assert DEFAULT_LR[name] == DEFAULT_LR["sparsegrad-fixed"]
+    prepared = prepare(name, tiny_bert(), rank=2)
+    config = prepared.sparse.sparse_config
+    assert (config.support_criterion, config.support_narrow, config.selection) == ("snr", 8, "fixed")
+    meprop_fixed = prepare("meprop[selection=fixed]", tiny_bert(), rank=2)
+    assert meprop_fixed.needs_calibration and meprop_fixed.sparse.sparse_config.identity_bases
+    for bad, why in [("lora-mlp[r=4]", "takes no"), ("sparsegrad[foo=1]", "foo"), ("sparsegrad[x]", "key=value"),
+                     ("sparsegrad[x=1", r"name\[key=value")]:
+        with pytest.raises(ConfigError, match=why):
+            prepare(bad, tiny_bert())

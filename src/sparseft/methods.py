@@ -38,9 +38,11 @@ class Budget:
     rank: int = 8
     density: float | None = None
     support_narrow: int | None = None
+    options: dict = field(default_factory=dict)  # a variant's config overrides: name[key=value;...]
 
     def sparse_kwargs(self) -> dict:
-        return {"density": self.density} if self.density is not None else {"density": None, "match_lora_rank": self.rank}
+        budget = {"density": self.density} if self.density is not None else {"density": None, "match_lora_rank": self.rank}
+        return {**budget, **self.options}
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Method:
     needs_head: bool = False  # only meaningful for models with a task head
     in_default_bench: bool = True  # part of plain `sparseft bench`'s default set (the suite picks its own)
     ablation: bool = False  # a variant for studies: runs by name, not listed in METHODS
+    takes_options: bool = False  # variants by name: "sparsegrad-fixed[support_criterion=snr]"
 
     def default_lr(self, task: str = "classification") -> float:
         return self.lr.get(task, self.lr["classification"])
@@ -112,7 +115,7 @@ class _DefaultLR(Mapping):
         self.task = task
 
     def __getitem__(self, name: str) -> float:
-        return REGISTRY[name].default_lr(self.task)
+        return method_spec(name).default_lr(self.task)
 
     def __iter__(self) -> Iterator[str]:
         return iter(_listed())
@@ -133,13 +136,68 @@ def bench_methods(task: str = "classification") -> tuple[str, ...]:
     return tuple(m for m, spec in REGISTRY.items() if spec.in_default_bench and not (spec.needs_head and task == "causal-lm"))
 
 
-def canonical(method: str) -> str:
-    name = ALIASES.get(method, method)
+def _value(text: str):
+    """A variant option's value: int, float, bool, None or the string itself."""
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_method(method: str) -> tuple[str, dict]:
+    """("sparsegrad-fixed", {"support_criterion": "snr"}) from "sparsegrad[support_criterion=snr]"."""
+    name, _, rest = method.strip().partition("[")
+    options: dict = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ConfigError(f"Method {method!r}: a variant is written name[key=value;key=value].")
+        for item in filter(None, (p.strip() for p in rest[:-1].split(";"))):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ConfigError(f"Method {method!r}: option {item!r} is not key=value.")
+            options[key.strip()] = _value(value)
+    name = ALIASES.get(name.strip(), name.strip())
     if name not in REGISTRY:
         ablations = [n for n, m in REGISTRY.items() if m.ablation]
         raise ConfigError(f"Unknown method {method!r}; choose from {', '.join(_listed())} (or {', '.join(ALIASES)}; "
                           f"ablations: {', '.join(ablations)}).")
-    return name
+    if options and not REGISTRY[name].takes_options:
+        raise ConfigError(f"Method {name!r} takes no [options]; variants are for the sparse methods (SparseGrad, MeProp).")
+    return name, options
+
+
+def canonical(method: str) -> str:
+    """The registered name (aliases resolved), with a variant's options in a fixed order."""
+    name, options = parse_method(method)
+    if not options:
+        return name
+    return f"{name}[{';'.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
+
+
+def method_spec(method: str) -> Method:
+    """The registry entry of a method name or variant."""
+    return REGISTRY[parse_method(method)[0]]
+
+
+def split_methods(text: str) -> list[str]:
+    """A comma list of methods, commas inside a variant's [...] kept."""
+    out, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            out.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    out.append(current.strip())
+    return [m for m in out if m]
 
 
 REGIMES = ("peft", "paper")
@@ -156,9 +214,9 @@ def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None 
     ``support_narrow`` (SparseGrad only): see :class:`sparseft.config.SparseGradConfig`."""
     if regime not in REGIMES:
         raise ConfigError(f"regime={regime!r} is not known; use 'peft' (adapters and head train) or 'paper' (all but the MLPs train).")
-    name = canonical(method)
+    name, options = parse_method(method)
     mlp = {id(p) for t in find_targets(model) for p in model.get_submodule(t.name).parameters()}
-    prepared = REGISTRY[name].build(model, Budget(rank, density, support_narrow))
+    prepared = REGISTRY[name].build(model, Budget(rank, density, support_narrow, options))
     if regime == "paper" and name != "full":
         _train_all_but_mlp(prepared.model, mlp)
         prepared.trainable_params = _trainable_count(prepared)
@@ -274,17 +332,32 @@ def _s2ft(model: nn.Module, budget: Budget) -> Prepared:
     return Prepared(s2, _adamw(s2), False, s2.get_nb_trainable_parameters()[0])
 
 
+def _sparse_prepared(sparse: SparseModel) -> Prepared:
+    """AdamW for fixed supports (O(k) state anyway), SparseAdamW for dynamic ones; calibration
+    unless nothing needs it (identity bases with dynamic selection: MeProp)."""
+    config = sparse.sparse_config
+    fixed = config.selection == "fixed"
+    needs_calibration = fixed or not config.identity_bases
+    return Prepared(sparse, _adamw(sparse) if fixed else _sparse_adamw(sparse), needs_calibration,
+                    sparse.get_nb_trainable_parameters()[0], sparse)
+
+
 def _meprop(model: nn.Module, budget: Budget) -> Prepared:
-    sparse = get_sparse_model(model, MePropConfig(selection="dynamic", **budget.sparse_kwargs()))
-    return Prepared(sparse, _sparse_adamw(sparse), False, sparse.get_nb_trainable_parameters()[0], sparse)
+    try:
+        config = MePropConfig(**{"selection": "dynamic", **budget.sparse_kwargs()})
+    except TypeError as exc:
+        raise ConfigError(f"{exc}: variant options are MePropConfig fields.") from exc
+    return _sparse_prepared(get_sparse_model(model, config))
 
 
-def _sparsegrad(selection: str, config_class: type = SparseGradConfig, **options) -> Callable[[nn.Module, Budget], Prepared]:
+def _sparsegrad(selection: str, config_class: type = SparseGradConfig, **fixed) -> Callable[[nn.Module, Budget], Prepared]:
     def build(model: nn.Module, budget: Budget) -> Prepared:
-        config = config_class(selection=selection, support_narrow=budget.support_narrow, **budget.sparse_kwargs(), **options)
-        sparse = get_sparse_model(model, config)
-        make = _adamw(sparse) if selection == "fixed" else _sparse_adamw(sparse)
-        return Prepared(sparse, make, True, sparse.get_nb_trainable_parameters()[0], sparse)
+        kwargs = {"selection": selection, "support_narrow": budget.support_narrow, **fixed, **budget.sparse_kwargs()}
+        try:
+            config = config_class(**kwargs)
+        except TypeError as exc:  # an option that is no config field
+            raise ConfigError(f"{exc}: variant options are {config_class.__name__} fields.") from exc
+        return _sparse_prepared(get_sparse_model(model, config))
 
     return build
 
@@ -299,21 +372,21 @@ register_method(Method("lora-mlp", "LoRA (peft) on the MLP layers", _lora(_mlp_n
 register_method(Method("lora-attn", "LoRA (peft) on the attention projections", _lora(_attention_names),
                        {"classification": 5e-4, "causal-lm": 1e-3}))
 register_method(Method("meprop", "top-k of the plain MLP gradient each step", _meprop,
-                       {"classification": 2e-4, "causal-lm": 1e-3}))
+                       {"classification": 2e-4, "causal-lm": 1e-3}, takes_options=True))
 register_method(Method("sparsegrad-fixed", "k rotated MLP entries chosen in calibration", _sparsegrad("fixed"),
-                       {"classification": 1e-3, "causal-lm": 1e-3}), aliases=["sparsegrad"])
+                       {"classification": 1e-3, "causal-lm": 1e-3}, takes_options=True), aliases=["sparsegrad"])
 register_method(Method("sparsegrad-dynamic", "top-k rotated MLP entries each step", _sparsegrad("dynamic"),
-                       {"classification": 3e-4, "causal-lm": 1e-3}))
+                       {"classification": 3e-4, "causal-lm": 1e-3}, takes_options=True))
 register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2ft,
                        {"classification": 2e-4, "causal-lm": 1e-3}))
 # The two-by-two of what each half of SparseGrad buys: basis (rotated / identity) × support
 # (calibrated / random). Rotated + calibrated is sparsegrad-fixed, identity + random is SHiRA.
 register_method(Method("sparsegrad-random", "k rotated MLP entries at random (ablation)",
                        _sparsegrad("fixed", support_criterion="random"), {"classification": 1e-3, "causal-lm": 1e-3},
-                       in_default_bench=False, ablation=True))
+                       in_default_bench=False, ablation=True, takes_options=True))
 register_method(Method("meprop-fixed", "k MLP entries of largest calibration gradient, no rotation (ablation)",
                        _sparsegrad("fixed", MePropConfig), {"classification": 1e-3, "causal-lm": 1e-3},
-                       in_default_bench=False, ablation=True))
+                       in_default_bench=False, ablation=True, takes_options=True))
 # peft's own sparse adapters at the same budget, through peft exactly as LoRA is.
 register_method(Method("shira", "peft SHiRA: r·(m+n) random MLP entries, original basis", _shira,
                        {"classification": 3e-3, "causal-lm": 1e-3}, in_default_bench=False))
@@ -321,5 +394,5 @@ register_method(Method("supertuning", "peft Super-Tuning: magnitude-chosen MLP e
                        {"classification": 1e-3, "causal-lm": 1e-3}, in_default_bench=False))
 
 
-__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "bench_methods", "canonical", "default_lrs",
+__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "bench_methods", "canonical", "method_spec", "parse_method", "split_methods", "default_lrs",
            "prepare", "register_method"]

@@ -58,7 +58,7 @@ class Task:
     run: Callable[[dict[str, Any]], dict[str, Any]]
     label: str = ""
     methods: tuple[str, ...] = field(default_factory=bench_methods)
-    default_lr: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    default_lr: Mapping[str, float] = field(default_factory=lambda: DEFAULT_LR)
 
 
 _CACHE: dict[tuple, Any] = {}

@@ -232,6 +232,7 @@ QUICK = {"steps": 4, "seeds": [0], "calibration_steps": 3, "test_rows": 200, "sw
 
 def cmd_suite(args: argparse.Namespace) -> int:
     """``sparseft bench --suite``: every suite task, paired seeds, per-method sweep, CIs vs LoRA-MLP."""
+    from ..methods import split_methods
     from .suite import SuiteSettings, print_table, run_suite
     from .tasks import fetch_suite_sources
 
@@ -249,7 +250,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     given["model"] = args.model or "minilm"
     given["show_progress"] = not args.no_progress
     if args.methods:
-        given["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        given["methods"] = tuple(split_methods(args.methods))
     if args.tasks:
         given["tasks"] = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     if args.jobs is None:
@@ -272,7 +273,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import TASKS, BenchSettings, print_table, run_bench
-    from ..methods import canonical
+    from ..methods import canonical, split_methods
 
     if args.suite or args.prepare:
         return cmd_suite(args)
@@ -287,7 +288,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         model_dir = _model_dir(args)
         splits = _load_splits(args)  # fail fast on a bad --data, and say what the split is
-    methods = [canonical(m.strip()) for m in args.methods.split(",") if m.strip()] if args.methods else None
+    methods = [canonical(m) for m in split_methods(args.methods)] if args.methods else None
     explicit = {a for a in ("steps", "seeds", "calibration_steps") if getattr(args, a) is not None}
     chosen = dict(BENCH_DEFAULTS[args.task], **(QUICK if args.quick else {}))
     chosen.update({a: getattr(args, a) for a in explicit})
@@ -345,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune with one method: a classifier (held-out accuracy) or, with --task causal-lm, a chat LM (held-out perplexity)")
     _add_common(train)
-    train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad[-fixed|-dynamic], s2ft")
+    train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad[-fixed|-dynamic], "
+                       "s2ft, shira, supertuning; ablations sparsegrad-random, meprop-fixed; variants of the sparse methods "
+                       "with config fields: 'sparsegrad[support_criterion=snr;support_narrow=24]'")
     train.add_argument("--lr", type=_positive(float), help="learning rate (default: the method's default)")
     train.add_argument("--output-dir", default="runs/train", help="writes DIR/results.json")
     train.add_argument("--checkpoint-every", type=_positive(int), help="save a resumable checkpoint every N steps "

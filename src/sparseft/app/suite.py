@@ -84,13 +84,13 @@ class SuiteSettings:
         return cls(**{**base, **kwargs})
 
     def centre(self, method: str) -> float:
-        from ..methods import REGISTRY
+        from ..methods import method_spec
 
         if method in self.lr_overrides:
             return self.lr_overrides[method]
         if self.regime == "paper":
             return PAPER_LR.get(method, PAPER_LR_DEFAULT)
-        return REGISTRY[method].default_lr("classification")
+        return method_spec(method).default_lr("classification")
 
 
 # ----------------------------------------------------------------------------- one run (worker side)
