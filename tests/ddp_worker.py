@@ -100,8 +100,11 @@ def calibration_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", calib: dict | None = None) -> tuple[dict, dict]:
-    """Returns (trained weights, calibration state) of this rank."""
+def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", calib: dict | None = None,
+          save_at: int | None = None, resume_from: str | None = None) -> tuple[dict, dict]:
+    """Returns (trained weights, calibration state) of this rank. ``save_at``: write a training
+    checkpoint (sparseft.app.checkpoint) to ``OUT/ckpt`` after that step; ``resume_from``: start
+    from the checkpoint there and skip the steps it holds."""
     model, opt = build(variant, rank, world, calib)
     calib = calibration_state(model)
     backward = lambda loss: loss.backward()  # noqa: E731
@@ -126,11 +129,22 @@ def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", 
         net = torch.nn.parallel.DistributedDataParallel(model)  # default settings
     model.train()
     broadcast["bytes"] = 0
-    for batch in global_batches(TRAIN_STEPS, seed=2):
+    start = 0
+    if resume_from is not None:
+        from sparseft.app.checkpoint import load_checkpoint
+
+        start = load_checkpoint(resume_from, model, opt)["step"]
+    for step, batch in enumerate(global_batches(TRAIN_STEPS, seed=2), 1):
+        if step <= start:
+            continue
         loss = net(**shard(batch, rank, world)).loss
         backward(loss)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if step == save_at:
+            from sparseft.app.checkpoint import save_checkpoint
+
+            save_checkpoint(OUT / "ckpt", model, opt, step=step)
     if launcher == "fsdp2" and world > 1:
         from torch.distributed.fsdp import FSDPModule
 
@@ -176,6 +190,13 @@ def main() -> None:
         save_tensors(out / f"{variant}.calib.rank{rank}.safetensors", calib, {"kind": "calib"})
         if rank == 0:
             save_tensors(out / f"{variant}.weights.safetensors", trained, {"kind": "weights"})
+        if launcher == "fsdp2" and variant == "fixed":
+            # save at step 2 while training on, then resume a fresh sharded model from that file
+            through, _ = train(variant, rank, world, launcher, calib=calib, save_at=2)
+            resumed, _ = train(variant, rank, world, launcher, calib=calib, resume_from=str(out / "ckpt"))
+            if rank == 0:
+                save_tensors(out / "fixed.saving.safetensors", through, {"kind": "weights"})
+                save_tensors(out / "fixed.resumed.safetensors", resumed, {"kind": "weights"})
     if world > 1:
         if rank == 0:
             (out / "backend.txt").write_text(torch.distributed.get_backend())

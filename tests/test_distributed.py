@@ -97,6 +97,19 @@ def test_fsdp2_fully_shard_on_cpu(tmp_path: Path) -> None:
     diff = max(float((reference[k] - distributed[k]).abs().max()) for k in reference)
     print(f"fsdp2 fixed: max |1-process - 2-process| = {diff:.3e}")
     assert diff < 1e-5
+    # a training checkpoint saved under FSDP2 at step 2 resumes a fresh sharded model to the
+    # uninterrupted run's weights (and saving changes nothing about the run itself)
+    through, _ = load_tensors(tmp_path / "fixed.saving.safetensors")
+    resumed, _ = load_tensors(tmp_path / "fixed.resumed.safetensors")
+    assert all(torch.equal(through[k], distributed[k]) for k in distributed)
+    gap = max(float((resumed[k] - distributed[k]).abs().max()) for k in distributed)
+    print(f"fsdp2 fixed: max |resumed - uninterrupted| = {gap:.3e}")
+    assert gap < 1e-6
+    # the file holds whole tensors: it loads into a 1-process model as well
+    from sparseft.app.checkpoint import load_checkpoint
+
+    single, opt = worker.build("fixed", 0, 1, calib=rank0)
+    assert load_checkpoint(tmp_path / "ckpt", single, opt)["step"] == 2
     for variant in ("dynamic-sparseadamw", "dynamic-attach"):
         for rank in (0, 1):
             assert "selection='fixed' with FSDP" in (tmp_path / f"{variant}.error.rank{rank}.txt").read_text()

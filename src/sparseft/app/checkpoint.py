@@ -47,11 +47,46 @@ def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+# FSDP2 (fully_shard) turns parameters and their optimizer state into DTensor shards. A checkpoint
+# holds whole tensors, so saving gathers each shard (every rank takes part; rank 0 writes) and
+# loading shards the whole tensors again: a checkpoint saved under FSDP loads in 1 process too.
+def _is_dtensor(t: Any) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - old torch
+        return False
+    return isinstance(t, DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a DTensor shard (a collective: every rank calls it in the same order)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) sharded the way ``param`` is, when ``param`` is a DTensor."""
+    if _is_dtensor(param) and tuple(value.shape) == tuple(param.shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+def _is_writer() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 # ---------------------------------------------------------------------------------- state → file
 def _model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from ..model import SparseModel
 
-    tensors = {f"param.{name}": p.detach() for name, p in _trainable(model).items()}
+    tensors = {f"param.{name}": _whole(p.detach()) for name, p in _trainable(model).items()}
     meta: dict[str, Any] = {"params": {name: list(p.shape) for name, p in _trainable(model).items()}}
     if isinstance(model, SparseModel):
         meta["fingerprint"] = model.fingerprint
@@ -69,10 +104,10 @@ def _optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.
     sd = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     numbers: dict[str, dict[str, Any]] = {}
-    for index, state in sd["state"].items():
-        for key, value in state.items():
+    for index in sorted(sd["state"]):  # the same order on every rank: gathers are collectives
+        for key, value in sd["state"][index].items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{index}.{key}"] = value
+                tensors[f"optim.{index}.{key}"] = _whole(value)
             else:
                 numbers.setdefault(str(index), {})[key] = value
     meta = {"class": type(optimizer).__name__, "numbers": numbers, "param_groups": sd["param_groups"]}
@@ -141,11 +176,13 @@ def save_checkpoint(
         if pause:
             time.sleep(pause)
 
-    atomic_write(path, write)
-    atomic_write_text(root / LATEST, json.dumps({"checkpoint": path.name, "step": int(step)}))
-    for old in sorted(checkpoints(root))[:-keep]:
-        if old.name != path.name:
-            old.unlink(missing_ok=True)
+    if _is_writer():  # under torch.distributed every rank gathered, rank 0 writes
+        atomic_write(path, write)
+        atomic_write_text(root / LATEST, json.dumps({"checkpoint": path.name, "step": int(step)}))
+        for old in sorted(checkpoints(root))[:-keep]:
+            if old.name != path.name:
+                old.unlink(missing_ok=True)
+    _barrier()  # no rank reads the directory before the file is there
     return path
 
 
@@ -222,7 +259,8 @@ def load_checkpoint(
                 elif saved.get("calibrated"):
                     layer.calibrated = True
         for name, p in params.items():
-            p.copy_(tensors[f"param.{name}"].to(device=p.device, dtype=p.dtype))
+            value = tensors[f"param.{name}"].to(device=p.device if not _is_dtensor(p) else "cpu", dtype=p.dtype)
+            p.copy_(_like(value, p))
     if optimizer is not None:
         if "optimizer" not in meta:
             raise AdapterMismatchError(f"Checkpoint {path} holds no optimizer state; load it without an optimizer.")
@@ -254,6 +292,11 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
             state.setdefault(int(index), {})[name] = value
     for index, numbers in saved["numbers"].items():
         state.setdefault(int(index), {}).update(numbers)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, values in state.items():  # FSDP2: shard the whole tensors like their parameter
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor) and index < len(params):
+                values[name] = _like(value, params[index])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
