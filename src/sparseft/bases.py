@@ -226,6 +226,10 @@ class RotatedBasis:
     def Q(self, cols: Index) -> torch.Tensor:
         return self.bank.columns(self.group, "Q", cols)
 
+    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor:
+        """P[:, idx] (side "P") or Q[:, idx] (side "Q") as a dense matrix."""
+        return self.P(idx) if side == "P" else self.Q(idx)
+
     def version(self, rows: Index, cols: Index) -> tuple:
         """Changes whenever the basis tensors change (for caches of the merged update)."""
         P, Q = self.P(rows), self.Q(cols)
@@ -272,6 +276,10 @@ class IdentityBasis:
     """P = Q = I: the support's rows and columns are rows and columns of W itself."""
 
     is_identity = True
+
+    @staticmethod
+    def matrix(side: str, idx: Index, size: int) -> torch.Tensor:
+        return torch.eye(size)[:, idx]
 
     def version(self, rows: Index, cols: Index) -> tuple:
         return ()

@@ -131,6 +131,20 @@ class SparseLinear(BaseTunerLayer):
         return self.basis.delta_weight(D, R, C, self.m, self.n)
 
     @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ΔW = P_R D Q_Cᵀ = B A with rank min(a, b): B = P_R D, A = Q_Cᵀ (b ≤ a) or
+        B = P_R, A = D Q_Cᵀ."""
+        if not self.calibrated:
+            return torch.zeros(self.m, 0), torch.zeros(0, self.n)
+        D, R, C = self.support.compact(self.param)
+        P_R = self.basis.matrix("P", R, self.m).to(D.device, torch.float32)
+        Q_C = self.basis.matrix("Q", C, self.n).to(D.device, torch.float32)
+        D = D.float()
+        if D.shape[1] <= D.shape[0]:
+            return P_R @ D, Q_C.T
+        return P_R, D @ Q_C.T
+
+    @torch.no_grad()
     def _update_weight(self) -> torch.Tensor:
         """ΔW (m×n, base dtype) for the current parameters; cached while neither the parameter
         nor the basis changed when the support says so (forward, input gradient and

@@ -119,6 +119,14 @@ class S2FTLinear(BaseTunerLayer):
         dim = 0 if self.axis == "rows" else 1
         return self.delta.new_zeros(self.m, self.n).index_add(dim, self.channels, self.delta)
 
+    @torch.no_grad()
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row slice is E_S Δ (B = E_S, A = Δ); a column slice is Δ E_Sᵀ (B = Δ, A = E_Sᵀ)."""
+        delta = self.delta.detach().float()
+        if self.axis == "rows":
+            return torch.eye(self.m, device=delta.device).index_select(1, self.channels), delta
+        return delta, torch.eye(self.n, device=delta.device).index_select(0, self.channels)
+
     def extra_repr(self) -> str:
         return f"{self.m}x{self.n}, {self.channels.numel()} {self.axis} trainable"
 

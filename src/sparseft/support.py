@@ -100,6 +100,10 @@ class FixedSupport:
         a, b = self.shape()
         return values.new_zeros(a * b).index_copy(0, self.local.long(), values).view(a, b)
 
+    def compact(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(D, R, C): the update's a×b core and the rotated rows/columns it touches."""
+        return self.dense(values.detach()), self.R, self.C
+
     def gather(self, Gt: torch.Tensor) -> torch.Tensor:
         """The k support entries of the a×b value gradient."""
         return Gt.reshape(-1).index_select(0, self.local)  # int32 index: no copy
@@ -200,6 +204,13 @@ class DynamicSupport:
 
     def dense(self, delta: torch.Tensor) -> torch.Tensor:
         return delta
+
+    def compact(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(D, R, C) over the rows and columns any trained entry occupies."""
+        delta = delta.detach()
+        R = (delta != 0).any(1).nonzero().flatten()
+        C = (delta != 0).any(0).nonzero().flatten()
+        return delta.index_select(0, R).index_select(1, C), R, C
 
     def gather(self, Gt: torch.Tensor) -> torch.Tensor:
         return Gt

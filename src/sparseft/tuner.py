@@ -55,6 +55,12 @@ class BaseTunerLayer(nn.Module):
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters())
 
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) with ΔW = B A exactly (B: m×r, A: r×n): the update as a LoRA of rank r.
+        Default: the dense ΔW as B = ΔW, A = I (subclasses give their low-rank form)."""
+        delta = self.delta_weight().detach()
+        return delta, torch.eye(self.n, dtype=delta.dtype, device=delta.device)
+
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
 
@@ -284,6 +290,57 @@ class BaseTuner(nn.Module):
         """The base model without the updates (heads keep their trained weights)."""
         return self._restore_base(merge=False)
 
+    # ------------------------------------------------------------------ export to peft
+    @torch.no_grad()
+    def export_lora(self, save_directory: str | os.PathLike, rank: int | None = None) -> dict[str, float]:
+        """Write the updates as a standard ``peft`` LoRA adapter that ``PeftModel.from_pretrained``
+        (and every tool built on peft's format) loads: ``adapter_config.json`` (``peft_type``
+        LORA, per-layer ``rank_pattern``/``alpha_pattern`` with scaling 1, ``modules_to_save``
+        for the heads, ``fan_in_fan_out`` for Conv1D) and ``adapter_model.safetensors`` with peft's
+        key names. Every update here is low rank (ΔW = P_R D Q_Cᵀ, or a row/column slice), so with
+        ``rank=None`` the export is exact. With ``rank=r`` each layer is truncated to its best
+        rank-r approximation (SVD); returns each layer's relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F
+        (0 where exact)."""
+        from .targets import is_transposed
+
+        tensors: dict[str, torch.Tensor] = {}
+        ranks: dict[str, int] = {}
+        errors: dict[str, float] = {}
+        conv = set()
+        for name, layer in self.adapted_layers().items():
+            B, A = layer.lora_factors()
+            B, A = B.float(), A.float()
+            errors[name] = 0.0
+            if rank is not None and B.shape[1] > rank:
+                B, A, errors[name] = _truncate(B, A, rank)
+            if B.shape[1] == 0:  # no update yet: a rank-1 LoRA that adds zero
+                B, A = B.new_zeros(layer.m, 1), A.new_zeros(1, layer.n)
+            ranks[name] = int(B.shape[1])
+            tensors[f"base_model.model.{name}.lora_A.weight"] = A.contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = B.contiguous()
+            if is_transposed(layer.base_layer):
+                conv.add(name)
+        if conv and len(conv) != len(ranks):
+            raise ConfigError("export_lora: peft's fan_in_fan_out is one setting per adapter; this model mixes "
+                              "Conv1D and nn.Linear targets: export them as two adapters.")
+        for head in self.heads:
+            for key, value in self.base_model.get_submodule(head).state_dict().items():
+                tensors[f"base_model.model.{head}.{key}"] = value.detach()
+        r_max = max(ranks.values(), default=1)
+        config = {
+            "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "revision": None,
+            "inference_mode": True, "r": r_max, "lora_alpha": r_max, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": sorted(ranks), "modules_to_save": self.heads or None,
+            "rank_pattern": ranks, "alpha_pattern": dict(ranks), "fan_in_fan_out": bool(conv),
+            "use_rslora": False, "use_dora": False, "init_lora_weights": True, "layers_to_transform": None,
+            "layers_pattern": None,
+        }
+        out = Path(save_directory)
+        meta = {"format": "pt", "exported_by": f"sparseft {__version__}", "kind": self.adapter_kind}
+        save_tensors(out / ADAPTER_FILE, {k: v.cpu() for k, v in tensors.items()}, meta)
+        atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2))
+        return errors
+
     # ------------------------------------------------------------------ adapter files
     def _adapter_tensors(self, **kwargs: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, extra metadata) of the layers' updates for ``save_pretrained``."""
@@ -379,6 +436,19 @@ class BaseTuner(nn.Module):
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             tuner.base_model.get_submodule(head).load_state_dict(state)
         return tuner
+
+
+def _truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` (B', A') of B A (Eckart-Young, through QR of the thin factors), with
+    the relative Frobenius error of the cut."""
+    Qb, Rb = torch.linalg.qr(B)
+    Qa, Ra = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(Rb @ Ra.T)
+    total = float(S.pow(2).sum())
+    error = (float(S[rank:].pow(2).sum()) / total) ** 0.5 if total > 0 else 0.0
+    B_r = (Qb @ U[:, :rank]) * S[:rank]
+    A_r = Vh[:rank] @ Qa.T
+    return B_r, A_r, error
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
