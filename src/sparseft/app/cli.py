@@ -157,6 +157,42 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
         for g in r["generations"]:
             print(f"  Q: {g['prompt']}\n    reference: {g['reference']}\n    before:    {g['before']}\n    after:     {g['after']}")
     print(f"results: {out / 'results.json'}")
+    if not args.no_save:
+        print(f"saved: {out / 'adapters'}/seed-S (load with `sparseft predict --adapter DIR`)"
+              + (f", merged models in {out / 'merged'}/seed-S" if args.save_merged else ""))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Load what `sparseft train` saved; score a labelled file (accuracy) or label texts."""
+    import torch
+
+    from .data import encode, load_table, split_dataset
+    from .train import accuracy, load_trained
+
+    model, tokenizer, run = load_trained(args.adapter)
+    if args.text:
+        enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            probs = model(**enc).logits.softmax(-1)
+        for text, p in zip(args.text, probs):
+            print(json.dumps({"text": text, "label": run["label_names"][int(p.argmax())], "probability": round(float(p.max()), 4)}))
+        return 0
+    if args.data:
+        table = load_table(args.data, args.text_column, args.label_column, args.group_column)
+    else:
+        from .data import rotten_tomatoes
+
+        table = rotten_tomatoes()
+    if table.label_names != run["label_names"]:
+        from ..errors import DataError
+
+        raise DataError(f"The data's labels {table.label_names} are not the model's {run['label_names']}: "
+                        "pass the same --label-column / data the model was trained on.")
+    data = split_dataset(table)[args.split] if args.split != "all" else table
+    acc = accuracy(model, encode(tokenizer, data, run["max_length"]))
+    print(json.dumps({"accuracy": acc, "rows": len(data), "split": args.split, "method": run["method"],
+                      "trained_accuracy": run["accuracy"], "trained_split": run["eval_split"]}))
     return 0
 
 
@@ -205,6 +241,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
             checkpoint_every=args.checkpoint_every or 0,
             resume_dir=str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,
+            save_dir=None if args.no_save else str(out / "adapters" / f"seed-{seed}"),
+            save_merged_dir=str(out / "merged" / f"seed-{seed}") if args.save_merged else None,
         )
         result = run_classification(settings, splits, tokenizer)
         records.append(result.to_dict())
@@ -214,6 +252,42 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"{r['method']} seed {r['seed']}: accuracy {r['accuracy']:.4f} ({r['eval_split']}), "
               f"trainable params {r['trainable_params']:,d}, wall {r['wall_s']:.1f} s")
     print(f"results: {out / 'results.json'}")
+    if not args.no_save:
+        print(f"saved: {out / 'adapters'}/seed-S (load with `sparseft predict --adapter DIR`)"
+              + (f", merged models in {out / 'merged'}/seed-S" if args.save_merged else ""))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Load what `sparseft train` saved; score a labelled file (accuracy) or label texts."""
+    import torch
+
+    from .data import encode, load_table, split_dataset
+    from .train import accuracy, load_trained
+
+    model, tokenizer, run = load_trained(args.adapter)
+    if args.text:
+        enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            probs = model(**enc).logits.softmax(-1)
+        for text, p in zip(args.text, probs):
+            print(json.dumps({"text": text, "label": run["label_names"][int(p.argmax())], "probability": round(float(p.max()), 4)}))
+        return 0
+    if args.data:
+        table = load_table(args.data, args.text_column, args.label_column, args.group_column)
+    else:
+        from .data import rotten_tomatoes
+
+        table = rotten_tomatoes()
+    if table.label_names != run["label_names"]:
+        from ..errors import DataError
+
+        raise DataError(f"The data's labels {table.label_names} are not the model's {run['label_names']}: "
+                        "pass the same --label-column / data the model was trained on.")
+    data = split_dataset(table)[args.split] if args.split != "all" else table
+    acc = accuracy(model, encode(tokenizer, data, run["max_length"]))
+    print(json.dumps({"accuracy": acc, "rows": len(data), "split": args.split, "method": run["method"],
+                      "trained_accuracy": run["accuracy"], "trained_split": run["eval_split"]}))
     return 0
 
 
@@ -366,7 +440,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--generations", type=int, default=3, help="causal-lm: held-out prompts answered before/after (default 3)")
     # --max-length default depends on the task: 64 tokens (classification), 128 (causal-lm)
     train.set_defaults(max_length=None)
+    train.add_argument("--no-save", action="store_true", help="do not save what was trained (default: the adapter of "
+                       "each seed in OUTPUT_DIR/adapters/seed-S; full/head: the whole model)")
+    train.add_argument("--save-merged", action="store_true", help="also save a plain merged model per seed in "
+                       "OUTPUT_DIR/merged/seed-S (loads with from_pretrained, no sparseft needed)")
     train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser("predict", help="load what `sparseft train` saved: score labelled data or label texts")
+    predict.add_argument("--adapter", required=True, help="OUTPUT_DIR/adapters/seed-S (or a --save-merged folder)")
+    predict.add_argument("--text", action="append", help="a text to label (repeatable); prints JSON lines")
+    predict.add_argument("--data", help="a labelled CSV/TSV/JSONL to score (default: the embedded Rotten Tomatoes)")
+    predict.add_argument("--text-column", default="text")
+    predict.add_argument("--label-column", default="label")
+    predict.add_argument("--group-column")
+    predict.add_argument("--split", choices=("train", "validation", "test", "all"), default="test",
+                         help="which part of the data's fixed split to score (default test, as in training)")
+    predict.add_argument("--threads", type=int, help="torch CPU threads")
+    predict.set_defaults(func=cmd_predict)
 
     from .bench import TASKS
 

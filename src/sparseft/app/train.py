@@ -6,7 +6,9 @@ contract needs: accuracy, trainable parameters, exact state bytes, peak RSS, ste
 
 from __future__ import annotations
 
+import copy
 import itertools
+import json
 import math
 import statistics
 import time
@@ -49,6 +51,8 @@ class RunSettings:
     checkpoint_dir: str | None = None  # save a training checkpoint here every `checkpoint_every` steps
     checkpoint_every: int = 0
     resume_dir: str | None = None  # continue from the latest checkpoint there (if any)
+    save_dir: str | None = None  # save what was trained here (adapter, or the model for full/head)
+    save_merged_dir: str | None = None  # and a plain merged model here
 
 
 @dataclass(kw_only=True)
@@ -232,5 +236,68 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
                show_progress=settings.show_progress, reselect_every=reselect, resume_dir=settings.resume_dir,
                checkpoint_dir=settings.checkpoint_dir, checkpoint_every=settings.checkpoint_every)
     acc = accuracy(prepared.model, evaluation, settings.eval_batch_size)
+    record = loop.record(prepared, t_start)
+    if settings.save_dir or settings.save_merged_dir:
+        run = {"model_dir": str(settings.model_dir), "method": method, "label_names": splits["train"].label_names,
+               "max_length": settings.max_length, "seed": settings.seed, "accuracy": acc, "eval_split": settings.eval_split}
+        save_trained(prepared.model, tokenizer, run, settings.save_dir, settings.save_merged_dir)
     return RunResult(method=method, seed=settings.seed, lr=lr, accuracy=acc, eval_split=settings.eval_split,
-                     steps=settings.steps, **loop.record(prepared, t_start))
+                     steps=settings.steps, **record)
+
+
+RUN_FILE = "sparseft_run.json"
+
+
+def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter_dir: str | None,
+                 merged_dir: str | None) -> None:
+    """Save what a run trained: the adapter (sparseft's or peft's format; the whole model for
+    full/head) with ``sparseft_run.json`` (base model, method, labels) so ``sparseft predict``
+    can load it back; and optionally a plain merged model (``from_pretrained`` as usual)."""
+    from ..serialization import atomic_write_text
+    from ..tuner import BaseTuner
+
+    whole = not isinstance(model, BaseTuner) and not hasattr(model, "peft_config")
+    if adapter_dir:
+        out = Path(adapter_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        if whole:
+            tokenizer.save_pretrained(out)
+        atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model" if whole else "adapter"), indent=2))
+    if merged_dir:
+        out = Path(merged_dir)
+        plain = model if whole else copy.deepcopy(model).merge_and_unload()
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model"), indent=2))
+
+
+def load_trained(path: str | Path):
+    """(model, tokenizer, run) from a folder ``save_trained`` wrote."""
+    from ..errors import DataError
+
+    folder = Path(path)
+    run_file = folder / RUN_FILE
+    if not run_file.is_file():
+        raise DataError(f"{folder} holds no {RUN_FILE}: pass a folder written by `sparseft train` "
+                        "(OUTPUT_DIR/adapters/seed-S or the --save-merged folder).")
+    run = json.loads(run_file.read_text(encoding="utf-8"))
+    labels = len(run["label_names"])
+    if run["kind"] == "model":
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=labels)
+        return model.eval(), AutoTokenizer.from_pretrained(str(folder)), run
+    base = load_classifier(run["model_dir"], labels, run["seed"])
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if "peft_type" in config:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(folder))
+    elif config.get("kind") == "s2ft-adapter":
+        from ..s2ft import S2FTModel
+
+        model = S2FTModel.from_pretrained(base, folder)
+    else:
+        from ..model import SparseModel
+
+        model = SparseModel.from_pretrained(base, folder)
+    return model.eval(), AutoTokenizer.from_pretrained(run["model_dir"]), run
