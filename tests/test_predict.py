@@ -36,3 +36,42 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, method):
 def test_predict_names_the_fix_for_a_wrong_folder(tmp_path, capsys):
     assert main(["predict", "--adapter", str(tmp_path)]) == 2
     assert "sparseft train" in capsys.readouterr().err
+
+
+BAD = [
+    (["train", "--steps", "-5"], "--steps -5 is negative"),
+    (["train", "--method", "nope"], "Unknown method 'nope'"),
+    (["train", "--density", "3"], "--density 3.0 must be in"),
+    (["train", "--resume", "/nonexistent/run"], "no such directory"),
+    (["train", "--data", "/nonexistent.csv"], "no such file"),
+    (["bench", "--methods", "lora-mlp,nope"], "Unknown method 'nope'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD)
+def test_bad_arguments_fail_before_anything_heavy_loads(argv, message):
+    """Each bad argument exits 2 with a message naming it, and no torch/transformers/data was
+    loaded to find out (that is what makes it answer at once)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sparseft.app.cli import main; rc = main(sys.argv[1:]); "
+            "print('HEAVY' if {'torch', 'transformers'} & set(sys.modules) else 'LIGHT'); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert proc.stdout.strip() == "LIGHT"
+
+
+def test_malformed_model_config_is_named(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["train", "--model", str(tmp_path)]) == 2
+    assert "config.json is not valid JSON" in capsys.readouterr().err
+
+
+def test_help_and_version_load_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from sparseft.app.cli import build_parser; build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -1,38 +1,46 @@
-"""sparseft: sparse fine-tuning of transformer MLP layers (SparseGrad, MeProp, S2FT)."""
+"""sparseft: sparse fine-tuning of transformer MLP layers (SparseGrad, MeProp, S2FT).
+
+The public names are imported on first use (PEP 562), so ``import sparseft`` and the command
+line's argument parsing do not load torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .config import MePropConfig, SparseConfig, SparseGradConfig  # noqa: E402
-from .errors import (  # noqa: E402
-    AdapterMismatchError,
-    CalibrationError,
-    ConfigError,
-    DataError,
-    InputError,
-    NotCalibratedError,
-    SparseFTError,
-    TargetError,
-)
-from .model import SparseModel, get_sparse_model  # noqa: E402
-from .optim import SparseAdamW  # noqa: E402
-from .s2ft import S2FTConfig, S2FTModel, get_s2ft_model  # noqa: E402
+_EXPORTS = {
+    "MePropConfig": ".config",
+    "SparseConfig": ".config",
+    "SparseGradConfig": ".config",
+    "AdapterMismatchError": ".errors",
+    "CalibrationError": ".errors",
+    "ConfigError": ".errors",
+    "DataError": ".errors",
+    "InputError": ".errors",
+    "NotCalibratedError": ".errors",
+    "SparseFTError": ".errors",
+    "TargetError": ".errors",
+    "SparseModel": ".model",
+    "get_sparse_model": ".model",
+    "SparseAdamW": ".optim",
+    "S2FTConfig": ".s2ft",
+    "S2FTModel": ".s2ft",
+    "get_s2ft_model": ".s2ft",
+}
 
-__all__ = [
-    "AdapterMismatchError",
-    "CalibrationError",
-    "ConfigError",
-    "DataError",
-    "InputError",
-    "MePropConfig",
-    "S2FTConfig",
-    "S2FTModel",
-    "NotCalibratedError",
-    "SparseAdamW",
-    "SparseConfig",
-    "SparseFTError",
-    "SparseGradConfig",
-    "SparseModel",
-    "TargetError",
-    "get_s2ft_model",
-    "get_sparse_model",
-]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'sparseft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

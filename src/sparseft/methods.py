@@ -15,15 +15,36 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .config import MePropConfig, SparseGradConfig
 from .errors import ConfigError
-from .model import SparseModel, get_sparse_model
-from .optim import SparseAdamW
-from .targets import find_heads, find_targets
+
+if TYPE_CHECKING:  # the registry itself loads no torch: the command line checks names first
+    import torch
+    from torch import nn
+
+    from .model import SparseModel
+
+# torch-backed helpers, imported when a method is built
+
+
+def find_heads(model: Any, modules_to_save: Any) -> list[str]:
+    from .targets import find_heads as find
+
+    return find(model, modules_to_save)
+
+
+def find_targets(model: Any, target_modules: Any = None) -> list:
+    from .targets import find_targets as find
+
+    return find(model, target_modules)
+
+
+def get_sparse_model(model: Any, config: Any) -> "SparseModel":
+    from .model import get_sparse_model as get
+
+    return get(model, config)
 
 _ATTENTION = re.compile(
     r".*(attention\.self\.(query|key|value)|attention\.output\.dense|self_attn\.(q|k|v|o)_proj|attn\.(c_attn|c_proj)|attention\.(q_lin|k_lin|v_lin|out_lin))"
@@ -242,10 +263,14 @@ def _trainable_count(prepared: Prepared) -> int:
 
 # ----------------------------------------------------------------------------- builders
 def _adamw(model: nn.Module) -> Callable[[float], torch.optim.Optimizer]:
+    import torch
+
     return lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
 def _sparse_adamw(model: nn.Module) -> Callable[[float], torch.optim.Optimizer]:
+    from .optim import SparseAdamW
+
     return lambda lr: SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
 
@@ -293,6 +318,8 @@ def _mlp_names(model: nn.Module) -> list[str]:
 
 
 def _attention_names(model: nn.Module) -> list[str]:
+    from torch import nn
+
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and _ATTENTION.fullmatch(n)]
     if not names:
         raise ConfigError(f"No attention projections found in {type(model).__name__} for lora-attn.")

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparseFTError
-from ..serialization import atomic_write_text
+
+# argument parsing loads no torch: `sparseft --help` and bad arguments answer at once
+TASK_KINDS = ("causal-lm", "classification")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    from ..serialization import atomic_write_text as write
+
+    write(path, text)
 
 
 def _seeds(text: str) -> list[int]:
@@ -416,7 +424,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="sparseft", description="Sparse fine-tuning of transformer MLP layers.")
+    parser.add_argument("--version", action="version", version=f"sparseft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune with one method: a classifier (held-out accuracy) or, with --task causal-lm, a chat LM (held-out perplexity)")
     _add_common(train)
@@ -458,8 +469,6 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, help="torch CPU threads")
     predict.set_defaults(func=cmd_predict)
 
-    from .bench import TASKS
-
     bench = sub.add_parser("bench", help="every method side by side: LR sweep on validation, seeds on test, table + plots")
     _add_common(bench)
     # None = the bench defaults (BENCH_DEFAULTS, or QUICK with --quick)
@@ -480,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(with --suite: every task and method, 6 steps, 2 rates, 2 seeds)")
     bench.add_argument("--jobs", type=_positive(int), help="methods run at once, one process each "
                        "(default: CPU cores ÷ --threads; 1 for timings free of a neighbour)")
-    bench.add_argument("--task", default="classification", choices=sorted(TASKS), help="default %(default)s")
+    bench.add_argument("--task", default="classification", choices=TASK_KINDS, help="default %(default)s")
     suite = bench.add_argument_group("suite (--suite): real tasks, paired seeds, 95%% CIs of each method's difference to lora-mlp")
     suite.add_argument("--suite", action="store_true", help="run the benchmark suite (rotten_tomatoes, sarcasm, vitaminc, "
                        "multiemo; writes OUTPUT_DIR/suite.json, suite.md, suite_ci.png); default output runs/suite")
@@ -509,10 +518,48 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _validate(args: argparse.Namespace) -> None:
+    """Every argument checked before anything heavy loads (no torch, no data, no model yet)."""
+    from ..errors import ConfigError, DataError
+    from ..methods import canonical, split_methods
+
+    if getattr(args, "method", None):
+        canonical(args.method)
+    if getattr(args, "methods", None):
+        for m in split_methods(args.methods):
+            canonical(m)
+    steps = getattr(args, "steps", None)
+    if steps is not None and steps < 0:
+        raise ConfigError(f"--steps {steps} is negative: give a number of optimizer steps (0 evaluates the untrained model).")
+    density = getattr(args, "density", None)
+    if density is not None and not 0 < density <= 1:
+        raise ConfigError(f"--density {density} must be in (0, 1]: the fraction of each layer's entries that train.")
+    resume = getattr(args, "resume", None)
+    if resume and not Path(resume).is_dir():
+        raise ConfigError(f"--resume {resume}: no such directory; pass an earlier --output-dir (it holds checkpoints/).")
+    data = getattr(args, "data", None)
+    if data and not Path(data).is_file():
+        raise DataError(f"--data {data}: no such file.")
+    model = getattr(args, "model", None)
+    if model and model not in ("minilm", "mpnet"):
+        config = Path(model) / "config.json"
+        if not config.is_file():
+            raise ConfigError(f"--model {model}: no config.json there; pass a local Hugging Face model folder.")
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--model {model}: config.json is not valid JSON ({exc}); re-save the model folder.") from exc
+
+
 def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+    except SparseFTError as exc:
+        print(f"sparseft: error: {exc}", file=sys.stderr)
+        return 2
     import torch
     import transformers
 

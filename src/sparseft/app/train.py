@@ -154,7 +154,8 @@ def fit(
     reselect_batches = batches(train, batch_size, seed=20_000 + seed) if reselect_every else None
     resume = latest_checkpoint(resume_dir) if resume_dir else None
     calibration_s = 0.0
-    if prepared.needs_calibration and resume is None:  # a checkpoint holds the bases and supports
+    # a checkpoint holds the bases and supports; 0 steps evaluates the untrained model as it is
+    if prepared.needs_calibration and resume is None and steps > 0:
         t0 = time.perf_counter()
         calib = batches(train, batch_size, seed=10_000 + seed, steps=calibration_steps)
         prepared.sparse.calibrate(calib, steps=calibration_steps, show_progress=show_progress)
