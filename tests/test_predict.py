@@ -20,6 +20,9 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, method):
                  "--output-dir", str(out)]) == 0
     (record,) = json.loads((out / "results.json").read_text())
     assert "sparseft predict" in capsys.readouterr().out
+    run = record["run"]  # what reproduces the record: settings, versions, revision, time
+    assert run["settings"]["method"] == method and run["settings"]["steps"] == 6 and run["settings"]["max_length"] == 64
+    assert {"torch", "transformers", "sparseft"} <= set(run["versions"]) and run["timestamp"].endswith("+00:00")
     for folder in (out / "adapters" / "seed-0", out / "merged" / "seed-0"):
         capsys.readouterr()
         assert main(["predict", "--adapter", str(folder), "--data", data]) == 0

@@ -253,7 +253,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             save_merged_dir=str(out / "merged" / f"seed-{seed}") if args.save_merged else None,
         )
         result = run_classification(settings, splits, tokenizer)
-        records.append(result.to_dict())
+        records.append({**result.to_dict(), "run": run_metadata(args, model_dir=model_dir, batch_size=settings.batch_size,
+                                                              max_length=settings.max_length, rank=settings.rank)})
         atomic_write_text(out / "results.json", json.dumps(records, indent=2))
     _table(records, f"sparseft train: {records[0]['method']} on {'embedded Rotten Tomatoes' if not args.data else args.data}")
     for r in records:
@@ -516,6 +517,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparseft: error: the command line needs the bench extra ({exc.name} is not installed): "
               'pip install "sparseft[bench]"', file=sys.stderr)
         return 2
+
+
+def run_metadata(args: argparse.Namespace | None = None, **resolved: Any) -> dict[str, Any]:
+    """What a results record needs to be reproduced: the settings, library versions, the git
+    revision of the code when it is a checkout, and a UTC timestamp."""
+    import datetime
+    import importlib.metadata
+    import subprocess
+
+    versions = {}
+    for package in ("sparseft", "torch", "transformers", "peft", "safetensors"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    settings = {k: v for k, v in vars(args).items() if k != "func" and not callable(v)} if args is not None else {}
+    return {"settings": {**settings, **resolved}, "versions": versions, "git_revision": git,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _validate(args: argparse.Namespace) -> None:

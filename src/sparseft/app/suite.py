@@ -341,7 +341,10 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
         runner.close()
     doc = summarize(runner.records, settings, chosen)
     doc["wall_s"] = time.perf_counter() - t0
+    from .cli import run_metadata
+
     doc["settings"] = asdict(settings)
+    doc["run"] = run_metadata()
     atomic_write_text(out / "suite.json", json.dumps(doc["records"], indent=1))
     atomic_write_text(out / "suite_run.json", json.dumps({k: v for k, v in doc.items() if k != "records"}, indent=1, default=str))
     atomic_write_text(out / "suite.md", markdown(doc["records"], settings))
