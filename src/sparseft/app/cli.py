@@ -165,42 +165,6 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
         for g in r["generations"]:
             print(f"  Q: {g['prompt']}\n    reference: {g['reference']}\n    before:    {g['before']}\n    after:     {g['after']}")
     print(f"results: {out / 'results.json'}")
-    if not args.no_save:
-        print(f"saved: {out / 'adapters'}/seed-S (load with `sparseft predict --adapter DIR`)"
-              + (f", merged models in {out / 'merged'}/seed-S" if args.save_merged else ""))
-    return 0
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    """Load what `sparseft train` saved; score a labelled file (accuracy) or label texts."""
-    import torch
-
-    from .data import encode, load_table, split_dataset
-    from .train import accuracy, load_trained
-
-    model, tokenizer, run = load_trained(args.adapter)
-    if args.text:
-        enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
-        with torch.no_grad():
-            probs = model(**enc).logits.softmax(-1)
-        for text, p in zip(args.text, probs):
-            print(json.dumps({"text": text, "label": run["label_names"][int(p.argmax())], "probability": round(float(p.max()), 4)}))
-        return 0
-    if args.data:
-        table = load_table(args.data, args.text_column, args.label_column, args.group_column)
-    else:
-        from .data import rotten_tomatoes
-
-        table = rotten_tomatoes()
-    if table.label_names != run["label_names"]:
-        from ..errors import DataError
-
-        raise DataError(f"The data's labels {table.label_names} are not the model's {run['label_names']}: "
-                        "pass the same --label-column / data the model was trained on.")
-    data = split_dataset(table)[args.split] if args.split != "all" else table
-    acc = accuracy(model, encode(tokenizer, data, run["max_length"]))
-    print(json.dumps({"accuracy": acc, "rows": len(data), "split": args.split, "method": run["method"],
-                      "trained_accuracy": run["accuracy"], "trained_split": run["eval_split"]}))
     return 0
 
 
