@@ -8,23 +8,14 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import make_batch, tiny_bert, tiny_gpt2, tiny_llama
-from sparseft import MePropConfig, S2FTConfig, SparseGradConfig, get_s2ft_model, get_sparse_model
+from conftest import adapted, make_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILD = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
 KINDS = ["fixed", "dynamic", "meprop", "s2ft"]
 
 
 def _trained(arch: str, kind: str):
-    torch.manual_seed(0)
-    model = BUILD[arch]().eval()
-    if kind == "s2ft":
-        tuner = get_s2ft_model(model, S2FTConfig(match_lora_rank=2))
-    else:
-        config = {"fixed": SparseGradConfig(match_lora_rank=2), "dynamic": SparseGradConfig(match_lora_rank=2, selection="dynamic"),
-                  "meprop": MePropConfig(match_lora_rank=2)}[kind]
-        tuner = get_sparse_model(model, config)
-        tuner.calibrate([make_batch(arch, i) for i in range(2)], steps=2, show_progress=False)
+    tuner = adapted(arch, kind)
     opt = torch.optim.SGD([p for p in tuner.parameters() if p.requires_grad], lr=0.5)
     if kind in ("dynamic", "meprop"):
         tuner.attach_optimizer(opt)

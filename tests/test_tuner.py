@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_batch, tiny_bert
-from sparseft import AdapterMismatchError, MePropConfig, S2FTConfig, SparseGradConfig, SparseModel, get_s2ft_model, get_sparse_model
+from conftest import adapted, make_batch, tiny_bert
+from sparseft import AdapterMismatchError, SparseModel
 from sparseft.methods import REGISTRY, Budget, Prepared, prepare, register_method
 from sparseft.s2ft import S2FTModel
 from sparseft.targets import find_targets
@@ -20,16 +20,7 @@ from sparseft.tuner import BaseTuner, BaseTunerLayer, unwrap_model
 
 def _trained(kind: str, seed: int = 0):
     """A tiny BERT adapted by ``kind``, with a non-zero update and a moved head."""
-    torch.manual_seed(seed)
-    model = tiny_bert().eval()
-    if kind == "s2ft":
-        tuner = get_s2ft_model(model, S2FTConfig(match_lora_rank=2))
-    else:
-        config = {"fixed": SparseGradConfig(match_lora_rank=2), "dynamic": SparseGradConfig(match_lora_rank=2, selection="dynamic"),
-                  "meprop": MePropConfig(match_lora_rank=2)}[kind]
-        tuner = get_sparse_model(model, config)
-        if kind != "meprop":
-            tuner.calibrate([make_batch("bert", i) for i in range(2)], steps=2, show_progress=False)
+    tuner = adapted("bert", kind, seed, calibrate=kind != "meprop")
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in tuner.adapted_layers().values():

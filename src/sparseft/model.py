@@ -27,7 +27,7 @@ from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .layer import SparseLinear
 from .serialization import load_tensors, save_tensors
 from .targets import Target, find_targets, group_targets, weight_of
-from .tuner import ADAPTER_FILE, CONFIG_FILE, BaseTuner
+from .tuner import ADAPTER_FILE, CONFIG_FILE, BaseTuner  # noqa: F401  (the file names, where users found them)
 
 BASES_FILE = "bases.safetensors"
 
