@@ -43,6 +43,10 @@ REFERENCE = "lora-mlp"
 # The default set: full fine-tuning, the reference, both SparseGrad modes and peft's own sparse
 # adapters. meprop and s2ft run with --methods (they would push the default run past 100 minutes).
 SUITE_METHODS = ("full", "lora-mlp", "sparsegrad-fixed", "sparsegrad-dynamic", "shira", "supertuning")
+# The default tasks: every suite task but VitaminC, which no method learns at this budget (full
+# fine-tuning and LoRA-MLP stay at the majority class after 300 steps of 80 tokens, 4x the suite's
+# budget; docs/benchmark.md). It costs a third of the run and adds no signal; `--tasks` runs it.
+DEFAULT_TASKS = tuple(t for t in SUITE_TASKS if t != "vitaminc")
 # Centre of each method's sweep in the paper regime, where attention, embeddings, LayerNorms and
 # head train fully next to the method: one rate for all of them, near full fine-tuning's.
 PAPER_LR = {"full": 5e-5}
@@ -54,7 +58,7 @@ class SuiteSettings:
     output_dir: str = "runs/suite"
     regime: str = "peft"
     model: str = "minilm"  # "minilm", "mpnet" or a local from_pretrained folder
-    tasks: tuple[str, ...] = SUITE_TASKS
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     methods: tuple[str, ...] = SUITE_METHODS
     steps: int = 80
     batch_size: int = 16
@@ -64,7 +68,7 @@ class SuiteSettings:
     calibration_steps: int = 10
     warmup_fraction: float = 0.06
     grid: tuple[float, ...] = (1 / 3, 1.0, 3.0)
-    max_extend: int = 1
+    max_extend: int = 2
     val_rows: int = 400
     test_rows: int = 1000
     curve_points: int = 3  # validation evaluations during training (time to reach LoRA's accuracy)
