@@ -127,3 +127,65 @@ def test_method_variants_by_name() -> None:
                      ("sparsegrad[x=1", r"name\[key=value")]:
         with pytest.raises(ConfigError, match=why):
             prepare(bad, tiny_bert())
+
+
+class _InlineExecutor:
+    """Runs each job at submit time, in this process (the suite's scheduling without workers)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self) -> None:
+        pass
+
+
+def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch) -> None:
+    """--reuse: a second run with one more method trains only that method's runs, and the summary
+    equals one made from scratch; a directory made with other run settings is refused by name."""
+    import sparseft.app.suite as S
+    import sparseft.app.tasks as T
+
+    trained: list[tuple] = []
+
+    def fake_run_job(job):
+        trained.append((job["task"], job["method"], job["lr"], job["seed"]))
+        good = 0.8 if job["method"] != REFERENCE else 0.7
+        correct = [1] * int(100 * good) + [0] * (100 - int(100 * good))
+        return {"task": job["task"], "method": job["method"], "lr": job["lr"], "seed": job["seed"], "regime": "peft",
+                "val_accuracy": good - abs(job["lr"] - 1e-3), "curve": [[4, good]], "trainable_params": 10,
+                "step_time_s": 0.1, "calibration_s": 0.0, "final_loss": 0.5, "test_correct": correct,
+                "test_accuracy": good, "wall_s": 0.0}
+
+    monkeypatch.setattr(S, "ProcessPoolExecutor", _InlineExecutor)
+    monkeypatch.setattr(S, "run_job", fake_run_job)
+    monkeypatch.setattr(S, "_model_dir", lambda *a: "model")
+    monkeypatch.setattr(T, "load_task", lambda *a, **k: None)
+    common = dict(tasks=("rotten_tomatoes",), seeds=2, grid=(1 / 3, 1.0, 3.0), max_extend=0, show_progress=False,
+                  lr_overrides={REFERENCE: 1e-3, "sparsegrad-fixed": 1e-3, "full": 1e-3})
+    first = S.run_suite(SuiteSettings(output_dir=str(tmp_path / "a"), methods=(REFERENCE, "sparsegrad-fixed"), **common))
+    assert len(trained) == 2 * (3 + 1)
+    trained.clear()
+    second = S.run_suite(SuiteSettings(output_dir=str(tmp_path / "b"), methods=(REFERENCE, "sparsegrad-fixed", "full"),
+                                       reuse=str(tmp_path / "a"), **common))
+    assert {m for _, m, _, _ in trained} == {"full"} and len(trained) == 3 + 1
+    rows = {(r["task"], r["method"]): r for r in second["records"]}
+    assert rows[("rotten_tomatoes", "sparsegrad-fixed")] == next(
+        r for r in first["records"] if (r["task"], r["method"]) == ("rotten_tomatoes", "sparsegrad-fixed"))
+    assert len((tmp_path / "b" / "records.jsonl").read_text().splitlines()) == 12
+    # resuming into its own directory after a crash cut the last line: nothing is trained again but that run
+    log = tmp_path / "b" / "records.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
+    trained.clear()
+    S.run_suite(SuiteSettings(output_dir=str(tmp_path / "b"), methods=(REFERENCE, "sparsegrad-fixed", "full"),
+                              reuse=str(tmp_path / "b"), **common))
+    assert len(trained) == 1
+    with pytest.raises(ConfigError, match="steps: 80 there, 40 here"):
+        S.run_suite(SuiteSettings(output_dir=str(tmp_path / "c"), steps=40, reuse=str(tmp_path / "a"), **common))

@@ -296,6 +296,9 @@ def cmd_suite(args: argparse.Namespace) -> int:
     given["regime"] = args.regime
     given["model"] = args.model or "minilm"
     given["show_progress"] = not args.no_progress
+    given["reuse"] = args.reuse
+    if args.max_extend is not None:
+        given["max_extend"] = args.max_extend
     if args.methods:
         given["methods"] = tuple(split_methods(args.methods))
     if args.tasks:
@@ -462,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default); paper: attention, embeddings, LayerNorms and head train fully, only the MLP treatment differs")
     suite.add_argument("--tasks", help="comma list of suite tasks: rotten_tomatoes, sarcasm, "
                        "vitaminc, multiemo (default: all but vitaminc, which nothing learns at the suite's budget)")
+    suite.add_argument("--reuse", metavar="DIR", help="take finished runs from an earlier suite output directory made "
+                       "with the same run settings (resume a cut-off run: --reuse OUTPUT_DIR; or add methods next to a "
+                       "finished run) instead of training them again")
+    suite.add_argument("--max-extend", type=int, help="times the lr grid may grow past an edge (default 2)")
     suite.add_argument("--prepare", action="store_true", help="download the suite's data sources (pip download: evals "
                        "wheel, bigbench sdist) into the cache first; with --suite it then runs")
     bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, summary.json, benchmark.md, PNGs")
@@ -526,6 +533,12 @@ def _validate(args: argparse.Namespace) -> None:
     resume = getattr(args, "resume", None)
     if resume and not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no such directory; pass an earlier --output-dir (it holds checkpoints/).")
+    reuse = getattr(args, "reuse", None)
+    if reuse and not (Path(reuse) / "records.jsonl").is_file():
+        raise ConfigError(f"--reuse {reuse}: no records.jsonl there; pass the --output-dir of an earlier suite run.")
+    max_extend = getattr(args, "max_extend", None)
+    if max_extend is not None and max_extend < 0:
+        raise ConfigError(f"--max-extend {max_extend} is negative: give how many times the grid may grow (0 = never).")
     data = getattr(args, "data", None)
     if data and not Path(data).is_file():
         raise DataError(f"--data {data}: no such file.")

@@ -76,6 +76,7 @@ class SuiteSettings:
     jobs: int = 2
     threads: int = 1
     lr_overrides: dict[str, float] = field(default_factory=dict)  # method -> sweep centre
+    reuse: str | None = None  # an earlier run's output directory: its finished runs are not trained again
     cache_dir: str | None = None
     show_progress: bool = True
 
@@ -230,10 +231,55 @@ def _rate(centre: float, factor: float) -> float:
     return float(f"{centre * factor:.3g}")
 
 
+# Settings that change what a run computes; two runs with equal keys (and task, method, rate, seed)
+# give the same record, so a finished one can be reused (--reuse) instead of trained again.
+RUN_KEY_FIELDS = ("regime", "model", "steps", "batch_size", "max_length", "rank", "calibration_steps",
+                  "warmup_fraction", "val_rows", "test_rows", "curve_points", "curve_rows")
+
+
+def run_key(settings: SuiteSettings) -> dict[str, Any]:
+    return {k: getattr(settings, k) for k in RUN_KEY_FIELDS}
+
+
+def _job_key(job: dict[str, Any]) -> tuple:
+    return job["task"], job["method"], float(job["lr"]), int(job["seed"])
+
+
+def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> dict[tuple, dict[str, Any]]:
+    """Finished runs in ``directory`` (an earlier or interrupted suite run) that this run may take as
+    they are: same run settings, no error. A directory run with other settings is an error that
+    names the fields, not a silent mix."""
+    d = Path(directory)
+    log = d / "records.jsonl"
+    if not log.is_file():
+        raise ConfigError(f"--reuse {d}: no records.jsonl there; give the output directory of an earlier suite run.")
+    if (d / "suite_settings.json").is_file():
+        theirs = json.loads((d / "suite_settings.json").read_text(encoding="utf-8"))
+    elif (d / "suite_run.json").is_file():
+        theirs = json.loads((d / "suite_run.json").read_text(encoding="utf-8"))["settings"]
+    else:
+        raise ConfigError(f"--reuse {d}: no suite_settings.json or suite_run.json saying how its runs were made.")
+    ours = run_key(settings)
+    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
+    if differ:
+        raise ConfigError(f"--reuse {d}: its runs were made with other settings ({'; '.join(differ)}); "
+                          "run with the same settings or without --reuse.")
+    out: dict[tuple, dict[str, Any]] = {}
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a run cut off mid-line by a crash
+            continue
+        if "error" not in rec and "test_correct" in rec:
+            out[_job_key(rec)] = rec
+    return out
+
+
 class _Runner:
     """Submits jobs to the pool, streams finished records to records.jsonl, reports progress."""
 
-    def __init__(self, settings: SuiteSettings, out: Path, total_hint: int) -> None:
+    def __init__(self, settings: SuiteSettings, out: Path, total_hint: int,
+                 reused: dict[tuple, dict[str, Any]] | None = None) -> None:
         self.settings = settings
         self.out = out
         self.records: list[dict[str, Any]] = []
@@ -247,13 +293,15 @@ class _Runner:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_hint, desc="suite runs", unit="run")
-        self.base = {k: v for k, v in asdict(settings).items() if k in (
-            "regime", "model", "steps", "batch_size", "max_length", "rank", "calibration_steps", "warmup_fraction",
-            "val_rows", "test_rows", "curve_points", "curve_rows", "threads", "cache_dir")}
+        self.base = {**run_key(settings), "threads": settings.threads, "cache_dir": settings.cache_dir}
+        self.reused = reused or {}
 
     def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        futures = {self.pool.submit(_safe_run, {**job, "settings": self.base}): job for job in jobs}
-        results = []
+        results = [self.reused[_job_key(job)] for job in jobs if _job_key(job) in self.reused]
+        self.records += results
+        self.done += len(results)
+        futures = {self.pool.submit(_safe_run, {**job, "settings": self.base}): job for job in jobs
+                   if _job_key(job) not in self.reused}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -306,9 +354,13 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
         load_task(task, cache_dir=settings.cache_dir)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "records.jsonl").unlink(missing_ok=True)
+    reused = reusable_records(settings, settings.reuse) if settings.reuse else {}
+    # The new records.jsonl starts with every reusable run (so resuming into the same directory
+    # loses nothing if this run is cut off too), then streams this run's new ones.
+    atomic_write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in reused.values()))
+    atomic_write_text(out / "suite_settings.json", json.dumps(run_key(settings), indent=1))
     pairs = [(t, m) for t in settings.tasks for m in methods]
-    runner = _Runner(settings, out, len(pairs) * (len(settings.grid) + settings.seeds - 1))
+    runner = _Runner(settings, out, len(pairs) * (len(settings.grid) + settings.seeds - 1), reused)
     t0 = time.perf_counter()
     try:
         # 1. sweep on seed 0, growing the grid while the best rate is at its edge
