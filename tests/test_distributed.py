@@ -40,6 +40,7 @@ def _launch(launcher: str, out: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["torch", "accelerate"])
 def test_two_processes_train_like_one(launcher: str, tmp_path: Path) -> None:
     torch.set_num_threads(1)
@@ -86,6 +87,7 @@ def test_two_processes_train_like_one(launcher: str, tmp_path: Path) -> None:
         assert "attach_optimizer" in (tmp_path / f"dynamic-hook.error.rank{rank}.txt").read_text()
 
 
+@pytest.mark.slow
 def test_fsdp2_fully_shard_on_cpu(tmp_path: Path) -> None:
     """FSDP2 (fully_shard, gloo, CPU): fixed selection trains the same weights as 1 process;
     dynamic selection (whose top-k needs the unsharded gradient) is refused with a clear error."""
@@ -147,6 +149,7 @@ def test_sparseadamw_takes_topk_itself_not_per_backward() -> None:
     assert int((layer.delta.grad != 0).sum()) > layer.k
 
 
+@pytest.mark.slow
 def test_per_backward_masking_kept_for_one_rank(tmp_path: Path) -> None:
     """A 1-rank group is not refused: the hook masks as before (the world>1 refusal is checked
     by the 2-process worker's dynamic-hook variant above)."""

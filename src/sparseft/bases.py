@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +34,8 @@ def eigenbasis(gram: torch.Tensor, float64_max: int = 4096) -> tuple[torch.Tenso
 
     For ``gram = Σ G Gᵀ`` these are the left singular vectors of the mode unfolding of the
     stacked gradients, i.e. the HOSVD factor of that mode. Computed in float64 up to
-    ``float64_max`` (float32 above, where float64 costs too much memory and time).
+    ``float64_max`` (float32 above, where float64 costs too much memory and time); the float64
+    solve runs on one CPU thread (:func:`one_thread`).
 
     Directions whose eigenvalue is below the float32 round-off of the accumulated Gram
     (λ < size·ε₃₂·λ_max) carry no signal: eigh would orient them arbitrarily, differently for
@@ -42,6 +45,27 @@ def eigenbasis(gram: torch.Tensor, float64_max: int = 4096) -> tuple[torch.Tenso
     the same span for the noise directions instead of an arbitrary rotation of them.
     """
     dtype = torch.float64 if gram.shape[0] <= float64_max else torch.float32
+    # The float64 solve is small (MiniLM: 1536², 0.6 s on one thread) and its threads collapse
+    # when another process shares the cores (28 s on 2 threads seen): one thread, then restored.
+    with one_thread(enabled=dtype == torch.float64 and gram.device.type == "cpu"):
+        return _eigenbasis(gram, dtype)
+
+
+@contextmanager
+def one_thread(enabled: bool = True) -> Iterator[None]:
+    """Run the block on one torch CPU thread, restoring the caller's count afterwards."""
+    before = torch.get_num_threads()
+    if not enabled or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _eigenbasis(gram: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     sym = gram.to(dtype)
     sym = (sym + sym.T) / 2  # accumulated in float32: remove the asymmetric round-off
     values, vectors = torch.linalg.eigh(sym)

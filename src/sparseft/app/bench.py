@@ -163,6 +163,7 @@ class BenchSettings:
     threads: int | None = None
     jobs: int = 1  # methods run at once, each in its own process
     show_progress: bool = True
+    smoke: bool = False  # --quick: tables and plots say it is a smoke run, not a result
 
     def __post_init__(self) -> None:
         if self.methods is None:
@@ -304,14 +305,16 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     atomic_write_text(out / "results.json", json.dumps(finals, indent=2))
     atomic_write_text(out / "sweep.json", json.dumps(ordered("sweep"), indent=2))
     atomic_write_text(out / "summary.json", json.dumps(summary_doc, indent=2))
-    atomic_write_text(out / "benchmark.md", markdown_table(summary, settings.task) + "\n")
-    plot(finals, summary, settings.task, out)
+    atomic_write_text(out / "benchmark.md", markdown_table(summary, settings.task, settings.smoke) + "\n")
+    plot(finals, summary, settings.task, out, title=plot_title(settings))
     return summary_doc
 
 
 # --------------------------------------------------------------------------- reporting
 def summarize(records: list[dict[str, Any]], task: str, methods: list[str] | None = None) -> list[dict[str, Any]]:
     """One row per method: metric mean ± sample std over seeds, cost columns, ratio to full."""
+    from .tables import state_with_bases_bytes
+
     metric = TASKS[task].metric
     order = methods or list(dict.fromkeys(r["method"] for r in records))
     rows = []
@@ -328,6 +331,8 @@ def summarize(records: list[dict[str, Any]], task: str, methods: list[str] | Non
             f"{metric}_mean": statistics.fmean(values),
             f"{metric}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "state_bytes": max(r["state_bytes"] for r in runs),
+            # what the method holds to train: the state above plus SparseGrad's bases and support index
+            "state_with_bases_bytes": max(state_with_bases_bytes(r) for r in runs),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
             "step_time_s": statistics.median(r["step_time_s"] for r in runs),
             "calibration_s": statistics.fmean(r.get("calibration_s", 0.0) for r in runs),
@@ -341,89 +346,199 @@ def summarize(records: list[dict[str, Any]], task: str, methods: list[str] | Non
     return rows
 
 
-def _cells(row: dict[str, Any], metric: str) -> list[str]:
+SMOKE_NOTE = "smoke run"
+
+
+def _runs(summary: list[dict[str, Any]]) -> int | None:
+    """The number of runs per method when every method has the same (None when they differ)."""
+    counts = {r["runs"] for r in summary}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _metric_cell(row: dict[str, Any], metric: str, smoke: bool = False, runs: int | None = None) -> str:
+    """mean ± std over seeds. One run shows no spread (there is none); a ``--quick`` run is
+    marked a smoke run, not a result; n is in the header when every method has the same."""
+    mean, n = f"{row[metric + '_mean']:.4f}", row["runs"]
+    value = mean if n < 2 or smoke else f"{mean} ± {row[metric + '_std']:.4f}"
+    return value if runs is not None else f"{value} (n={n})"
+
+
+def _cells(row: dict[str, Any], metric: str, smoke: bool = False, runs: int | None = None) -> list[str]:
+    from .tables import mib, rate
+
     ratio = row["step_time_vs_full"]
     return [
         row["method"],
         f"{row['trainable_params']:,d}",
-        f"{row[metric + '_mean']:.4f} ± {row[metric + '_std']:.4f} (n={row['runs']})",
-        f"{row['lr']:.1e}",
-        f"{row['state_bytes']:,d}",
-        f"{row['peak_rss_bytes'] / 2**20:,.0f}",
+        _metric_cell(row, metric, smoke, runs),
+        rate(row["lr"]),
+        mib(row.get("state_with_bases_bytes", row["state_bytes"])),
+        mib(row["peak_rss_bytes"], 0),
         f"{row['step_time_s']:.3f}",
         f"{ratio:.2f}×" if ratio is not None else "—",
         f"{row['calibration_s']:.1f}",
     ] + ([f"{row['perplexity_before']:.2f} → {row['perplexity']:.2f}"] if metric == "eval_loss" else [])
 
 
-def _headers(metric: str) -> list[str]:
-    return ["method", "trainable params", f"{metric} (mean ± std)", "lr", "state bytes", "peak RSS MiB", "step s (median)",
-            "step vs full", "calibration s"] + (["perplexity before → after"] if metric == "eval_loss" else [])
+def _headers(metric: str, smoke: bool = False, runs: int | None = None) -> list[str]:
+    if smoke:
+        value = f"{metric} ({SMOKE_NOTE}" + (f", n={runs})" if runs is not None else ")")
+    elif runs is None:
+        value = f"{metric} mean ± std"
+    else:
+        value = f"{metric} mean ± std (n={runs})" if runs > 1 else f"{metric} (n=1)"
+    return ["method", "trainable params", value, "lr", "state MiB", "peak RSS MiB", "step s (median)", "step vs full",
+            "calib s"] + (["perplexity before → after"] if metric == "eval_loss" else [])
 
 
-def markdown_table(summary: list[dict[str, Any]], task: str) -> str:
-    metric = TASKS[task].metric
-    head = _headers(metric)
+def _table_parts(summary: list[dict[str, Any]], task: str, smoke: bool) -> tuple[list[str], list[list[str]]]:
+    metric, runs = TASKS[task].metric, _runs(summary)
+    return _headers(metric, smoke, runs), [_cells(r, metric, smoke, runs) for r in summary]
+
+
+def markdown_table(summary: list[dict[str, Any]], task: str, smoke: bool = False) -> str:
+    """The table of ``benchmark.md``, with the note on what state MiB counts (and a smoke run's warning)."""
+    from .tables import STATE_NOTE
+
+    head, rows = _table_parts(summary, task, smoke)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    lines += ["| " + " | ".join(_cells(r, metric)) + " |" for r in summary]
-    return "\n".join(lines)
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    notes = [STATE_NOTE + "."]
+    if smoke:
+        notes.insert(0, "**Smoke run** (`--quick`: a few steps, one seed, no sweep, a sample of the test rows): it checks "
+                     "that every method runs; its numbers are not results.")
+    return "\n".join(lines + [""] + notes)
 
 
-def print_table(summary: list[dict[str, Any]], task: str, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    metric = TASKS[task].metric
-    table = Table(title=title)
-    for col in _headers(metric):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in summary:
-        table.add_row(*_cells(r, metric))
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=170)
-    console.print(table)
+def table_title(title: str, smoke: bool) -> str:
+    return f"SMOKE RUN (--quick), not a result: {title}" if smoke else title
 
 
-def plot(records: list[dict[str, Any]], summary: list[dict[str, Any]], task: str, out: Path) -> list[Path]:
-    """``accuracy_vs_params.png`` (metric vs trainable parameters) and ``loss_curves.png``."""
+def print_table(summary: list[dict[str, Any]], task: str, title: str, smoke: bool = False) -> None:
+    """The table ``sparseft bench`` prints (readable at 80 columns)."""
+    from .tables import STATE_NOTE, show_table
+
+    head, rows = _table_parts(summary, task, smoke)
+    show_table(table_title(title, smoke), head, rows, caption=STATE_NOTE)
+
+
+def render_table(summary: list[dict[str, Any]], task: str, title: str, smoke: bool = False, width: int = 80) -> str:
+    """:func:`print_table`'s table as text at ``width`` columns."""
+    from .tables import STATE_NOTE, render_table as render
+
+    head, rows = _table_parts(summary, task, smoke)
+    return render(table_title(title, smoke), head, rows, caption=STATE_NOTE, width=width)
+
+
+def plot_title(settings: BenchSettings) -> str:
+    """What a plot shows, in its title: task, data, model, schedule, seeds (and a smoke run's warning)."""
+    from .resources import model_label
+
+    task = TASKS[settings.task]
+    data = Path(settings.data).name if settings.data else {"classification": "Rotten Tomatoes",
+                                                          "causal-lm": "chatterbot-corpus"}.get(settings.task, "default data")
+    seeds = ", ".join(str(s) for s in settings.seeds)
+    head = f"sparseft bench: {task.label or settings.task} on {data}" + (" (SMOKE RUN, not a result)" if settings.smoke else "")
+    return f"{head}\n{model_label(settings.model_dir)}, {settings.steps} steps, seed{'s' if len(settings.seeds) > 1 else ''} {seeds}, rank-{settings.rank} budgets"
+
+
+# marker per method (colours from the default cycle): points at equal x stay distinguishable
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
+def _dodge(xs: list[float], width: float = 0.06) -> list[float]:
+    """Points whose parameter counts lie close on the log axis (the budget-matched methods) are
+    drawn side by side, ``width`` decades apart and centred on their counts, so their markers and
+    error bars do not overlap. Clusters whose spreads would touch merge. Order within a cluster:
+    by count, then as given."""
+    logs = [math.log10(max(x, 1.0)) for x in xs]
+    clusters = [[i] for i in sorted(range(len(xs)), key=lambda i: (logs[i], i))]
+
+    def span(members: list[int]) -> tuple[float, float]:
+        centre, half = statistics.fmean(logs[i] for i in members), width * len(members) / 2
+        return centre - half, centre + half
+
+    merged = True
+    while merged:
+        merged = False
+        for c in range(len(clusters) - 1):
+            if span(clusters[c])[1] > span(clusters[c + 1])[0]:
+                clusters[c : c + 2] = [clusters[c] + clusters[c + 1]]
+                merged = True
+                break
+    out = list(xs)
+    for members in clusters:
+        centre = statistics.fmean(logs[i] for i in members)
+        for j, i in enumerate(members):
+            out[i] = 10 ** (centre + width * (j - (len(members) - 1) / 2))
+    return out
+
+
+def plot(records: list[dict[str, Any]], summary: list[dict[str, Any]], task: str, out: Path, title: str = "") -> list[Path]:
+    """Write :func:`figures` as PNGs into ``out``; returns their paths."""
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, fig in figures(records, summary, task, title).items():
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def figures(records: list[dict[str, Any]], summary: list[dict[str, Any]], task: str, title: str = "") -> dict[str, Any]:
+    """``{metric}_vs_params.png`` (metric vs trainable parameters) and ``loss_curves.png`` as
+    matplotlib figures, each titled with ``title``. Methods are named in a legend beside the axes
+    (never as labels on the points, which collide where methods share a budget); step ticks are
+    whole numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     metric = TASKS[task].metric
-    paths = []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    style = {m: (colours[i % len(colours)], _MARKERS[i % len(_MARKERS)])
+             for i, m in enumerate(dict.fromkeys([r["method"] for r in summary] + [r["method"] for r in records]))}
+    figs: dict[str, Any] = {}
     if summary:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in summary:
-            ax.errorbar(r["trainable_params"], r[metric + "_mean"], yerr=r[metric + "_std"], fmt="o", capsize=3)
-            ax.annotate(r["method"], (r["trainable_params"], r[metric + "_mean"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+        xs = _dodge([float(r["trainable_params"]) for r in summary])
+        for r, x in zip(summary, xs):
+            colour, marker = style[r["method"]]
+            ax.errorbar(x, r[metric + "_mean"], yerr=r[metric + "_std"] if r["runs"] > 1 else None, fmt=marker,
+                        color=colour, capsize=3, markersize=7, label=f"{r['method']} ({r['trainable_params']:,d})")
         ax.set_xscale("log")
-        ax.set_xlabel("trainable parameters")
-        ax.set_ylabel(f"test {metric} (mean ± std over seeds)")
+        ax.set_xlabel("trainable parameters (log scale; methods with about the same count drawn side by side)")
+        ax.set_ylabel(f"test {metric}" + (" (mean ± std over seeds)" if any(r["runs"] > 1 for r in summary) else ""))
         ax.grid(alpha=0.3)
+        ax.legend(title="method (trainable)", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  borderaxespad=0.0)
+        if title:
+            ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        paths.append(out / f"{metric}_vs_params.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        figs[f"{metric}_vs_params.png"] = fig
     curves = [r for r in records if r.get("loss_curve")]
     if curves:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(9, 4.8))
         for method in dict.fromkeys(r["method"] for r in curves):
             runs = [r["loss_curve"] for r in curves if r["method"] == method]
             steps = [s for s, _ in runs[0]]
             mean = [statistics.fmean(c[i][1] for c in runs if len(c) > i) for i in range(len(steps))]
-            ax.plot(steps, mean, marker="o", markersize=3, label=method)
+            colour, marker = style[method]
+            ax.plot(steps, mean, marker=marker, markersize=3, color=colour, label=method)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss (mean over seeds)")
-        ax.legend(fontsize=8)
+        several = any(sum(r["method"] == m for r in curves) > 1 for m in dict.fromkeys(r["method"] for r in curves))
+        ax.set_ylabel("training loss" + (" (mean over seeds)" if several else ""))
+        ax.legend(title="method", fontsize=8, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         ax.grid(alpha=0.3)
+        if title:
+            ax.set_title(title, fontsize=9)
         fig.tight_layout()
-        paths.append(out / "loss_curves.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
-    return paths
+        figs["loss_curves.png"] = fig
+    return figs
 
 
 def _main(argv: list[str]) -> int:

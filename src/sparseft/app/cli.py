@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparseFTError
+from .threads import RULE as THREADS_RULE
 
 # argument parsing loads no torch: `sparseft --help` and bad arguments answer at once
 TASK_KINDS = ("causal-lm", "classification")
@@ -66,7 +67,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=_positive(int), default=64)
     p.add_argument("--calibration-steps", type=_positive(int), default=20)
     p.add_argument("--reselect-every", type=_positive(int), help="sparsegrad-fixed: re-choose 10%% of the support every N steps")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE}, "
+                   "or OMP_NUM_THREADS; calibration's float64 eigh always runs on one thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -90,29 +92,16 @@ def _model_dir(args: argparse.Namespace) -> str:
 
 
 def _table(records: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .tables import STATE_NOTE, mib, rate, show_table, state_with_bases_bytes
 
-    table = Table(title=title)
-    for col in ("method", "seed", "lr", "accuracy", "trainable", "state MB", "peak RSS MB", "step s", "calib s", "wall s"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in records:
-        table.add_row(
-            r["method"],
-            str(r["seed"]),
-            f"{r['lr']:.1e}",
-            f"{r['accuracy']:.4f}",
-            f"{r['trainable_params']:,d}",
-            f"{r['state_bytes'] / 2**20:.2f}",
-            f"{r['peak_rss_bytes'] / 2**20:.0f}",
-            f"{r['step_time_s']:.3f}",
-            f"{r['calibration_s']:.1f}",
-            f"{r['wall_s']:.1f}",
-        )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    console.print(table)
+    headers = ("method", "seed", "lr", "accuracy", "trainable", "state MiB", "peak RSS MiB", "step s", "calib s", "wall s")
+    rows = [
+        (r["method"], str(r["seed"]), rate(r["lr"]), f"{r['accuracy']:.4f}", f"{r['trainable_params']:,d}",
+         mib(state_with_bases_bytes(r)), mib(r["peak_rss_bytes"], 0), f"{r['step_time_s']:.3f}",
+         f"{r['calibration_s']:.1f}", f"{r['wall_s']:.1f}")
+        for r in records
+    ]
+    show_table(title, headers, rows, caption=STATE_NOTE)
 
 
 def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_max_length: int) -> dict[str, Any]:
@@ -169,24 +158,18 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
 
 
 def _causal_lm_table(records: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .tables import STATE_NOTE, mib, rate, show_table, state_with_bases_bytes
 
-    table = Table(title=title)
-    cols = ("method", "seed", "lr", "loss before", "loss after", "ppl before", "ppl after", "trainable", "state MB", "peak RSS MB", "step s", "calib s", "wall s")
-    for col in cols:
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in records:
-        table.add_row(
-            r["method"], str(r["seed"]), f"{r['lr']:.1e}", f"{r['eval_loss_before']:.4f}", f"{r['eval_loss']:.4f}",
-            f"{r['perplexity_before']:.2f}", f"{r['perplexity']:.2f}", f"{r['trainable_params']:,d}",
-            f"{r['state_bytes'] / 2**20:.2f}", f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['step_time_s']:.3f}",
-            f"{r['calibration_s']:.1f}", f"{r['wall_s']:.1f}",
-        )
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=180)
-    console.print(table)
+    headers = ("method", "seed", "lr", "loss before", "loss after", "ppl before", "ppl after", "trainable", "state MiB",
+               "peak RSS MiB", "step s", "calib s", "wall s")
+    rows = [
+        (r["method"], str(r["seed"]), rate(r["lr"]), f"{r['eval_loss_before']:.4f}", f"{r['eval_loss']:.4f}",
+         f"{r['perplexity_before']:.2f}", f"{r['perplexity']:.2f}", f"{r['trainable_params']:,d}",
+         mib(state_with_bases_bytes(r)), mib(r["peak_rss_bytes"], 0), f"{r['step_time_s']:.3f}",
+         f"{r['calibration_s']:.1f}", f"{r['wall_s']:.1f}")
+        for r in records
+    ]
+    show_table(title, headers, rows, caption=STATE_NOTE)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -324,6 +307,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import TASKS, BenchSettings, print_table, run_bench
     from ..methods import canonical, split_methods
+    from .threads import default_threads
 
     if args.suite or args.prepare:
         return cmd_suite(args)
@@ -342,6 +326,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     explicit = {a for a in ("steps", "seeds", "calibration_steps") if getattr(args, a) is not None}
     chosen = dict(BENCH_DEFAULTS[args.task], **(QUICK if args.quick else {}))
     chosen.update({a: getattr(args, a) for a in explicit})
+    jobs = args.jobs or max(1, (os.cpu_count() or 1) // (args.threads or 1))
+    threads = args.threads or (default_threads() if jobs == 1 else 1)
     settings = BenchSettings(
         model_dir=model_dir,
         output_dir=args.output_dir,
@@ -362,9 +348,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length or (128 if args.task == "causal-lm" else 64),
         calibration_steps=chosen["calibration_steps"],
-        threads=args.threads or 1,  # one thread per worker: stable timings on a shared machine
-        jobs=args.jobs or max(1, (os.cpu_count() or 1) // (args.threads or 1)),
+        # one thread per worker when workers run side by side (stable timings on a shared
+        # machine); a single worker takes the idle cores (sparseft.app.threads)
+        threads=threads,
+        jobs=jobs,
         show_progress=not args.no_progress,
+        smoke=args.quick,
     )
     if methods:
         settings.methods = methods
@@ -375,14 +364,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         rates = "default lr"
     print(
-        f"bench: {len(settings.methods)} methods, {settings.steps} steps, seeds {settings.seeds}, {rates}; "
+        f"bench{' (smoke run)' if settings.smoke else ''}: {len(settings.methods)} methods, {settings.steps} steps, "
+        f"seeds {settings.seeds}, {rates}, {settings.jobs} worker(s) at once × {settings.threads} torch thread(s); "
         f"train {len(splits['train'])} / validation {len(splits['validation'])} / test {len(splits['test'])} rows, model {model_dir}",
         file=sys.stderr,
     )
     doc = run_bench(settings)
     task = TASKS[settings.task]
     print_table(doc["methods"], settings.task, f"sparseft bench ({task.label or settings.task}): test {task.metric}, "
-                f"{settings.steps} steps, rank-{settings.rank} budgets, seeds {settings.seeds}")
+                f"{settings.steps} steps, rank-{settings.rank} budgets, seeds {settings.seeds}", smoke=settings.smoke)
     out = Path(settings.output_dir)
     for method, why in doc["failed"].items():
         print(f"{method}: {why}", file=sys.stderr)
@@ -434,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--group-column")
     predict.add_argument("--split", choices=("train", "validation", "test", "all"), default="test",
                          help="which part of the data's fixed split to score (default test, as in training)")
-    predict.add_argument("--threads", type=int, help="torch CPU threads")
+    predict.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE})")
     predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="every method side by side: LR sweep on validation, seeds on test, table + plots")
@@ -447,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest in what:
             defaults = ", ".join(f"{task} {d[action.dest]}" for task, d in BENCH_DEFAULTS.items())
             action.help = f"{what[action.dest]} (bench default: {defaults}; --quick {QUICK[action.dest]})"
+    for action in bench._actions:
+        if action.dest == "threads":
+            action.help = f"torch CPU threads per worker (default 1; with --jobs 1: {THREADS_RULE})"
     bench.add_argument("--methods", help="comma list (default: every method the task supports; head is classification only): full,head,lora-mlp,lora-attn,meprop,sparsegrad-fixed,sparsegrad-dynamic,s2ft")
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
@@ -566,6 +559,11 @@ def _main(argv: list[str] | None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    if args.func in (cmd_train, cmd_predict):  # one process does the work: choose its threads
+        from .threads import choose
+
+        args.threads, why = choose(args.threads)
+        print(f"torch threads: {args.threads} ({why}; --threads N to set)", file=sys.stderr)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:

