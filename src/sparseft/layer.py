@@ -259,6 +259,24 @@ class SparseLinear(BaseTunerLayer):
         if self.support.load_extra_state(state):
             self.calibrated = True
 
+    # A dynamic ``delta`` is dense but zero outside the entries trained so far: the state dict
+    # holds those entries only (flat indices and values), as the adapter file does. Exact: the
+    # dense tensor is rebuilt on load. ``keep_vars=True`` (callers that want the Parameters) keeps it.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.selection == "dynamic" and not keep_vars and prefix + "delta" in destination:
+            flat = destination.pop(prefix + "delta").reshape(-1)
+            index = flat.nonzero().flatten()
+            destination[prefix + "delta_index"], destination[prefix + "delta_values"] = index, flat.index_select(0, index)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.selection == "dynamic" and prefix + "delta_index" in state_dict:
+            index, values = state_dict.pop(prefix + "delta_index"), state_dict.pop(prefix + "delta_values")
+            delta = torch.zeros(self.block, dtype=values.dtype, device=values.device)
+            delta.view(-1).index_copy_(0, index.long().to(values.device), values)
+            state_dict[prefix + "delta"] = delta
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         basis = "identity" if self.identity else "rotated"
         return f"{self.m}x{self.n}, k={self.k}, selection={self.selection}, bases={basis}, block={self.block}"

@@ -27,7 +27,7 @@ from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .layer import SparseLinear
 from .serialization import load_tensors, save_tensors
 from .targets import Target, find_targets, group_targets, weight_of
-from .tuner import ADAPTER_FILE, CONFIG_FILE, BaseTuner  # noqa: F401  (the file names, where users found them)
+from .tuner import ADAPTER_FILE, CONFIG_FILE, BaseTuner, BaseTunerLayer  # noqa: F401  (the file names, where users found them)
 
 BASES_FILE = "bases.safetensors"
 
@@ -199,6 +199,58 @@ class SparseModel(BaseTuner):
             swapped += layer.support.regrow(layer.values, scores[name], max(1, round(fraction * layer.k)), optimizer,
                                             grads=grads[name])
         return swapped
+
+    # ------------------------------------------------------------------ Trainer checkpoints
+    # transformers.Trainer checkpoints a model that is not a PreTrainedModel as
+    # safetensors.save_file(model.state_dict()), and resume_from_checkpoint and
+    # load_best_model_at_end load it with model.load_state_dict(sd, strict=False). So the state
+    # dict holds what trains, not the frozen base weights: the trainable values (a dynamic layer's
+    # non-zero entries, see SparseLinear), the supports, the whole bases, the heads, and the base
+    # model's fingerprint. It loads onto get_sparse_model(same base, same config), uncalibrated.
+    def _frozen_names(self) -> set[str]:
+        """State-dict names of the frozen base model: the parameters that do not train and the
+        persistent buffers, outside the adapted layers' own parts and the heads."""
+        names: set[str] = set()
+        for name, module in self.base_model.named_modules(remove_duplicate=False):
+            if isinstance(module, BaseTunerLayer) or any(name == h or name.startswith(h + ".") for h in self.heads):
+                continue
+            prefix = f"base_model.{name}." if name else "base_model."
+            names.update(prefix + n for n, p in module._parameters.items() if p is not None and not p.requires_grad)
+            names.update(prefix + n for n, b in module._buffers.items()
+                         if b is not None and n not in module._non_persistent_buffers_set)
+        return names
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for name in self._frozen_names():
+            state.pop(prefix + name, None)
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """As torch's; the frozen base weights may be absent (a checkpoint of what trains) or
+        present (a full state dict), and are not reported missing."""
+        frozen = self._frozen_names()
+
+        def frozen_may_be_missing(module: nn.Module, keys: Any) -> None:
+            keys.missing_keys[:] = [k for k in keys.missing_keys if k not in frozen]
+
+        handle = self.register_load_state_dict_post_hook(frozen_may_be_missing)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            handle.remove()
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(self.fingerprint.encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        saved = bytes(state.tolist()).decode()
+        if saved != self.fingerprint:
+            raise AdapterMismatchError(
+                f"This checkpoint was trained on other base weights (fingerprint {saved} ≠ {self.fingerprint}) and "
+                "holds only what trains: build the model from the base checkpoint (and dtype) it was trained on."
+            )
 
     # ------------------------------------------------------------------ bases files
     def _group_shapes(self) -> dict[str, tuple[int, int]]:

@@ -157,9 +157,12 @@ class FixedSupport:
         values.copy_(saved.to(values.dtype))
 
     # State dict: the support's length is only known after calibration, so its buffers are not
-    # persistent; the layer's extra state carries one (2, k) index tensor, (2, 0) before calibration.
+    # persistent; the layer's extra state carries one (2, k) index tensor (int32 where that fits),
+    # (2, 0) before calibration.
     def extra_state(self, calibrated: bool) -> torch.Tensor:
-        return torch.stack([self.rows, self.cols]) if calibrated else torch.zeros(2, 0, dtype=torch.long)
+        if not calibrated:
+            return torch.zeros(2, 0, dtype=torch.long)
+        return torch.stack([self.rows, self.cols]).to(torch.int32 if max(self.block) < 2**31 else torch.long)
 
     def load_extra_state(self, state: torch.Tensor) -> bool:
         """Returns whether the state held a support (the layer is then calibrated)."""

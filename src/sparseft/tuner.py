@@ -1,7 +1,9 @@
 """The tuner life cycle shared by every method (in the spirit of peft's ``BaseTuner`` /
 ``BaseTunerLayer``): find targets → inject layers → freeze all but the heads → train →
 ``save_pretrained`` / ``from_pretrained`` (verified before the model is touched) →
-``merge_adapter`` / ``unmerge_adapter`` / ``disable_adapter`` → ``merge_and_unload`` / ``unload``.
+``merge_adapter`` / ``unmerge_adapter`` / ``disable_adapter`` → ``merge_and_unload`` / ``unload``;
+and, as in peft, more adapters on the same base for inference: ``load_adapter`` / ``set_adapter`` /
+``delete_adapter`` and mixed batches (``model(**batch, adapter_names=[...])``, also in ``generate``).
 
 A method is a config, a :class:`BaseTunerLayer` subclass (the frozen base layer plus an update
 ΔW) and a :class:`BaseTuner` subclass that says which layers to create and which tensors its
@@ -11,23 +13,54 @@ adapter file holds. Everything else lives here once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from . import __version__
-from .errors import AdapterMismatchError, ConfigError
+from .errors import AdapterMismatchError, ConfigError, InputError
 from .serialization import atomic_write_text, load_tensors, save_tensors
 from .targets import find_heads, weight_of
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
+DEFAULT_ADAPTER = "default"  # the adapter the model was built or loaded with (peft's name)
+BASE_ADAPTER = "__base__"  # in ``adapter_names``: that row runs the base layers (peft's name)
+
+RowGroups = dict[str, torch.Tensor]  # adapter name → indices of the batch rows that use it
+
+
+class LowRankUpdate(nn.Module):
+    """A loaded adapter's update of one layer, for inference: ΔW = B A (B: m×r, A: r×n) from the
+    layer's ``lora_factors()``, so ``y = x Aᵀ Bᵀ`` costs r(m+n) per token and r(m+n) numbers of
+    memory; where r(m+n) ≥ mn the dense ΔW is smaller and is kept instead (``A`` None). The
+    tensors are non-persistent buffers: they follow ``.to()`` but stay out of ``state_dict``."""
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        (m, r), n = B.shape, A.shape[1]
+        dense = r * (m + n) >= m * n
+        self.register_buffer("B", ((B @ A) if dense else B).to(dtype).contiguous(), persistent=False)
+        self.register_buffer("A", None if dense else A.to(dtype).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.B.dtype)
+        return F.linear(x if self.A is None else F.linear(x, self.A), self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.B if self.A is None else self.B @ self.A
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.B, self.A) if t is not None)
 
 
 class BaseTunerLayer(nn.Module):
@@ -36,7 +69,12 @@ class BaseTunerLayer(nn.Module):
     Subclasses give ``delta_weight()`` (ΔW, differentiable), ``update_forward(x)`` (the
     adapted forward), ``adapter_parameters()`` and ``trainable_count()``. Merging folds ΔW into
     the base weight in place (``merge``) and takes it out again (``unmerge``); a merged or
-    disabled layer computes the base layer alone."""
+    disabled layer computes the base layer alone.
+
+    The layer's own (trainable) update is the adapter ``"default"``; ``extra_updates`` holds the
+    updates of adapters loaded for inference (``BaseTuner.load_adapter``), and ``active_adapter``
+    says which one ``forward`` adds. During a mixed-batch forward the tuner sets ``batch_groups``
+    (the batch size and the rows of each adapter) and row i gets W0 + ΔW_{adapter(i)}."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -45,6 +83,9 @@ class BaseTunerLayer(nn.Module):
         self.m, self.n = (int(s) for s in W0.shape)
         self.merged = False
         self.disabled = False
+        self.active_adapter = DEFAULT_ADAPTER
+        self.extra_updates = nn.ModuleDict()
+        self.batch_groups: tuple[int, RowGroups] | None = None
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
@@ -71,16 +112,49 @@ class BaseTunerLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        return self.update_forward(x)
+        if self.batch_groups is not None:
+            return self._mixed_batch_forward(x, *self.batch_groups)
+        return self._adapter_forward(self.active_adapter, x)
+
+    def _adapter_forward(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """x (W0 + ΔW_adapter)ᵀ + b; ΔW = 0 for ``"__base__"``."""
+        if adapter == DEFAULT_ADAPTER:
+            return self.update_forward(x)
+        y = self.base_layer(x)
+        return y if adapter == BASE_ADAPTER else y + self.extra_updates[adapter](x).to(y.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, size: int, groups: RowGroups) -> torch.Tensor:
+        """Row i of the batch through W0 + ΔW_{adapter(i)}: the base layer once for the whole batch,
+        then each adapter's rows replaced (the layer's own update) or added to (a loaded ΔW x)."""
+        if x.dim() == 0 or x.shape[0] != size:
+            raise InputError(f"adapter_names gives {size} rows but this layer got an input of shape {tuple(x.shape)}: "
+                             "pass one adapter name per row of the batch.")
+        if len(groups) == 1:
+            return self._adapter_forward(next(iter(groups)), x)
+        y = self.base_layer(x)
+        for adapter, rows in groups.items():
+            rows = rows.to(x.device)
+            if adapter == DEFAULT_ADAPTER:
+                y = y.index_copy(0, rows, self.update_forward(x.index_select(0, rows)).to(y.dtype))
+            elif adapter != BASE_ADAPTER:
+                y = y.index_add(0, rows, self.extra_updates[adapter](x.index_select(0, rows)).to(y.dtype))
+        return y
+
+    def _delta_of(self, adapter: str) -> torch.Tensor | None:
+        """ΔW of ``adapter`` (m×n), None while the layer's own update is not defined yet."""
+        if adapter == DEFAULT_ADAPTER:
+            return self.delta_weight() if self.has_update() else None
+        return self.extra_updates[adapter].delta_weight()
 
     @torch.no_grad()
     def _fold(self, sign: float) -> None:
         W = weight_of(self.base_layer)  # a view for Conv1D: writes go to its stored weight
-        if self.has_update():
-            W.copy_((W.float() + sign * self.delta_weight().float()).to(W.dtype))
+        delta = self._delta_of(self.active_adapter)
+        if delta is not None:
+            W.copy_((W.float() + sign * delta.float()).to(W.dtype))
 
     def merge(self) -> nn.Module:
-        """Fold ΔW into the base weight (once); returns the base layer."""
+        """Fold the active adapter's ΔW into the base weight (once); returns the base layer."""
         if not self.merged:
             self._fold(1.0)
             self.merged = True
@@ -113,17 +187,34 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
+def _adapter_file(path: Path) -> Path:
+    return path / ADAPTER_FILE if path.is_dir() else path
+
+
+_TUNERS: dict[str, type["BaseTuner"]] = {}  # adapter_kind → the tuner class that reads it
+
+
 class BaseTuner(nn.Module):
     """Wraps ``base_model``, passes calls and unknown attributes on to it (as ``peft.PeftModel``
     does, so ``model.config`` and ``generate`` keep working), and runs the adapter life cycle.
 
     Subclasses set ``adapter_kind`` (the ``kind`` in the adapter file), ``layer_class``, and
     implement ``_create_layers`` (and optionally ``_setup``, ``_adapter_tensors``,
-    ``_load_adapter_tensors``, ``_check_fit``, ``config_from_meta``)."""
+    ``_load_adapter_tensors``, ``_check_fit``, ``config_from_meta``).
+
+    Several adapters, as in peft: the model's own adapter is ``"default"`` (the one it was built
+    or loaded with, the only trainable one); ``load_adapter`` adds saved adapters of any method
+    next to it, for inference. Each keeps its own heads (``modules_to_save``): the heads'
+    modules hold the active adapter's, the others are kept as tensors."""
 
     adapter_kind: ClassVar[str]
     layer_class: ClassVar[type[BaseTunerLayer]] = BaseTunerLayer
     config_class: ClassVar[type] = object
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "adapter_kind" in cls.__dict__:  # a method's tuner (not a signature subclass of one)
+            _TUNERS[cls.adapter_kind] = cls
 
     def __init__(self, model: nn.Module, config: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -143,6 +234,11 @@ class BaseTuner(nn.Module):
             _replace(model, name, layer)
             self._layer_names.append(name)
         self._after_inject(**kwargs)
+        self._adapters: list[str] = [DEFAULT_ADAPTER]
+        self._active = DEFAULT_ADAPTER
+        # heads of every adapter but the active one (whose heads are in the modules): adapter → head → state
+        self._head_states: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        self._in_head_hook = False
 
     # ------------------------------------------------------------------ subclass hooks
     def _setup(self, model: nn.Module, **kwargs: Any) -> None:
@@ -166,9 +262,24 @@ class BaseTuner(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active adapter; with ``adapter_names`` (one name per
+        row, ``"__base__"`` for none) each row uses its own adapter, as peft's mixed batches."""
         self._before_forward()
-        return self.base_model(*args, **kwargs)
+        if self._active != DEFAULT_ADAPTER and self.training and torch.is_grad_enabled():
+            raise ConfigError(f"Adapter {self._active!r} was loaded for inference only: call model.eval() (or "
+                              "torch.no_grad()), or set_adapter('default') to train the model's own adapter.")
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's ``generate``; ``adapter_names`` as in ``forward`` (one per prompt)."""
+        if adapter_names is not None:
+            repeat = int(kwargs.get("num_beams") or 1) * int(kwargs.get("num_return_sequences") or 1)
+            self._batch_groups(adapter_names, args, kwargs)  # checked per prompt, before expansion
+            adapter_names = [name for name in adapter_names for _ in range(repeat)]
+        with self._mixed_batch(adapter_names):
+            return self.base_model.generate(*args, **kwargs)
 
     @classmethod
     def wrap(cls, model: nn.Module, config: Any, **kwargs: Any) -> "BaseTuner":
@@ -189,6 +300,219 @@ class BaseTuner(nn.Module):
 
     def adapted_layers(self) -> dict[str, BaseTunerLayer]:
         return {name: self.base_model.get_submodule(name) for name in self._layer_names}
+
+    # ------------------------------------------------------------------ several adapters
+    @property
+    def active_adapter(self) -> str:
+        return self._active
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters on this model: ``"default"`` first, then those loaded, in load order."""
+        return list(self._adapters)
+
+    def _check_unmerged(self, what: str, layers: Iterable[BaseTunerLayer] | None = None) -> None:
+        if any(layer.merged for layer in (self.adapted_layers().values() if layers is None else layers)):
+            raise ConfigError(f"{what} needs the adapters unmerged: call unmerge_adapter() first.")
+
+    def _heads_of(self, adapter: str) -> dict[str, dict[str, torch.Tensor]]:
+        """{head: state dict} of ``adapter``'s heads."""
+        if adapter == self._active:
+            return {h: self.base_model.get_submodule(h).state_dict() for h in self.heads}
+        return self._head_states[adapter]
+
+    @torch.no_grad()
+    def load_adapter(self, save_directory: str | os.PathLike, adapter_name: str, **kwargs: Any) -> None:
+        """Load an adapter saved by ``save_pretrained`` (any method, made for this base model)
+        next to the others, for inference (peft's ``is_trainable=False``); ``set_adapter`` or
+        ``adapter_names=`` use it. Each layer keeps it as its ``lora_factors()`` (ΔW = B A exactly,
+        r(m+n) numbers, or the dense ΔW where that is smaller: see :class:`LowRankUpdate`), taken
+        from a temporary layer of the adapter's own method built on the same base layer; the
+        heads as tensors. Every check runs before anything is kept: a failed load leaves the
+        model and its adapters as they were. ``kwargs`` go to the method's loader (``bases=``)."""
+        from . import model as _model, s2ft as _s2ft  # noqa: F401  (register the built-in methods)
+
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ConfigError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'.")
+        if adapter_name in self._adapters or adapter_name == BASE_ADAPTER:
+            raise ConfigError(f"An adapter named {adapter_name!r} is already loaded (or reserved): pick another "
+                              "name, or delete_adapter() it first.")
+        self._check_unmerged("load_adapter()")
+        path = Path(save_directory)
+        tensors, meta = load_tensors(_adapter_file(path), "adapter")
+        cls = _TUNERS.get(meta.get("kind"), type(self))  # an unknown kind: this method's check names it
+        cls._check_meta(self.base_model, path, meta)
+        config = cls.config_from_meta(meta)
+        updates, heads = self._build_detached(cls, config, tensors, meta, **kwargs)
+        for name, layer in self.adapted_layers().items():
+            if name in updates:
+                layer.extra_updates[adapter_name] = updates[name]
+            else:  # not adapted by that adapter: ΔW = 0 (rank 0)
+                W0 = weight_of(layer.base_layer)
+                zero = LowRankUpdate(W0.new_zeros(layer.m, 0), W0.new_zeros(0, layer.n), W0.dtype)
+                layer.extra_updates[adapter_name] = zero
+        self._head_states[adapter_name] = heads
+        self._adapters.append(adapter_name)
+
+    def _build_detached(
+        self, cls: type["BaseTuner"], config: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], **kwargs: Any
+    ) -> tuple[dict[str, LowRankUpdate], dict[str, dict[str, torch.Tensor]]]:
+        """({layer: LowRankUpdate}, {head: state}) of a saved adapter of method ``cls``: the base
+        layers are put back in place of this model's adapted layers, ``cls`` adapts the model and
+        loads the file (its own checks included), the factors are read, and this model's layers
+        and ``requires_grad`` flags are restored whatever happened."""
+        model, layers = self.base_model, self.adapted_layers()
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        for name, layer in layers.items():
+            _replace(model, name, layer.base_layer)
+        try:
+            cls._check_fit(model, config, meta, **kwargs)
+            heads = find_heads(model, config.modules_to_save)
+            if heads != self.heads:
+                raise AdapterMismatchError(f"The adapter's heads {heads} are not this model's {self.heads}: every "
+                                           "adapter on one model must train the same modules_to_save.")
+            cls._check_heads(model, heads, tensors)
+            temporary = cls.wrap(model, config)
+            temporary._load_adapter_tensors(tensors, meta, **kwargs)
+            built = temporary.adapted_layers()
+            extra = sorted(set(built) - set(layers))
+            if extra:
+                raise AdapterMismatchError(f"The adapter adapts layers this model's adapter does not ({extra[:3]}): load "
+                                           "it on its own (from_pretrained), or adapt those layers in the default adapter too.")
+            updates = {}
+            for name, layer in built.items():
+                W0 = weight_of(layer.base_layer)
+                updates[name] = LowRankUpdate(*layer.lora_factors(), W0.dtype).to(W0.device)
+        finally:
+            for name, module in list(model.named_modules()):
+                if isinstance(module, BaseTunerLayer):  # the temporary tuner's layers
+                    _replace(model, name, module.base_layer)
+            for name, layer in layers.items():
+                _replace(model, name, layer)
+            for name, p in model.named_parameters():
+                p.requires_grad_(requires_grad[name])
+        head_states = {}
+        for head in heads:
+            own = model.get_submodule(head).state_dict()
+            prefix = f"heads.{head}."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if state.keys() != own.keys():
+                raise AdapterMismatchError(f"The adapter's head {head!r} holds {sorted(state)}, this model's {sorted(own)}.")
+            head_states[head] = {k: v.to(own[k].device, own[k].dtype) for k, v in state.items()}
+        return updates, head_states
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self._adapters:
+            raise ConfigError(f"No adapter named {adapter_name!r}; loaded: {self._adapters}.")
+
+    @torch.no_grad()
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one every forward uses (its layers' ΔW and its heads)."""
+        self._check_adapter(adapter_name)
+        layers = list(self.adapted_layers().values())  # looked up once: this is most of a switch's time
+        self._check_unmerged("set_adapter()", layers)
+        if adapter_name == self._active:
+            return
+        if self.heads:
+            self._head_states[self._active] = {h: {k: v.clone() for k, v in state.items()}
+                                               for h, state in self._heads_of(self._active).items()}
+            for head, state in self._head_states.pop(adapter_name).items():
+                self.base_model.get_submodule(head).load_state_dict(state)
+        for layer in layers:
+            layer.active_adapter = adapter_name
+        self._active = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop a loaded adapter (not the active one, nor ``"default"``, the trainable one)."""
+        self._check_adapter(adapter_name)
+        if adapter_name == DEFAULT_ADAPTER:
+            raise ConfigError("'default' is the model's own adapter (its trainable parameters and optimizer state): "
+                              "it cannot be deleted; unload() or merge_and_unload() the model instead.")
+        if adapter_name == self._active:
+            raise ConfigError(f"{adapter_name!r} is the active adapter: set_adapter() another one first.")
+        for layer in self.adapted_layers().values():
+            del layer.extra_updates[adapter_name]
+        self._head_states.pop(adapter_name, None)
+        self._adapters.remove(adapter_name)
+
+    def _batch_groups(self, adapter_names: Sequence[str], args: tuple = (),
+                      kwargs: Mapping[str, Any] | None = None) -> RowGroups:
+        """{adapter: row indices} of a mixed batch, after checking the names and their count."""
+        if isinstance(adapter_names, str) or not all(isinstance(a, str) for a in adapter_names):
+            raise InputError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}.")
+        unknown = sorted(set(adapter_names) - {*self._adapters, BASE_ADAPTER})
+        if unknown:
+            raise InputError(f"adapter_names names unknown adapter(s) {unknown}; loaded: {self._adapters} (and '__base__').")
+        if self.training:
+            raise ConfigError("adapter_names is for inference: call model.eval() first (as in peft).")
+        self._check_unmerged("adapter_names")
+        if any(layer.disabled for layer in self.adapted_layers().values()):
+            raise ConfigError("adapter_names cannot be used inside disable_adapter(): every row would be the base model.")
+        kwargs = kwargs or {}
+        inputs = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args)
+        first = next((t for t in inputs if isinstance(t, torch.Tensor)), None)
+        if first is not None and first.dim() > 0 and first.shape[0] != len(adapter_names):
+            raise InputError(f"adapter_names has {len(adapter_names)} names for a batch of {first.shape[0]} rows: "
+                             "give one per row.")
+        device = next(iter(self.adapted_layers().values())).base_layer.weight.device
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            rows.setdefault(name, []).append(i)
+        return {name: torch.tensor(r, dtype=torch.long, device=device) for name, r in rows.items()}
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: Sequence[str] | None, args: tuple = (),
+                     kwargs: Mapping[str, Any] | None = None) -> Iterator[None]:
+        """Within the block every adapted layer and head routes batch rows by ``adapter_names``
+        (set on the layers, a forward hook on the heads; both removed after)."""
+        if adapter_names is None:
+            yield
+            return
+        groups = self._batch_groups(adapter_names, args, kwargs)
+        layers = list(self.adapted_layers().values())
+        hooks = []
+        if set(groups) - {self._active, BASE_ADAPTER}:  # some rows need another adapter's heads
+            for head in self.heads:
+                hook = functools.partial(self._head_hook, head, groups)
+                hooks.append(self.base_model.get_submodule(head).register_forward_hook(hook, with_kwargs=True))
+        for layer in layers:
+            layer.batch_groups = (len(adapter_names), groups)
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_groups = None
+            for hook in hooks:
+                hook.remove()
+
+    def _head_hook(self, head: str, groups: RowGroups, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Replace the rows of adapters other than the active one (whose head the module is; also
+        ``"__base__"`` rows, as in ``disable_adapter``) by their own head's output."""
+        if self._in_head_hook:  # the functional_call below runs the module (and this hook) again
+            return output
+        size = sum(len(rows) for rows in groups.values())
+
+        def rows_of(value: Any, rows: torch.Tensor) -> Any:
+            batched = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
+            return value.index_select(0, rows) if batched else value
+
+        for adapter, rows in groups.items():
+            if adapter in (self._active, BASE_ADAPTER):
+                continue
+            rows = rows.to(output.device)
+            state = {k: v.to(output.device) for k, v in self._head_states[adapter][head].items()}
+            self._in_head_hook = True
+            try:
+                sub = functional_call(module, state, tuple(rows_of(a, rows) for a in args),
+                                      {k: rows_of(v, rows) for k, v in kwargs.items()})
+            finally:
+                self._in_head_hook = False
+            output = output.index_copy(0, rows, sub.to(output.dtype))
+        return output
 
     # transformers.Trainer checkpoints a model that is not a PreTrainedModel with
     # safetensors.save_file(model.state_dict()) and resumes with model.load_state_dict(sd, False).
@@ -246,8 +570,8 @@ class BaseTuner(nn.Module):
 
     # ------------------------------------------------------------------ merge, disable
     def merge_adapter(self) -> None:
-        """Fold every update into its base weight, keeping the adapter layers (``unmerge_adapter``
-        takes them out again): inference at the base model's speed."""
+        """Fold the active adapter's update into each base weight, W0 ← W0 + ΔW, keeping the
+        adapter layers (``unmerge_adapter`` takes ΔW out again): inference at the base model's speed."""
         for layer in self.adapted_layers().values():
             layer.merge()
 
@@ -257,8 +581,9 @@ class BaseTuner(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block the adapted layers compute the base layers alone (heads stay as
-        trained): e.g. the frozen reference model of DPO, without a second copy."""
+        """Within the block the adapted layers compute the base layers alone (heads stay the
+        active adapter's): e.g. the frozen reference model of DPO, without a second copy. The
+        active adapter is unchanged after the block."""
         layers = list(self.adapted_layers().values())
         before = [layer.disabled for layer in layers]
         for layer in layers:
@@ -323,8 +648,8 @@ class BaseTuner(nn.Module):
         if conv and len(conv) != len(ranks):
             raise ConfigError("export_lora: peft's fan_in_fan_out is one setting per adapter; this model mixes "
                               "Conv1D and nn.Linear targets: export them as two adapters.")
-        for head in self.heads:
-            for key, value in self.base_model.get_submodule(head).state_dict().items():
+        for head, state in self._heads_of(DEFAULT_ADAPTER).items():
+            for key, value in state.items():
                 tensors[f"base_model.model.{head}.{key}"] = value.detach()
         r_max = max(ranks.values(), default=1)
         config = {
@@ -347,8 +672,8 @@ class BaseTuner(nn.Module):
         raise NotImplementedError
 
     def _head_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"heads.{head}.{key}": value for head in self.heads
-                for key, value in self.base_model.get_submodule(head).state_dict().items()}
+        return {f"heads.{head}.{key}": value for head, state in self._heads_of(DEFAULT_ADAPTER).items()
+                for key, value in state.items()}
 
     def _check_ready_to_save(self) -> None:
         """Raise if there is nothing to save yet."""
@@ -377,15 +702,22 @@ class BaseTuner(nn.Module):
         """(tensors, meta) of an adapter saved by ``save_pretrained``, checked to be this method's
         and made for ``model``'s class."""
         path = Path(save_directory)
-        tensors, meta = load_tensors(path / ADAPTER_FILE if path.is_dir() else path, "adapter")
+        tensors, meta = load_tensors(_adapter_file(path), "adapter")
+        cls._check_meta(model, path, meta)
+        return tensors, meta
+
+    @classmethod
+    def _check_meta(cls, model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
+        if "exported_by" in meta:
+            raise AdapterMismatchError(f"{path} is a peft LoRA export (export_lora), not a sparseft adapter: load it "
+                                       "with peft's PeftModel.from_pretrained / load_adapter.")
         if meta.get("kind") != cls.adapter_kind:
             raise AdapterMismatchError(cls._wrong_kind(path, meta.get("kind")))
-        if meta["base_model_class"] != type(model).__name__:
+        if meta.get("base_model_class") != type(model).__name__:
             raise AdapterMismatchError(
-                f"This adapter was trained on a {meta['base_model_class']}, not a {type(model).__name__}: "
+                f"This adapter was trained on a {meta.get('base_model_class')}, not a {type(model).__name__}: "
                 "load the same model class (e.g. AutoModelForSequenceClassification vs AutoModel)."
             )
-        return tensors, meta
 
     @classmethod
     def _wrong_kind(cls, path: Path, kind: Any) -> str:
@@ -471,4 +803,5 @@ def _signature_class(tuner_class: type[BaseTuner], model_class: type) -> type:
     return _CLASSES[key]
 
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "BaseTuner", "BaseTunerLayer", "unwrap_model"]
+__all__ = ["ADAPTER_FILE", "BASE_ADAPTER", "CONFIG_FILE", "DEFAULT_ADAPTER", "BaseTuner", "BaseTunerLayer", "LowRankUpdate",
+           "unwrap_model"]
