@@ -7,6 +7,9 @@ for fixed and dynamic selection, rotated and identity bases, nn.Linear and GPT-2
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +27,7 @@ def orthogonal(size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))[0].float()
 
 
-def make_layer(m, n, k, selection, identity, conv, path, seed, block=None):
+def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache=True):
     gen = torch.Generator().manual_seed(seed)
     if conv:
         base = Conv1D(m, n)  # weight stored (n, m)
@@ -36,7 +39,7 @@ def make_layer(m, n, k, selection, identity, conv, path, seed, block=None):
     bank = BasisBank()
     bank.set("g", orthogonal(m, gen), orthogonal(n, gen))
     layer = SparseLinear(base, group="g", k=k, selection=selection, identity=identity, bank=bank,
-                         block=block or (m, n), compute_path=path)
+                         block=block or (m, n), compute_path=path, cache_update=cache)
     with torch.no_grad():
         if selection == "fixed":
             layer.choose_support(torch.rand(layer.block, generator=gen))
@@ -97,13 +100,14 @@ shapes = st.tuples(st.integers(1, 9), st.integers(1, 9))
     conv=st.booleans(),
     path=st.sampled_from(PATHS),
     seed=st.integers(0, 2**16),
+    cache=st.booleans(),
     data=st.data(),
 )
-def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, conv, path, seed, data):
+def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, conv, path, seed, cache, data):
     m, n = mn
     block = (data.draw(st.integers(1, m)), data.draw(st.integers(1, n)))
     k = data.draw(st.integers(1, block[0] * block[1]))
-    layer, gen = make_layer(m, n, k, selection, identity, conv, path, seed, block)
+    layer, gen = make_layer(m, n, k, selection, identity, conv, path, seed, block, cache)
     check(layer, gen, (2, tokens))
 
 
@@ -155,6 +159,93 @@ def test_dynamic_cached_merge_follows_optimizer_steps():
         check(layer, gen, (3,))
         layer.select_on_backward = True
         opt.zero_grad()
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 12), n=st.integers(1, 12), seed=st.integers(0, 2**16), identity=st.booleans(), data=st.data())
+def test_sparse_merge_equals_the_dense_product(m, n, seed, identity, data):
+    """The merge from the k-entry sparse D (either bracketing) equals P_R D Q_Cᵀ from the dense D."""
+    k = data.draw(st.integers(1, m * n))
+    layer, _ = make_layer(m, n, k, "fixed", identity, False, "auto", seed)
+    dense = layer.delta_weight().detach()
+    torch.testing.assert_close(layer._merge(), dense, atol=1e-5, rtol=1e-5)
+    if not identity:
+        for side in ("P", "Q"):  # both bracketings, whichever sparse_side picks
+            merged = layer.basis.merge_sparse(layer.support.csr(layer.values, side), *layer.support.index(), side)
+            torch.testing.assert_close(merged, dense, atol=1e-5, rtol=1e-5)
+
+
+def _twins(selection, identity, seed=7):
+    """Two copies of one layer, one caching its merged weight and one rebuilding it per call."""
+    cached, gen = make_layer(13, 9, 20, selection, identity, False, "auto", seed, cache=True)
+    fresh = copy.deepcopy(cached)
+    fresh.cache_update = False
+    fresh._merged_forward = lambda tokens: True  # merge on every call (never the factored way)
+    return cached, fresh, gen
+
+
+@pytest.mark.parametrize("fused", [False, True])  # fused AdamW updates without bumping versions
+@pytest.mark.parametrize("selection", ["fixed", "dynamic"])
+@pytest.mark.parametrize("identity", [False, True])
+def test_cached_merge_follows_steps_reloads_and_reselection(selection, identity, fused):
+    """Bit-for-bit: a layer that keeps W0 + ΔW between calls computes exactly what one that
+    rebuilds it every call computes, through optimizer steps, gradient accumulation,
+    load_state_dict and a change of support. A stale cache anywhere breaks equality."""
+    cached, fresh, gen = _twins(selection, identity)
+    opts = [torch.optim.AdamW([layer.param], lr=0.05, fused=fused) for layer in (cached, fresh)]
+
+    def step_both():
+        x = torch.randn(2, 5, 9, generator=gen)
+        for _ in range(2):  # two micro-batches share one optimizer step
+            outs = [layer(x) for layer in (cached, fresh)]
+            assert torch.equal(outs[0], outs[1])
+            for out in outs:
+                out.square().sum().backward()
+        assert torch.equal(cached.param.grad, fresh.param.grad)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+    def same_output():
+        x = torch.randn(3, 9, generator=gen)
+        with torch.no_grad():
+            return torch.equal(cached(x), fresh(x))
+
+    for _ in range(3):
+        step_both()
+    assert same_output() and cached._cache is not None and fresh._cache is None
+    # load_state_dict: other values into both (copy_ in place, same tensor)
+    other, _ = make_layer(13, 9, 20, selection, identity, False, "auto", seed=99)
+    with torch.no_grad():
+        before = cached(torch.ones(1, 9))
+    for layer in (cached, fresh):
+        layer.load_state_dict(other.state_dict())
+    assert same_output()
+    with torch.no_grad():
+        assert not torch.equal(cached(torch.ones(1, 9)), before)
+    if selection == "fixed":  # reselection: a new support under the same values tensor
+        for layer in (cached, fresh):
+            layer.support.regrow(layer.values, torch.rand(layer.block, generator=torch.Generator().manual_seed(1)), 5)
+        assert same_output()
+        for layer in (cached, fresh):  # the same values moved to other positions, values untouched
+            layer.set_support(layer.rows.flip(0), layer.cols.flip(0))
+        assert same_output()
+    step_both()
+    assert same_output()
+
+
+def test_cached_merge_follows_the_basis_and_the_base_weight():
+    cached, fresh, gen = _twins("fixed", False)
+    x = torch.randn(4, 9, generator=gen)
+    with torch.no_grad():
+        cached(x)
+        P, Q = orthogonal(13, gen), orthogonal(9, gen)
+        for layer in (cached, fresh):  # a new basis (recalibration) and an edited base weight
+            layer._bank.set("g", P.clone(), Q.clone())
+        assert torch.equal(cached(x), fresh(x))
+        for layer in (cached, fresh):
+            layer.base_layer.weight.mul_(0.5)
+        assert torch.equal(cached(x), fresh(x))
 
 
 def test_no_grad_forward_and_frozen_adapter():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .ops import GRAD_PATHS, identity_costs, lowrank_product, rotated_costs
+from .ops import GRAD_PATHS, identity_costs, lowrank_product, rotated_costs, sparse_lowrank_product
 
 Index = torch.Tensor | slice  # rows/columns of the basis: indices (fixed support) or a leading block
 
@@ -156,6 +156,12 @@ class BasisBank(nn.Module):
             )
         return self._buffers[_key(i, part)]
 
+    def version(self, group: str) -> tuple:
+        """Changes whenever the group's stored tensors change (set, load, in-place edits, .to)."""
+        i = self.groups.index(group)
+        parts = [self._buffers.get(_key(i, part)) for part in ("P", "Q", "P_cols", "Q_cols")]
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in parts)
+
     def is_partial(self, group: str) -> bool:
         i = self.groups.index(group)
         return _key(i, "P_cols") in self._buffers or _key(i, "Q_cols") in self._buffers
@@ -254,10 +260,9 @@ class RotatedBasis:
         """P[:, idx] (side "P") or Q[:, idx] (side "Q") as a dense matrix."""
         return self.P(idx) if side == "P" else self.Q(idx)
 
-    def version(self, rows: Index, cols: Index) -> tuple:
+    def version(self) -> tuple:
         """Changes whenever the basis tensors change (for caches of the merged update)."""
-        P, Q = self.P(rows), self.Q(cols)
-        return (P.data_ptr(), P._version, Q.data_ptr(), Q._version, P.dtype)
+        return self.bank.version(self.group)
 
     def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
         """ΔW = P_R D Q_Cᵀ (m×n), differentiable in D."""
@@ -291,9 +296,15 @@ class RotatedBasis:
         assert path == GRAD_PATHS[3], path
         return P_R.T @ (g.T @ (x @ Q_C))
 
+    def merge_sparse(self, D: torch.Tensor, rows: Index, cols: Index, side: str) -> torch.Tensor:
+        """ΔW = P_R D Q_Cᵀ from a sparse CSR D (Dᵀ when ``side`` is "P"; see
+        :func:`sparseft.ops.sparse_lowrank_product`). Not differentiable: for the cached merge."""
+        P_R, Q_C = self.P(rows), self.Q(cols)
+        return sparse_lowrank_product(P_R, D, Q_C, side)
+
     @staticmethod
-    def costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
-        return rotated_costs(tokens, m, n, a, b)
+    def costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
+        return rotated_costs(tokens, m, n, a, b, k)
 
 
 class IdentityBasis:
@@ -305,7 +316,7 @@ class IdentityBasis:
     def matrix(side: str, idx: Index, size: int) -> torch.Tensor:
         return torch.eye(size)[:, idx]
 
-    def version(self, rows: Index, cols: Index) -> tuple:
+    def version(self) -> tuple:
         return ()
 
     def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
@@ -331,5 +342,5 @@ class IdentityBasis:
         return _take(g, 1, rows).T @ _take(x, 1, cols)
 
     @staticmethod
-    def costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
-        return identity_costs(tokens, m, n, a, b)
+    def costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
+        return identity_costs(tokens, m, n, a, b, k)

@@ -61,6 +61,11 @@ class SparseConfig:
     support_criterion: str = "abs-sum"
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
+    # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead
+    # of two per micro-batch (forward and input gradient), and unmerged inference at the frozen
+    # model's speed. Costs one m×n tensor in the base dtype per adapted layer while it is held
+    # (as large as the adapted weights themselves); False rebuilds it per call instead.
+    cache_update: bool = True
     # Eigendecomposition precision: float64 up to this Gram size, float32 above it.
     eigh_float64_max: int = 4096
     # Dtype of the trainable values; None: float32 for half-precision models, else the model's.
@@ -93,6 +98,8 @@ class SparseConfig:
         ms = self.modules_to_save
         if ms is not None and not (isinstance(ms, (list, tuple)) and all(isinstance(t, str) for t in ms)):
             raise ConfigError(f"modules_to_save={ms!r} must be None or a list of module names, e.g. ['classifier'].")
+        if not isinstance(self.cache_update, bool):
+            raise ConfigError(f"cache_update={self.cache_update!r} must be True or False.")
         if self.adapter_dtype not in (None, *ADAPTER_DTYPES):
             raise ConfigError(f"adapter_dtype={self.adapter_dtype!r} is not supported; use one of {list(ADAPTER_DTYPES)} or None.")
         if self.eigh_float64_max < 0:

@@ -28,13 +28,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .bases import BasisBank, IdentityBasis, RotatedBasis
 from .errors import ConfigError, InputError, NotCalibratedError
-from .ops import GRAD_PATHS, SparseUpdate, cheapest_path, grad_costs, lowrank_product
+from .ops import GRAD_PATHS, SparseUpdate, cheapest_path, grad_costs, lowrank_product, sparse_side
 from .support import SUPPORTS
 from .targets import is_transposed, weight_of
 from .tuner import BaseTunerLayer
+
+
+# Optimizer steps taken anywhere in this process, counted by a global post-step hook: part of the
+# key of every cached merged weight. A parameter's version counter alone is not enough: fused
+# optimizers (torch's AdamW(fused=True), transformers.Trainer's default) update in place
+# without bumping it.
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 class SparseLinear(BaseTunerLayer):
@@ -52,6 +67,7 @@ class SparseLinear(BaseTunerLayer):
         block: tuple[int, int],
         compute_path: str = "auto",
         adapter_dtype: torch.dtype | None = None,
+        cache_update: bool = True,
     ) -> None:
         super().__init__(base_layer)
         if selection not in SUPPORTS:
@@ -64,7 +80,8 @@ class SparseLinear(BaseTunerLayer):
         object.__setattr__(self, "basis", IdentityBasis() if identity else RotatedBasis(bank, group))
         self.support = SUPPORTS[selection](self, self.k, self.block, W0.device)
         self.register_parameter(self.support.param_name, self.support.new_parameter(adapter_dtype or W0.dtype, W0.device))
-        # the merged update, for supports that cache it (derived data, never saved)
+        # W0 + ΔW kept between optimizer steps (derived data, never saved; see _merged_weight)
+        self.cache_update = bool(cache_update)
         self._cache: tuple | None = None
         # MeProp in dynamic mode needs nothing from calibration.
         self.calibrated = identity and selection == "dynamic"
@@ -145,24 +162,52 @@ class SparseLinear(BaseTunerLayer):
         return P_R, D @ Q_C.T
 
     @torch.no_grad()
-    def _update_weight(self) -> torch.Tensor:
-        """ΔW (m×n, base dtype) for the current parameters; cached while neither the parameter
-        nor the basis changed when the support says so (forward, input gradient and
-        gradient-accumulation micro-batches between two optimizer steps share it). Always
-        rebuilt whole, never patched, so results do not depend on the update history."""
-        dtype = weight_of(self.base_layer).dtype
-        if not self.support.caches_merged:
-            return self.delta_weight().to(dtype)
+    def _merge(self) -> torch.Tensor:
+        """ΔW (m×n) for the current parameter by the cheapest route (not differentiable). A fixed
+        support's k values go in as a sparse D: ``merge_cost(..., k)``, m·k + m·b·n at best
+        instead of the dense product's m·a·b + m·b·n; in identity bases they are simply scattered."""
+        if self.support.kind != "fixed":
+            return self.delta_weight().detach()
+        values = self.param.detach()
+        if self.identity:
+            flat = values.new_zeros(self.m * self.n)
+            return flat.index_copy_(0, self.support.rows * self.n + self.support.cols, values).view(self.m, self.n)
+        a, b = self.support.shape()
+        side = sparse_side(self.m, self.n, a, b, self.k)
+        return self.basis.merge_sparse(self.support.csr(values, side), *self.support.index(), side)
+
+    @torch.no_grad()
+    def _merged_weight(self) -> torch.Tensor:
+        """W0 + ΔW in the base dtype. With ``cache_update`` it is kept until the parameter, the
+        support, the basis or W0 change (an optimizer step, ``load_state_dict``, a reselection), so
+        the forward, the input gradient and every gradient-accumulation micro-batch between two
+        optimizer steps share one merge. Always rebuilt whole, never patched, so results do not
+        depend on the update history (a reloaded model computes bit-identical outputs)."""
+        W0 = weight_of(self.base_layer)
+        if torch.is_autocast_enabled(W0.device.type):
+            # merge in the bases' precision (sparse kernels have no half-precision CPU version);
+            # the matmuls that use the merged weight still run under autocast
+            with torch.autocast(W0.device.type, enabled=False):
+                return self._merged_weight()
+        if not self.cache_update:
+            return W0 + self._merge().to(W0.dtype)
         param = self.param
-        key = (param.data_ptr(), param._version, self.basis.version(*self.support.index()))
+        key = (_OPTIMIZER_STEPS[0], param.data_ptr(), param._version, param.device, self.support.generation, self.basis.version(),
+               W0.data_ptr(), W0._version, W0.dtype)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.delta_weight())
-        return self._cache[1].to(dtype)
+            self._cache = None  # free the old merge before building the new one (peak memory)
+            self._cache = (key, W0 + self._merge().to(W0.dtype))
+        return self._cache[1]
+
+    def clear_cache(self) -> None:
+        """Drop the cached merged weight (m×n) to free its memory; the next call rebuilds it."""
+        self._cache = None
 
     # ----------------------------------------------------------------------------- cost model
     def cost_model(self, tokens: int) -> dict[str, int]:
         """Multiply-adds of one training step's adapted parts (:func:`sparseft.ops.rotated_costs`)."""
-        return self.basis.costs(tokens, self.m, self.n, *self.support.shape())
+        k = self.k if self.support.kind == "fixed" else None
+        return self.basis.costs(tokens, self.m, self.n, *self.support.shape(), k)
 
     def path_for(self, tokens: int) -> str:
         """The bracketing used for the value gradient at ``tokens`` rows of input: the one of
@@ -173,7 +218,7 @@ class SparseLinear(BaseTunerLayer):
 
     def _merged_forward(self, tokens: int) -> bool:
         """Forward and input gradient through the merged weight (else through x Q_C, g P_R)."""
-        if self.support.caches_merged or self.compute_path == "weights":
+        if self.cache_update or self.compute_path == "weights":
             return True  # a cached merged update is (nearly) free
         if self.compute_path == "activations":
             return False
@@ -184,7 +229,7 @@ class SparseLinear(BaseTunerLayer):
     def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
         W0, bias = weight_of(self.base_layer), self.base_layer.bias
         if self._merged_forward(x.numel() // self.n):
-            return F.linear(x, W0 + self._update_weight(), bias)
+            return F.linear(x, self._merged_weight(), bias)
         D, R, C = self._factors()
         return self.basis.add_update(F.linear(x, W0, bias), x, D.detach().to(x.dtype), R, C)
 
@@ -192,7 +237,7 @@ class SparseLinear(BaseTunerLayer):
     def _input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
         W0 = weight_of(self.base_layer)
         if self._merged_forward(grad_y.numel() // self.m):
-            return grad_y @ (W0 + self._update_weight())
+            return grad_y @ self._merged_weight()
         D, R, C = self._factors()
         return self.basis.add_input_grad(grad_y @ W0, grad_y, D.detach().to(grad_y.dtype), R, C)
 

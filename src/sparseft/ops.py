@@ -45,9 +45,29 @@ def lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor) -> to
     return P_R @ (D @ Q_C.T)
 
 
-def merge_cost(m: int, n: int, a: int, b: int) -> int:
-    """Multiply-adds of forming ``P_R D Q_Cᵀ`` (m×n) from an a×b D."""
-    return min(m * a * b + m * b * n, a * b * n + m * a * n)
+def merge_cost(m: int, n: int, a: int, b: int, k: int | None = None) -> int:
+    """Multiply-adds of forming ``P_R D Q_Cᵀ`` (m×n) from an a×b D; with ``k`` (D's non-zeros,
+    a fixed support) from the sparse D: ``(P_R D)`` costs m·k instead of m·a·b."""
+    k = a * b if k is None else min(k, a * b)
+    return min(m * k + m * b * n, k * n + m * a * n)
+
+
+def sparse_side(m: int, n: int, a: int, b: int, k: int) -> str:
+    """Which factor a k-entry D multiplies first in ``P_R D Q_Cᵀ``: "P" ((P_R D) Q_Cᵀ, m·k + m·b·n)
+    or "Q" (P_R (D Q_Cᵀ), k·n + m·a·n)."""
+    return "P" if m * k + m * b * n <= k * n + m * a * n else "Q"
+
+
+def sparse_lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor, side: str) -> torch.Tensor:
+    """``P_R D Q_Cᵀ`` (m×n) for a sparse CSR ``D``: given as Dᵀ (b×a) when ``side`` is "P" (its
+    product with P_Rᵀ is then a sparse×dense product, torch.sparse.mm), as D (a×b) when "Q"."""
+    # sparse×dense kernels take float32/float64 only (no CPU bf16/fp16): the sparse product runs
+    # in float32 for half-precision bases, the dense one in the bases' dtype
+    wide = torch.promote_types(P_R.dtype, torch.float32)
+    D = D.to(wide)
+    if side == "P":
+        return torch.sparse.mm(D, P_R.T.to(wide)).T.to(P_R.dtype) @ Q_C.T
+    return P_R @ torch.sparse.mm(D, Q_C.T.to(wide)).to(Q_C.dtype)
 
 
 def grad_costs(N: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
@@ -60,14 +80,14 @@ def grad_costs(N: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
     }
 
 
-def rotated_costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+def rotated_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
     """One training step's adapted multiply-adds in a rotated basis (frozen x W0ᵀ, g W0 not
-    counted): ``merge`` and ``factored`` (each of forward and input gradient), and the four
-    value-gradient bracketings."""
-    return {"merge": merge_cost(m, n, a, b), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b)}
+    counted): ``merge`` (from a k-entry D when ``k`` is given) and ``factored`` (each of forward
+    and input gradient), and the four value-gradient bracketings."""
+    return {"merge": merge_cost(m, n, a, b, k), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b)}
 
 
-def identity_costs(tokens: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
+def identity_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
     """As :func:`rotated_costs` for identity bases: selecting rows/columns costs nothing."""
     return {"merge": 0, "factored": tokens * a * b, "activations": tokens * a * b,
             "weights": tokens * m * n, "output-side": tokens * a * n, "input-side": tokens * m * b}
@@ -118,4 +138,5 @@ class SparseUpdate(torch.autograd.Function):
         return grad_x, grad_param, None
 
 
-__all__ = ["GRAD_PATHS", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "rotated_costs"]
+__all__ = ["GRAD_PATHS", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "rotated_costs",
+           "sparse_lowrank_product", "sparse_side"]

@@ -19,6 +19,8 @@ Two kinds:
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any
 
 import torch
@@ -39,10 +41,9 @@ class FixedSupport:
 
     kind = "fixed"
     param_name = "values"
-    caches_merged = False  # the merged update is rebuilt per call (see SparseLinear._merged_forward)
-
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.owner, self.k, self.block = owner, int(k), block
+        self.generation = 0  # bumped whenever the support changes (for caches of the merged update)
         empty = torch.zeros(0, dtype=torch.long, device=device)
         self._store(empty, empty)
 
@@ -61,6 +62,28 @@ class FixedSupport:
         self.owner.register_buffer("R", R.to(torch.long), persistent=False)
         self.owner.register_buffer("C", C.to(torch.long), persistent=False)
         self.owner.register_buffer("local", local.to(index_dtype), persistent=False)
+        self.generation += 1
+        self._patterns: dict[str, tuple] = {}
+
+    def csr(self, values: torch.Tensor, side: str) -> torch.Tensor:
+        """D (a×b, ``side`` "Q") or Dᵀ (b×a, ``side`` "P") as a sparse CSR tensor of ``values``
+        (not differentiable). The pattern (row pointers, columns, order of the values) depends only
+        on the support, so it is built once per support and device."""
+        pattern = self._patterns.get(side)
+        if pattern is None or pattern[0].device != values.device:
+            a, b = self.shape()
+            local = self.local.long().to(values.device)
+            r, c = local // max(1, b), local % max(1, b)
+            if side == "P":
+                r, c, a, b = c, r, b, a
+            order = torch.argsort(r * b + c)
+            crow = torch.zeros(a + 1, dtype=torch.long, device=values.device)
+            crow[1:] = torch.bincount(r, minlength=a).cumsum(0)
+            pattern = self._patterns[side] = (crow, c.index_select(0, order), order, (a, b))
+        crow, col, order, shape = pattern
+        with warnings.catch_warnings():  # torch flags all of sparse CSR as "beta"; sparse.mm on it is stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(crow, col, values.detach().index_select(0, order), shape, check_invariants=False)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -177,7 +200,7 @@ class DynamicSupport:
 
     kind = "dynamic"
     param_name = "delta"
-    caches_merged = True  # the merged update only changes at optimizer steps: keep it
+    generation = 0  # the block never changes
 
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.k, self.block = int(k), block
