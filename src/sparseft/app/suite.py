@@ -96,13 +96,14 @@ class SuiteSettings:
         return cls(**{**base, **kwargs})
 
     def centre(self, method: str) -> float:
-        from ..methods import method_spec
+        from ..methods import method_spec, parse_method
 
         if method in self.lr_overrides:
             return self.lr_overrides[method]
+        base = parse_method(method)[0]  # a variant ("sparsegrad-random[support_narrow=24]") starts at its method's centre
         if self.regime == "paper":
-            return PAPER_LR.get(method, PAPER_LR_DEFAULT)
-        return PEFT_LR.get(method) or method_spec(method).default_lr("classification")
+            return PAPER_LR.get(method, PAPER_LR.get(base, PAPER_LR_DEFAULT))
+        return PEFT_LR.get(method) or PEFT_LR.get(base) or method_spec(method).default_lr("classification")
 
 
 # ----------------------------------------------------------------------------- one run (worker side)
