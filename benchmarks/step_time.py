@@ -285,9 +285,10 @@ def plot(results: dict, path: Path) -> None:
 
 def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dict[str, float]:
     """Multiply-adds per training step of the block (matmuls only) relative to full fine-tuning,
-    for a fixed support that fills its block's rows and columns (|R|, |C| = block), and, for
-    dynamic selection, the worst case of re-merging the whole update every step."""
-    from sparseft.layer import grad_costs, merge_cost
+    for a fixed support that fills its block's rows and columns (|R|, |C| = block) and is merged
+    once per step from its k entries (the cached merge), and, for dynamic selection, the worst
+    case of re-merging the whole update every step."""
+    from sparseft.ops import grad_costs, merge_cost
 
     layers = [(h, d), (d, h)]  # (m, n) of up and down
     base = sum(2 * tokens * m * n for m, n in layers)  # x W0ᵀ and g W0, every method
@@ -297,7 +298,7 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
     def sparse(blocks) -> float:
         total = base
         for (m, n), (a, b) in zip(layers, blocks):
-            total += min(2 * merge_cost(m, n, a, b), 2 * tokens * (n * b + a * b + a * m)) + min(grad_costs(tokens, m, n, a, b).values())
+            total += merge_cost(m, n, a, b, rank * (m + n)) + min(grad_costs(tokens, m, n, a, b).values())
         return total
 
     out["sparsegrad-fixed"] = sparse(layers)

@@ -142,6 +142,12 @@ def test_support_narrow_restricts_the_narrow_side_only(tiny, tmp_path):
     assert config.block(64, 32) == (64, 4) and config.block(32, 64) == (4, 64) and config.block(3, 64) == (3, 64)
     with pytest.raises(ConfigError, match="support_narrow"):
         SparseGradConfig(match_lora_rank=1, support_narrow=0)
+    with pytest.raises(ConfigError, match="auto"):
+        SparseGradConfig(match_lora_rank=1, support_narrow="fast")
+    # "auto": the cost budget N·L·(m+n) ≤ 0.1·2Nmn, per layer shape
+    auto = SparseGradConfig(match_lora_rank=1, support_narrow="auto")
+    assert auto.block(3072, 768) == (3072, 122) and auto.block(768, 3072) == (122, 3072)
+    assert auto.block(11008, 4096) == (11008, 597) and auto.block(1536, 384) == (1536, 61)
     model = BertForSequenceClassification.from_pretrained(tiny[0])
     prepared = prepare("sparsegrad-fixed", model, rank=1, support_narrow=4)
     ids = torch.randint(5, 19, (8, 12))

@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from sparseft.bases import BasisBank
 from sparseft.layer import GRAD_PATHS, SparseLinear, grad_costs
+from sparseft.ops import SAMPLED
 from sparseft.targets import weight_of
 
 PATHS = ("auto", *GRAD_PATHS)
@@ -43,6 +44,8 @@ def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache
     with torch.no_grad():
         if selection == "fixed":
             layer.choose_support(torch.rand(layer.block, generator=gen))
+            perm = torch.randperm(layer.k, generator=gen)  # values in no particular order (as after a regrow)
+            layer.set_support(layer.rows[perm], layer.cols[perm])
             layer.values.normal_(generator=gen)
         else:
             layer.calibrated = True
@@ -107,16 +110,28 @@ def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, c
     m, n = mn
     block = (data.draw(st.integers(1, m)), data.draw(st.integers(1, n)))
     k = data.draw(st.integers(1, block[0] * block[1]))
+    if selection == "fixed" and data.draw(st.booleans()):
+        path = SAMPLED  # the SDDMM value gradient (fixed supports only)
     layer, gen = make_layer(m, n, k, selection, identity, conv, path, seed, block, cache)
     check(layer, gen, (2, tokens))
 
 
 def test_every_bracketing_of_the_rotated_gradient_agrees():
-    for path in GRAD_PATHS:
-        for selection in ("fixed", "dynamic"):
-            layer, gen = make_layer(10, 6, 17, selection, False, False, path, seed=3)
-            assert layer.path_for(4) == path
-            check(layer, gen, (4,))
+    for path in (*GRAD_PATHS, SAMPLED):
+        for selection in ("fixed", "dynamic") if path != SAMPLED else ("fixed",):
+            for identity in (False, True):
+                layer, gen = make_layer(10, 6, 17, selection, identity, False, path, seed=3)
+                assert layer.path_for(4) == path
+                check(layer, gen, (4,))
+
+
+def test_sampled_path_is_chosen_where_it_is_cheapest():
+    """A SHiRA-like support (identity basis, k spread over all rows and columns) takes the SDDMM
+    value gradient: N·k multiply-adds instead of N·m·n."""
+    layer, _ = make_layer(64, 48, 60, "fixed", True, False, "auto", seed=0)
+    costs = layer.cost_model(256)
+    assert costs[SAMPLED] == 256 * 60 < min(costs[p] for p in GRAD_PATHS)
+    assert layer.path_for(256) == SAMPLED
 
 
 def _count_matmul_flops(layer, tokens: int, path: str) -> int:

@@ -296,6 +296,11 @@ class RotatedBasis:
         assert path == GRAD_PATHS[3], path
         return P_R.T @ (g.T @ (x @ Q_C))
 
+    def sampled_factors(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g P_R, x Q_C): the value gradient is their product's support entries (``SAMPLED``)."""
+        dt = x.dtype
+        return g @ self.P(rows).to(dt), x @ self.Q(cols).to(dt)
+
     def merge_sparse(self, D: torch.Tensor, rows: Index, cols: Index, side: str) -> torch.Tensor:
         """ΔW = P_R D Q_Cᵀ from a sparse CSR D (Dᵀ when ``side`` is "P"; see
         :func:`sparseft.ops.sparse_lowrank_product`). Not differentiable: for the cached merge."""
@@ -340,6 +345,9 @@ class IdentityBasis:
 
     def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str) -> torch.Tensor:
         return _take(g, 1, rows).T @ _take(x, 1, cols)
+
+    def sampled_factors(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index) -> tuple[torch.Tensor, torch.Tensor]:
+        return _take(g, 1, rows), _take(x, 1, cols)
 
     @staticmethod
     def costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:

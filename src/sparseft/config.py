@@ -21,6 +21,7 @@ Selection = Literal["fixed", "dynamic"]
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ComputePath = Literal["auto", "activations", "weights"]
 SUPPORT_CRITERIA = ("abs-sum", "sum", "snr", "random")  # see sparseft.calibration.support_scores
+NARROW_COST_SHARE = 0.1  # support_narrow="auto": value-gradient cost / frozen 2Nmn
 
 
 @dataclass
@@ -53,8 +54,11 @@ class SparseConfig:
     # Restrict each layer's *narrow* side (the smaller of m, n: the model width of an MLP layer)
     # to its leading `support_narrow` directions, the wide side free. The fast setting: the
     # value gradient then costs ~N·L·(m+n), LoRA-like for L ≈ 3·rank (docs/performance.md,
-    # which also has the accuracy it cost on the embedded task). None: no restriction.
-    support_narrow: int | None = None
+    # which also has the accuracy it cost). "auto": per layer, the largest L whose value
+    # gradient costs at most NARROW_COST_SHARE of the frozen layer's forward + input gradient
+    # (N·L·(m+n) ≤ 0.1·2Nmn: L ≈ 122 at BERT-base 768↔3072, ≈ 597 at LLaMA-7B 4096↔11008).
+    # None: no restriction.
+    support_narrow: int | str | None = None
     # Fixed selection: how calibration scores each rotated entry from the per-step rotated
     # gradients G̃_s: "abs-sum" Σ|G̃_s| (default), "sum" |ΣG̃_s|, "snr" |ΣG̃_s|/sqrt(ΣG̃_s²), or
     # "random" (no gradient: a seeded random support, for ablations).
@@ -81,8 +85,11 @@ class SparseConfig:
         not TypeErrors from deep inside the model code later."""
         for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "support_narrow", "eigh_float64_max"):
             v = getattr(self, name)
+            if name == "support_narrow" and v == "auto":
+                continue
             if (v is not None or name == "eigh_float64_max") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-                raise ConfigError(f"{name}={v!r} must be a whole number (an int){'' if name == 'eigh_float64_max' else ' or None'}.")
+                also = "" if name == "eigh_float64_max" else ' or "auto"' if name == "support_narrow" else " or None"
+                raise ConfigError(f"{name}={v!r} must be a whole number (an int){also}.")
         for name in ("density", "reselect_fraction"):
             v = getattr(self, name)
             if (v is not None or name == "reselect_fraction") and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
@@ -131,7 +138,7 @@ class SparseConfig:
             raise ConfigError("compute_path must be 'auto', 'activations' or 'weights'.")
         for name in ("support_rows", "support_cols", "support_narrow"):
             v = getattr(self, name)
-            if v is not None and int(v) < 1:
+            if v is not None and v != "auto" and int(v) < 1:
                 raise ConfigError(f"{name}={v} must be a positive number of leading directions, or None.")
 
     def block(self, m: int, n: int) -> tuple[int, int]:
@@ -139,11 +146,19 @@ class SparseConfig:
         rows = min(m, self.support_rows or m)
         cols = min(n, self.support_cols or n)
         if self.support_narrow is not None:
+            L = self.narrow_directions(m, n)
             if m <= n:
-                rows = min(rows, int(self.support_narrow))
+                rows = min(rows, L)
             else:
-                cols = min(cols, int(self.support_narrow))
+                cols = min(cols, L)
         return rows, cols
+
+    def narrow_directions(self, m: int, n: int) -> int:
+        """L, the leading directions of an m×n layer's narrow side its support may use
+        (``support_narrow``; "auto": the cost budget, see the field's comment)."""
+        if self.support_narrow == "auto":
+            return max(1, int(NARROW_COST_SHARE * 2 * m * n / (m + n)))
+        return int(self.support_narrow)
 
     def budget(self, m: int, n: int) -> int:
         """Entries trainable in one m×n layer under this config."""

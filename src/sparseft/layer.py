@@ -32,7 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .bases import BasisBank, IdentityBasis, RotatedBasis
 from .errors import ConfigError, InputError, NotCalibratedError
-from .ops import GRAD_PATHS, SparseUpdate, cheapest_path, grad_costs, lowrank_product, sparse_side
+from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, lowrank_product, sparse_side
 from .support import SUPPORTS
 from .targets import is_transposed, weight_of
 from .tuner import BaseTunerLayer
@@ -245,7 +245,12 @@ class SparseLinear(BaseTunerLayer):
     def _param_grad(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """∂L/∂values (k) or ∂L/∂delta (block): P_Rᵀ gᵀ x Q_C, restricted to the support."""
         R, C = self.support.index()
-        return self.support.gather(self.basis.value_grad(g, x, R, C, self.path_for(x.shape[0])))
+        path = self.path_for(x.shape[0])
+        if path == SAMPLED:
+            if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
+                return self.support.sampled_grad(*self.basis.sampled_factors(g, x, R, C))
+            path = "activations"  # torch's SDDMM has no half-precision kernel on CPU: the same bracketing, whole
+        return self.support.gather(self.basis.value_grad(g, x, R, C, path))
 
     def _fast_path_ok(self) -> bool:
         """The fused function covers a frozen base layer (the usual case); anything else (a

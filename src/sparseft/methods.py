@@ -58,7 +58,7 @@ class Budget:
 
     rank: int = 8
     density: float | None = None
-    support_narrow: int | None = None
+    support_narrow: int | str | None = None
     options: dict = field(default_factory=dict)  # a variant's config overrides: name[key=value;...]
 
     def sparse_kwargs(self) -> dict:
@@ -225,7 +225,7 @@ REGIMES = ("peft", "paper")
 
 
 def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None = None,
-            support_narrow: int | None = None, regime: str = "peft") -> Prepared:
+            support_narrow: int | str | None = None, regime: str = "peft") -> Prepared:
     """Set ``model`` up for ``method``; the model is modified in place or wrapped.
 
     ``regime="peft"``: only the method's parameters and the task head train (what PEFT users

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .layer import SparseLinear
 
 GRAD_PATHS = ("activations", "weights", "output-side", "input-side")
+SAMPLED = "sampled"  # fixed supports: (g P_R)ᵀ (x Q_C) at the k support entries only (SDDMM)
 
 
 def lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor) -> torch.Tensor:
@@ -70,32 +71,41 @@ def sparse_lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor
     return P_R @ torch.sparse.mm(D, Q_C.T.to(wide)).to(Q_C.dtype)
 
 
-def grad_costs(N: int, m: int, n: int, a: int, b: int) -> dict[str, int]:
-    """Multiply-adds of the four bracketings of ``P_aᵀ gᵀ x Q_b`` (g: N×m, x: N×n)."""
-    return {
+def grad_costs(N: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
+    """Multiply-adds of the four bracketings of ``P_aᵀ gᵀ x Q_b`` (g: N×m, x: N×n), and with ``k``
+    (a fixed support's entries) the ``sampled`` one: the activations' product formed at the k
+    support entries only (SDDMM, ``torch.sparse.sampled_addmm``)."""
+    costs = {
         "activations": N * (m * a + n * b + a * b),
         "weights": N * m * n + min(a * m * n + a * n * b, m * n * b + a * m * b),
         "output-side": N * (m * a + a * n) + a * n * b,
         "input-side": N * (n * b + m * b) + a * m * b,
     }
+    if k is not None:
+        costs[SAMPLED] = N * (m * a + n * b + k)
+    return costs
 
 
 def rotated_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
     """One training step's adapted multiply-adds in a rotated basis (frozen x W0ᵀ, g W0 not
     counted): ``merge`` (from a k-entry D when ``k`` is given) and ``factored`` (each of forward
     and input gradient), and the four value-gradient bracketings."""
-    return {"merge": merge_cost(m, n, a, b, k), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b)}
+    return {"merge": merge_cost(m, n, a, b, k), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b, k)}
 
 
 def identity_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
     """As :func:`rotated_costs` for identity bases: selecting rows/columns costs nothing."""
-    return {"merge": 0, "factored": tokens * a * b, "activations": tokens * a * b,
-            "weights": tokens * m * n, "output-side": tokens * a * n, "input-side": tokens * m * b}
+    costs = {"merge": 0, "factored": tokens * a * b, "activations": tokens * a * b,
+             "weights": tokens * m * n, "output-side": tokens * a * n, "input-side": tokens * m * b}
+    if k is not None:
+        costs[SAMPLED] = tokens * k
+    return costs
 
 
 def cheapest_path(costs: dict[str, int]) -> str:
-    """The value-gradient bracketing of ``GRAD_PATHS`` with the fewest multiply-adds."""
-    return min(GRAD_PATHS, key=costs.__getitem__)
+    """The value-gradient bracketing (``GRAD_PATHS``, and ``SAMPLED`` where costed) with the
+    fewest multiply-adds."""
+    return min((p for p in (*GRAD_PATHS, SAMPLED) if p in costs), key=costs.__getitem__)
 
 
 class SparseUpdate(torch.autograd.Function):
@@ -138,5 +148,5 @@ class SparseUpdate(torch.autograd.Function):
         return grad_x, grad_param, None
 
 
-__all__ = ["GRAD_PATHS", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "rotated_costs",
+__all__ = ["GRAD_PATHS", "SAMPLED", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "rotated_costs",
            "sparse_lowrank_product", "sparse_side"]

@@ -111,6 +111,14 @@ class FixedSupport:
         idx = torch.topk(scores.flatten().float(), self.k, sorted=False).indices.sort().values
         self.set(idx // self.block[1], idx % self.block[1])
 
+    def sampled_grad(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        """The k entries of ``leftᵀ right`` (left N×a, right N×b) at the support, in the order of
+        ``values``, by SDDMM: N·k multiply-adds instead of the N·a·b of the whole product."""
+        mask = self.csr(left.new_zeros(self.k), "Q")
+        entries = torch.sparse.sampled_addmm(mask, left.T, right, beta=0.0).values()
+        order = self._patterns["Q"][2]
+        return torch.empty_like(entries).index_copy_(0, order, entries)
+
     def index(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.R, self.C
 

@@ -156,7 +156,7 @@ class BenchSettings:
     test_rows: int | None = None  # test rows scored in the final runs (None: all)
     rank: int = 8
     density: float | None = None
-    support_narrow: int | None = None
+    support_narrow: int | str | None = None
     batch_size: int = 16
     max_length: int = 64
     calibration_steps: int = 20

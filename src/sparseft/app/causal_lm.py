@@ -217,7 +217,7 @@ class CausalLMSettings:
     seed: int = 0
     rank: int = 8
     density: float | None = None
-    support_narrow: int | None = None  # SparseGrad: leading directions of each layer's narrow side
+    support_narrow: int | str | None = None  # SparseGrad: leading directions of each layer's narrow side
     model_dir: str | None = None
     batch_size: int = 8
     max_length: int = 128

@@ -35,6 +35,11 @@ def _seeds(text: str) -> list[int]:
     return parts
 
 
+def _narrow(text: str) -> int | str:
+    """--support-narrow: a positive whole number or "auto"."""
+    return "auto" if text.strip().lower() == "auto" else _positive(int)(text)
+
+
 def _positive(kind: type):
     """argparse type: a number > 0 (a clear usage error instead of a failure deep in the run)."""
 
@@ -61,8 +66,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 → seeds 0,1,2) or a list (0,5,7)")
     p.add_argument("--rank", type=_positive(int), default=8, help="sparse budgets match LoRA at this rank: k = r·(m+n) per layer")
     p.add_argument("--density", type=float, help="sparse budget as a fraction of each layer instead of --rank")
-    p.add_argument("--support-narrow", type=_positive(int), metavar="L", help="SparseGrad: keep each layer's support in the "
-                   "leading L directions of its narrow side (faster; docs/performance.md has what it costs)")
+    p.add_argument("--support-narrow", type=_narrow, metavar="L", help="SparseGrad: keep each layer's support in the "
+                   "leading L directions of its narrow side, or 'auto' for the largest L whose gradient costs ≤10%% of "
+                   "the frozen layer's (faster; docs/performance.md has what it costs)")
     p.add_argument("--batch-size", type=_positive(int), default=16)
     p.add_argument("--max-length", type=_positive(int), default=64)
     p.add_argument("--calibration-steps", type=_positive(int), default=20)

@@ -40,7 +40,7 @@ class RunSettings:
     max_length: int = 64
     rank: int = 8
     density: float | None = None
-    support_narrow: int | None = None  # SparseGrad: leading directions of each layer's narrow side
+    support_narrow: int | str | None = None  # SparseGrad: leading directions of each layer's narrow side
     calibration_steps: int = 20
     reselect_every: int | None = None
     warmup_fraction: float = 0.06
