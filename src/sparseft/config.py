@@ -67,9 +67,10 @@ class SparseConfig:
     compute_path: ComputePath = "auto"
     # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead
     # of two per micro-batch (forward and input gradient), and unmerged inference at the frozen
-    # model's speed. Costs one m×n tensor in the base dtype per adapted layer while it is held
-    # (as large as the adapted weights themselves); False rebuilds it per call instead.
-    cache_update: bool = True
+    # model's speed. Costs one m×n tensor in the base dtype per adapted layer (as large as the
+    # adapted weights themselves). None: dynamic selection caches (its state is dense anyway),
+    # fixed does not, so its memory stays LoRA's; True/False force it.
+    cache_update: bool | None = None
     # Eigendecomposition precision: float64 up to this Gram size, float32 above it.
     eigh_float64_max: int = 4096
     # Dtype of the trainable values; None: float32 for half-precision models, else the model's.
@@ -105,8 +106,8 @@ class SparseConfig:
         ms = self.modules_to_save
         if ms is not None and not (isinstance(ms, (list, tuple)) and all(isinstance(t, str) for t in ms)):
             raise ConfigError(f"modules_to_save={ms!r} must be None or a list of module names, e.g. ['classifier'].")
-        if not isinstance(self.cache_update, bool):
-            raise ConfigError(f"cache_update={self.cache_update!r} must be True or False.")
+        if self.cache_update is not None and not isinstance(self.cache_update, bool):
+            raise ConfigError(f"cache_update={self.cache_update!r} must be True, False or None (dynamic caches, fixed does not).")
         if self.adapter_dtype not in (None, *ADAPTER_DTYPES):
             raise ConfigError(f"adapter_dtype={self.adapter_dtype!r} is not supported; use one of {list(ADAPTER_DTYPES)} or None.")
         if self.eigh_float64_max < 0:

@@ -166,7 +166,9 @@ class SparseLinear(BaseTunerLayer):
         """ΔW (m×n) for the current parameter by the cheapest route (not differentiable). A fixed
         support's k values go in as a sparse D: ``merge_cost(..., k)``, m·k + m·b·n at best
         instead of the dense product's m·a·b + m·b·n; in identity bases they are simply scattered."""
-        if self.support.kind != "fixed":
+        if self.support.kind != "fixed" or torch.is_autocast_enabled(self.param.device.type):
+            # (under autocast the dense product runs in the autocast dtype; torch's sparse kernels
+            # have no half-precision CPU version)
             return self.delta_weight().detach()
         values = self.param.detach()
         if self.identity:
@@ -184,11 +186,6 @@ class SparseLinear(BaseTunerLayer):
         optimizer steps share one merge. Always rebuilt whole, never patched, so results do not
         depend on the update history (a reloaded model computes bit-identical outputs)."""
         W0 = weight_of(self.base_layer)
-        if torch.is_autocast_enabled(W0.device.type):
-            # merge in the bases' precision (sparse kernels have no half-precision CPU version);
-            # the matmuls that use the merged weight still run under autocast
-            with torch.autocast(W0.device.type, enabled=False):
-                return self._merged_weight()
         if not self.cache_update:
             return W0 + self._merge().to(W0.dtype)
         param = self.param

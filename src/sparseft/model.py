@@ -89,7 +89,7 @@ class SparseModel(BaseTuner):
                 block=config.block(target.m, target.n),
                 compute_path=config.compute_path,
                 adapter_dtype=adapter_dtype,
-                cache_update=config.cache_update,
+                cache_update=config.selection == "dynamic" if config.cache_update is None else config.cache_update,
             )
 
     def _after_inject(self, **_: Any) -> None:
