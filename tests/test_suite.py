@@ -189,3 +189,14 @@ def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch) -> None:
     assert len(trained) == 1
     with pytest.raises(ConfigError, match="steps: 80 there, 40 here"):
         S.run_suite(SuiteSettings(output_dir=str(tmp_path / "c"), steps=40, reuse=str(tmp_path / "a"), **common))
+
+
+def test_grid_option_parses_factors_and_refuses_bad_ones():
+    from sparseft.app.cli import _grid
+
+    assert _grid("3, 0.333,1") == (0.333, 1.0, 3.0) and _grid("1") == (1.0,)
+    for bad in ("0,1", "a,1", ",", "-1"):
+        with pytest.raises(ConfigError, match="--grid"):
+            _grid(bad)
+    # one rate is no sweep: the chosen rate is reported at the grid's edge
+    assert _choose({1e-3: {"val_accuracy": 0.7, "final_loss": 0.5}}, [1.0], 1e-3) == (1e-3, "high")

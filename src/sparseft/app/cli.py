@@ -35,6 +35,19 @@ def _seeds(text: str) -> list[int]:
     return parts
 
 
+def _grid(text: str) -> tuple[float, ...]:
+    """--grid: positive factors, e.g. "0.333,1,3"."""
+    from ..errors import ConfigError
+
+    try:
+        factors = tuple(sorted(float(f) for f in text.split(",") if f.strip()))
+    except ValueError as exc:
+        raise ConfigError(f"--grid {text!r}: give positive numbers separated by commas, e.g. 0.333,1,3.") from exc
+    if not factors or min(factors) <= 0:
+        raise ConfigError(f"--grid {text!r}: give positive numbers separated by commas, e.g. 0.333,1,3.")
+    return factors
+
+
 def _narrow(text: str) -> int | str:
     """--support-narrow: a positive whole number or "auto"."""
     return "auto" if text.strip().lower() == "auto" else _positive(int)(text)
@@ -288,6 +301,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
     given["reuse"] = args.reuse
     if args.max_extend is not None:
         given["max_extend"] = args.max_extend
+    if args.grid:
+        given["grid"] = _grid(args.grid)
     if args.methods:
         given["methods"] = tuple(split_methods(args.methods))
     if args.tasks:
@@ -468,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with the same run settings (resume a cut-off run: --reuse OUTPUT_DIR; or add methods next to a "
                        "finished run) instead of training them again")
     suite.add_argument("--max-extend", type=int, help="times the lr grid may grow past an edge (default 2)")
+    suite.add_argument("--grid", metavar="F,F,..", help="learning-rate factors around each method's centre (default "
+                       "0.333,1,3; '1' runs the centre only, no sweep: every rate is then reported at the grid's edge)")
     suite.add_argument("--prepare", action="store_true", help="download the suite's data sources (pip download: evals "
                        "wheel, bigbench sdist) into the cache first; with --suite it then runs")
     bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, summary.json, benchmark.md, PNGs")
