@@ -40,7 +40,11 @@ from sparseft.bases import eigenbasis
 from sparseft.layer import GRAD_PATHS, SparseLinear
 
 SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (576, 1536, nn.SiLU)}
-METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-dynamic", "meprop")  # + fixed-narrowL per --narrow
+# + sparsegrad-fixed-narrowL per --narrow (L a number or "auto"). "-cached" keeps W0 + ΔW between
+# optimizer steps (cache_update=True); meprop-fixed is a fixed random support in the original
+# basis (SHiRA's arithmetic, through this library's SDDMM path); shira is peft's own.
+METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
+                            "meprop-fixed", "shira")
 
 
 class Block(nn.Module):
@@ -59,7 +63,8 @@ def orthogonal(size: int, gen: torch.Generator) -> torch.Tensor:
 def build(method: str, base: Block, rank: int, seed: int):
     """(model, optimizer) for ``method`` on a copy of ``base``; ``sparsegrad-fixed-narrowL``
     restricts each layer's support to the leading L directions of its narrow side."""
-    narrow = int(method.rsplit("narrow", 1)[1]) if "narrow" in method else 0
+    tag = method.rsplit("narrow", 1)[1] if "narrow" in method else ""
+    narrow = "auto" if tag == "auto" else int(tag) if tag else None
     block = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(seed)
     if method == "full":
@@ -70,23 +75,23 @@ def build(method: str, base: Block, rank: int, seed: int):
 
         model = get_peft_model(block, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["up", "down"]))
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    selection = "fixed" if method.startswith("sparsegrad-fixed") else "dynamic"
-    cls = MePropConfig if method == "meprop" else SparseGradConfig
-    model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"]))
+    if method == "shira":
+        from peft import ShiraConfig, get_peft_model
+
+        model = get_peft_model(block, ShiraConfig(r=rank, target_modules=["up", "down"], random_seed=seed))
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    selection = "fixed" if "-fixed" in method else "dynamic"
+    cls = MePropConfig if method.startswith("meprop") else SparseGradConfig
+    model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
+                                        support_narrow=narrow, cache_update=True if method.endswith("-cached") else None))
     for layer in model.sparse_layers().values():
-        if method != "meprop":
+        if not method.startswith("meprop"):
             # Bases are random orthogonal here: step time depends on the support's shape, not on
             # which basis it is; real supports are measured by benchmarks/supports.py.
             if not model.bases.has(layer.group):
                 model.bases.set(layer.group, orthogonal(layer.m, gen), orthogonal(layer.n, gen))
-        if selection == "fixed":
-            scores = torch.rand(layer.block, generator=gen)
-            if narrow:
-                if layer.m <= layer.n:
-                    scores[narrow:, :] = 0
-                else:
-                    scores[:, narrow:] = 0
-            layer.choose_support(scores)
+        if selection == "fixed":  # a random support of the allowed block (narrowL: L leading narrow directions)
+            layer.choose_support(torch.rand(layer.block, generator=gen))
         else:
             layer.calibrated = True
     params = [p for p in model.parameters() if p.requires_grad]
@@ -109,6 +114,9 @@ def state_and_saved_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.sparse_coo:  # peft SHiRA saves its sparse update: values + int64 indices
+            saved[id(t)] = t._nnz() * (t.element_size() + 8 * t.sparse_dim())
+            return t
         s = t.untyped_storage()
         if s.data_ptr() not in held:
             saved[s.data_ptr()] = s.nbytes()
@@ -295,17 +303,22 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
     out = {"full": base + sum(tokens * m * n for m, n in layers)}
     out["lora"] = base + sum(3 * tokens * rank * (m + n) for m, n in layers)
 
-    def sparse(blocks) -> float:
+    def sparse(blocks, merges: int = 2) -> float:  # the merge: forward and input gradient, or once when cached
         total = base
         for (m, n), (a, b) in zip(layers, blocks):
-            total += merge_cost(m, n, a, b, rank * (m + n)) + min(grad_costs(tokens, m, n, a, b).values())
+            k = rank * (m + n)
+            total += merges * merge_cost(m, n, a, b, k) + min(grad_costs(tokens, m, n, a, b, k).values())
         return total
 
     out["sparsegrad-fixed"] = sparse(layers)
+    out["sparsegrad-fixed-cached"] = sparse(layers, merges=1)
     for L in narrow:
-        out[f"sparsegrad-fixed-narrow{L}"] = sparse([(m, min(n, L)) if m > n else (min(m, L), n) for m, n in layers])
+        Ls = [SparseGradConfig(support_narrow=L).narrow_directions(m, n) for m, n in layers]
+        out[f"sparsegrad-fixed-narrow{L}"] = sparse([(m, min(n, l)) if m > n else (min(m, l), n) for (m, n), l in zip(layers, Ls)])
     out["sparsegrad-dynamic"] = base + sum(merge_cost(m, n, m, n) + min(grad_costs(tokens, m, n, m, n).values()) for m, n in layers)
     out["meprop"] = out["full"]
+    # fixed random support in the original basis: the SDDMM gradient, N·k per layer
+    out["meprop-fixed"] = out["shira"] = base + sum(tokens * rank * (m + n) for m, n in layers)
     return {name: v / out["full"] for name, v in out.items()}
 
 
@@ -314,7 +327,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape (llama-like), N=2048, 2 rounds, small eigh sizes")
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--narrow", type=int, nargs="*", default=[64, 24], help="one fixed-selection variant per L: support in the leading L directions of each layer's narrow side")
+    ap.add_argument("--narrow", type=lambda t: t if t == "auto" else int(t), nargs="*", default=["auto", 24],
+                    help="one fixed-selection variant per L: support in the leading L directions of each layer's narrow side ('auto': the cost budget)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--eigh", type=int, nargs="*", default=[384, 576, 768, 1536, 3072, 4096, 11008], help="group sizes to time (11008: LLaMA-7B MLP width)")
     ap.add_argument("--threads", type=int, default=None)
@@ -324,7 +338,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     global METHODS
-    METHODS = METHODS[:3] + tuple(f"sparsegrad-fixed-narrow{L}" for L in args.narrow) + METHODS[3:]
+    METHODS = METHODS[:4] + tuple(f"sparsegrad-fixed-narrow{L}" for L in args.narrow) + METHODS[4:]
     shapes = {k: v for k, v in SHAPES.items() if k.split("-")[0] in args.shapes}
     if args.quick:
         shapes = {"llama-like 576x1536": SHAPES["llama-like 576x1536"]}
@@ -344,7 +358,7 @@ def main() -> None:
             print(f"[{shape}, N={tokens}] timing {len(models)} methods x {args.rounds} rounds", flush=True)
             seconds = time_methods(models, x, w, args.rounds)
             spread = {}
-            for name in (m for m in METHODS if m.startswith("sparsegrad-fixed")):
+            for name in (m for m in METHODS if "-fixed" in m):
                 spread[name] = {ln: [int(l.R.numel()), int(l.C.numel())] for ln, l in models[name][0].sparse_layers().items()}
             results["step_time"][shape][str(tokens)] = {
                 "seconds": seconds,
@@ -354,7 +368,7 @@ def main() -> None:
                 "support_block": {m: {ln: list(l.block) for ln, l in models[m][0].sparse_layers().items()} for m in METHODS if m.startswith("sparsegrad")},
                 "support_rows_cols": spread,
                 "paths": {m: {ln: l.path_for(tokens) for ln, l in models[m][0].sparse_layers().items()}
-                          for m in METHODS if m not in ("full", "lora")},
+                          for m in METHODS if m not in ("full", "lora", "shira")},
             }
             results["memory"][shape][str(tokens)] = {m: state_and_saved_bytes(mo, op, x, w) for m, (mo, op) in models.items()}
             dyn = models["sparsegrad-dynamic"][0].sparse_layers()

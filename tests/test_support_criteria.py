@@ -64,6 +64,16 @@ def test_criteria_choose_differently_and_random_ignores_gradients() -> None:
     assert set(zip(layer.rows.tolist(), layer.cols.tolist())) == supports["random"]  # same seeds, other batches
 
 
+@pytest.mark.parametrize("criterion,passes", [("random", 1), ("abs-sum", 2)])
+def test_a_random_support_calibrates_in_one_pass(criterion: str, passes: int) -> None:
+    """Bases need one pass over the calibration batches; only a gradient criterion needs a second."""
+    model = get_sparse_model(bert(), SparseGradConfig(k=40, support_criterion=criterion))
+    calls = []
+    model.base_model.bert.embeddings.register_forward_hook(lambda *_: calls.append(1))
+    model.calibrate([make_batch("bert", i) for i in range(3)], steps=3, show_progress=False)
+    assert len(calls) == 3 * passes and model.is_calibrated
+
+
 def test_unknown_criterion_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="support_criterion"):
         SparseGradConfig(support_criterion="magnitude")

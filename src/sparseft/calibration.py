@@ -10,7 +10,8 @@ Gradients are taken with ``backward(inputs=weights)`` and a post-accumulate hook
 one into the Grams and frees it, so at most one layer's gradient is alive at a time.
 
 For fixed selection a second pass over the same batches (same RNG, so the same dropout masks)
-scores each layer's rotated entries by ``Σ_s |Pᵀ G Q|`` and keeps the k largest.
+scores each layer's rotated entries by ``Σ_s |Pᵀ G Q|`` and keeps the k largest; a random
+support (``support_criterion="random"``) needs no second pass, so calibration is one pass.
 
 Calibration never changes the model: no parameter moves, ``.grad`` and ``requires_grad`` are
 restored, train/eval mode is restored, and the torch RNG state is put back as it was.
@@ -235,7 +236,8 @@ def calibrate_layers(
         if fixed:
             t0 = time.perf_counter()
             if criterion == "random":
-                scores = {name: _random_scores(layer, i) for i, (name, layer) in enumerate(layers.items())}
+                # one layer's m×n scores at a time, chosen and dropped (no gradient pass at all)
+                scores = _LazyRandomScores(layers)
             else:
                 sums = {name: [torch.zeros(layer.block, device=layer.base_layer.weight.device) for _ in range(2)]
                         for name, layer in layers.items()}
@@ -285,6 +287,18 @@ def support_scores(criterion: str, first: torch.Tensor, second: torch.Tensor) ->
     if criterion == "snr":
         return first.abs() / second.sqrt().clamp(min=1e-30)  # an entry with no gradient scores 0
     raise ValueError(f"unknown support criterion {criterion!r}")
+
+
+class _LazyRandomScores:
+    """``scores[name]`` for the random criterion, made when asked: no dict of every layer's m×n
+    scores exists at once (at 7B that would be ~17 GB of float32)."""
+
+    def __init__(self, layers: Mapping[str, SparseLinear]) -> None:
+        self.index = {name: (i, layer) for i, (name, layer) in enumerate(layers.items())}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        i, layer = self.index[name]
+        return _random_scores(layer, i)
 
 
 def _random_scores(layer: SparseLinear, index: int) -> torch.Tensor:
