@@ -78,7 +78,7 @@ def loss_fn(out, batch):
     return F.cross_entropy(out, batch["labels"])
 
 
-model = get_sparse_model(Tiny(), SparseGradConfig(target_modules=["mlp.0", "mlp.2"], k=64))
+model = get_sparse_model(Tiny(), SparseGradConfig(target_modules=["mlp.0", "mlp.2"], k=64, support_criterion="abs-sum"))
 model.calibrate(batches, steps=4, loss_fn=loss_fn, show_progress=False)
 params = [p for p in model.parameters() if p.requires_grad]
 before = [p.detach().clone() for p in params]

@@ -30,7 +30,7 @@ def _adapter(arch: str, kind: str, seed: int, base_seed: int = 0):
     if kind == "s2ft":
         tuner = get_s2ft_model(model, S2FTConfig(match_lora_rank=2, seed=seed))
     else:
-        tuner = get_sparse_model(model, SparseGradConfig(match_lora_rank=2))
+        tuner = get_sparse_model(model, SparseGradConfig(match_lora_rank=2, support_criterion="abs-sum"))
         tuner.calibrate(make_batches(arch, 2, start=10 * seed), steps=2, show_progress=False)
     gen = torch.Generator().manual_seed(100 + seed)
     with torch.no_grad():

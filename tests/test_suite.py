@@ -118,6 +118,10 @@ def test_method_variants_by_name() -> None:
     name = canonical("sparsegrad[support_narrow=8;support_criterion=snr]")
     assert name == "sparsegrad-fixed[support_criterion=snr;support_narrow=8]"
     assert DEFAULT_LR[name] == DEFAULT_LR["sparsegrad-fixed"]
+    # the name says the support: a gradient criterion is sparsegrad-fixed, "random" the default sparsegrad-random
+    assert canonical("sparsegrad") == "sparsegrad-random"
+    assert canonical("sparsegrad-random[support_criterion=sum]") == "sparsegrad-fixed[support_criterion=sum]"
+    assert canonical("sparsegrad-fixed[support_criterion=random]") == "sparsegrad-random[support_criterion=random]"
     prepared = prepare(name, tiny_bert(), rank=2)
     config = prepared.sparse.sparse_config
     assert (config.support_criterion, config.support_narrow, config.selection) == ("snr", 8, "fixed")

@@ -69,12 +69,16 @@ def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+def require_dict(batch: Any) -> None:
     if not isinstance(batch, Mapping):
         raise InputError(
             f"Batches must be dicts of model inputs (got {type(batch).__name__}); "
             "yield e.g. {'input_ids': ..., 'attention_mask': ..., 'labels': ...}."
         )
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    require_dict(batch)
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
@@ -193,6 +197,7 @@ def calibrate_layers(
         )
     cached: list[Mapping[str, Any]] = []
     for batch in batches:
+        require_dict(batch)  # also when no gradient pass runs (a random support on identity bases)
         cached.append(batch)
         if len(cached) >= steps:
             break

@@ -62,7 +62,7 @@ class SparseConfig:
     # Fixed selection: how calibration scores each rotated entry from the per-step rotated
     # gradients G̃_s: "abs-sum" Σ|G̃_s| (default), "sum" |ΣG̃_s|, "snr" |ΣG̃_s|/sqrt(ΣG̃_s²), or
     # "random" (no gradient: a seeded random support, for ablations).
-    support_criterion: str = "abs-sum"
+    support_criterion: str = "random"
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead

@@ -85,7 +85,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive(int), default=16)
     p.add_argument("--max-length", type=_positive(int), default=64)
     p.add_argument("--calibration-steps", type=_positive(int), default=20)
-    p.add_argument("--reselect-every", type=_positive(int), help="sparsegrad-fixed: re-choose 10%% of the support every N steps")
+    p.add_argument("--reselect-every", type=_positive(int), help="fixed-selection SparseGrad: re-choose 10%% of the support every N steps")
     p.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE}, "
                    "or OMP_NUM_THREADS; calibration's float64 eigh always runs on one thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
