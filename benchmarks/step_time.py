@@ -67,6 +67,7 @@ def build(method: str, base: Block, rank: int, seed: int):
     narrow = "auto" if tag == "auto" else int(tag) if tag else None
     block = copy.deepcopy(base)
     gen = torch.Generator().manual_seed(seed)
+    weight = base.up.weight
     if method == "full":
         return block, torch.optim.AdamW(block.parameters(), lr=1e-5)
     block.requires_grad_(False)
@@ -89,7 +90,7 @@ def build(method: str, base: Block, rank: int, seed: int):
             # Bases are random orthogonal here: step time depends on the support's shape, not on
             # which basis it is; real supports are measured by benchmarks/supports.py.
             if not model.bases.has(layer.group):
-                model.bases.set(layer.group, orthogonal(layer.m, gen), orthogonal(layer.n, gen))
+                model.bases.set(layer.group, *(orthogonal(size, gen).to(weight.device, weight.dtype) for size in (layer.m, layer.n)))
         if selection == "fixed":  # a random support of the allowed block (narrowL: L leading narrow directions)
             layer.choose_support(torch.rand(layer.block, generator=gen))
         else:
@@ -149,14 +150,21 @@ def state_and_saved_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch
     return out
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def time_methods(models: dict, x: torch.Tensor, w: torch.Tensor, rounds: int) -> dict[str, float]:
     for model, opt in models.values():  # warm-up: allocator, optimizer state, caches
         train_step(model, opt, x, w)
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, (model, opt) in models.items():  # interleaved: all methods see the same load
+            _sync(x)
             t0 = time.perf_counter()
             train_step(model, opt, x, w)
+            _sync(x)
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -334,7 +342,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--shapes", nargs="+", choices=["bert", "llama"], default=["bert", "llama"])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where the block trains (cuda: step time and memory sections only)")
+    ap.add_argument("--steps-only", action="store_true", help="only the step-time and memory sections")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the frozen block's dtype (trained values stay float32)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    steps_only = args.steps_only or args.device != "cpu"  # bracketing, calibration, merge, eigh: CPU studies
     if args.threads:
         torch.set_num_threads(args.threads)
     global METHODS
@@ -344,16 +357,17 @@ def main() -> None:
         shapes = {"llama-like 576x1536": SHAPES["llama-like 576x1536"]}
         args.tokens, args.rounds, args.eigh = [2048], 2, [384, 768]
     torch.manual_seed(0)
-    results: dict = {"settings": vars(args) | {"torch": torch.__version__, "threads": torch.get_num_threads()},
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    results: dict = {"settings": vars(args) | {"torch": torch.__version__, "threads": torch.get_num_threads(), "device_name": device_name},
                      "step_time": {}, "memory": {}, "bracketing": {}, "calibration": {}, "merge": {}}
     for shape, (d, h, act) in shapes.items():
-        base = Block(d, h, act)
+        base = Block(d, h, act).to(args.device, dtype)
         results["step_time"][shape], results["memory"][shape] = {}, {}
         results["bracketing"][shape], results["calibration"][shape] = {}, {}
         for tokens in args.tokens:
             gen = torch.Generator().manual_seed(tokens)
-            x = torch.randn(tokens, d, generator=gen)
-            w = torch.randn(tokens, d, generator=gen)
+            x = torch.randn(tokens, d, generator=gen).to(args.device, dtype)
+            w = torch.randn(tokens, d, generator=gen).to(args.device, dtype)
             models = {m: build(m, base, args.rank, seed=0) for m in METHODS}
             print(f"[{shape}, N={tokens}] timing {len(models)} methods x {args.rounds} rounds", flush=True)
             seconds = time_methods(models, x, w, args.rounds)
@@ -371,19 +385,22 @@ def main() -> None:
                           for m in METHODS if m not in ("full", "lora", "shira")},
             }
             results["memory"][shape][str(tokens)] = {m: state_and_saved_bytes(mo, op, x, w) for m, (mo, op) in models.items()}
+            if steps_only:
+                continue
             dyn = models["sparsegrad-dynamic"][0].sparse_layers()
             results["bracketing"][shape][str(tokens)] = {ln: bracketing_check(l, tokens, args.rounds, gen) for ln, l in dyn.items()}
             del models
             results["calibration"][shape][str(tokens)] = calibration_overhead(base, x, w, args.rounds)
-        x = torch.randn(max(args.tokens), d)
-        results["merge"][shape] = merged_inference(base, args.rank, x, args.rounds + 2)
+        if not steps_only:
+            x = torch.randn(max(args.tokens), d)
+            results["merge"][shape] = merged_inference(base, args.rank, x, args.rounds + 2)
     print("eigendecomposition (one Gram matrix per basis):", flush=True)
-    results["eigh_seconds"] = eigh_times(args.eigh)
+    results["eigh_seconds"] = eigh_times([] if steps_only else args.eigh)
     # larger groups (LLaMA-7B's 11008) take too long for a shared 2-core CPU: extrapolate ~ size³
     # from the largest measured size, and say so
-    biggest = max(results["eigh_seconds"])
+    biggest = max(results["eigh_seconds"], default=None)
     results["eigh_extrapolated_seconds"] = {
-        s: results["eigh_seconds"][biggest] * (s / biggest) ** 3 for s in (4096, 8192, 11008) if s > biggest
+        s: results["eigh_seconds"][biggest] * (s / biggest) ** 3 for s in (4096, 8192, 11008) if biggest and s > biggest
     }
     for size, sec in results["eigh_extrapolated_seconds"].items():
         print(f"  eigh {size:6d}: ~{sec:7.1f} s (extrapolated as size³ from {biggest}; not measured)")

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The project's GPU check: one short run (< 8 min on one H200-class GPU) that
+#   1. runs the CUDA-marked tests (tests/test_cuda.py: every compute path of the layer on the GPU,
+#      float32 and bfloat16, against the formula; the cached merge under fused AdamW), and
+#   2. times one training step of an MLP block per method in bf16, side by side and interleaved
+#      (benchmarks/step_time.py --device cuda --dtype bfloat16: BERT-base and LLaMA-like shapes,
+#      N = 2048 and 8192), with exact bytes of the trainable state.
+# Writes JSON and logs to $OUT (the device tool's folder) or benchmarks/results/gpu:
+#   gpu.txt, cuda_tests.log, cuda_tests.xml, step_time.json, step_time.log, step_time.png
+# Needs python3 with torch (CUDA), transformers, peft, pytest, hypothesis, rich, matplotlib;
+# uses the repository's src/ directly (no install).
+#   bash benchmarks/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results/gpu}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')" | tee -a "$out/gpu.txt"
+status=0
+timeout 180 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 300 "$py" benchmarks/step_time.py --device cuda --dtype bfloat16 --tokens 2048 8192 --rounds 10 --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
+echo "gpu.sh: tests and benchmark done (status $status); results in $out"
+exit $status

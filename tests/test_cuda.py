@@ -1,0 +1,66 @@
+"""The layer's compute paths on a CUDA device (skipped without one; `benchmarks/gpu.sh` runs them).
+
+Each case builds a layer on the CPU, takes the straightforward formula's output and gradients
+there in float32 (``test_fast_paths.reference``), moves layer and bases to the GPU in float32 or
+bfloat16 and checks that the fused path computes the same numbers there."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+
+from test_fast_paths import make_layer, reference
+
+# SPARSEFT_TEST_DEVICE=cpu runs the same checks on the CPU (to check the tests themselves)
+DEVICE = os.environ.get("SPARSEFT_TEST_DEVICE", "cuda")
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+CASES = [(sel, ident, path) for sel in ("fixed", "dynamic") for ident in (False, True)
+         for path in ("auto", "activations", "weights") + (("sampled",) if sel == "fixed" else ())]
+
+
+def _on(layer, device, dtype):
+    moved = copy.deepcopy(layer)
+    moved._bank.to(device=device, dtype=dtype)
+    moved.base_layer.to(device=device, dtype=dtype)
+    return moved.to(device)  # the trained values stay float32 (adapter dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("selection,identity,path", CASES)
+def test_gpu_paths_match_the_formula(selection, identity, path, dtype):
+    layer, gen = make_layer(96, 48, 300, selection, identity, False, path, seed=11)
+    x = torch.randn(4, 33, 48, generator=gen)
+    grad_y = torch.randn(4, 33, 96, generator=gen)
+    y_ref, gx_ref, gp_ref = reference(layer, x, grad_y)
+    gpu = _on(layer, DEVICE, dtype)
+    xg = x.to(DEVICE, dtype).requires_grad_(True)
+    y = gpu(xg)
+    y.backward(grad_y.to(DEVICE, dtype))
+    tol = 1e-3 if dtype == torch.float32 else 6e-2
+    for got, want in ((y, y_ref), (xg.grad, gx_ref), (gpu.param.grad, gp_ref)):
+        scale = 1 + float(want.abs().max())
+        torch.testing.assert_close(got.float().cpu(), want, atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("selection", ["fixed", "dynamic"])
+def test_gpu_cached_merge_follows_optimizer_steps(selection):
+    layer, gen = make_layer(64, 32, 100, selection, False, False, "auto", seed=3, cache=True)
+    cached = _on(layer, DEVICE, torch.float32)
+    fresh = copy.deepcopy(cached)
+    fresh.cache_update = False
+    fresh._merged_forward = lambda tokens: True
+    opts = [torch.optim.AdamW([m.param], lr=0.05, fused=True) for m in (cached, fresh)]
+    for _ in range(3):
+        x = torch.randn(8, 32, device=DEVICE)
+        outs = [m(x) for m in (cached, fresh)]
+        assert torch.equal(outs[0], outs[1])
+        for out in outs:
+            out.square().sum().backward()
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
