@@ -250,7 +250,8 @@ def test_real_smollm2_sparsegrad_learns_and_merges(tokenizer, corpus, tmp_path):
     batch = {k: v[:, : int(data["attention_mask"].sum(1).max())] for k, v in data.items()}
     model.calibrate([batch], steps=1, show_progress=False)
     before = answer_loss(model, batch)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    # the default random support wants a higher rate than the calibrated one did (2e-3 then)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=6e-3)
     model.train()
     for _ in range(3):
         model(**batch).loss.backward()

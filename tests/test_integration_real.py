@@ -45,7 +45,8 @@ def test_loss_goes_down_on_the_real_task(real, tmp_path):
             return sum(model(**b).loss.item() for b in held) / len(held)
 
     before = held_loss()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    # 3e-3: the default (random) support's classification rate (1e-3 was the calibrated support's)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     for batch in batches(train, 16, seed=3, steps=40):
         model(**batch).loss.backward()
