@@ -191,3 +191,18 @@ def test_float64_eigh_runs_on_one_thread_and_restores_the_count(monkeypatch):
         assert torch.get_num_threads() == 2    # restored on an error too
     finally:
         torch.set_num_threads(before)
+
+
+def test_variant_names_show_whole_not_as_markup(capsys):
+    """A variant's "[key=value]" is text, not rich markup: two variants stay distinguishable."""
+    from sparseft.app.suite import SuiteSettings, print_table
+
+    variant = "sparsegrad-random[support_narrow=auto]"
+    rows = [dict(r, method=variant) if r["method"] == "sparsegrad-fixed" else r for r in records(seeds=1)]
+    text = bench.render_table(bench.summarize(rows, "classification"), "classification", "t", width=160)
+    assert variant in text
+    suite_rows = [{"task": "pooled", "method": m, "accuracy": 0.7, "accuracy_std": 0.0, "lr": None, "lr_at_grid_edge": False,
+                   "diff_vs_lora_mlp": {"mean": 0.0, "ci_low": 0.0, "ci_high": 0.0}, "trainable_params": 1}
+                  for m in ("lora-mlp", variant)]
+    print_table(suite_rows, SuiteSettings())
+    assert variant in capsys.readouterr().out

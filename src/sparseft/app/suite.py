@@ -549,6 +549,7 @@ def markdown(records: list[dict[str, Any]], settings: SuiteSettings) -> str:
 def print_table(records: list[dict[str, Any]], settings: SuiteSettings) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     headers, rows = table_rows(records)
     table = Table(title=f"sparseft suite: {settings.regime} regime, {settings.model}, {settings.steps} steps, "
@@ -556,7 +557,7 @@ def print_table(records: list[dict[str, Any]], settings: SuiteSettings) -> None:
     for h in headers:
         table.add_column(h, justify="left" if h in ("task", "method") else "right", overflow="fold")
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(Text(c) for c in r))  # plain text: a variant's "[...]" is not rich markup
     Console(width=max(170, Console().width)).print(table)
 
 

@@ -92,6 +92,7 @@ def make_tables(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
     with spaces may wrap at them; headers break between words; nothing ends in an ellipsis."""
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     widths, gap, groups = _layout(headers, rows, width)
     tables = []
@@ -103,7 +104,7 @@ def make_tables(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]
             table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="fold",
                              min_width=widths[i], max_width=widths[i] if len(groups) > 1 or gap == 1 else None)
         for r in rows:
-            table.add_row(*[r[i] for i in group])
+            table.add_row(*[Text(r[i]) for i in group])  # plain text: a variant's "[...]" is not rich markup
         tables.append(table)
     return tables
 
