@@ -241,8 +241,7 @@ def calibrate_layers(
         if fixed:
             t0 = time.perf_counter()
             if criterion == "random":
-                # one layer's m×n scores at a time, chosen and dropped (no gradient pass at all)
-                scores = _LazyRandomScores(layers)
+                scores = None  # drawn per layer below: no gradient pass, one m×n at a time
             else:
                 sums = {name: [torch.zeros(layer.block, device=layer.base_layer.weight.device) for _ in range(2)]
                         for name, layer in layers.items()}
@@ -262,8 +261,8 @@ def calibrate_layers(
                 scores = {}
                 for name, (first, second) in sums.items():
                     scores[name] = support_scores(criterion, first, second)
-            for name, layer in layers.items():
-                layer.choose_support(scores[name])
+            for i, (name, layer) in enumerate(layers.items()):
+                layer.choose_support(_random_scores(layer, i) if scores is None else scores[name])
                 report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
             report.support_seconds = time.perf_counter() - t0
         else:
@@ -292,18 +291,6 @@ def support_scores(criterion: str, first: torch.Tensor, second: torch.Tensor) ->
     if criterion == "snr":
         return first.abs() / second.sqrt().clamp(min=1e-30)  # an entry with no gradient scores 0
     raise ValueError(f"unknown support criterion {criterion!r}")
-
-
-class _LazyRandomScores:
-    """``scores[name]`` for the random criterion, made when asked: no dict of every layer's m×n
-    scores exists at once (at 7B that would be ~17 GB of float32)."""
-
-    def __init__(self, layers: Mapping[str, SparseLinear]) -> None:
-        self.index = {name: (i, layer) for i, (name, layer) in enumerate(layers.items())}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        i, layer = self.index[name]
-        return _random_scores(layer, i)
 
 
 def _random_scores(layer: SparseLinear, index: int) -> torch.Tensor:

@@ -196,10 +196,6 @@ class SparseLinear(BaseTunerLayer):
             self._cache = (key, W0 + self._merge().to(W0.dtype))
         return self._cache[1]
 
-    def clear_cache(self) -> None:
-        """Drop the cached merged weight (m×n) to free its memory; the next call rebuilds it."""
-        self._cache = None
-
     # ----------------------------------------------------------------------------- cost model
     def cost_model(self, tokens: int) -> dict[str, int]:
         """Multiply-adds of one training step's adapted parts (:func:`sparseft.ops.rotated_costs`)."""

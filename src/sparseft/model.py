@@ -221,12 +221,9 @@ class SparseModel(BaseTuner):
                          if b is not None and n not in module._non_persistent_buffers_set)
         return names
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        state = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        for name in self._frozen_names():
-            state.pop(prefix + name, None)
-        return state
+    def _left_out_of_state_dict(self) -> Iterable[str]:
+        """Also the frozen base weights: a state dict (a Trainer checkpoint) holds what trains."""
+        return [*super()._left_out_of_state_dict(), *self._frozen_names()]
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """As torch's; the frozen base weights may be absent (a checkpoint of what trains) or

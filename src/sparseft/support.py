@@ -20,7 +20,6 @@ Two kinds:
 from __future__ import annotations
 
 import warnings
-
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ class FixedSupport:
 
     kind = "fixed"
     param_name = "values"
+
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.owner, self.k, self.block = owner, int(k), block
         self.generation = 0  # bumped whenever the support changes (for caches of the merged update)

@@ -529,11 +529,15 @@ class BaseTuner(nn.Module):
                 first[id(tensor)] = name
         return aliases
 
+    def _left_out_of_state_dict(self) -> Iterable[str]:
+        """Names ``state_dict`` leaves out: a tied tensor's second name (subclasses add more)."""
+        return self._tied_aliases()
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         state = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        for alias in self._tied_aliases():
-            state.pop(prefix + alias, None)
+        for name in self._left_out_of_state_dict():
+            state.pop(prefix + name, None)
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
