@@ -43,8 +43,10 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # + sparsegrad-fixed-narrowL per --narrow (L a number or "auto"). "-cached" keeps W0 + ΔW between
 # optimizer steps (cache_update=True); meprop-fixed is a fixed random support in the original
 # basis (SHiRA's arithmetic, through this library's SDDMM path); shira is peft's own.
+# "-1side" rotates only each layer's narrow side (rotation="narrow"), alone and with the
+# narrow-side cost budget (support_narrow="auto").
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
-                            "meprop-fixed", "shira")
+                            "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto")
 
 
 class Block(nn.Module):
@@ -83,14 +85,17 @@ def build(method: str, base: Block, rank: int, seed: int):
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     selection = "fixed" if "-fixed" in method else "dynamic"
     cls = MePropConfig if method.startswith("meprop") else SparseGradConfig
+    extra = {"rotation": "narrow"} if "-1side" in method else {}
     model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
-                                        support_narrow=narrow, cache_update=True if method.endswith("-cached") else None))
+                                        support_narrow=narrow, cache_update=True if method.endswith("-cached") else None, **extra))
     for layer in model.sparse_layers().values():
         if not method.startswith("meprop"):
             # Bases are random orthogonal here: step time depends on the support's shape, not on
             # which basis it is; real supports are measured by benchmarks/supports.py.
             if not model.bases.has(layer.group):
-                model.bases.set(layer.group, *(orthogonal(size, gen).to(weight.device, weight.dtype) for size in (layer.m, layer.n)))
+                P, Q = (orthogonal(size, gen).to(weight.device, weight.dtype) if part in layer.basis.rotated_parts else None
+                        for part, size in (("P", layer.m), ("Q", layer.n)))
+                model.bases.set(layer.group, P, Q)
         if selection == "fixed":  # a random support of the allowed block (narrowL: L leading narrow directions)
             layer.choose_support(torch.rand(layer.block, generator=gen))
         else:
@@ -304,7 +309,7 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
     for a fixed support that fills its block's rows and columns (|R|, |C| = block) and is merged
     once per step from its k entries (the cached merge), and, for dynamic selection, the worst
     case of re-merging the whole update every step."""
-    from sparseft.ops import grad_costs, merge_cost
+    from sparseft.ops import grad_costs, merge_cost, one_sided_costs
 
     layers = [(h, d), (d, h)]  # (m, n) of up and down
     base = sum(2 * tokens * m * n for m, n in layers)  # x W0ᵀ and g W0, every method
@@ -324,6 +329,15 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
         Ls = [SparseGradConfig(support_narrow=L).narrow_directions(m, n) for m, n in layers]
         out[f"sparsegrad-fixed-narrow{L}"] = sparse([(m, min(n, l)) if m > n else (min(m, l), n) for (m, n), l in zip(layers, Ls)])
     out["sparsegrad-dynamic"] = base + sum(merge_cost(m, n, m, n) + min(grad_costs(tokens, m, n, m, n).values()) for m, n in layers)
+    for name, narrowed in (("sparsegrad-fixed-1side", False), ("sparsegrad-fixed-1side-narrowauto", True)):
+        total = base
+        for m, n in layers:
+            k = rank * (m + n)
+            L = SparseGradConfig(support_narrow="auto").narrow_directions(m, n) if narrowed else min(m, n)
+            a, b = (m, min(n, L)) if m > n else (min(m, L), n)
+            costs = one_sided_costs(tokens, m, n, a, b, k, "P" if m > n else "Q")
+            total += 2 * costs["merge"] + min(costs[p] for p in costs if p not in ("merge", "factored"))
+        out[name] = total
     out["meprop"] = out["full"]
     # fixed random support in the original basis: the SDDMM gradient, N·k per layer
     out["meprop-fixed"] = out["shira"] = base + sum(tokens * rank * (m + n) for m, n in layers)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from sparseft import MePropConfig, SparseAdamW, SparseGradConfig, SparseModel, get_sparse_model
 from sparseft.bases import eigenbasis
+from sparseft.errors import AdapterMismatchError
 from sparseft.layer import SparseLinear, adapted_weight
 from sparseft.targets import find_targets, is_transposed, weight_of
 
@@ -24,6 +25,7 @@ EXPECTED_TARGETS = {
 CONFIGS = {
     "sparsegrad-fixed": lambda: SparseGradConfig(density=0.05, selection="fixed"),
     "sparsegrad-dynamic": lambda: SparseGradConfig(density=0.05, selection="dynamic"),
+    "sparsegrad-one-sided": lambda: SparseGradConfig(density=0.05, rotation="narrow"),
     "meprop-dynamic": lambda: MePropConfig(density=0.05),
     "meprop-fixed": lambda: MePropConfig(density=0.05, selection="fixed"),
 }
@@ -74,7 +76,7 @@ def test_converted_model_equals_original_before_training(arch, method):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["sparsegrad-fixed", "sparsegrad-dynamic"])
+@pytest.mark.parametrize("method", ["sparsegrad-fixed", "sparsegrad-dynamic", "sparsegrad-one-sided"])
 def test_merge_and_save_round_trips(arch, method, tmp_path):
     base, model = calibrated(arch, CONFIGS[method]())
     train_steps(model, arch)
@@ -90,7 +92,7 @@ def test_merge_and_save_round_trips(arch, method, tmp_path):
     file_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     assert info["adapter_bytes"] == file_bytes
     k_total = sum(layer.k for layer in model.sparse_layers().values())
-    if method.endswith("fixed"):
+    if method != "sparsegrad-dynamic":
         assert info["values"] == k_total
     else:
         assert k_total <= info["values"] <= 3 * k_total  # at most k new entries per step
@@ -149,6 +151,42 @@ def test_rotated_gradient_is_P_T_G_Q(arch):
         Q = model.bases.full(layer.group, "Q")
         expected = P.T @ dense[name] @ Q
         torch.testing.assert_close(layer.delta.grad, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
+def test_one_sided_rotation_rotates_the_narrow_side_only(arch, tmp_path):
+    """rotation="narrow": each group stores one basis (its narrow side's, from that side's Gram
+    alone), the gradient is the dense one rotated on that side only, and the bases files say
+    which: whole bases load into such a model, one-sided ones into a two-sided model do not."""
+    base, model = calibrated(arch, SparseGradConfig(density=0.05, selection="dynamic", rotation="narrow"))
+    for layer in model.sparse_layers().values():
+        layer.select_on_backward = False
+    batch = make_batch(arch, 11)
+    names = list(model.sparse_layers())
+    dense = _dense_gradients(base, arch, batch, names)
+    model.train()
+    torch.manual_seed(5)
+    model(**batch).loss.backward()
+    for name, layer in model.sparse_layers().items():
+        narrow = "P" if layer.m <= layer.n else "Q"
+        assert layer.basis.rotated_parts == (narrow,)
+        stored = {part for part in ("P", "Q") if model.bases._buffers.get(f"g{model.bases.groups.index(layer.group)}_{part}") is not None}
+        assert stored == {narrow}
+        B = model.bases.full(layer.group, narrow)
+        expected = B.T @ dense[name] if narrow == "P" else dense[name] @ B
+        torch.testing.assert_close(layer.delta.grad, expected, atol=1e-5, rtol=1e-4)
+    # bases files: the one-sided file does not serve a two-sided model; a whole one serves both
+    model.save_bases(tmp_path / "one.safetensors")
+    with pytest.raises(AdapterMismatchError, match="rotate one side only"):
+        get_sparse_model(copy.deepcopy(base), SparseGradConfig(density=0.05), bases=tmp_path / "one.safetensors")
+    both = get_sparse_model(copy.deepcopy(base), SparseGradConfig(density=0.05))
+    both.calibrate(make_batches(arch, 2), steps=2, show_progress=False)
+    both.save_bases(tmp_path / "both.safetensors")
+    reuse = get_sparse_model(copy.deepcopy(base), SparseGradConfig(density=0.05, rotation="narrow"), bases=tmp_path / "both.safetensors")
+    assert reuse.calibrate(make_batches(arch, 2), steps=2, show_progress=False).eigh_seconds == {}
+    for layer in reuse.sparse_layers().values():
+        part = layer.basis.rotated_side
+        torch.testing.assert_close(reuse.bases.full(layer.group, part), both.bases.full(layer.group, part))
 
 
 @pytest.mark.parametrize("path", ["activations", "weights"])

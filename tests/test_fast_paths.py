@@ -28,7 +28,7 @@ def orthogonal(size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))[0].float()
 
 
-def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache=True):
+def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache=True, rotation="both"):
     gen = torch.Generator().manual_seed(seed)
     if conv:
         base = Conv1D(m, n)  # weight stored (n, m)
@@ -38,9 +38,12 @@ def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache
         base = nn.Linear(n, m)
     base.requires_grad_(False)
     bank = BasisBank()
-    bank.set("g", orthogonal(m, gen), orthogonal(n, gen))
+    P, Q = orthogonal(m, gen), orthogonal(n, gen)
+    if rotation == "narrow":  # only the narrow side's basis is stored (the wide side is I)
+        P, Q = (None, Q) if m > n else (P, None)
+    bank.set("g", P, Q)
     layer = SparseLinear(base, group="g", k=k, selection=selection, identity=identity, bank=bank,
-                         block=block or (m, n), compute_path=path, cache_update=cache)
+                         block=block or (m, n), compute_path=path, cache_update=cache, rotation=rotation)
     with torch.no_grad():
         if selection == "fixed":
             layer.choose_support(torch.rand(layer.block, generator=gen))
@@ -57,8 +60,8 @@ def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache
 def reference(layer: SparseLinear, x: torch.Tensor, grad_y: torch.Tensor):
     """Output, input gradient and Δ̃ gradient (on the support / block) by dense autograd."""
     m, n = layer.m, layer.n
-    P = torch.eye(m) if layer.identity else layer._bank.full("g", "P")
-    Q = torch.eye(n) if layer.identity else layer._bank.full("g", "Q")
+    P = layer.basis.matrix("P", slice(None), m)  # I for an identity side
+    Q = layer.basis.matrix("Q", slice(None), n)
     dense = torch.zeros(m, n)
     with torch.no_grad():
         if layer.selection == "fixed":
@@ -104,25 +107,28 @@ shapes = st.tuples(st.integers(1, 9), st.integers(1, 9))
     path=st.sampled_from(PATHS),
     seed=st.integers(0, 2**16),
     cache=st.booleans(),
+    rotation=st.sampled_from(["both", "narrow"]),
     data=st.data(),
 )
-def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, conv, path, seed, cache, data):
+def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, conv, path, seed, cache, rotation, data):
     m, n = mn
     block = (data.draw(st.integers(1, m)), data.draw(st.integers(1, n)))
     k = data.draw(st.integers(1, block[0] * block[1]))
     if selection == "fixed" and data.draw(st.booleans()):
         path = SAMPLED  # the SDDMM value gradient (fixed supports only)
-    layer, gen = make_layer(m, n, k, selection, identity, conv, path, seed, block, cache)
+    layer, gen = make_layer(m, n, k, selection, identity, conv, path, seed, block, cache, "both" if identity else rotation)
     check(layer, gen, (2, tokens))
 
 
-def test_every_bracketing_of_the_rotated_gradient_agrees():
+@pytest.mark.parametrize("shape", [(10, 6), (6, 10)])
+def test_every_bracketing_of_the_rotated_gradient_agrees(shape):
     for path in (*GRAD_PATHS, SAMPLED):
         for selection in ("fixed", "dynamic") if path != SAMPLED else ("fixed",):
-            for identity in (False, True):
-                layer, gen = make_layer(10, 6, 17, selection, identity, False, path, seed=3)
-                assert layer.path_for(4) == path
-                check(layer, gen, (4,))
+            for identity, rotation in ((False, "both"), (True, "both"), (False, "narrow")):
+                for cache in (False, True):  # uncached with "activations": the factored forward too
+                    layer, gen = make_layer(*shape, 17, selection, identity, False, path, seed=3, cache=cache, rotation=rotation)
+                    assert layer.path_for(4) == path
+                    check(layer, gen, (4,))
 
 
 def test_sampled_path_is_chosen_where_it_is_cheapest():
@@ -159,6 +165,24 @@ def test_auto_picks_the_cheapest_bracketing():
     assert layer.path_for(10**6) == "weights"
 
 
+@pytest.mark.parametrize("shape", [(48, 12), (12, 48)])
+def test_one_sided_cost_model_counts_what_runs(shape):
+    """rotation="narrow": the cost model counts the multiply-adds each bracketing performs, and
+    the wide side's rotation is gone (the value gradient costs far less than rotating both sides)."""
+    from sparseft.ops import one_sided_costs, rotated_costs
+
+    m, n = shape
+    layer, _ = make_layer(m, n, 40, "dynamic", False, False, "auto", seed=0, rotation="narrow")
+    side = layer.basis.identity_side
+    assert side == ("P" if m > n else "Q")
+    for tokens in (1, 8, 64, 4096):
+        measured = {path: _count_matmul_flops(layer, tokens, path) for path in GRAD_PATHS}
+        costs = one_sided_costs(tokens, m, n, m, n, None, side)
+        assert measured == {p: costs[p] for p in GRAD_PATHS}
+        assert measured[layer.path_for(tokens)] == min(measured.values())
+        assert min(measured.values()) < min(rotated_costs(tokens, m, n, m, n)[p] for p in GRAD_PATHS)
+
+
 def test_dynamic_cached_merge_follows_optimizer_steps():
     """The cached merged update follows every optimizer step (rebuilt when delta changes)."""
     layer, gen = make_layer(11, 7, 9, "dynamic", False, False, "auto", seed=5)
@@ -177,14 +201,16 @@ def test_dynamic_cached_merge_follows_optimizer_steps():
 
 
 @settings(max_examples=40, deadline=None)
-@given(m=st.integers(1, 12), n=st.integers(1, 12), seed=st.integers(0, 2**16), identity=st.booleans(), data=st.data())
-def test_sparse_merge_equals_the_dense_product(m, n, seed, identity, data):
+@given(m=st.integers(1, 12), n=st.integers(1, 12), seed=st.integers(0, 2**16),
+       basis=st.sampled_from(["rotated", "identity", "narrow"]), data=st.data())
+def test_sparse_merge_equals_the_dense_product(m, n, seed, basis, data):
     """The merge from the k-entry sparse D (either bracketing) equals P_R D Q_Cᵀ from the dense D."""
     k = data.draw(st.integers(1, m * n))
-    layer, _ = make_layer(m, n, k, "fixed", identity, False, "auto", seed)
+    identity = basis == "identity"
+    layer, _ = make_layer(m, n, k, "fixed", identity, False, "auto", seed, rotation="narrow" if basis == "narrow" else "both")
     dense = layer.delta_weight().detach()
     torch.testing.assert_close(layer._merge(), dense, atol=1e-5, rtol=1e-5)
-    if not identity:
+    if basis == "rotated":
         for side in ("P", "Q"):  # both bracketings, whichever sparse_side picks
             merged = layer.basis.merge_sparse(layer.support.csr(layer.values, side), *layer.support.index(), side)
             torch.testing.assert_close(merged, dense, atol=1e-5, rtol=1e-5)

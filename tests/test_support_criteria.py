@@ -31,16 +31,20 @@ def _per_step_grads(batches):
 
 
 @pytest.mark.parametrize("criterion", ["abs-sum", "sum", "snr"])
-@pytest.mark.parametrize("config_class", [SparseGradConfig, MePropConfig])
+@pytest.mark.parametrize("config_class", [SparseGradConfig, MePropConfig, "one-sided"])
 def test_support_is_the_topk_of_the_criterion(criterion: str, config_class) -> None:
     batches = [make_batch("bert", i) for i in range(3)]
     k = 40
-    model = get_sparse_model(bert(), config_class(k=k, selection="fixed", support_criterion=criterion))
+    if config_class == "one-sided":
+        config = SparseGradConfig(k=k, support_criterion=criterion, rotation="narrow")
+    else:
+        config = config_class(k=k, selection="fixed", support_criterion=criterion)
+    model = get_sparse_model(bert(), config)
     model.calibrate(batches, steps=3, show_progress=False)
     grads = _per_step_grads(batches)
     for name, layer in model.sparse_layers().items():
-        P = torch.eye(layer.m) if layer.identity else model.bases.full(layer.group, "P").float()
-        Q = torch.eye(layer.n) if layer.identity else model.bases.full(layer.group, "Q").float()
+        P = layer.basis.matrix("P", slice(None), layer.m).float()  # I on an identity side
+        Q = layer.basis.matrix("Q", slice(None), layer.n).float()
         rotated = torch.stack([P.T @ g @ Q for g in grads[name]])
         score = {"abs-sum": rotated.abs().sum(0), "sum": rotated.sum(0).abs(),
                  "snr": rotated.sum(0).abs() / rotated.pow(2).sum(0).sqrt()}[criterion]

@@ -9,6 +9,9 @@ A layer holds one of two small basis objects, which apply ``P_R D Q_Cᵀ`` and i
 the rows R and columns C its support touches (formulas and costs: :mod:`sparseft.ops`):
 
 - :class:`RotatedBasis`: SparseGrad's P, Q from the bank (``W = W0 + P_R D Q_Cᵀ``);
+- :class:`OneSidedBasis`: one side rotated, the other the identity (``rotation="narrow"``:
+  only the layer's narrow side rotates, so the wide side's rotations, the dearest part of the
+  update, cost nothing);
 - :class:`IdentityBasis`: P = Q = I, so R and C select rows and columns of W (MeProp).
 """
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .ops import GRAD_PATHS, identity_costs, lowrank_product, rotated_costs, sparse_lowrank_product
+from .ops import GRAD_PATHS, identity_costs, lowrank_product, one_sided_costs, rotated_costs, sparse_lowrank_product, sparse_side
 
 Index = torch.Tensor | slice  # rows/columns of the basis: indices (fixed support) or a leading block
 
@@ -104,12 +107,13 @@ class BasisBank(nn.Module):
     def set(
         self,
         group: str,
-        P: torch.Tensor,
-        Q: torch.Tensor,
+        P: torch.Tensor | None,
+        Q: torch.Tensor | None,
         P_cols: torch.Tensor | None = None,
         Q_cols: torch.Tensor | None = None,
     ) -> None:
-        """Store a pair; ``*_cols`` are the global indices of the stored columns when partial."""
+        """Store a pair; ``*_cols`` are the global indices of the stored columns when partial. A
+        side given as None is not stored (layers that keep that side the identity)."""
         if group not in self.groups:
             self.groups.append(group)
         i = self.groups.index(group)
@@ -154,7 +158,12 @@ class BasisBank(nn.Module):
                 f"Only some columns of basis {part} of group {group!r} are loaded (a fixed-selection "
                 "adapter); load the full bases with load_bases() or calibrate() again for this use."
             )
-        return self._buffers[_key(i, part)]
+        basis = self._buffers.get(_key(i, part))
+        if basis is None:
+            raise AdapterMismatchError(
+                f"Group {group!r} holds no basis {part}: its layers rotate one side only (rotation='narrow')."
+            )
+        return basis
 
     def version(self, group: str) -> tuple:
         """Changes whenever the group's stored tensors change (set, load, in-place edits, .to)."""
@@ -193,7 +202,9 @@ class BasisBank(nn.Module):
             cols = (used or {}).get(group, (None, None))
             for part, want in zip(("P", "Q"), cols):
                 i = self.groups.index(group)
-                basis = self._buffers[_key(i, part)]
+                basis = self._buffers.get(_key(i, part))
+                if basis is None:  # an identity side (rotation="narrow"): nothing stored
+                    continue
                 held = self._buffers.get(_key(i, part + "_cols"))
                 if want is None:
                     out[f"bases.{group}.{part}"] = basis
@@ -204,30 +215,37 @@ class BasisBank(nn.Module):
                     out[f"bases.{group}.{part}_cols"] = want
         return {k: v.detach().contiguous() for k, v in out.items()}
 
-    def load(self, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], device, dtype) -> None:
-        """Fill from ``export()`` output, checking each basis against the group's layer shape."""
+    def load(self, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], device, dtype,
+             parts: dict[str, tuple[str, ...]] | None = None) -> None:
+        """Fill from ``export()`` output, checking each basis against the group's layer shape.
+        ``parts[group]`` names the sides the group's layers rotate (default both); a file with
+        more (whole bases for one-sided layers) is fine, one with fewer is an error."""
         for group, (m, n) in shapes.items():
-            P = tensors.get(f"bases.{group}.P")
-            Q = tensors.get(f"bases.{group}.Q")
-            if P is None or Q is None:
-                raise AdapterMismatchError(
-                    f"The bases file has no basis for layer group {group!r} of this model; it was made "
-                    "for another model or other target_modules. Calibrate again for this model."
-                )
-            if P.shape[0] != m or Q.shape[0] != n:
-                raise AdapterMismatchError(
-                    f"Basis shapes P {tuple(P.shape)} / Q {tuple(Q.shape)} do not fit group {group!r} "
-                    f"with layers {m}×{n}: these bases belong to another model. Calibrate again."
-                )
-            P_cols = tensors.get(f"bases.{group}.P_cols")
-            Q_cols = tensors.get(f"bases.{group}.Q_cols")
-            self.set(
-                group,
-                P.to(device=device, dtype=dtype),
-                Q.to(device=device, dtype=dtype),
-                None if P_cols is None else P_cols.to(device=device, dtype=torch.long),
-                None if Q_cols is None else Q_cols.to(device=device, dtype=torch.long),
-            )
+            need = (parts or {}).get(group, ("P", "Q"))
+            found: dict[str, torch.Tensor | None] = {"P": None, "Q": None, "P_cols": None, "Q_cols": None}
+            for part, size in (("P", m), ("Q", n)):
+                if part not in need:
+                    continue
+                B = tensors.get(f"bases.{group}.{part}")
+                if B is None:
+                    if any(key.startswith(f"bases.{group}.") for key in tensors):
+                        raise AdapterMismatchError(
+                            f"The bases file has no basis {part} for layer group {group!r}: it was saved for "
+                            "layers that rotate one side only (rotation='narrow'). Calibrate again for this config."
+                        )
+                    raise AdapterMismatchError(
+                        f"The bases file has no basis for layer group {group!r} of this model; it was made "
+                        "for another model or other target_modules. Calibrate again for this model."
+                    )
+                if B.shape[0] != size:
+                    raise AdapterMismatchError(
+                        f"Basis {part} of shape {tuple(B.shape)} does not fit group {group!r} with layers "
+                        f"{m}×{n}: these bases belong to another model. Calibrate again."
+                    )
+                found[part] = B.to(device=device, dtype=dtype)
+                cols = tensors.get(f"bases.{group}.{part}_cols")
+                found[part + "_cols"] = None if cols is None else cols.to(device=device, dtype=torch.long)
+            self.set(group, found["P"], found["Q"], found["P_cols"], found["Q_cols"])
 
 
 def _take(t: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
@@ -246,6 +264,7 @@ class RotatedBasis:
     Plain object, not a module: the bank (owned by the tuner) holds the tensors."""
 
     is_identity = False
+    rotated_parts = ("P", "Q")
 
     def __init__(self, bank: BasisBank, group: str) -> None:
         self.bank, self.group = bank, group
@@ -308,14 +327,113 @@ class RotatedBasis:
         return sparse_lowrank_product(P_R, D, Q_C, side)
 
     @staticmethod
+    def sparse_side(m: int, n: int, a: int, b: int, k: int) -> str:
+        return sparse_side(m, n, a, b, k)
+
+    @staticmethod
     def costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
         return rotated_costs(tokens, m, n, a, b, k)
+
+
+class OneSidedBasis:
+    """One side rotated, the other the identity. ``identity_side`` "P": ``W = W0 + I_R D Q_Cᵀ``,
+    the update fills the rows R of W with ``D Q_Cᵀ`` (a layer wider in its outputs, m > n);
+    "Q": ``W = W0 + P_R D I_Cᵀ``, the columns C of W get ``P_R D`` (m ≤ n). The bank holds
+    only the rotated side's basis. Costs: :func:`sparseft.ops.one_sided_costs`."""
+
+    is_identity = False
+
+    def __init__(self, bank: BasisBank, group: str, identity_side: str, identity_size: int) -> None:
+        if identity_side not in ("P", "Q"):
+            raise ValueError(f"identity_side must be 'P' or 'Q', got {identity_side!r}")
+        self.bank, self.group, self.identity_side = bank, group, identity_side
+        self.identity_size = identity_size  # m ("P") or n ("Q"): the rows or columns of W
+        self.rotated_side = "Q" if identity_side == "P" else "P"
+        self.rotated_parts = (self.rotated_side,)
+
+    def _B(self, idx: Index) -> torch.Tensor:
+        """Columns of the rotated side's basis."""
+        return self.bank.columns(self.group, self.rotated_side, idx)
+
+    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor:
+        if side == self.identity_side:
+            return torch.eye(size, device=self.bank._anchor.device)[:, idx]
+        return self._B(idx)
+
+    def version(self) -> tuple:
+        return self.bank.version(self.group)
+
+    def _scatter(self, part: torch.Tensor, idx: Index, size: int, dim: int) -> torch.Tensor:
+        """A zero matrix with ``part`` at the rows (dim 0) or columns (dim 1) ``idx`` of ``size``."""
+        shape = (size, part.shape[1]) if dim == 0 else (part.shape[0], size)
+        return part.new_zeros(shape).index_copy(dim, _arange(idx, size, part.device), part)
+
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
+        if self.identity_side == "P":
+            Q_C = self._B(cols)
+            return self._scatter(D.to(Q_C.dtype) @ Q_C.T, rows, m, 0)
+        P_R = self._B(rows)
+        return self._scatter(P_R @ D.to(P_R.dtype), cols, n, 1)
+
+    def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        dt = x.dtype
+        if self.identity_side == "P":
+            upd = F.linear(F.linear(x, self._B(cols).T.to(dt)), D)
+            return y.index_add_(-1, _arange(rows, y.shape[-1], y.device), upd)
+        return y + F.linear(F.linear(_take(x, -1, cols), D), self._B(rows).to(dt))
+
+    def add_input_grad(self, gx: torch.Tensor, g: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        dt = g.dtype
+        if self.identity_side == "P":
+            return gx + (_take(g, -1, rows) @ D) @ self._B(cols).T.to(dt)
+        upd = (g @ self._B(rows).to(dt)) @ D
+        return gx.index_add_(-1, _arange(cols, gx.shape[-1], gx.device), upd)
+
+    def rotate(self, G: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        if self.identity_side == "P":
+            return _take(G, 0, rows).float() @ self._B(cols).float()
+        return self._B(rows).float().T @ _take(G, 1, cols).float()
+
+    def sampled_factors(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = x.dtype
+        if self.identity_side == "P":
+            return _take(g, 1, rows), x @ self._B(cols).to(dt)
+        return g @ self._B(rows).to(dt), _take(x, 1, cols)
+
+    def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str) -> torch.Tensor:
+        """The rotated side's basis applied to the activations ("activations"), or after the
+        selected side's product with the other activations ("weights" forms gᵀ x whole first)."""
+        if path == "activations" or path == ("input-side" if self.identity_side == "P" else "output-side"):
+            left, right = self.sampled_factors(g, x, rows, cols)
+            return left.T @ right
+        dt = x.dtype
+        if self.identity_side == "P":
+            gx = _take(g.T @ x, 0, rows) if path == "weights" else _take(g, 1, rows).T @ x
+            return gx @ self._B(cols).to(dt)
+        gx = _take(g.T @ x, 1, cols) if path == "weights" else g.T @ _take(x, 1, cols)
+        return self._B(rows).to(dt).T @ gx
+
+    def merge_sparse(self, D: torch.Tensor, rows: Index, cols: Index, side: str) -> torch.Tensor:
+        """ΔW from a sparse CSR D: D (a×b) times Q_Cᵀ into rows R, or (Dᵀ times P_Rᵀ)ᵀ into columns C."""
+        B = self._B(cols if self.identity_side == "P" else rows)
+        wide = torch.promote_types(B.dtype, torch.float32)
+        part = torch.sparse.mm(D.to(wide), B.T.to(wide)).to(B.dtype)  # a×n, or b×m
+        if self.identity_side == "P":
+            return self._scatter(part, rows, self.identity_size, 0)
+        return self._scatter(part.T, cols, self.identity_size, 1)
+
+    def sparse_side(self, m: int, n: int, a: int, b: int, k: int) -> str:
+        return "Q" if self.identity_side == "P" else "P"  # the CSR multiplies the rotated side
+
+    def costs(self, tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
+        return one_sided_costs(tokens, m, n, a, b, k, self.identity_side)
 
 
 class IdentityBasis:
     """P = Q = I: the support's rows and columns are rows and columns of W itself."""
 
     is_identity = True
+    rotated_parts: tuple[str, ...] = ()
 
     @staticmethod
     def matrix(side: str, idx: Index, size: int) -> torch.Tensor:

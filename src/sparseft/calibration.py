@@ -216,28 +216,31 @@ def calibrate_layers(
     try:
         if need_bases and not identity:
             t0 = time.perf_counter()
-            grams: dict[str, list[torch.Tensor]] = {}
+            # one Gram per rotated side of each group (rotation="narrow": the narrow side's only)
+            grams: dict[str, dict[str, torch.Tensor]] = {}
             for layer in layers.values():
                 if layer.group not in grams:
                     dev = layer.base_layer.weight.device
-                    grams[layer.group] = [torch.zeros(layer.m, layer.m, device=dev), torch.zeros(layer.n, layer.n, device=dev)]
+                    size = {"P": layer.m, "Q": layer.n}
+                    grams[layer.group] = {part: torch.zeros(size[part], size[part], device=dev) for part in layer.basis.rotated_parts}
 
             def accumulate(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
                 G = G.float()
-                gram_P, gram_Q = grams[layer.group]
-                gram_P.addmm_(G, G.T)
-                gram_Q.addmm_(G.T, G)
+                gram = grams[layer.group]
+                if "P" in gram:
+                    gram["P"].addmm_(G, G.T)
+                if "Q" in gram:
+                    gram["Q"].addmm_(G.T, G)
 
             rng.restore()
             gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)
             report.gram_seconds = time.perf_counter() - t0
-            for group, (gram_P, gram_Q) in grams.items():  # identical on every rank already
+            dtype = any_layer.base_layer.weight.dtype
+            for group, gram in grams.items():  # identical on every rank already
                 t1 = time.perf_counter()
-                P, _ = eigenbasis(gram_P, float64_max)
-                Q, _ = eigenbasis(gram_Q, float64_max)
+                found = {part: eigenbasis(g, float64_max)[0].to(dtype) for part, g in gram.items()}
                 report.eigh_seconds[group] = time.perf_counter() - t1
-                dtype = any_layer.base_layer.weight.dtype
-                bank.set(group, P.to(dtype), Q.to(dtype))
+                bank.set(group, found.get("P"), found.get("Q"))
         if fixed:
             t0 = time.perf_counter()
             if criterion == "random":

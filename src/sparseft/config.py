@@ -21,6 +21,7 @@ Selection = Literal["fixed", "dynamic"]
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ComputePath = Literal["auto", "activations", "weights"]
 SUPPORT_CRITERIA = ("abs-sum", "sum", "snr", "random")  # see sparseft.calibration.support_scores
+ROTATIONS = ("both", "narrow")  # which sides of a layer SparseGrad rotates (see SparseConfig.rotation)
 NARROW_COST_SHARE = 0.1  # support_narrow="auto": value-gradient cost / frozen 2Nmn
 
 
@@ -63,6 +64,12 @@ class SparseConfig:
     # gradients G̃_s: "abs-sum" Σ|G̃_s| (default), "sum" |ΣG̃_s|, "snr" |ΣG̃_s|/sqrt(ΣG̃_s²), or
     # "random" (no gradient: a seeded random support, for ablations).
     support_criterion: str = "random"
+    # Which sides SparseGrad rotates: "both" (W = W0 + P Δ̃ Qᵀ, the paper's) or "narrow": only
+    # the layer's narrow side (the model width of an MLP layer) is rotated and the wide side is
+    # the identity, e.g. W = W0 + Δ̃ Qᵀ for an up-projection. The wide side's rotation is the
+    # dearest part of the update (N·m·a of the value gradient for m = 4× the width) and its
+    # Gram the dearest part of calibration (an m×m eigh); "narrow" skips both.
+    rotation: str = "both"
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead
@@ -135,6 +142,8 @@ class SparseConfig:
             raise ConfigError("reselect_fraction must be in (0, 1].")
         if self.support_criterion not in SUPPORT_CRITERIA:
             raise ConfigError(f"support_criterion={self.support_criterion!r} is not known; use one of {list(SUPPORT_CRITERIA)}.")
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation={self.rotation!r} is not known; use one of {list(ROTATIONS)}.")
         if self.compute_path not in ("auto", "activations", "weights"):
             raise ConfigError("compute_path must be 'auto', 'activations' or 'weights'.")
         for name in ("support_rows", "support_cols", "support_narrow"):
@@ -220,6 +229,8 @@ class MePropConfig(SparseConfig):
         self.method = "meprop"
         self.identity_bases = True
         super().__post_init__()
+        if self.rotation != "both":
+            raise ConfigError("MeProp rotates nothing (identity bases): leave rotation at its default.")
 
 
 CONFIG_CLASSES: dict[str, type[SparseConfig]] = {"sparsegrad": SparseGradConfig, "meprop": MePropConfig}

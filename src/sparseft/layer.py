@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .bases import BasisBank, IdentityBasis, RotatedBasis
+from .bases import BasisBank, IdentityBasis, OneSidedBasis, RotatedBasis
+from .config import ROTATIONS
 from .errors import ConfigError, InputError, NotCalibratedError
-from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, lowrank_product, sparse_side
+from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, lowrank_product
 from .support import SUPPORTS
 from .targets import is_transposed, weight_of
 from .tuner import BaseTunerLayer
@@ -68,6 +69,7 @@ class SparseLinear(BaseTunerLayer):
         compute_path: str = "auto",
         adapter_dtype: torch.dtype | None = None,
         cache_update: bool = True,
+        rotation: str = "both",
     ) -> None:
         super().__init__(base_layer)
         if selection not in SUPPORTS:
@@ -77,7 +79,15 @@ class SparseLinear(BaseTunerLayer):
         self.block = (min(self.m, block[0]), min(self.n, block[1]))
         self.compute_path = compute_path
         object.__setattr__(self, "_bank", bank)  # shared, owned by the tuner: not a submodule
-        object.__setattr__(self, "basis", IdentityBasis() if identity else RotatedBasis(bank, group))
+        if rotation not in ROTATIONS:
+            raise ConfigError(f"rotation={rotation!r} is not known; use one of {list(ROTATIONS)}.")
+        if identity:
+            basis = IdentityBasis()
+        elif rotation == "narrow":  # the wide side (the larger of m, n) stays the identity
+            basis = OneSidedBasis(bank, group, "P" if self.m > self.n else "Q", max(self.m, self.n))
+        else:
+            basis = RotatedBasis(bank, group)
+        object.__setattr__(self, "basis", basis)
         self.support = SUPPORTS[selection](self, self.k, self.block, W0.device)
         self.register_parameter(self.support.param_name, self.support.new_parameter(adapter_dtype or W0.dtype, W0.device))
         # W0 + ΔW kept between optimizer steps (derived data, never saved; see _merged_weight)
@@ -175,7 +185,7 @@ class SparseLinear(BaseTunerLayer):
             flat = values.new_zeros(self.m * self.n)
             return flat.index_copy_(0, self.support.rows * self.n + self.support.cols, values).view(self.m, self.n)
         a, b = self.support.shape()
-        side = sparse_side(self.m, self.n, a, b, self.k)
+        side = self.basis.sparse_side(self.m, self.n, a, b, self.k)
         return self.basis.merge_sparse(self.support.csr(values, side), *self.support.index(), side)
 
     @torch.no_grad()
@@ -321,7 +331,7 @@ class SparseLinear(BaseTunerLayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        basis = "identity" if self.identity else "rotated"
+        basis = "identity" if self.identity else f"{self.basis.rotated_side}-rotated" if isinstance(self.basis, OneSidedBasis) else "rotated"
         return f"{self.m}x{self.n}, k={self.k}, selection={self.selection}, bases={basis}, block={self.block}"
 
 

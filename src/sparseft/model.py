@@ -90,6 +90,7 @@ class SparseModel(BaseTuner):
                 compute_path=config.compute_path,
                 adapter_dtype=adapter_dtype,
                 cache_update=config.selection == "dynamic" if config.cache_update is None else config.cache_update,
+                rotation=config.rotation,
             )
 
     def _after_inject(self, **_: Any) -> None:
@@ -254,6 +255,10 @@ class SparseModel(BaseTuner):
     def _group_shapes(self) -> dict[str, tuple[int, int]]:
         return {t.group: (t.m, t.n) for t in self.targets}
 
+    def _group_parts(self) -> dict[str, tuple[str, ...]]:
+        """The basis sides each group's layers rotate (both, or one with rotation="narrow")."""
+        return {layer.group: layer.basis.rotated_parts for layer in self.sparse_layers().values()}
+
     def save_bases(self, path: str | os.PathLike) -> int:
         """Save the full bases (one pair per group) to reuse for another task on this base model."""
         if self.sparse_config.identity_bases:
@@ -278,7 +283,7 @@ class SparseModel(BaseTuner):
 
     def _fill_bases(self, tensors: dict[str, torch.Tensor]) -> None:
         weight = next(iter(self.sparse_layers().values())).base_layer.weight
-        self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype)
+        self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype, self._group_parts())
 
     # ------------------------------------------------------------------ adapter files
     def _meta(self) -> dict[str, Any]:
@@ -367,7 +372,7 @@ class SparseModel(BaseTuner):
                               bases: str | os.PathLike | None = None) -> None:
         weight = next(iter(self.sparse_layers().values())).base_layer.weight
         if meta.get("bases_included"):
-            self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype)
+            self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype, self._group_parts())
         elif not self.sparse_config.identity_bases:
             self.load_bases(bases)
         for name, layer in self.sparse_layers().items():

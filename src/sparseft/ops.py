@@ -102,6 +102,27 @@ def identity_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = 
     return costs
 
 
+def one_sided_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None, identity_side: str) -> dict[str, int]:
+    """As :func:`rotated_costs` with one side the identity (``OneSidedBasis``). With P = I the
+    update is rows R of W (``D Q_Cᵀ``): the m·a rotation of g disappears, and the N·m·a term with
+    it, which at an MLP's wide side is the dearest part of the rotated update; Q = I mirrors it."""
+    N = tokens
+    kk = a * b if k is None else min(k, a * b)
+    if identity_side == "P":  # rotated side Q (n×b)
+        act = N * (n * b + a * b)
+        costs = {"merge": kk * n, "factored": act, "activations": act, "input-side": act,
+                 "output-side": N * a * n + a * n * b, "weights": N * m * n + a * n * b}
+        rot = N * n * b
+    else:  # rotated side P (m×a)
+        act = N * (m * a + a * b)
+        costs = {"merge": kk * m, "factored": act, "activations": act, "output-side": act,
+                 "input-side": N * m * b + a * m * b, "weights": N * m * n + a * m * b}
+        rot = N * m * a
+    if k is not None:
+        costs[SAMPLED] = rot + N * k
+    return costs
+
+
 def cheapest_path(costs: dict[str, int]) -> str:
     """The value-gradient bracketing (``GRAD_PATHS``, and ``SAMPLED`` where costed) with the
     fewest multiply-adds."""
@@ -148,5 +169,5 @@ class SparseUpdate(torch.autograd.Function):
         return grad_x, grad_param, None
 
 
-__all__ = ["GRAD_PATHS", "SAMPLED", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "rotated_costs",
+__all__ = ["GRAD_PATHS", "SAMPLED", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "one_sided_costs", "rotated_costs",
            "sparse_lowrank_product", "sparse_side"]
