@@ -81,3 +81,25 @@ def test_a_random_support_calibrates_in_one_pass(criterion: str, passes: int) ->
 def test_unknown_criterion_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="support_criterion"):
         SparseGradConfig(support_criterion="magnitude")
+
+
+@pytest.mark.parametrize("criterion", ["abs-sum", "snr"])
+def test_scoring_in_chunks_chooses_the_same_support_with_bounded_memory(criterion: str) -> None:
+    """A score budget smaller than all layers' scores splits them into chunks, one pass each; the
+    supports are the same as from one pass, and no chunk's scores exceed the budget."""
+    batches = [make_batch("bert", i) for i in range(3)]
+    supports, reports = {}, {}
+    for budget in (None, 1):  # 1 byte: every layer alone
+        model = get_sparse_model(bert(), SparseGradConfig(k=40, support_criterion=criterion))
+        reports[budget] = model.calibrate(batches, steps=3, show_progress=False, max_score_bytes=budget)
+        supports[budget] = {n: (l.rows.tolist(), l.cols.tolist()) for n, l in model.sparse_layers().items()}
+        layers = model.sparse_layers()
+    per_layer = (2 if criterion == "snr" else 1) * 4 * 64 * 32
+    assert supports[None] == supports[1]
+    assert reports[None].score_passes == 1 and reports[None].peak_score_bytes == len(layers) * per_layer
+    assert reports[1].score_passes == len(layers) and reports[1].peak_score_bytes == per_layer
+    calls = []
+    model = get_sparse_model(bert(), SparseGradConfig(k=40, support_criterion=criterion))
+    model.base_model.bert.embeddings.register_forward_hook(lambda *_: calls.append(1))
+    model.calibrate(batches, steps=3, show_progress=False, max_score_bytes=2 * per_layer)  # two layers per chunk
+    assert len(calls) == 3 * (1 + len(layers) // 2)

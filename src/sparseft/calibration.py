@@ -10,8 +10,10 @@ Gradients are taken with ``backward(inputs=weights)`` and a post-accumulate hook
 one into the Grams and frees it, so at most one layer's gradient is alive at a time.
 
 For fixed selection a second pass over the same batches (same RNG, so the same dropout masks)
-scores each layer's rotated entries by ``Σ_s |Pᵀ G Q|`` and keeps the k largest; a random
-support (``support_criterion="random"``) needs no second pass, so calibration is one pass.
+scores each layer's rotated entries by ``Σ_s |Pᵀ G Q|`` and keeps the k largest; the scores are
+an m×n float32 per layer, so layers are scored in chunks that fit ``max_score_bytes`` (one pass
+each). A random support (``support_criterion="random"``, the default) needs no scoring pass, so
+calibration is one pass.
 
 Calibration never changes the model: no parameter moves, ``.grad`` and ``requires_grad`` are
 restored, train/eval mode is restored, and the torch RNG state is put back as it was.
@@ -35,6 +37,10 @@ from .progress import progress
 from .targets import is_transposed
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+# Gradient support criteria: the float32 scores alive at once (layers are scored in chunks of at
+# most this, one pass over the calibration batches per chunk). One pass up to ~1B-parameter MLPs;
+# LLaMA-7B's 17 GiB of scores take five.
+DEFAULT_SCORE_BYTES = 4 << 30
 
 
 @dataclass
@@ -45,6 +51,10 @@ class CalibrationReport:
     support_seconds: float = 0.0
     # per layer: (distinct rows, distinct columns) of the chosen fixed support
     support_spread: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # gradient criteria: passes over the batches to score the support, and the largest set of
+    # score tensors alive at once (bytes)
+    score_passes: int = 0
+    peak_score_bytes: int = 0
 
 
 class _RngState:
@@ -188,9 +198,12 @@ def calibrate_layers(
     float64_max: int,
     show_progress: bool = True,
     criterion: str = "abs-sum",
+    max_score_bytes: int | None = None,
 ) -> CalibrationReport:
     """Compute bases (if ``need_bases``) and fixed supports for ``layers`` of ``model``; the
-    support is the top-k of ``criterion`` (see :func:`support_scores`)."""
+    support is the top-k of ``criterion`` (see :func:`support_scores`). A gradient criterion
+    scores the layers in chunks whose float32 score tensors fit ``max_score_bytes`` (one pass
+    over the batches per chunk; None: one pass for all layers)."""
     if not isinstance(batches, Iterable) or isinstance(batches, (Mapping, torch.Tensor, str)):
         raise CalibrationError(
             f"calibrate() takes an iterable of dict batches (a list, a DataLoader), got {type(batches).__name__}."
@@ -243,29 +256,19 @@ def calibrate_layers(
                 bank.set(group, found.get("P"), found.get("Q"))
         if fixed:
             t0 = time.perf_counter()
-            if criterion == "random":
-                scores = None  # drawn per layer below: no gradient pass, one m×n at a time
+            if criterion == "random":  # no gradient pass; one m×n of random scores at a time
+                for i, layer in enumerate(layers.values()):
+                    layer.choose_support(_random_scores(layer, i))
             else:
-                sums = {name: [torch.zeros(layer.block, device=layer.base_layer.weight.device) for _ in range(2)]
-                        for name, layer in layers.items()}
-
-                def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
-                    first, second = sums[name]
-                    R = _rotated_block(layer, G)
-                    if criterion == "abs-sum":
-                        first.add_(R.abs())
-                    else:
-                        first.add_(R)
-                        if criterion == "snr":
-                            second.add_(R * R)
-
-                rng.restore()
-                gradient_pass(model, layers, cached, loss_fn, score, "calibrate: support", show_progress)
-                scores = {}
-                for name, (first, second) in sums.items():
-                    scores[name] = support_scores(criterion, first, second)
-            for i, (name, layer) in enumerate(layers.items()):
-                layer.choose_support(_random_scores(layer, i) if scores is None else scores[name])
+                chunks = _score_chunks(layers, criterion, max_score_bytes)
+                for chunk in chunks:  # one pass per chunk: only that chunk's scores are ever alive
+                    scores = _score_pass(model, chunk, cached, loss_fn, criterion, rng, show_progress)
+                    for name, layer in chunk.items():
+                        layer.choose_support(scores.pop(name))
+                    del scores
+                report.score_passes = len(chunks)
+                report.peak_score_bytes = max(_score_bytes(chunk, criterion) for chunk in chunks)
+            for name, layer in layers.items():
                 report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
             report.support_seconds = time.perf_counter() - t0
         else:
@@ -277,6 +280,50 @@ def calibrate_layers(
         model.train(was_training)
         rng.restore()
     return report
+
+
+def _score_bytes(layers: Mapping[str, SparseLinear], criterion: str) -> int:
+    """Bytes of the float32 score tensors of ``layers`` (two per layer for "snr")."""
+    per = 2 if criterion == "snr" else 1
+    return sum(4 * per * layer.block[0] * layer.block[1] for layer in layers.values())
+
+
+def _score_chunks(layers: Mapping[str, SparseLinear], criterion: str, budget: int | None) -> list[dict[str, SparseLinear]]:
+    """The layers in consecutive chunks whose score tensors fit ``budget`` bytes (a layer larger
+    than the budget goes alone); None: all in one chunk, one pass."""
+    chunks: list[dict[str, SparseLinear]] = [{}]
+    for name, layer in layers.items():
+        if budget is not None and chunks[-1] and _score_bytes({**chunks[-1], name: layer}, criterion) > budget:
+            chunks.append({})
+        chunks[-1][name] = layer
+    return chunks
+
+
+def _score_pass(model: nn.Module, layers: Mapping[str, SparseLinear], batches: list[Mapping[str, Any]],
+                loss_fn: LossFn | None, criterion: str, rng: _RngState, show_progress: bool) -> dict[str, torch.Tensor]:
+    """One pass over ``batches`` (the bases' RNG state, so the same dropout masks), scoring the
+    rotated gradients of ``layers`` by ``criterion``; only their weight gradients are computed."""
+    sums = {name: [torch.zeros(layer.block, device=layer.base_layer.weight.device) for _ in range(2 if criterion == "snr" else 1)]
+            for name, layer in layers.items()}
+
+    def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
+        R = _rotated_block(layer, G)
+        first = sums[name][0]
+        if criterion == "abs-sum":
+            first.add_(R.abs())
+        else:
+            first.add_(R)
+            if criterion == "snr":
+                sums[name][1].add_(R * R)
+
+    rng.restore()
+    gradient_pass(model, layers, batches, loss_fn, score, "calibrate: support", show_progress)
+    out = {}
+    for name in list(sums):
+        parts = sums.pop(name)
+        out[name] = support_scores(criterion, parts[0], parts[1] if len(parts) > 1 else parts[0])
+        del parts
+    return out
 
 
 def support_scores(criterion: str, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
@@ -338,4 +385,4 @@ def rotated_gradient_scores(
     return {n: s[0] for n, s in sums.items()}, {n: s[1] for n, s in sums.items()}
 
 
-__all__ = ["CalibrationReport", "calibrate_layers", "rotated_gradient_scores", "batch_loss", "move_batch"]
+__all__ = ["DEFAULT_SCORE_BYTES", "CalibrationReport", "calibrate_layers", "rotated_gradient_scores", "batch_loss", "move_batch"]

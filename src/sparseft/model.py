@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import __version__
 from .bases import BasisBank
-from .calibration import CalibrationReport, LossFn, calibrate_layers, rotated_gradient_scores
+from .calibration import DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, rotated_gradient_scores
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .layer import SparseLinear
@@ -129,9 +129,15 @@ class SparseModel(BaseTuner):
         steps: int = 20,
         loss_fn: LossFn | None = None,
         show_progress: bool = True,
+        max_score_bytes: int | None = DEFAULT_SCORE_BYTES,
     ) -> CalibrationReport:
         """Find the bases (HOSVD of streamed gradient Grams) and, for fixed selection, the
         support, from up to ``steps`` ordinary forward/backward passes over ``batches``.
+
+        A gradient ``support_criterion`` scores every rotated entry (a float32 m×n per layer;
+        ≈ 17 GiB for LLaMA-7B's MLPs): the layers are scored in chunks whose scores fit
+        ``max_score_bytes``, one more pass over the batches per chunk (None: all in one pass).
+        The default random support needs no scoring pass at all.
 
         ``batches`` yields dicts of model inputs; the loss is ``model(**batch).loss`` or
         ``loss_fn(outputs, batch)``. Bases already loaded (``load_bases``) are reused. The
@@ -154,6 +160,7 @@ class SparseModel(BaseTuner):
             float64_max=self.sparse_config.eigh_float64_max,
             show_progress=show_progress,
             criterion=self.sparse_config.support_criterion,
+            max_score_bytes=max_score_bytes,
         )
         return self.calibration_report
 
