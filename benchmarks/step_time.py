@@ -46,7 +46,8 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # "-1side" rotates only each layer's narrow side (rotation="narrow"), alone and with the
 # narrow-side cost budget (support_narrow="auto").
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
-                            "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto")
+                            "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
+                            "sparsegrad-dynamic-1side")
 
 
 class Block(nn.Module):
@@ -338,6 +339,11 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
             costs = one_sided_costs(tokens, m, n, a, b, k, "P" if m > n else "Q")
             total += 2 * costs["merge"] + min(costs[p] for p in costs if p not in ("merge", "factored"))
         out[name] = total
+    dyn = base
+    for m, n in layers:  # dynamic, one side rotated: the whole block's gradient, re-merged once
+        costs = one_sided_costs(tokens, m, n, m, n, None, "P" if m > n else "Q")
+        dyn += costs["merge"] + min(v for p, v in costs.items() if p not in ("merge", "factored"))
+    out["sparsegrad-dynamic-1side"] = dyn
     out["meprop"] = out["full"]
     # fixed random support in the original basis: the SDDMM gradient, N·k per layer
     out["meprop-fixed"] = out["shira"] = base + sum(tokens * rank * (m + n) for m, n in layers)

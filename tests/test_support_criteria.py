@@ -103,3 +103,12 @@ def test_scoring_in_chunks_chooses_the_same_support_with_bounded_memory(criterio
     model.base_model.bert.embeddings.register_forward_hook(lambda *_: calls.append(1))
     model.calibrate(batches, steps=3, show_progress=False, max_score_bytes=2 * per_layer)  # two layers per chunk
     assert len(calls) == 3 * (1 + len(layers) // 2)
+
+
+def test_rotation_is_checked() -> None:
+    with pytest.raises(ConfigError, match="rotation='left' is not known"):
+        SparseGradConfig(rotation="left")
+    with pytest.raises(ConfigError, match="MeProp rotates nothing"):
+        MePropConfig(rotation="narrow")
+    config = SparseGradConfig(rotation="narrow")
+    assert SparseGradConfig.from_dict(config.to_dict()).rotation == "narrow"
