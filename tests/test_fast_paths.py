@@ -131,6 +131,33 @@ def test_every_bracketing_of_the_rotated_gradient_agrees(shape):
                     check(layer, gen, (4,))
 
 
+@pytest.mark.parametrize("basis", ["rotated", "identity", "narrow"])
+def test_a_support_on_every_row_and_column_indexes_by_slices(basis):
+    """A support touching rows 0..a-1 and columns 0..b-1 (a random 1% support touches them all)
+    hands the compute paths slices (views of the bases, no gather) and computes the same."""
+    for path in (*GRAD_PATHS, SAMPLED):
+        layer, gen = make_layer(12, 7, 30, "fixed", basis == "identity", False, path, seed=4, cache=False,
+                                rotation="narrow" if basis == "narrow" else "both")
+        rows = torch.cat([torch.arange(12), torch.arange(12), torch.arange(6)])
+        cols = torch.cat([torch.arange(12) % 7, (torch.arange(12) + 3) % 7, torch.arange(6) + 1])
+        layer.set_support(rows, cols)
+        assert len(set(zip(rows.tolist(), cols.tolist()))) == 30
+        with torch.no_grad():
+            layer.values.normal_(generator=gen)
+        R, C = layer.support.index()
+        assert R == slice(0, 12) and C == slice(0, 7)
+        check(layer, gen, (5,))
+        i = torch.arange(30)
+        layer.set_support(i % 11, i // 11)  # rows 0..10, columns 0..2: still leading runs
+        assert layer.support.index() == (slice(0, 11), slice(0, 3))
+        layer.values.grad = None
+        check(layer, gen, (5,))
+        layer.set_support(1 + i % 11, i // 11)  # row 0 unused: indices, not a slice
+        assert isinstance(layer.support.index()[0], torch.Tensor)
+        layer.values.grad = None
+        check(layer, gen, (5,))
+
+
 def test_sampled_path_is_chosen_where_it_is_cheapest():
     """A SHiRA-like support (identity basis, k spread over all rows and columns) takes the SDDMM
     value gradient: N·k multiply-adds instead of N·m·n."""

@@ -29,6 +29,12 @@ from .distributed import SHARDED_DYNAMIC, is_sharded
 from .errors import ConfigError
 
 
+def _leading(idx: torch.Tensor) -> torch.Tensor | slice:
+    """``slice(0, len)`` when the sorted distinct indices ``idx`` are exactly 0..len-1, else ``idx``."""
+    size = idx.numel()
+    return slice(0, size) if size and int(idx[-1]) == size - 1 else idx
+
+
 class FixedSupport:
     """k fixed positions of the ``block`` (rows × cols) of the rotated space.
 
@@ -64,6 +70,7 @@ class FixedSupport:
         self.owner.register_buffer("local", local.to(index_dtype), persistent=False)
         self.generation += 1
         self._patterns: dict[str, tuple] = {}
+        self._index: tuple | None = None
 
     def csr(self, values: torch.Tensor, side: str) -> torch.Tensor:
         """D (a×b, ``side`` "Q") or Dᵀ (b×a, ``side`` "P") as a sparse CSR tensor of ``values``
@@ -119,8 +126,14 @@ class FixedSupport:
         order = self._patterns["Q"][2]
         return torch.empty_like(entries).index_copy_(0, order, entries)
 
-    def index(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.R, self.C
+    def index(self) -> tuple[torch.Tensor | slice, torch.Tensor | slice]:
+        """(R, C) for the compute paths: a leading run 0..a-1 (every row of a random support
+        at ~1% density, every direction of a narrow block) as a slice, so the basis columns
+        are a view instead of an index_select copy of P[:, R] on every call."""
+        cached = self._index
+        if cached is None or cached[2] is not self.R or cached[3] is not self.C:  # a new support, or .to(device)
+            cached = self._index = (_leading(self.R), _leading(self.C), self.R, self.C)
+        return cached[0], cached[1]
 
     def shape(self) -> tuple[int, int]:
         return self.R.numel(), self.C.numel()
