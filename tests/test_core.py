@@ -383,6 +383,23 @@ def test_bases_reused_for_another_task(tmp_path):
     assert torch.equal(logits(loaded, batch), logits(other, batch))
 
 
+def test_reselect_in_chunks_equals_one_pass():
+    """Scoring the layers one chunk at a time (bounded memory) swaps the same entries and seeds
+    the same moments as scoring them all in one pass."""
+    _, model = calibrated("bert", SparseGradConfig(k=20, selection="fixed"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_steps(model, "bert", n=2, optimizer=optimizer)
+    twin, twin_opt = copy.deepcopy((model, optimizer))
+    batches = make_batches("bert", 2, start=70)
+    model.reselect_support(batches, optimizer=optimizer, fraction=0.25, max_score_bytes=None)
+    twin.reselect_support(batches, optimizer=twin_opt, fraction=0.25, max_score_bytes=1)  # every layer alone
+    for (name, a), b in zip(model.sparse_layers().items(), twin.sparse_layers().values()):
+        assert torch.equal(a.rows, b.rows) and torch.equal(a.cols, b.cols), name
+        assert torch.equal(a.values, b.values)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizer.state[a.values][key], twin_opt.state[b.values][key])
+
+
 def test_reselect_support_swaps_entries_and_keeps_outputs_defined():
     _, model = calibrated("bert", SparseGradConfig(k=20, selection="fixed"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

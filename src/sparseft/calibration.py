@@ -260,14 +260,15 @@ def calibrate_layers(
                 for i, layer in enumerate(layers.values()):
                     layer.choose_support(_random_scores(layer, i))
             else:
-                chunks = _score_chunks(layers, criterion, max_score_bytes)
+                per_layer = 2 if criterion == "snr" else 1
+                chunks = score_chunks(layers, per_layer, max_score_bytes)
                 for chunk in chunks:  # one pass per chunk: only that chunk's scores are ever alive
                     scores = _score_pass(model, chunk, cached, loss_fn, criterion, rng, show_progress)
                     for name, layer in chunk.items():
                         layer.choose_support(scores.pop(name))
                     del scores
                 report.score_passes = len(chunks)
-                report.peak_score_bytes = max(_score_bytes(chunk, criterion) for chunk in chunks)
+                report.peak_score_bytes = max(_score_bytes(chunk, per_layer) for chunk in chunks)
             for name, layer in layers.items():
                 report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
             report.support_seconds = time.perf_counter() - t0
@@ -282,18 +283,17 @@ def calibrate_layers(
     return report
 
 
-def _score_bytes(layers: Mapping[str, SparseLinear], criterion: str) -> int:
-    """Bytes of the float32 score tensors of ``layers`` (two per layer for "snr")."""
-    per = 2 if criterion == "snr" else 1
-    return sum(4 * per * layer.block[0] * layer.block[1] for layer in layers.values())
+def _score_bytes(layers: Mapping[str, SparseLinear], per_layer: int) -> int:
+    """Bytes of ``per_layer`` float32 block-sized score tensors for each of ``layers``."""
+    return sum(4 * per_layer * layer.block[0] * layer.block[1] for layer in layers.values())
 
 
-def _score_chunks(layers: Mapping[str, SparseLinear], criterion: str, budget: int | None) -> list[dict[str, SparseLinear]]:
-    """The layers in consecutive chunks whose score tensors fit ``budget`` bytes (a layer larger
-    than the budget goes alone); None: all in one chunk, one pass."""
+def score_chunks(layers: Mapping[str, SparseLinear], per_layer: int, budget: int | None) -> list[dict[str, SparseLinear]]:
+    """The layers in consecutive chunks whose ``per_layer`` score tensors each fit ``budget``
+    bytes (a layer larger than the budget goes alone); None: all in one chunk, one pass."""
     chunks: list[dict[str, SparseLinear]] = [{}]
     for name, layer in layers.items():
-        if budget is not None and chunks[-1] and _score_bytes({**chunks[-1], name: layer}, criterion) > budget:
+        if budget is not None and chunks[-1] and _score_bytes({**chunks[-1], name: layer}, per_layer) > budget:
             chunks.append({})
         chunks[-1][name] = layer
     return chunks
@@ -385,4 +385,4 @@ def rotated_gradient_scores(
     return {n: s[0] for n, s in sums.items()}, {n: s[1] for n, s in sums.items()}
 
 
-__all__ = ["DEFAULT_SCORE_BYTES", "CalibrationReport", "calibrate_layers", "rotated_gradient_scores", "batch_loss", "move_batch"]
+__all__ = ["DEFAULT_SCORE_BYTES", "score_chunks", "CalibrationReport", "calibrate_layers", "rotated_gradient_scores", "batch_loss", "move_batch"]

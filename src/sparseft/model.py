@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import __version__
 from .bases import BasisBank
-from .calibration import DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, rotated_gradient_scores
+from .calibration import DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, rotated_gradient_scores, score_chunks
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .layer import SparseLinear
@@ -188,25 +188,41 @@ class SparseModel(BaseTuner):
         optimizer: torch.optim.Optimizer | None = None,
         fraction: float | None = None,
         loss_fn: LossFn | None = None,
+        max_score_bytes: int | None = DEFAULT_SCORE_BYTES,
     ) -> int:
         """Fixed selection: swap the ``fraction`` of each support with the smallest |values|
         for the entries of largest rotated gradient on ``batches`` (SpIEL-style drop/grow).
         Dropped entries return to the base weight. With an Adam-style ``optimizer`` the grown
         entries start afresh: their moments are seeded from the rotated gradient on ``batches``
         so that their next update has a fresh Adam's size (lr), whatever the step count.
+        The scores are two float32 m×n per layer: layers are scored in chunks that fit
+        ``max_score_bytes`` (one pass over ``batches`` per chunk; None: one pass).
         Returns the number of entries swapped over all layers."""
         if self.sparse_config.selection != "fixed":
             raise ConfigError("reselect_support() is for selection='fixed'; dynamic selection re-chooses every step.")
         if not self.is_calibrated:
             raise NotCalibratedError("Call calibrate() before reselect_support().")
         fraction = self.sparse_config.reselect_fraction if fraction is None else fraction
+        batches = list(batches)
         layers = self.sparse_layers()
-        with torch.enable_grad():
-            scores, grads = rotated_gradient_scores(self.base_model, layers, self.bases, list(batches), loss_fn)
+        swaps = {name: max(1, round(fraction * layer.k)) for name, layer in layers.items()}
+        # Score the layers in chunks (one pass each, same RNG state, the model unchanged between
+        # passes) and keep per layer only its top k + n_swap candidates, enough for any support.
+        candidates: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for chunk in score_chunks(layers, 2, max_score_bytes):
+            with torch.enable_grad():
+                scores, grads = rotated_gradient_scores(self.base_model, chunk, self.bases, batches, loss_fn)
+            for name, layer in chunk.items():
+                flat, grad = scores.pop(name).flatten(), grads.pop(name).flatten()
+                top = torch.topk(flat, min(flat.numel(), layer.k + swaps[name])).indices
+                candidates[name] = (top, flat[top], grad[top])
         swapped = 0
-        for name, layer in layers.items():
-            swapped += layer.support.regrow(layer.values, scores[name], max(1, round(fraction * layer.k)), optimizer,
-                                            grads=grads[name])
+        for name, layer in layers.items():  # one layer's block-sized tensors at a time
+            top, score, grad = candidates.pop(name)
+            dense_scores = torch.full(layer.block, -float("inf"), device=score.device).flatten().index_copy_(0, top, score)
+            dense_grads = torch.zeros(layer.block, device=grad.device, dtype=grad.dtype).flatten().index_copy_(0, top, grad)
+            swapped += layer.support.regrow(layer.values, dense_scores.view(layer.block), swaps[name], optimizer,
+                                            grads=dense_grads.view(layer.block))
         return swapped
 
     # ------------------------------------------------------------------ Trainer checkpoints
