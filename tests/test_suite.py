@@ -110,6 +110,34 @@ def test_summary_has_the_contract_and_the_paired_difference() -> None:
     assert rows[("a", "sparsegrad-fixed")]["steps_to_lora_final"] == 10
 
 
+def test_compare_to_adds_a_second_paired_difference() -> None:
+    """--compare-to: each method's paired difference to a second reference (a variant against the
+    default), per task and pooled, next to the one against LoRA-MLP; shown as a table column."""
+    from sparseft.app.suite import table_rows
+
+    settings = SuiteSettings(tasks=("a", "b"), methods=(REFERENCE, "sparsegrad-random", "shira"), seeds=2,
+                             compare_to="sparsegrad-random")
+    n = 400
+    half = [1] * (n // 2) + [0] * (n // 2)
+    plus = [1] * (n // 2 + 20) + [0] * (n // 2 - 20)  # +5 points
+    records = []
+    for task in ("a", "b"):
+        for seed in (0, 1):
+            records += [_record(task, REFERENCE, seed, half), _record(task, "sparsegrad-random", seed, plus),
+                        _record(task, "shira", seed, half if task == "a" else plus)]
+    chosen = {(t, m): (1e-3, False) for t in ("a", "b") for m in settings.methods}
+    rows = {(r["task"], r["method"]): r for r in summarize(records, settings, chosen)["records"]}
+    assert rows[("a", "shira")]["diff_vs_compare"]["mean"] == pytest.approx(-0.05)
+    assert rows[("b", "shira")]["diff_vs_compare"]["mean"] == pytest.approx(0.0)
+    assert rows[("pooled", "shira")]["diff_vs_compare"]["mean"] == pytest.approx(-0.025)
+    assert rows[("pooled", "shira")]["diff_vs_lora_mlp"]["mean"] == pytest.approx(0.025)
+    assert rows[("pooled", "sparsegrad-random")]["diff_vs_compare"]["mean"] == pytest.approx(0.0)
+    assert rows[("a", "shira")]["compare_to"] == "sparsegrad-random"
+    headers, table = table_rows(list(rows.values()))
+    assert "Δ vs sparsegrad-random (95% CI)" in headers
+    assert table[list(rows).index(("a", "shira"))][headers.index("Δ vs sparsegrad-random (95% CI)")].startswith("-5.00 [")
+
+
 def test_method_variants_by_name() -> None:
     from sparseft.methods import DEFAULT_LR, canonical, split_methods
 
@@ -204,3 +232,12 @@ def test_grid_option_parses_factors_and_refuses_bad_ones():
             _grid(bad)
     # one rate is no sweep: the chosen rate is reported at the grid's edge
     assert _choose({1e-3: {"val_accuracy": 0.7, "final_loss": 0.5}}, [1.0], 1e-3) == (1e-3, "high")
+
+
+def test_compare_to_is_checked_before_anything_runs():
+    from sparseft.app.cli import _validate, build_parser
+
+    for argv, message in ((["bench", "--compare-to", "sparsegrad"], "--compare-to is a suite option"),
+                          (["bench", "--suite", "--compare-to", "nonsense"], "Unknown method")):
+        with pytest.raises(ConfigError, match=message):
+            _validate(build_parser().parse_args(argv))

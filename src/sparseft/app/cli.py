@@ -299,6 +299,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     given["model"] = args.model or "minilm"
     given["show_progress"] = not args.no_progress
     given["reuse"] = args.reuse
+    given["compare_to"] = args.compare_to
     if args.max_extend is not None:
         given["max_extend"] = args.max_extend
     if args.grid:
@@ -483,6 +484,9 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--reuse", metavar="DIR", help="take finished runs from an earlier suite output directory made "
                        "with the same run settings (resume a cut-off run: --reuse OUTPUT_DIR; or add methods next to a "
                        "finished run) instead of training them again")
+    suite.add_argument("--compare-to", metavar="METHOD", help="a second reference: each method's paired difference "
+                       "(95%% CI) to METHOD as well as to lora-mlp, e.g. a variant against the default sparsegrad "
+                       "(added to --methods if missing)")
     suite.add_argument("--max-extend", type=int, help="times the lr grid may grow past an edge (default 2)")
     suite.add_argument("--grid", metavar="F,F,..", help="learning-rate factors around each method's centre (default "
                        "0.333,1,3; '1' runs the centre only, no sweep: every rate is then reported at the grid's edge)")
@@ -541,6 +545,10 @@ def _validate(args: argparse.Namespace) -> None:
     if getattr(args, "methods", None):
         for m in split_methods(args.methods):
             canonical(m)
+    if getattr(args, "compare_to", None):
+        canonical(args.compare_to)
+        if not args.suite:
+            raise ConfigError("--compare-to is a suite option: add --suite.")
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 0:
         raise ConfigError(f"--steps {steps} is negative: give a number of optimizer steps (0 evaluates the untrained model).")

@@ -87,6 +87,7 @@ class SuiteSettings:
     threads: int = 1
     lr_overrides: dict[str, float] = field(default_factory=dict)  # method -> sweep centre
     reuse: str | None = None  # an earlier run's output directory: its finished runs are not trained again
+    compare_to: str | None = None  # a second reference: every method's paired difference to it as well
     cache_dir: str | None = None
     show_progress: bool = True
 
@@ -354,7 +355,10 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
     methods = tuple(canonical(m) for m in settings.methods)
     if REFERENCE not in methods:
         methods = (REFERENCE, *methods)
-    settings = replace(settings, methods=methods)
+    compare_to = canonical(settings.compare_to) if settings.compare_to else None
+    if compare_to and compare_to not in methods:
+        methods = (*methods, compare_to)
+    settings = replace(settings, methods=methods, compare_to=compare_to)
     for task in settings.tasks:
         if task not in SUITE_TASKS:
             raise ConfigError(f"Unknown suite task {task!r}; choose from {', '.join(SUITE_TASKS)}.")
@@ -452,6 +456,8 @@ def summarize(records: list[dict[str, Any]], settings: SuiteSettings,
     failures = [r for r in records if "error" in r]
     per_method_correct: dict[str, dict[str, list]] = {}
     ref_correct: dict[str, list] = {}
+    other = settings.compare_to  # the second reference (--compare-to), if any
+    vs_other: dict[str, tuple[dict[str, list], dict[str, list]]] = {}
     for task in settings.tasks:
         ref = final.get((task, REFERENCE), {})
         for method in settings.methods:
@@ -481,6 +487,16 @@ def summarize(records: list[dict[str, Any]], settings: SuiteSettings,
                 row["steps_to_lora_final"] = statistics.median(hit) if len(hit) * 2 > len(reach) else None
                 row["seconds_to_lora_final"] = (row["steps_to_lora_final"] * row["step_time_s"] + row["calibration_s"]
                                                 if row["steps_to_lora_final"] is not None else None)
+            if other:
+                row["compare_to"], row["diff_vs_compare"] = other, None
+                base = final.get((task, other), {})
+                shared = sorted(set(runs) & set(base))
+                if shared:
+                    a = [runs[s]["test_correct"] for s in shared]
+                    b = [base[s]["test_correct"] for s in shared]
+                    row["diff_vs_compare"] = paired_difference(a, b, seed=hash_task(task))
+                    vs_other.setdefault(method, ({}, {}))[0][task] = a
+                    vs_other[method][1][task] = b
             out.append(row)
     full_acc = {t: next((r["accuracy"] for r in out if r["task"] == t and r["method"] == "full"), None) for t in settings.tasks}
     lora_acc = {t: next((r["accuracy"] for r in out if r["task"] == t and r["method"] == REFERENCE), None) for t in settings.tasks}
@@ -494,6 +510,11 @@ def summarize(records: list[dict[str, Any]], settings: SuiteSettings,
         correct = per_method_correct.get(method, {})
         if correct and set(correct) == set(settings.tasks):
             pooled["diff_vs_lora_mlp"] = paired_difference(correct, ref_correct[method], seed=7)
+        if other:
+            pooled["compare_to"], pooled["diff_vs_compare"] = other, None
+            mine, theirs = vs_other.get(method, ({}, {}))
+            if mine and set(mine) == set(settings.tasks):
+                pooled["diff_vs_compare"] = paired_difference(mine, theirs, seed=7)
         gaps = [(r["accuracy"] - lora_acc[r["task"]]) / (full_acc[r["task"]] - lora_acc[r["task"]])
                 for r in rows if full_acc.get(r["task"]) is not None and lora_acc.get(r["task"]) is not None
                 and full_acc[r["task"]] - lora_acc[r["task"]] > 1e-9]
@@ -517,12 +538,18 @@ def _pct(x: float | None, signed: bool = False) -> str:
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
 
 
+def _ci(d: dict[str, float] | None) -> str:
+    return "—" if not d else f"{_pct(d['mean'], True)} [{_pct(d['ci_low'], True)}, {_pct(d['ci_high'], True)}]"
+
+
 def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    other = next((r["compare_to"] for r in records if r.get("compare_to")), None)
     headers = ["task", "method", "accuracy %", "Δ vs lora-mlp (95% CI), points", "lr", "steps to LoRA's final", "trainable"]
+    if other:
+        headers.insert(4, f"Δ vs {other} (95% CI)")
     rows = []
     for r in records:
-        d = r.get("diff_vs_lora_mlp")
-        diff = "—" if not d else f"{_pct(d['mean'], True)} [{_pct(d['ci_low'], True)}, {_pct(d['ci_high'], True)}]"
+        diff = _ci(r.get("diff_vs_lora_mlp"))
         lr = "—" if r.get("lr") is None else f"{r['lr']:.2g}{' (edge)' if r.get('lr_at_grid_edge') else ''}"
         if r["task"] == "pooled" and r.get("lr_at_grid_edge"):
             lr = "(an edge)"
@@ -533,7 +560,10 @@ def table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         gap = r.get("share_of_lora_to_full_gap")
         reach_cell = ("—" if reach is None else f"{reach:g}") if r["task"] != "pooled" else (
             "" if gap is None else f"gap closed {100 * gap:.0f}%")
-        rows.append([r["task"], r["method"], acc, diff, lr, reach_cell, f"{r.get('trainable_params', 0) or 0:,}" if r["task"] != "pooled" else ""])
+        row = [r["task"], r["method"], acc, diff, lr, reach_cell, f"{r.get('trainable_params', 0) or 0:,}" if r["task"] != "pooled" else ""]
+        if other:
+            row.insert(4, _ci(r.get("diff_vs_compare")))
+        rows.append(row)
     return headers, rows
 
 
