@@ -82,8 +82,8 @@ def _seed():
 
 
 def adapted(arch: str, kind: str, seed: int = 0, calibrate: bool = True):
-    """A tiny ``arch`` model adapted by ``kind`` (fixed / dynamic / meprop SparseGrad configs at
-    LoRA rank 2, or s2ft), calibrated on two batches, in eval mode."""
+    """A tiny ``arch`` model adapted by ``kind`` (fixed / dynamic / meprop / one-sided SparseGrad
+    configs at LoRA rank 2, or s2ft), calibrated on two batches, in eval mode."""
     from sparseft import MePropConfig, S2FTConfig, SparseGradConfig, get_s2ft_model, get_sparse_model
 
     torch.manual_seed(seed)
@@ -91,7 +91,7 @@ def adapted(arch: str, kind: str, seed: int = 0, calibrate: bool = True):
     if kind == "s2ft":
         return get_s2ft_model(model, S2FTConfig(match_lora_rank=2))
     config = {"fixed": SparseGradConfig(match_lora_rank=2), "dynamic": SparseGradConfig(match_lora_rank=2, selection="dynamic"),
-              "meprop": MePropConfig(match_lora_rank=2)}[kind]
+              "meprop": MePropConfig(match_lora_rank=2), "one-sided": SparseGradConfig(match_lora_rank=2, rotation="narrow")}[kind]
     tuner = get_sparse_model(model, config)
     if calibrate:
         tuner.calibrate([make_batch(arch, i) for i in range(2)], steps=2, show_progress=False)

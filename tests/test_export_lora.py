@@ -11,7 +11,7 @@ from peft import PeftModel
 from conftest import adapted, make_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILD = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
-KINDS = ["fixed", "dynamic", "meprop", "s2ft"]
+KINDS = ["fixed", "dynamic", "meprop", "s2ft", "one-sided"]
 
 
 def _trained(arch: str, kind: str):

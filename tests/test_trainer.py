@@ -50,8 +50,8 @@ def calibration_batches(data):
     return [{k: torch.stack([r[k] for r in data[i : i + 4]]) for k in data[0]} for i in range(0, 16, 4)]
 
 
-def sparse_llama(selection: str = "fixed", tied: bool = False, calibrate: bool = True):
-    model = get_sparse_model(tiny_llama(tied=tied), SparseGradConfig(selection=selection, density=0.05))
+def sparse_llama(selection: str = "fixed", tied: bool = False, calibrate: bool = True, rotation: str = "both"):
+    model = get_sparse_model(tiny_llama(tied=tied), SparseGradConfig(selection=selection, density=0.05, rotation=rotation))
     if calibrate:
         model.calibrate(calibration_batches(dataset()), steps=4, show_progress=False)
     return model
@@ -197,9 +197,9 @@ def test_save_steps_and_resume_reproduce_the_uninterrupted_run(tmp_path, selecti
     assert resumed.base_model.lm_head.weight is resumed.base_model.model.embed_tokens.weight
 
 
-@pytest.mark.parametrize("selection", ["fixed", "dynamic"])
-def test_state_dict_loads_onto_an_uncalibrated_model(selection):
-    source = sparse_llama(selection, tied=True)
+@pytest.mark.parametrize("selection,rotation", [("fixed", "both"), ("dynamic", "both"), ("fixed", "narrow")])
+def test_state_dict_loads_onto_an_uncalibrated_model(selection, rotation):
+    source = sparse_llama(selection, tied=True, rotation=rotation)
     with torch.no_grad():
         for p in source.parameters():
             if p.requires_grad:
@@ -207,7 +207,7 @@ def test_state_dict_loads_onto_an_uncalibrated_model(selection):
     state = source.state_dict()
     assert "base_model.lm_head.weight" not in state  # the tied alias is not stored twice
     assert any(k.startswith("bases.g") for k in state)
-    target = sparse_llama(selection, tied=True, calibrate=False)
+    target = sparse_llama(selection, tied=True, calibrate=False, rotation=rotation)
     assert not target.is_calibrated
     target.load_state_dict(state)  # strict
     assert target.is_calibrated
