@@ -23,8 +23,8 @@ EXPECTED_TARGETS = {
     "gpt2": {"mlp.c_fc", "mlp.c_proj"},
 }
 CONFIGS = {
-    "sparsegrad-fixed": lambda: SparseGradConfig(density=0.05, selection="fixed"),
-    "sparsegrad-dynamic": lambda: SparseGradConfig(density=0.05, selection="dynamic"),
+    "sparsegrad-fixed": lambda: SparseGradConfig(rotation="both", density=0.05, selection="fixed"),
+    "sparsegrad-dynamic": lambda: SparseGradConfig(rotation="both", density=0.05, selection="dynamic"),
     "sparsegrad-one-sided": lambda: SparseGradConfig(density=0.05, rotation="narrow"),
     "meprop-dynamic": lambda: MePropConfig(density=0.05),
     "meprop-fixed": lambda: MePropConfig(density=0.05, selection="fixed"),
@@ -107,7 +107,7 @@ def test_adapter_file_is_small(tmp_path):
     """O(k) values + the basis columns the support uses + the head, nothing like the model."""
     # a calibrated support (a random one touches nearly every basis column: the file then holds
     # the whole bases, which the test below would rightly not call small)
-    base, model = calibrated("bert", SparseGradConfig(k=20, selection="fixed", support_criterion="abs-sum"))
+    base, model = calibrated("bert", SparseGradConfig(rotation="both", k=20, selection="fixed", support_criterion="abs-sum"))
     info = model.save_pretrained(tmp_path)
     full_bytes = sum(p.numel() * 4 for p in base.parameters())
     layers = len(model.sparse_layers())
@@ -137,7 +137,7 @@ def _dense_gradients(base, arch, batch, names):
 @pytest.mark.parametrize("arch", ["bert", "gpt2", "llama"])
 def test_rotated_gradient_is_P_T_G_Q(arch):
     """The dynamic delta's gradient equals Pᵀ (dense autograd weight gradient) Q."""
-    base, model = calibrated(arch, SparseGradConfig(density=0.05, selection="dynamic"))
+    base, model = calibrated(arch, SparseGradConfig(rotation="both", density=0.05, selection="dynamic"))
     for layer in model.sparse_layers().values():
         layer.select_on_backward = False  # look at the whole rotated gradient
     batch = make_batch(arch, 11)
@@ -178,8 +178,8 @@ def test_one_sided_rotation_rotates_the_narrow_side_only(arch, tmp_path):
     # bases files: the one-sided file does not serve a two-sided model; a whole one serves both
     model.save_bases(tmp_path / "one.safetensors")
     with pytest.raises(AdapterMismatchError, match="rotate one side only"):
-        get_sparse_model(copy.deepcopy(base), SparseGradConfig(density=0.05), bases=tmp_path / "one.safetensors")
-    both = get_sparse_model(copy.deepcopy(base), SparseGradConfig(density=0.05))
+        get_sparse_model(copy.deepcopy(base), SparseGradConfig(rotation="both", density=0.05), bases=tmp_path / "one.safetensors")
+    both = get_sparse_model(copy.deepcopy(base), SparseGradConfig(rotation="both", density=0.05))
     both.calibrate(make_batches(arch, 2), steps=2, show_progress=False)
     both.save_bases(tmp_path / "both.safetensors")
     reuse = get_sparse_model(copy.deepcopy(base), SparseGradConfig(density=0.05, rotation="narrow"), bases=tmp_path / "both.safetensors")
@@ -191,7 +191,7 @@ def test_one_sided_rotation_rotates_the_narrow_side_only(arch, tmp_path):
 
 @pytest.mark.parametrize("path", ["activations", "weights"])
 def test_fixed_values_gradient_is_rotated_gradient_on_support(path):
-    base, model = calibrated("bert", SparseGradConfig(density=0.05, selection="fixed", compute_path=path))
+    base, model = calibrated("bert", SparseGradConfig(rotation="both", density=0.05, selection="fixed", compute_path=path))
     batch = make_batch("bert", 12)
     names = list(model.sparse_layers())
     dense = _dense_gradients(base, "bert", batch, names)
@@ -204,7 +204,7 @@ def test_fixed_values_gradient_is_rotated_gradient_on_support(path):
         torch.testing.assert_close(layer.values.grad, rotated[layer.rows, layer.cols], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("config", [SparseGradConfig(k=17, selection="dynamic"), MePropConfig(k=17)], ids=["sparsegrad", "meprop"])
+@pytest.mark.parametrize("config", [SparseGradConfig(rotation="both", k=17, selection="dynamic"), MePropConfig(k=17)], ids=["sparsegrad", "meprop"])
 @pytest.mark.parametrize("opt", ["sgd", "sparse_adamw", "attached_sgd"])
 def test_dynamic_changes_exactly_k_entries_per_step(config, opt):
     _, model = calibrated("bert", config)
@@ -229,7 +229,7 @@ def test_dynamic_changes_exactly_k_entries_per_step(config, opt):
 
 
 def test_sparse_adamw_state_is_bounded():
-    _, model = calibrated("bert", SparseGradConfig(k=10, selection="dynamic"))
+    _, model = calibrated("bert", SparseGradConfig(rotation="both", k=10, selection="dynamic"))
     optimizer = SparseAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, state_factor=2)
     train_steps(model, "bert", n=6, optimizer=optimizer)
     for layer in model.sparse_layers().values():
@@ -239,7 +239,7 @@ def test_sparse_adamw_state_is_bounded():
 
 
 def test_fixed_changes_only_the_support():
-    base, model = calibrated("bert", SparseGradConfig(k=15, selection="fixed"))
+    base, model = calibrated("bert", SparseGradConfig(rotation="both", k=15, selection="fixed"))
     before = {n: adapted_weight(l) for n, l in model.sparse_layers().items()}
     train_steps(model, "bert", optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
     for name, layer in model.sparse_layers().items():
@@ -258,7 +258,7 @@ def test_fixed_changes_only_the_support():
 def test_bases_are_orthogonal_and_energy_sorted(arch):
     base = ARCHS[arch]().eval()
     batches = make_batches(arch, 4)
-    model = get_sparse_model(copy.deepcopy(base), SparseGradConfig(density=0.05))
+    model = get_sparse_model(copy.deepcopy(base), SparseGradConfig(rotation="both", density=0.05))
     torch.manual_seed(0)
     model.calibrate(batches, steps=4, show_progress=False)
     # replay the calibration's passes (same RNG → same dropout masks) to get its gradients
@@ -306,7 +306,7 @@ def test_gram_accumulation_equals_hosvd_of_the_stack(m, n, count):
 
 def test_calibration_leaves_model_and_rng_untouched():
     base = ARCHS["bert"]()
-    model = get_sparse_model(base, SparseGradConfig(density=0.05))
+    model = get_sparse_model(base, SparseGradConfig(rotation="both", density=0.05))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.eval()
     rng = torch.get_rng_state()
@@ -339,17 +339,17 @@ def test_calibration_is_streaming_not_stacking(monkeypatch):
         return real(model, layers, batches, loss_fn, on_grad_watched, desc, show_progress)
 
     monkeypatch.setattr(calibration, "gradient_pass", watching)
-    _, model = calibrated("bert", SparseGradConfig(density=0.05), steps=5)
+    _, model = calibrated("bert", SparseGradConfig(rotation="both", density=0.05), steps=5)
     report = model.calibration_report
     assert report.steps == 5 and set(report.eigh_seconds) == {l.group for l in model.sparse_layers().values()}
     assert peak[0] == 1
 
 
 def test_budget_matches_lora_rank_and_density():
-    model = get_sparse_model(ARCHS["bert"](), SparseGradConfig(match_lora_rank=2))
+    model = get_sparse_model(ARCHS["bert"](), SparseGradConfig(rotation="both", match_lora_rank=2))
     for layer in model.sparse_layers().values():
         assert layer.k == 2 * (layer.m + layer.n)
-    model = get_sparse_model(ARCHS["bert"](), SparseGradConfig(density=0.1))
+    model = get_sparse_model(ARCHS["bert"](), SparseGradConfig(rotation="both", density=0.1))
     for layer in model.sparse_layers().values():
         assert layer.k == round(0.1 * layer.m * layer.n)
     trainable, total = model.get_nb_trainable_parameters()
@@ -359,7 +359,7 @@ def test_budget_matches_lora_rank_and_density():
 
 
 def test_print_trainable_parameters(capsys):
-    model = get_sparse_model(ARCHS["bert"](), SparseGradConfig(k=10))
+    model = get_sparse_model(ARCHS["bert"](), SparseGradConfig(rotation="both", k=10))
     model.print_trainable_parameters()
     out = capsys.readouterr().out
     trainable, total = model.get_nb_trainable_parameters()
@@ -367,9 +367,9 @@ def test_print_trainable_parameters(capsys):
 
 
 def test_bases_reused_for_another_task(tmp_path):
-    base, model = calibrated("bert", SparseGradConfig(density=0.05))
+    base, model = calibrated("bert", SparseGradConfig(rotation="both", density=0.05))
     model.save_bases(tmp_path / "bases.safetensors")
-    other = get_sparse_model(copy.deepcopy(base), SparseGradConfig(k=12), bases=tmp_path / "bases.safetensors")
+    other = get_sparse_model(copy.deepcopy(base), SparseGradConfig(rotation="both", k=12), bases=tmp_path / "bases.safetensors")
     report = other.calibrate(make_batches("bert", 2, start=50), steps=2, show_progress=False)
     assert report.eigh_seconds == {}  # no new eigendecomposition: the saved bases are used
     for layer in other.sparse_layers().values():
@@ -386,7 +386,7 @@ def test_bases_reused_for_another_task(tmp_path):
 def test_reselect_in_chunks_equals_one_pass():
     """Scoring the layers one chunk at a time (bounded memory) swaps the same entries and seeds
     the same moments as scoring them all in one pass."""
-    _, model = calibrated("bert", SparseGradConfig(k=20, selection="fixed"))
+    _, model = calibrated("bert", SparseGradConfig(rotation="both", k=20, selection="fixed"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     train_steps(model, "bert", n=2, optimizer=optimizer)
     twin, twin_opt = copy.deepcopy((model, optimizer))
@@ -401,7 +401,7 @@ def test_reselect_in_chunks_equals_one_pass():
 
 
 def test_reselect_support_swaps_entries_and_keeps_outputs_defined():
-    _, model = calibrated("bert", SparseGradConfig(k=20, selection="fixed"))
+    _, model = calibrated("bert", SparseGradConfig(rotation="both", k=20, selection="fixed"))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     train_steps(model, "bert", n=2, optimizer=optimizer)
     before = {n: set(zip(l.rows.tolist(), l.cols.tolist())) for n, l in model.sparse_layers().items()}
@@ -417,7 +417,7 @@ def test_reselect_support_swaps_entries_and_keeps_outputs_defined():
 
 
 def test_support_block_restricts_rows_and_columns():
-    _, model = calibrated("bert", SparseGradConfig(k=30, support_rows=8, support_cols=6))
+    _, model = calibrated("bert", SparseGradConfig(rotation="both", k=30, support_rows=8, support_cols=6))
     for layer in model.sparse_layers().values():
         assert int(layer.rows.max()) < 8 and int(layer.cols.max()) < 6
 
@@ -425,7 +425,7 @@ def test_support_block_restricts_rows_and_columns():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_dtype_follows_the_model(dtype):
     base = ARCHS["llama"]().to(dtype)
-    model = get_sparse_model(base, SparseGradConfig(density=0.05))
+    model = get_sparse_model(base, SparseGradConfig(rotation="both", density=0.05))
     model.calibrate(make_batches("llama", 2), steps=2, show_progress=False)
     for layer in model.sparse_layers().values():
         assert model.bases.full(layer.group, "P").dtype == dtype
@@ -446,7 +446,7 @@ def _scaled_close(actual, expected, rtol=1e-5):
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_both_compute_paths_equal_the_explicit_formula(selection, path, arch):
     """y = x (W0 + P Δ̃ Qᵀ)ᵀ + b with Δ̃ the dense rotated update, for large random values."""
-    _, model = calibrated(arch, SparseGradConfig(density=0.2, selection=selection, compute_path=path))
+    _, model = calibrated(arch, SparseGradConfig(rotation="both", density=0.2, selection=selection, compute_path=path))
     g = torch.Generator().manual_seed(3)
     for name, layer in model.sparse_layers().items():
         param = layer.values if selection == "fixed" else layer.delta
@@ -478,7 +478,7 @@ def test_both_compute_paths_equal_the_explicit_formula(selection, path, arch):
 
 
 def test_deep_copy_keeps_dynamic_selection():
-    _, model = calibrated("bert", SparseGradConfig(k=5, selection="dynamic"))
+    _, model = calibrated("bert", SparseGradConfig(rotation="both", k=5, selection="dynamic"))
     clone = copy.deepcopy(model).train()
     clone(**make_batch("bert", 1)).loss.backward()
     for layer in clone.sparse_layers().values():
@@ -487,7 +487,7 @@ def test_deep_copy_keeps_dynamic_selection():
 
 
 def test_dense_optimizer_state_in_dynamic_mode_is_not_silent():
-    _, model = calibrated("bert", SparseGradConfig(k=5, selection="dynamic"))
+    _, model = calibrated("bert", SparseGradConfig(rotation="both", k=5, selection="dynamic"))
     with pytest.warns(UserWarning, match="SparseAdamW"):
         train_steps(model, "bert", n=1, optimizer=torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]))
     import warnings

@@ -94,7 +94,9 @@ def test_sparse_layer_properties(m, n, density, dtype, selection, identity, comp
     g = net.proj.double().expand(3, m)
     G = g.T @ x.double()  # dense weight gradient, m×n
     if not identity:
-        G = model.bases.full(layer.group, "P").double().T @ G @ model.bases.full(layer.group, "Q").double()
+        P = layer.basis.matrix("P", slice(None), m).double()  # the default rotates one side: I on the other
+        Q = layer.basis.matrix("Q", slice(None), n).double()
+        G = P.T @ G @ Q
     if selection == "fixed":
         want = G[layer.rows, layer.cols]
         torch.testing.assert_close(layer.values.grad.double(), want, atol=8 * tol * (1 + float(G.abs().max())), rtol=8 * tol)

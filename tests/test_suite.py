@@ -144,10 +144,11 @@ def test_method_variants_by_name() -> None:
     assert split_methods("lora-mlp,sparsegrad[support_criterion=snr;support_narrow=8],meprop") == [
         "lora-mlp", "sparsegrad[support_criterion=snr;support_narrow=8]", "meprop"]
     name = canonical("sparsegrad[support_narrow=8;support_criterion=snr]")
-    assert name == "sparsegrad-fixed[support_criterion=snr;support_narrow=8]"
-    assert DEFAULT_LR[name] == DEFAULT_LR["sparsegrad-fixed"]
-    # the name says the support: a gradient criterion is sparsegrad-fixed, "random" the default sparsegrad-random
-    assert canonical("sparsegrad") == "sparsegrad-random"
+    assert name == "sparsegrad-onesided[support_criterion=snr;support_narrow=8]"  # the default's variant
+    assert DEFAULT_LR[name] == DEFAULT_LR["sparsegrad-onesided"]
+    # the default is one-sided; among the two-sided names a gradient criterion is sparsegrad-fixed,
+    # "random" sparsegrad-random
+    assert canonical("sparsegrad") == "sparsegrad-onesided"
     assert canonical("sparsegrad-random[support_criterion=sum]") == "sparsegrad-fixed[support_criterion=sum]"
     assert canonical("sparsegrad-fixed[support_criterion=random]") == "sparsegrad-random[support_criterion=random]"
     prepared = prepare(name, tiny_bert(), rank=2)

@@ -364,9 +364,16 @@ class OneSidedBasis:
         return self.bank.version(self.group)
 
     def _scatter(self, part: torch.Tensor, idx: Index, size: int, dim: int) -> torch.Tensor:
-        """A zero matrix with ``part`` at the rows (dim 0) or columns (dim 1) ``idx`` of ``size``."""
+        """A zero matrix with ``part`` at the rows (dim 0) or columns (dim 1) ``idx`` of ``size``
+        (``part`` itself when ``idx`` is all of them, the usual case of a random support)."""
+        if isinstance(idx, slice) and idx == slice(0, size):
+            return part
         shape = (size, part.shape[1]) if dim == 0 else (part.shape[0], size)
-        return part.new_zeros(shape).index_copy(dim, _arange(idx, size, part.device), part)
+        out = part.new_zeros(shape)
+        if isinstance(idx, slice):
+            out.narrow(dim, idx.start, idx.stop - idx.start).copy_(part)
+            return out
+        return out.index_copy(dim, idx, part)
 
     def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
         if self.identity_side == "P":
@@ -444,10 +451,10 @@ class IdentityBasis:
 
     def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
         out = D.new_zeros(m, n)
-        if isinstance(rows, slice):
+        if isinstance(rows, slice) and isinstance(cols, slice):
             out[rows, cols] = D
         else:
-            out[rows.unsqueeze(1), cols] = D
+            out[_arange(rows, m, D.device).unsqueeze(1), _arange(cols, n, D.device)] = D
         return out
 
     def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:

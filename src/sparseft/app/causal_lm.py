@@ -306,24 +306,27 @@ def run_causal_lm(
 
 
 # ----------------------------------------------------------------------------- memory at scale
-def sparsegrad_memory(hidden: int, intermediate: int, layers: int, rank: int = 8, model_bytes: int = 2) -> dict[str, int]:
+def sparsegrad_memory(hidden: int, intermediate: int, layers: int, rank: int = 8, model_bytes: int = 2,
+                      rotation: str = "narrow") -> dict[str, int]:
     """Bytes SparseGrad needs on a LLaMA-shaped model (MLP gate/up: hidden→intermediate, down:
     intermediate→hidden), with the budget of LoRA at ``rank`` (k = r·(m+n) per layer).
 
-    - ``gram_bytes``: calibration Grams, float32, all three groups at once: 3·(I² + H²)·4.
-    - ``bases_bytes``: one (P, Q) pair per group in the model dtype: 3·(I² + H²)·model_bytes.
+    - ``gram_bytes``: calibration Grams, float32, all three groups at once: 3·H²·4 with the
+      default ``rotation="narrow"`` (each group rotates its H side only), 3·(I² + H²)·4 with "both".
+    - ``bases_bytes``: the rotated sides' bases in the model dtype: 3·H² (or 3·(I² + H²)) numbers.
     - ``fixed_state_bytes``: fixed selection: values + gradient + AdamW moments (float32, 16 B per
       entry) and the support index (``support_index_bytes``: an int32 position per entry, and
       the distinct rows R and columns C, int64, at most H + I of them per layer).
     - ``dynamic_state_bytes``: dynamic selection: the dense float32 delta and its gradient per
       layer (8 B per weight) plus SparseAdamW state for 8·k entries (32 B each).
     - ``lora_state_bytes``: LoRA at ``rank`` on the same layers (float32 params, grads, AdamW).
-    - ``support_scores_bytes``: the fixed-support scoring pass keeps a float32 m×n score per layer.
+    - ``support_scores_bytes``: a gradient support criterion scores a float32 m×n per layer (in
+      chunks of ``calibrate(max_score_bytes=...)``; the default random support scores nothing).
     """
     mn = hidden * intermediate
     n_layers = 3 * layers
     k = rank * (hidden + intermediate)
-    basis_numbers = 3 * (intermediate**2 + hidden**2)
+    basis_numbers = 3 * (hidden**2 if rotation == "narrow" else intermediate**2 + hidden**2)
     return {
         "k_per_layer": k,
         "gram_bytes": basis_numbers * 4,

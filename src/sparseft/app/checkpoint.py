@@ -252,7 +252,7 @@ def load_checkpoint(
         if isinstance(model, SparseModel):
             weight = next(iter(model.sparse_layers().values())).base_layer.weight
             if any(k.startswith("bases.") for k in tensors):
-                model.bases.load(tensors, model._group_shapes(), weight.device, weight.dtype)
+                model.bases.load(tensors, model._group_shapes(), weight.device, weight.dtype, model._group_parts())
             for name, layer in model.sparse_layers().items():
                 if f"support.{name}.rows" in tensors:
                     layer.set_support(tensors[f"support.{name}.rows"], tensors[f"support.{name}.cols"])

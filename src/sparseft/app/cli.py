@@ -411,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune with one method: a classifier (held-out accuracy) or, with --task causal-lm, a chat LM (held-out perplexity)")
     _add_common(train)
-    train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad (= sparsegrad-random: "
-                       "a random support in the rotated basis), sparsegrad-fixed (calibrated support), sparsegrad-dynamic, "
+    train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad (= sparsegrad-onesided: "
+                       "a random support, the narrow side rotated), sparsegrad-random (both sides rotated), sparsegrad-fixed "
+                       "(calibrated support), sparsegrad-dynamic, "
                        "s2ft, shira, supertuning; ablation meprop-fixed; variants of the sparse methods "
                        "with config fields: 'sparsegrad[support_narrow=auto]', 'sparsegrad-fixed[support_criterion=snr]'")
     train.add_argument("--lr", type=_positive(float), help="learning rate (default: the method's default)")
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     for action in bench._actions:
         if action.dest == "threads":
             action.help = f"torch CPU threads per worker (default 1; with --jobs 1: {THREADS_RULE})"
-    bench.add_argument("--methods", help="comma list (default: every method the task supports; head is classification only): full,head,lora-mlp,lora-attn,meprop,sparsegrad-random,sparsegrad-dynamic,s2ft; sparsegrad-fixed, shira, supertuning by name")
+    bench.add_argument("--methods", help="comma list (default: every method the task supports; head is classification only): full,head,lora-mlp,lora-attn,meprop,sparsegrad-onesided,sparsegrad-dynamic,s2ft; sparsegrad-random, sparsegrad-fixed, shira, supertuning by name")
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
     bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")

@@ -230,7 +230,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
-    reselect = settings.reselect_every if parse_method(method)[0] in ("sparsegrad-fixed", "sparsegrad-random") else None
+    reselect = settings.reselect_every if parse_method(method)[0] in ("sparsegrad-fixed", "sparsegrad-random", "sparsegrad-onesided") else None
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
