@@ -69,11 +69,11 @@ def build(variant: str, rank: int, world: int, calib: dict[str, torch.Tensor] | 
     # abs-sum: the test compares 1- and 2-process calibration to round-off, which holds for a
     # gradient-chosen support (leading directions); a random support also trains directions at the
     # Gram's round-off level, which differ between any two calibrations (docs/sparsegrad.md)
-    model = get_sparse_model(tiny_bert(), SparseGradConfig(density=0.05, selection=selection, support_criterion="abs-sum"))
+    model = get_sparse_model(tiny_bert(), SparseGradConfig(density=0.05, selection=selection, support_criterion="abs-sum", rotation="both"))
     if calib is None:
         model.calibrate(calibration_batches(rank, world), steps=100, show_progress=False)
     else:
-        model.bases.load(calib, model._group_shapes(), "cpu", torch.float32)
+        model.bases.load(calib, model._group_shapes(), "cpu", torch.float32, model._group_parts())
         for name, layer in model.sparse_layers().items():
             if selection == "fixed":
                 layer.set_support(calib[f"{name}.rows"], calib[f"{name}.cols"])
