@@ -86,7 +86,8 @@ def build(method: str, base: Block, rank: int, seed: int):
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     selection = "fixed" if "-fixed" in method else "dynamic"
     cls = MePropConfig if method.startswith("meprop") else SparseGradConfig
-    extra = {"rotation": "narrow"} if "-1side" in method else {}
+    # the methods without "-1side" are the paper's two-sided rotation (the library default is one-sided)
+    extra = {} if cls is MePropConfig else {"rotation": "narrow" if "-1side" in method else "both"}
     model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
                                         support_narrow=narrow, cache_update=True if method.endswith("-cached") else None, **extra))
     for layer in model.sparse_layers().values():
