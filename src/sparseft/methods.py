@@ -426,8 +426,8 @@ register_method(Method("sparsegrad-random", "k rotated MLP entries at random, bo
                        in_default_bench=False, takes_options=True))
 # The default SparseGrad (SparseGradConfig()): the random support with only each layer's narrow
 # side rotated. As accurate as sparsegrad-random on the suite in both regimes (paired difference
-# +0.04 [-1.20, +1.19] peft, -0.13 [-0.68, +0.50] paper; docs/benchmark.md) at half its step
-# time (docs/performance.md). The suite chose 9e-3 on all three tasks in the peft regime.
+# +0.04 [-1.20, +1.19] peft, -0.13 [-0.68, +0.50] paper; docs/benchmark.md) at ~60% of its step
+# time (1.16x LoRA-MLP against 1.86x on the real MiniLM; docs/performance.md). The suite chose 9e-3 on all three tasks in the peft regime.
 register_method(Method("sparsegrad-onesided", "k MLP entries at random, the narrow side rotated (the default SparseGrad)",
                        _sparsegrad("fixed", support_criterion="random", rotation="narrow"), {"classification": 3e-3, "causal-lm": 1e-3},
                        takes_options=True), aliases=["sparsegrad"])
