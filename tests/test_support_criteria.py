@@ -112,3 +112,6 @@ def test_rotation_is_checked() -> None:
         MePropConfig(rotation="narrow")
     config = SparseGradConfig(rotation="narrow")
     assert SparseGradConfig.from_dict(config.to_dict()).rotation == "narrow"
+    # an adapter config written before the field existed was trained two-sided, and loads so
+    old = {k: v for k, v in SparseGradConfig().to_dict().items() if k != "rotation"}
+    assert SparseGradConfig.from_dict(old).rotation == "both"

@@ -202,7 +202,12 @@ class SparseConfig:
         unknown = set(data) - names - {"method", "identity_bases"}
         if unknown:
             raise ConfigError(f"Unknown config keys {sorted(unknown)} for method {method!r}.")
-        return target(**{k: v for k, v in data.items() if k in names})
+        kwargs = {k: v for k, v in data.items() if k in names}
+        # Adapters saved before `rotation` existed were trained with both sides rotated: reading
+        # them with today's one-sided default would silently compute another model.
+        if "rotation" in names and "rotation" not in data:
+            kwargs["rotation"] = "both"
+        return target(**kwargs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
