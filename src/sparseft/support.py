@@ -120,15 +120,12 @@ class FixedSupport:
 
     def sampled_grad(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """The k entries of ``leftᵀ right`` (left N×a, right N×b) at the support, in the order of
-        ``values``, by SDDMM: N·k multiply-adds instead of the N·a·b of the whole product. The
-        kernel wants its first factor row-major, so the narrower of the two is the one transposed
-        (a copy of N·min(a, b) numbers instead of N·a): Dᵀ = rightᵀ left on the transposed
-        pattern when b < a."""
-        side = "Q" if left.shape[1] <= right.shape[1] else "P"
-        first, second = (left, right) if side == "Q" else (right, left)
-        mask = self.csr(left.new_zeros(self.k), side)
-        entries = torch.sparse.sampled_addmm(mask, first.T.contiguous(), second, beta=0.0).values()
-        order = self._patterns[side][2]
+        ``values``, by SDDMM: N·k multiply-adds instead of the N·a·b of the whole product. (The
+        CPU kernel makes both factors contiguous along N, one copy of each: measured, handing it
+        the factors the other way round saves nothing.)"""
+        mask = self.csr(left.new_zeros(self.k), "Q")
+        entries = torch.sparse.sampled_addmm(mask, left.T, right, beta=0.0).values()
+        order = self._patterns["Q"][2]
         return torch.empty_like(entries).index_copy_(0, order, entries)
 
     def index(self) -> tuple[torch.Tensor | slice, torch.Tensor | slice]:
