@@ -206,3 +206,8 @@ def test_variant_names_show_whole_not_as_markup(capsys):
                   for m in ("lora-mlp", variant)]
     print_table(suite_rows, SuiteSettings())
     assert variant in capsys.readouterr().out
+    # also in the --compare-to column's header
+    compared = [dict(r, compare_to=variant, diff_vs_compare=r["diff_vs_lora_mlp"]) for r in suite_rows]
+    print_table(compared, SuiteSettings())
+    header = capsys.readouterr().out.split("pooled", 1)[0]  # the title and the header rows
+    assert "[support_narrow=" in header

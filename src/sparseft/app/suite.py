@@ -586,7 +586,7 @@ def print_table(records: list[dict[str, Any]], settings: SuiteSettings) -> None:
     table = Table(title=f"sparseft suite: {settings.regime} regime, {settings.model}, {settings.steps} steps, "
                         f"{settings.seeds} seeds (Δ = paired difference to lora-mlp, accuracy points)")
     for h in headers:
-        table.add_column(h, justify="left" if h in ("task", "method") else "right", overflow="fold")
+        table.add_column(Text(h), justify="left" if h in ("task", "method") else "right", overflow="fold")  # a variant in a header is no markup either
     for r in rows:
         table.add_row(*(Text(c) for c in r))  # plain text: a variant's "[...]" is not rich markup
     Console(width=max(170, Console().width)).print(table)
