@@ -265,6 +265,7 @@ class RotatedBasis:
 
     is_identity = False
     rotated_parts = ("P", "Q")
+    label = "rotated"
 
     def __init__(self, bank: BasisBank, group: str) -> None:
         self.bank, self.group = bank, group
@@ -350,6 +351,7 @@ class OneSidedBasis:
         self.identity_size = identity_size  # m ("P") or n ("Q"): the rows or columns of W
         self.rotated_side = "Q" if identity_side == "P" else "P"
         self.rotated_parts = (self.rotated_side,)
+        self.label = f"{self.rotated_side}-rotated"
 
     def _B(self, idx: Index) -> torch.Tensor:
         """Columns of the rotated side's basis."""
@@ -441,6 +443,7 @@ class IdentityBasis:
 
     is_identity = True
     rotated_parts: tuple[str, ...] = ()
+    label = "identity"
 
     @staticmethod
     def matrix(side: str, idx: Index, size: int) -> torch.Tensor:

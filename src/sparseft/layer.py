@@ -331,8 +331,7 @@ class SparseLinear(BaseTunerLayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        basis = "identity" if self.identity else f"{self.basis.rotated_side}-rotated" if isinstance(self.basis, OneSidedBasis) else "rotated"
-        return f"{self.m}x{self.n}, k={self.k}, selection={self.selection}, bases={basis}, block={self.block}"
+        return f"{self.m}x{self.n}, k={self.k}, selection={self.selection}, bases={self.basis.label}, block={self.block}"
 
 
 def adapted_weight(layer: SparseLinear) -> torch.Tensor:
