@@ -71,6 +71,10 @@ class SparseConfig:
     # Gram the dearest part of calibration (an m×m eigh); "narrow" skips both, and the suite
     # found no accuracy difference (docs/benchmark.md).
     rotation: str = "narrow"
+    # One basis pair per layer *group* (the same role in every block, e.g. all up-projections:
+    # the paper's HOSVD of the group's stacked gradients), or False: one pair per layer, from
+    # that layer's gradients alone (as many bases to store as layers).
+    shared_bases: bool = True
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead
@@ -141,6 +145,8 @@ class SparseConfig:
             raise ConfigError("reselect_every must be a positive number of optimizer steps, or None.")
         if not (0.0 < self.reselect_fraction <= 1.0):
             raise ConfigError("reselect_fraction must be in (0, 1].")
+        if not isinstance(self.shared_bases, bool):
+            raise ConfigError(f"shared_bases must be True (one basis per layer group) or False (one per layer), got {self.shared_bases!r}.")
         if self.support_criterion not in SUPPORT_CRITERIA:
             raise ConfigError(f"support_criterion={self.support_criterion!r} is not known; use one of {list(SUPPORT_CRITERIA)}.")
         if self.rotation not in ROTATIONS:

@@ -196,9 +196,27 @@ def parse_method(method: str) -> tuple[str, dict]:
         ablations = [n for n, m in REGISTRY.items() if m.ablation]
         raise ConfigError(f"Unknown method {method!r}; choose from {', '.join(_listed())} (or {', '.join(ALIASES)}; "
                           f"ablations: {', '.join(ablations)}).")
-    if options and not REGISTRY[name].takes_options:
-        raise ConfigError(f"Method {name!r} takes no [options]; variants are for the sparse methods (SparseGrad, MeProp).")
+    if set(options) - set(TRAINING_OPTIONS) and not REGISTRY[name].takes_options:
+        raise ConfigError(f"Method {name!r} takes no config [options]; variants are for the sparse methods (SparseGrad, "
+                          f"MeProp); every method takes the training options {', '.join(TRAINING_OPTIONS)}.")
     return name, options
+
+
+# Variant options that set the training loop, not the method's config: the study varies them per
+# method inside one suite run ("sparsegrad[calibration_steps=40]", "sparsegrad[warmup_fraction=0.2]").
+TRAINING_OPTIONS = ("calibration_steps", "warmup_fraction")
+
+
+def training_options(method: str) -> dict:
+    """The training-loop settings a variant overrides, checked: {"calibration_steps": 40}."""
+    options = {k: v for k, v in parse_method(method)[1].items() if k in TRAINING_OPTIONS}
+    steps = options.get("calibration_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"Method {method!r}: calibration_steps must be a positive whole number of batches, got {steps!r}.")
+    warmup = options.get("warmup_fraction")
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1):
+        raise ConfigError(f"Method {method!r}: warmup_fraction must be a fraction of the steps in [0, 1), got {warmup!r}.")
+    return options
 
 
 def canonical(method: str) -> str:
@@ -243,6 +261,8 @@ def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None 
     if regime not in REGIMES:
         raise ConfigError(f"regime={regime!r} is not known; use 'peft' (adapters and head train) or 'paper' (all but the MLPs train).")
     name, options = parse_method(method)
+    training_options(method)  # checked here, applied by the training loop
+    options = {k: v for k, v in options.items() if k not in TRAINING_OPTIONS}
     mlp = {id(p) for t in find_targets(model) for p in model.get_submodule(t.name).parameters()}
     prepared = REGISTRY[name].build(model, Budget(rank, density, support_narrow, options))
     if regime == "paper" and name != "full":
@@ -441,5 +461,5 @@ register_method(Method("supertuning", "peft Super-Tuning: magnitude-chosen MLP e
                        {"classification": 1e-3, "causal-lm": 1e-3}, in_default_bench=False))
 
 
-__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "bench_methods", "canonical", "method_spec", "parse_method", "split_methods", "default_lrs",
+__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "TRAINING_OPTIONS", "bench_methods", "canonical", "method_spec", "parse_method", "split_methods", "training_options", "default_lrs",
            "prepare", "register_method"]

@@ -64,7 +64,7 @@ class SparseModel(BaseTuner):
         return self.tuner_config
 
     def _setup(self, model: nn.Module, bases: str | os.PathLike | None = None) -> None:
-        self.targets: list[Target] = find_targets(model, self.tuner_config.target_modules)
+        self.targets: list[Target] = find_targets(model, self.tuner_config.target_modules, self.tuner_config.shared_bases)
         self.fingerprint = base_fingerprint(model, self.targets)
         self._saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
         self.bases = BasisBank()
@@ -367,7 +367,7 @@ class SparseModel(BaseTuner):
     @classmethod
     def _check_fit(cls, model: nn.Module, config: SparseConfig, meta: dict[str, Any],
                    bases: str | os.PathLike | None = None) -> None:
-        targets = find_targets(model, config.target_modules)
+        targets = find_targets(model, config.target_modules, config.shared_bases)
         saved_targets = [tuple(t) for t in meta["targets"]]
         ours = [(t.name, t.group, t.m, t.n) for t in targets]
         if saved_targets != ours:

@@ -67,8 +67,9 @@ def _matches(name: str, target_modules: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
-def find_targets(model: nn.Module, target_modules: list[str] | str | None = None) -> list[Target]:
-    """The adaptable layers of ``model``: its MLP layers, or those ``target_modules`` names."""
+def find_targets(model: nn.Module, target_modules: list[str] | str | None = None, shared: bool = True) -> list[Target]:
+    """The adaptable layers of ``model``: its MLP layers, or those ``target_modules`` names.
+    ``shared``: layers of one role share a group (one basis pair); False: each its own group."""
     found: list[Target] = []
     for name, module in model.named_modules():
         if not name:
@@ -84,7 +85,8 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None = None
                 )
             continue
         m, n = weight_of(module).shape
-        found.append(Target(name=name, group=_group_of(name, m, n), m=int(m), n=int(n)))
+        group = _group_of(name, m, n) if shared else f"{name}:{m}x{n}"
+        found.append(Target(name=name, group=group, m=int(m), n=int(n)))
     if not found:
         linear = [n for n, mod in model.named_modules() if is_adaptable(mod)][:8]
         how = f"target_modules={target_modules!r} matched" if target_modules is not None else "no known MLP layer pattern matched"

@@ -24,7 +24,7 @@ from ..calibration import move_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
 from ..errors import ConfigError
-from ..methods import DEFAULT_LR, Prepared, canonical, parse_method, prepare
+from ..methods import DEFAULT_LR, Prepared, canonical, parse_method, prepare, training_options
 from .metrics import peak_rss_bytes, state_bytes
 from ..progress import progress
 
@@ -149,8 +149,17 @@ def fit(
     """The training loop shared by every task: calibrate if the method needs it, AdamW-style
     optimizer with linear warm-up/decay, ``steps`` shuffled batches of ``train`` (a dict of
     tensors), optional support re-selection and resumable checkpoints. ``on_step(step, model)``
-    runs after each step, outside the timed part (e.g. evaluations during training)."""
+    runs after each step, outside the timed part (e.g. evaluations during training).
+
+    A variant's training options (``method[calibration_steps=40;warmup_fraction=0.2]``) override
+    the arguments; ``reselect_every`` falls back to the method config's own."""
     model = prepared.model
+    overrides = training_options(method)
+    calibration_steps = overrides.get("calibration_steps", calibration_steps)
+    warmup_fraction = overrides.get("warmup_fraction", warmup_fraction)
+    config = getattr(prepared.sparse, "sparse_config", None) if prepared.sparse is not None else None
+    if reselect_every is None and config is not None and config.selection == "fixed":
+        reselect_every = config.reselect_every
     reselect_batches = batches(train, batch_size, seed=20_000 + seed) if reselect_every else None
     resume = latest_checkpoint(resume_dir) if resume_dir else None
     calibration_s = 0.0
