@@ -30,7 +30,7 @@ def _per_step_grads(batches):
     return grads
 
 
-@pytest.mark.parametrize("criterion", ["abs-sum", "sum", "snr"])
+@pytest.mark.parametrize("criterion", ["abs-sum", "sum", "snr", "balanced"])
 @pytest.mark.parametrize("config_class", [SparseGradConfig, MePropConfig, "one-sided"])
 def test_support_is_the_topk_of_the_criterion(criterion: str, config_class) -> None:
     batches = [make_batch("bert", i) for i in range(3)]
@@ -46,12 +46,25 @@ def test_support_is_the_topk_of_the_criterion(criterion: str, config_class) -> N
         P = layer.basis.matrix("P", slice(None), layer.m).float()  # I on an identity side
         Q = layer.basis.matrix("Q", slice(None), layer.n).float()
         rotated = torch.stack([P.T @ g @ Q for g in grads[name]])
-        score = {"abs-sum": rotated.abs().sum(0), "sum": rotated.sum(0).abs(),
-                 "snr": rotated.sum(0).abs() / rotated.pow(2).sum(0).sqrt()}[criterion]
+        total = rotated.abs().sum(0)
+        score = {"abs-sum": total, "sum": rotated.sum(0).abs(),
+                 "snr": rotated.sum(0).abs() / rotated.pow(2).sum(0).sqrt(),
+                 "balanced": total / (total.sum(1, keepdim=True) * total.sum(0, keepdim=True)).sqrt()}[criterion]
         chosen = score[layer.rows, layer.cols]
         outside = score.clone()
         outside[layer.rows, layer.cols] = -1
         assert float(chosen.min()) >= float(outside.max()) * (1 - 1e-4), name
+
+
+def test_balanced_support_spreads_over_more_rows_and_columns() -> None:
+    """Energy per row/column: the same k entries touch more rotated rows and columns than Σ|G̃|'s."""
+    spread = {}
+    for criterion in ("abs-sum", "balanced"):
+        torch.manual_seed(0)
+        model = get_sparse_model(bert(), SparseGradConfig(k=40, support_criterion=criterion, rotation="both"))
+        report = model.calibrate([make_batch("bert", i) for i in range(3)], steps=3, show_progress=False)
+        spread[criterion] = sum(r + c for r, c in report.support_spread.values())
+    assert spread["balanced"] > spread["abs-sum"], spread
 
 
 def test_criteria_choose_differently_and_random_ignores_gradients() -> None:

@@ -309,7 +309,7 @@ def _score_pass(model: nn.Module, layers: Mapping[str, SparseLinear], batches: l
     def score(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
         R = _rotated_block(layer, G)
         first = sums[name][0]
-        if criterion == "abs-sum":
+        if criterion in ("abs-sum", "balanced"):
             first.add_(R.abs())
         else:
             first.add_(R)
@@ -332,10 +332,16 @@ def support_scores(criterion: str, first: torch.Tensor, second: torch.Tensor) ->
     - ``abs-sum``: Σ_s |G̃_s| (``first`` holds it): large however the sign varies;
     - ``sum``: |Σ_s G̃_s|: large where the steps agree (the update a full step would make);
     - ``snr``: |Σ_s G̃_s| / sqrt(Σ_s G̃_s²): agreement relative to the noise, scale-free;
+    - ``balanced``: Σ_s |G̃_s| divided by the geometric mean of its row's and column's totals
+      (energy per row/column), so that the top k spread over many rows and columns instead of
+      filling the few leading ones (a concentrated support makes a low-rank update);
     - ``random``: no gradient (handled by the caller; SHiRA-like supports for ablations).
     """
     if criterion == "abs-sum":
         return first
+    if criterion == "balanced":
+        rows, cols = first.sum(1, keepdim=True), first.sum(0, keepdim=True)
+        return first / (rows * cols).sqrt().clamp(min=1e-30)
     if criterion == "sum":
         return first.abs()
     if criterion == "snr":

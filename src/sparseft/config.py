@@ -20,7 +20,7 @@ from .errors import ConfigError
 Selection = Literal["fixed", "dynamic"]
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ComputePath = Literal["auto", "activations", "weights"]
-SUPPORT_CRITERIA = ("abs-sum", "sum", "snr", "random")  # see sparseft.calibration.support_scores
+SUPPORT_CRITERIA = ("abs-sum", "sum", "snr", "balanced", "random")  # see sparseft.calibration.support_scores
 ROTATIONS = ("both", "narrow")  # which sides of a layer SparseGrad rotates (see SparseConfig.rotation)
 NARROW_COST_SHARE = 0.1  # support_narrow="auto": value-gradient cost / frozen 2Nmn
 
@@ -61,7 +61,8 @@ class SparseConfig:
     # None: no restriction.
     support_narrow: int | str | None = None
     # Fixed selection: how calibration scores each rotated entry from the per-step rotated
-    # gradients G̃_s: "abs-sum" Σ|G̃_s| (default), "sum" |ΣG̃_s|, "snr" |ΣG̃_s|/sqrt(ΣG̃_s²), or
+    # gradients G̃_s: "abs-sum" Σ|G̃_s|, "sum" |ΣG̃_s|, "snr" |ΣG̃_s|/sqrt(ΣG̃_s²), "balanced"
+    # Σ|G̃_s| over the geometric mean of its row's and column's Σ|G̃_s| (energy per row/column), or
     # "random" (no gradient: a seeded random support, for ablations).
     support_criterion: str = "random"
     # Which sides SparseGrad rotates: "narrow" (default): only the layer's narrow side (the model
