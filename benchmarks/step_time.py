@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from sparseft import MePropConfig, SparseAdamW, SparseGradConfig, get_sparse_model
-from sparseft.bases import eigenbasis
+from sparseft.bases import block_bounds, eigenbasis
 from sparseft.layer import GRAD_PATHS, SparseLinear
 
 SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (576, 1536, nn.SiLU)}
@@ -44,10 +44,11 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # optimizer steps (cache_update=True); meprop-fixed is a fixed random support in the original
 # basis (SHiRA's arithmetic, through this library's SDDMM path); shira is peft's own.
 # "-1side" rotates only each layer's narrow side (rotation="narrow"), alone and with the
-# narrow-side cost budget (support_narrow="auto").
+# narrow-side cost budget (support_narrow="auto"); "-blocksB": block-diagonal bases with B
+# diagonal blocks (basis_blocks=B).
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
                             "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
-                            "sparsegrad-dynamic-1side")
+                            "sparsegrad-fixed-1side-blocks4", "sparsegrad-dynamic-1side")
 
 
 class Block(nn.Module):
@@ -63,9 +64,15 @@ def orthogonal(size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(size, size, generator=gen))[0]
 
 
+def block_orthogonal(size: int, blocks: int, gen: torch.Generator) -> torch.Tensor:
+    """A random orthogonal basis, block-diagonal with ``blocks`` blocks as calibration makes them."""
+    return torch.block_diag(*(orthogonal(b - a, gen) for a, b in block_bounds(size, blocks)))
+
+
 def build(method: str, base: Block, rank: int, seed: int):
     """(model, optimizer) for ``method`` on a copy of ``base``; ``sparsegrad-fixed-narrowL``
     restricts each layer's support to the leading L directions of its narrow side."""
+    blocks = int(method.rsplit("-blocks", 1)[1]) if "-blocks" in method else 1
     tag = method.rsplit("narrow", 1)[1] if "narrow" in method else ""
     narrow = "auto" if tag == "auto" else int(tag) if tag else None
     block = copy.deepcopy(base)
@@ -89,14 +96,15 @@ def build(method: str, base: Block, rank: int, seed: int):
     # the methods without "-1side" are the paper's two-sided rotation (the library default is one-sided)
     extra = {} if cls is MePropConfig else {"rotation": "narrow" if "-1side" in method else "both"}
     model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
-                                        support_narrow=narrow, cache_update=True if method.endswith("-cached") else None, **extra))
+                                        support_narrow=narrow, cache_update=True if method.endswith("-cached") else None,
+                                        **extra, **({"basis_blocks": blocks} if blocks > 1 else {})))
     for layer in model.sparse_layers().values():
         if not method.startswith("meprop"):
             # Bases are random orthogonal here: step time depends on the support's shape, not on
             # which basis it is; real supports are measured by benchmarks/supports.py.
             if not model.bases.has(layer.group):
-                P, Q = (orthogonal(size, gen).to(weight.device, weight.dtype) if part in layer.basis.rotated_parts else None
-                        for part, size in (("P", layer.m), ("Q", layer.n)))
+                P, Q = (block_orthogonal(size, blocks, gen).to(weight.device, weight.dtype) if part in layer.basis.rotated_parts
+                        else None for part, size in (("P", layer.m), ("Q", layer.n)))
                 model.bases.set(layer.group, P, Q)
         if selection == "fixed":  # a random support of the allowed block (narrowL: L leading narrow directions)
             layer.choose_support(torch.rand(layer.block, generator=gen))
@@ -293,7 +301,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel="training step s", title=shape)
         ax.legend(fontsize=7)
     ax = axes[-1]
-    for shape in shapes:
+    for shape in shapes if "sparsegrad-dynamic" in METHODS else ():
         per_n = results["step_time"][shape]
         tokens = sorted(int(n) for n in per_n)
         ax.plot(tokens, [per_n[str(n)]["vs_full"]["sparsegrad-dynamic"] for n in tokens], marker="o", label=f"{shape} measured")
@@ -331,13 +339,14 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
         Ls = [SparseGradConfig(support_narrow=L).narrow_directions(m, n) for m, n in layers]
         out[f"sparsegrad-fixed-narrow{L}"] = sparse([(m, min(n, l)) if m > n else (min(m, l), n) for (m, n), l in zip(layers, Ls)])
     out["sparsegrad-dynamic"] = base + sum(merge_cost(m, n, m, n) + min(grad_costs(tokens, m, n, m, n).values()) for m, n in layers)
-    for name, narrowed in (("sparsegrad-fixed-1side", False), ("sparsegrad-fixed-1side-narrowauto", True)):
+    for name, narrowed, blocks in (("sparsegrad-fixed-1side", False, 1), ("sparsegrad-fixed-1side-narrowauto", True, 1),
+                                   ("sparsegrad-fixed-1side-blocks4", False, 4)):
         total = base
         for m, n in layers:
             k = rank * (m + n)
             L = SparseGradConfig(support_narrow="auto").narrow_directions(m, n) if narrowed else min(m, n)
             a, b = (m, min(n, L)) if m > n else (min(m, L), n)
-            costs = one_sided_costs(tokens, m, n, a, b, k, "P" if m > n else "Q")
+            costs = one_sided_costs(tokens, m, n, a, b, k, "P" if m > n else "Q", blocks)
             total += 2 * costs["merge"] + min(costs[p] for p in costs if p not in ("merge", "factored"))
         out[name] = total
     dyn = base
@@ -366,6 +375,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda: where the block trains (cuda: step time and memory sections only)")
     ap.add_argument("--steps-only", action="store_true", help="only the step-time and memory sections")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the frozen block's dtype (trained values stay float32)")
+    ap.add_argument("--methods", default=None, help="comma list: time only these (full and lora always, for the ratios; implies --steps-only)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     steps_only = args.steps_only or args.device != "cpu"  # bracketing, calibration, merge, eigh: CPU studies
@@ -373,6 +383,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     global METHODS
     METHODS = METHODS[:4] + tuple(f"sparsegrad-fixed-narrow{L}" for L in args.narrow) + METHODS[4:]
+    if args.methods:
+        wanted = {"full", "lora", *args.methods.split(",")}
+        unknown = wanted - set(METHODS)
+        if unknown:
+            ap.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+        METHODS = tuple(m for m in METHODS if m in wanted)
+        steps_only = True
     shapes = {k: v for k, v in SHAPES.items() if k.split("-")[0] in args.shapes}
     if args.quick:
         shapes = {"llama-like 576x1536": SHAPES["llama-like 576x1536"]}

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bases import eigenbasis
+from .bases import block_eigenbasis
 from .config import SUPPORT_CRITERIA  # noqa: F401  (re-exported: the criteria support_scores knows)
 from .errors import CalibrationError, InputError
 from .layer import SparseLinear
@@ -231,8 +231,10 @@ def calibrate_layers(
             t0 = time.perf_counter()
             # one Gram per rotated side of each group (rotation="narrow": the narrow side's only)
             grams: dict[str, dict[str, torch.Tensor]] = {}
+            blocks_of: dict[str, int] = {}
             for layer in layers.values():
                 if layer.group not in grams:
+                    blocks_of[layer.group] = layer.basis.blocks
                     dev = layer.base_layer.weight.device
                     size = {"P": layer.m, "Q": layer.n}
                     grams[layer.group] = {part: torch.zeros(size[part], size[part], device=dev) for part in layer.basis.rotated_parts}
@@ -251,7 +253,8 @@ def calibrate_layers(
             dtype = any_layer.base_layer.weight.dtype
             for group, gram in grams.items():  # identical on every rank already
                 t1 = time.perf_counter()
-                found = {part: eigenbasis(g, float64_max)[0].to(dtype) for part, g in gram.items()}
+                blocks = blocks_of[group]
+                found = {part: block_eigenbasis(g, blocks, float64_max).to(dtype) for part, g in gram.items()}
                 report.eigh_seconds[group] = time.perf_counter() - t1
                 bank.set(group, found.get("P"), found.get("Q"))
         if fixed:

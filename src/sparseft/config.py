@@ -76,6 +76,11 @@ class SparseConfig:
     # the paper's HOSVD of the group's stacked gradients), or False: one pair per layer, from
     # that layer's gradients alone (as many bases to store as layers).
     shared_bases: bool = True
+    # Block-diagonal bases: each rotated side's basis is block-diagonal with this many diagonal
+    # blocks, each the eigenbasis of the matching diagonal block of the Gram. Rotating activations
+    # then costs N·d²/blocks instead of N·d² (the one-sided default's largest extra cost over
+    # LoRA's, docs/performance.md). 1: the whole HOSVD basis (the paper's).
+    basis_blocks: int = 1
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead
@@ -97,12 +102,13 @@ class SparseConfig:
     def _check_types(self) -> None:
         """Wrong types (a string density, a fractional k, a bad regex) are ConfigErrors here,
         not TypeErrors from deep inside the model code later."""
-        for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "support_narrow", "eigh_float64_max"):
+        for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "support_narrow", "eigh_float64_max", "basis_blocks"):
             v = getattr(self, name)
             if name == "support_narrow" and v == "auto":
                 continue
-            if (v is not None or name == "eigh_float64_max") and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
-                also = "" if name == "eigh_float64_max" else ' or "auto"' if name == "support_narrow" else " or None"
+            required = name in ("eigh_float64_max", "basis_blocks")
+            if (v is not None or required) and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+                also = "" if required else ' or "auto"' if name == "support_narrow" else " or None"
                 raise ConfigError(f"{name}={v!r} must be a whole number (an int){also}.")
         for name in ("density", "reselect_fraction"):
             v = getattr(self, name)
@@ -146,6 +152,8 @@ class SparseConfig:
             raise ConfigError("reselect_every must be a positive number of optimizer steps, or None.")
         if not (0.0 < self.reselect_fraction <= 1.0):
             raise ConfigError("reselect_fraction must be in (0, 1].")
+        if int(self.basis_blocks) < 1:
+            raise ConfigError(f"basis_blocks={self.basis_blocks} must be a positive number of diagonal blocks (1: whole bases).")
         if not isinstance(self.shared_bases, bool):
             raise ConfigError(f"shared_bases must be True (one basis per layer group) or False (one per layer), got {self.shared_bases!r}.")
         if self.support_criterion not in SUPPORT_CRITERIA:
@@ -243,8 +251,8 @@ class MePropConfig(SparseConfig):
         self.method = "meprop"
         self.identity_bases = True
         super().__post_init__()
-        if self.rotation != "both":
-            raise ConfigError("MeProp rotates nothing (identity bases): leave rotation at its default.")
+        if self.rotation != "both" or self.basis_blocks != 1:
+            raise ConfigError("MeProp rotates nothing (identity bases): leave rotation and basis_blocks at their defaults.")
 
 
 CONFIG_CLASSES: dict[str, type[SparseConfig]] = {"sparsegrad": SparseGradConfig, "meprop": MePropConfig}

@@ -70,6 +70,7 @@ class SparseLinear(BaseTunerLayer):
         adapter_dtype: torch.dtype | None = None,
         cache_update: bool = True,
         rotation: str = "both",
+        basis_blocks: int = 1,
     ) -> None:
         super().__init__(base_layer)
         if selection not in SUPPORTS:
@@ -84,9 +85,9 @@ class SparseLinear(BaseTunerLayer):
         if identity:
             basis = IdentityBasis()
         elif rotation == "narrow":  # the wide side (the larger of m, n) stays the identity
-            basis = OneSidedBasis(bank, group, "P" if self.m > self.n else "Q", max(self.m, self.n))
+            basis = OneSidedBasis(bank, group, "P" if self.m > self.n else "Q", max(self.m, self.n), basis_blocks)
         else:
-            basis = RotatedBasis(bank, group)
+            basis = RotatedBasis(bank, group, basis_blocks)
         object.__setattr__(self, "basis", basis)
         self.support = SUPPORTS[selection](self, self.k, self.block, W0.device)
         self.register_parameter(self.support.param_name, self.support.new_parameter(adapter_dtype or W0.dtype, W0.device))

@@ -91,6 +91,7 @@ class SparseModel(BaseTuner):
                 adapter_dtype=adapter_dtype,
                 cache_update=config.selection == "dynamic" if config.cache_update is None else config.cache_update,
                 rotation=config.rotation,
+                basis_blocks=config.basis_blocks,
             )
 
     def _after_inject(self, **_: Any) -> None:

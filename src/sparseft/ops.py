@@ -71,26 +71,34 @@ def sparse_lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor
     return P_R @ torch.sparse.mm(D, Q_C.T.to(wide)).to(Q_C.dtype)
 
 
-def grad_costs(N: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
+def rotation_cost(N: int, size: int, used: int, blocks: int = 1) -> int:
+    """Multiply-adds of N activations times ``used`` columns of a size×size basis; a
+    block-diagonal basis taken whole (``used == size``) costs 1/blocks of the dense product."""
+    return N * size * used // blocks if used == size else N * size * used
+
+
+def grad_costs(N: int, m: int, n: int, a: int, b: int, k: int | None = None, blocks: int = 1) -> dict[str, int]:
     """Multiply-adds of the four bracketings of ``P_aᵀ gᵀ x Q_b`` (g: N×m, x: N×n), and with ``k``
     (a fixed support's entries) the ``sampled`` one: the activations' product formed at the k
-    support entries only (SDDMM, ``torch.sparse.sampled_addmm``)."""
+    support entries only (SDDMM, ``torch.sparse.sampled_addmm``). ``blocks``: block-diagonal
+    bases, applied block by block on the activations' paths."""
+    rot = rotation_cost(N, m, a, blocks) + rotation_cost(N, n, b, blocks)
     costs = {
-        "activations": N * (m * a + n * b + a * b),
+        "activations": rot + N * a * b,
         "weights": N * m * n + min(a * m * n + a * n * b, m * n * b + a * m * b),
         "output-side": N * (m * a + a * n) + a * n * b,
         "input-side": N * (n * b + m * b) + a * m * b,
     }
     if k is not None:
-        costs[SAMPLED] = N * (m * a + n * b + k)
+        costs[SAMPLED] = rot + N * k
     return costs
 
 
-def rotated_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
+def rotated_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None, blocks: int = 1) -> dict[str, int]:
     """One training step's adapted multiply-adds in a rotated basis (frozen x W0ᵀ, g W0 not
     counted): ``merge`` (from a k-entry D when ``k`` is given) and ``factored`` (each of forward
     and input gradient), and the four value-gradient bracketings."""
-    return {"merge": merge_cost(m, n, a, b, k), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b, k)}
+    return {"merge": merge_cost(m, n, a, b, k), "factored": tokens * (n * b + a * b + a * m), **grad_costs(tokens, m, n, a, b, k, blocks)}
 
 
 def identity_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
@@ -102,22 +110,23 @@ def identity_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None = 
     return costs
 
 
-def one_sided_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None, identity_side: str) -> dict[str, int]:
+def one_sided_costs(tokens: int, m: int, n: int, a: int, b: int, k: int | None, identity_side: str,
+                    blocks: int = 1) -> dict[str, int]:
     """As :func:`rotated_costs` with one side the identity (``OneSidedBasis``). With P = I the
     update is rows R of W (``D Q_Cᵀ``): the m·a rotation of g disappears, and the N·m·a term with
     it, which at an MLP's wide side is the dearest part of the rotated update; Q = I mirrors it."""
     N = tokens
     kk = a * b if k is None else min(k, a * b)
     if identity_side == "P":  # rotated side Q (n×b)
-        act = N * (n * b + a * b)
-        costs = {"merge": kk * n, "factored": act, "activations": act, "input-side": act,
+        rot = rotation_cost(N, n, b, blocks)  # block by block on the activations' paths
+        act = rot + N * a * b
+        costs = {"merge": kk * n, "factored": N * (n * b + a * b), "activations": act, "input-side": act,
                  "output-side": N * a * n + a * n * b, "weights": N * m * n + a * n * b}
-        rot = N * n * b
     else:  # rotated side P (m×a)
-        act = N * (m * a + a * b)
-        costs = {"merge": kk * m, "factored": act, "activations": act, "output-side": act,
+        rot = rotation_cost(N, m, a, blocks)
+        act = rot + N * a * b
+        costs = {"merge": kk * m, "factored": N * (m * a + a * b), "activations": act, "output-side": act,
                  "input-side": N * m * b + a * m * b, "weights": N * m * n + a * m * b}
-        rot = N * m * a
     if k is not None:
         costs[SAMPLED] = rot + N * k
     return costs
