@@ -48,7 +48,7 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # diagonal blocks (basis_blocks=B).
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
                             "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
-                            "sparsegrad-fixed-1side-blocks4", "sparsegrad-dynamic-1side")
+                            "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side")
 
 
 class Block(nn.Module):
@@ -339,15 +339,15 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
         Ls = [SparseGradConfig(support_narrow=L).narrow_directions(m, n) for m, n in layers]
         out[f"sparsegrad-fixed-narrow{L}"] = sparse([(m, min(n, l)) if m > n else (min(m, l), n) for (m, n), l in zip(layers, Ls)])
     out["sparsegrad-dynamic"] = base + sum(merge_cost(m, n, m, n) + min(grad_costs(tokens, m, n, m, n).values()) for m, n in layers)
-    for name, narrowed, blocks in (("sparsegrad-fixed-1side", False, 1), ("sparsegrad-fixed-1side-narrowauto", True, 1),
-                                   ("sparsegrad-fixed-1side-blocks4", False, 4)):
+    for name, narrowed, blocks, merges in (("sparsegrad-fixed-1side", False, 1, 2), ("sparsegrad-fixed-1side-narrowauto", True, 1, 2),
+                                           ("sparsegrad-fixed-1side-blocks4", False, 4, 2), ("sparsegrad-fixed-1side-cached", False, 1, 1)):
         total = base
         for m, n in layers:
             k = rank * (m + n)
             L = SparseGradConfig(support_narrow="auto").narrow_directions(m, n) if narrowed else min(m, n)
             a, b = (m, min(n, L)) if m > n else (min(m, L), n)
             costs = one_sided_costs(tokens, m, n, a, b, k, "P" if m > n else "Q", blocks)
-            total += 2 * costs["merge"] + min(costs[p] for p in costs if p not in ("merge", "factored"))
+            total += merges * costs["merge"] + min(costs[p] for p in costs if p not in ("merge", "factored"))
         out[name] = total
     dyn = base
     for m, n in layers:  # dynamic, one side rotated: the whole block's gradient, re-merged once
