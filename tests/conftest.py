@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -96,3 +97,23 @@ def adapted(arch: str, kind: str, seed: int = 0, calibrate: bool = True):
     if calibrate:
         tuner.calibrate([make_batch(arch, i) for i in range(2)], steps=2, show_progress=False)
     return tuner
+
+
+def assert_save_load_merge_round_trip(model, fresh_base, tmp_path):
+    """Give ``model``'s fixed values a random update, save it, load it onto ``fresh_base`` and
+    check the loaded and the merged model compute what ``model`` does. Returns the loaded model."""
+    from sparseft import SparseModel
+
+    with torch.no_grad():
+        for layer in model.sparse_layers().values():
+            layer.values.normal_(0, 0.05)
+    batch = make_batch("bert", 9)
+    batch.pop("labels")
+    expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    spare = copy.deepcopy(fresh_base)  # from_pretrained adapts the model it is given in place
+    loaded = SparseModel.from_pretrained(fresh_base, tmp_path)
+    torch.testing.assert_close(loaded(**batch).logits, expected)
+    merged = SparseModel.from_pretrained(spare, tmp_path).merge_and_unload()
+    torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+    return loaded

@@ -8,11 +8,11 @@ import copy
 import pytest
 import torch
 
-from conftest import ARCHS, make_batch, make_batches
-from sparseft import MePropConfig, SparseGradConfig, SparseModel, get_sparse_model
+from conftest import ARCHS, assert_save_load_merge_round_trip, make_batch, make_batches
+from sparseft import MePropConfig, SparseGradConfig, get_sparse_model
 from sparseft.bases import apply_basis, block_bounds, block_eigenbasis
 from sparseft.errors import ConfigError
-from test_core import _dense_gradients
+from test_core import _backward_beside_dense
 
 
 def _psd(size: int, seed: int = 0) -> torch.Tensor:
@@ -60,12 +60,7 @@ def test_fixed_gradient_is_the_dense_gradient_in_the_block_bases(arch: str, rota
     """The values' gradient is the dense autograd gradient rotated by the block-diagonal bases,
     with the support covering whole sides so that the block-by-block path runs."""
     base, model = _calibrated(arch, SparseGradConfig(density=0.6, rotation=rotation, basis_blocks=2))
-    batch = make_batch(arch, 12)
-    names = list(model.sparse_layers())
-    dense = _dense_gradients(base, arch, batch, names)
-    model.train()
-    torch.manual_seed(5)
-    model(**batch).loss.backward()
+    dense = _backward_beside_dense(base, model, arch, make_batch(arch, 12))
     for name, layer in model.sparse_layers().items():
         R, C = layer.support.index()
         assert isinstance(R, slice) and isinstance(C, slice)  # whole sides: the block path
@@ -81,17 +76,8 @@ def test_fixed_gradient_is_the_dense_gradient_in_the_block_bases(arch: str, rota
 
 def test_block_bases_save_load_and_merge_round_trip(tmp_path) -> None:
     base, model = _calibrated("bert", SparseGradConfig(match_lora_rank=2, basis_blocks=4))
-    with torch.no_grad():
-        for layer in model.sparse_layers().values():
-            layer.values.normal_(0, 0.05)
-    batch = make_batch("bert", 9)
-    batch.pop("labels")
-    expected = model(**batch).logits
-    model.save_pretrained(tmp_path)
-    loaded = SparseModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    loaded = assert_save_load_merge_round_trip(model, copy.deepcopy(base), tmp_path)
     assert loaded.sparse_config.basis_blocks == 4
-    torch.testing.assert_close(loaded(**batch).logits, expected)
-    torch.testing.assert_close(loaded.merge_and_unload()(**batch).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_basis_blocks_is_checked() -> None:

@@ -124,6 +124,16 @@ def test_adapter_file_is_small(tmp_path):
     assert info["basis_numbers"] == expected < full
 
 
+def _backward_beside_dense(base, model, arch, batch):
+    """Backward of ``model`` on ``batch`` with the dense run's dropout masks; returns the dense
+    autograd weight gradients of ``base`` for every adapted layer."""
+    dense = _dense_gradients(base, arch, batch, list(model.sparse_layers()))
+    model.train()
+    torch.manual_seed(5)  # same dropout masks as the dense run
+    model(**batch).loss.backward()
+    return dense
+
+
 def _dense_gradients(base, arch, batch, names):
     """Dense autograd weight gradients (m×n) of the unmodified model, dropout seeded with 5."""
     model = copy.deepcopy(base).train()
@@ -140,12 +150,7 @@ def test_rotated_gradient_is_P_T_G_Q(arch):
     base, model = calibrated(arch, SparseGradConfig(rotation="both", density=0.05, selection="dynamic"))
     for layer in model.sparse_layers().values():
         layer.select_on_backward = False  # look at the whole rotated gradient
-    batch = make_batch(arch, 11)
-    names = list(model.sparse_layers())
-    dense = _dense_gradients(base, arch, batch, names)
-    model.train()
-    torch.manual_seed(5)  # same dropout masks as the dense run
-    model(**batch).loss.backward()
+    dense = _backward_beside_dense(base, model, arch, make_batch(arch, 11))
     for name, layer in model.sparse_layers().items():
         P = model.bases.full(layer.group, "P")
         Q = model.bases.full(layer.group, "Q")
@@ -161,12 +166,7 @@ def test_one_sided_rotation_rotates_the_narrow_side_only(arch, tmp_path):
     base, model = calibrated(arch, SparseGradConfig(density=0.05, selection="dynamic", rotation="narrow"))
     for layer in model.sparse_layers().values():
         layer.select_on_backward = False
-    batch = make_batch(arch, 11)
-    names = list(model.sparse_layers())
-    dense = _dense_gradients(base, arch, batch, names)
-    model.train()
-    torch.manual_seed(5)
-    model(**batch).loss.backward()
+    dense = _backward_beside_dense(base, model, arch, make_batch(arch, 11))
     for name, layer in model.sparse_layers().items():
         narrow = "P" if layer.m <= layer.n else "Q"
         assert layer.basis.rotated_parts == (narrow,)
@@ -192,12 +192,7 @@ def test_one_sided_rotation_rotates_the_narrow_side_only(arch, tmp_path):
 @pytest.mark.parametrize("path", ["activations", "weights"])
 def test_fixed_values_gradient_is_rotated_gradient_on_support(path):
     base, model = calibrated("bert", SparseGradConfig(rotation="both", density=0.05, selection="fixed", compute_path=path))
-    batch = make_batch("bert", 12)
-    names = list(model.sparse_layers())
-    dense = _dense_gradients(base, "bert", batch, names)
-    model.train()
-    torch.manual_seed(5)
-    model(**batch).loss.backward()
+    dense = _backward_beside_dense(base, model, "bert", make_batch("bert", 12))
     for name, layer in model.sparse_layers().items():
         P, Q = model.bases.full(layer.group, "P"), model.bases.full(layer.group, "Q")
         rotated = P.T @ dense[name] @ Q
