@@ -614,8 +614,8 @@ def plot_ci(records: list[dict[str, Any]], settings: SuiteSettings, path: Path) 
             ax.errorbar(mean, i, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=3)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(task, fontsize=10)
-        ax.set_xlabel("Δ accuracy vs lora-mlp (points)")
         ax.set_yticks(range(len(methods)), methods)
+    fig.supxlabel("Δ accuracy vs lora-mlp (points)", fontsize=10)  # once: per panel the labels overlap
     fig.suptitle(f"Paired difference to LoRA-MLP, 95% CI — {settings.regime} regime, {settings.model}, "
                  f"{settings.steps} steps, {settings.seeds} seeds", fontsize=11)
     fig.tight_layout()
