@@ -157,7 +157,7 @@ def fit(
     overrides = training_options(method)
     calibration_steps = overrides.get("calibration_steps", calibration_steps)
     warmup_fraction = overrides.get("warmup_fraction", warmup_fraction)
-    config = getattr(prepared.sparse, "sparse_config", None) if prepared.sparse is not None else None
+    config = getattr(prepared.sparse, "sparse_config", None)
     if reselect_every is None and config is not None and config.selection == "fixed":
         reselect_every = config.reselect_every
     reselect_batches = batches(train, batch_size, seed=20_000 + seed) if reselect_every else None
