@@ -76,7 +76,7 @@ def apply_basis(t: torch.Tensor, B: torch.Tensor, idx: Index, blocks: int) -> to
     multiplies block by block, skipping the zero blocks; otherwise one dense product."""
     B = B.to(t.dtype)
     size = B.shape[0]
-    if blocks == 1 or not (isinstance(idx, slice) and idx == slice(0, size)) or B.shape[1] != size:
+    if blocks == 1 or not (isinstance(idx, slice) and idx == slice(0, size)):
         return t @ B
     return torch.cat([t[..., a:b] @ B[a:b, a:b] for a, b in block_bounds(size, blocks)], dim=-1)
 
@@ -332,11 +332,11 @@ class RotatedBasis:
 
     def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str) -> torch.Tensor:
         """P_Rᵀ gᵀ x Q_C by the bracketing ``path`` (one of ``GRAD_PATHS``)."""
-        dt = x.dtype
-        P_R, Q_C = self.P(rows).to(dt), self.Q(cols).to(dt)
-        if path == "activations":
+        if path == "activations":  # the block-aware products; P_R, Q_C below would be taken twice
             left, right = self.sampled_factors(g, x, rows, cols)
             return left.T @ right
+        dt = x.dtype
+        P_R, Q_C = self.P(rows).to(dt), self.Q(cols).to(dt)
         if path == "weights":
             return lowrank_product(P_R.T, g.T @ x, Q_C.T)
         if path == "output-side":
