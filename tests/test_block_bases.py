@@ -44,6 +44,10 @@ def test_apply_basis_equals_the_dense_product() -> None:
     torch.testing.assert_close(apply_basis(t, B, slice(0, 12), 3), t @ B)
     idx = torch.tensor([0, 5, 11])
     torch.testing.assert_close(apply_basis(t, B[:, idx], idx, 3), t @ B[:, idx])  # columns: the dense product
+    for blocks, index, basis in ((3, slice(0, 12), B), (1, slice(0, 12), B), (3, idx, B[:, idx])):
+        out = apply_basis(t, basis, index, blocks, n_major=True)  # the SDDMM's layout: contiguous along N
+        torch.testing.assert_close(out, t @ basis)
+        assert out.T.is_contiguous()
 
 
 def _calibrated(arch: str, config: SparseGradConfig):

@@ -236,11 +236,32 @@ def test_sparse_merge_equals_the_dense_product(m, n, seed, basis, data):
     identity = basis == "identity"
     layer, _ = make_layer(m, n, k, "fixed", identity, False, "auto", seed, rotation="narrow" if basis == "narrow" else "both")
     dense = layer.delta_weight().detach()
-    torch.testing.assert_close(layer._merge(), dense, atol=1e-5, rtol=1e-5)
+    W0 = layer.base_layer.weight.detach()
+    torch.testing.assert_close(layer._merge_into(W0), W0 + dense, atol=1e-5, rtol=1e-5)
     if basis == "rotated":
         for side in ("P", "Q"):  # both bracketings, whichever sparse_side picks
             merged = layer.basis.merge_sparse(layer.support.csr(layer.values, side), *layer.support.index(), side)
             torch.testing.assert_close(merged, dense, atol=1e-5, rtol=1e-5)
+            fused = layer.basis.merge_into(W0, layer.support.csr(layer.values, side), *layer.support.index(), side)
+            torch.testing.assert_close(fused, W0 + dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(24, 9), (9, 24)])
+def test_one_sided_merge_fused_over_the_whole_wide_side(shape):
+    """A one-sided support that touches every wide row (or column), as a random one does, takes
+    the fused route (W0 as the sparse product's addend; Wᵀ formed for m < n) and still equals
+    W0 + ΔW; the route really is the fused one (the scattered fallback would not be a view)."""
+    m, n = shape
+    layer, _ = make_layer(m, n, m * n // 2, "fixed", False, False, "auto", 3, rotation="narrow")
+    rows, cols = torch.cartesian_prod(torch.arange(m), torch.arange(n)).T
+    on = (rows + cols) % 2 == 0  # a checkerboard: every row and every column of W is touched
+    layer.set_support(rows[on], cols[on])
+    with torch.no_grad():
+        layer.values.normal_()
+    W0 = layer.base_layer.weight.detach()
+    merged = layer._merge_into(W0)
+    torch.testing.assert_close(merged, W0 + layer.delta_weight().detach(), atol=1e-5, rtol=1e-5)
+    assert merged.is_contiguous() == (m > n)  # m < n: Wᵀ formed, returned as a transposed view
 
 
 def _twins(selection, identity, seed=7):

@@ -71,12 +71,19 @@ def block_eigenbasis(gram: torch.Tensor, blocks: int = 1, float64_max: int = 409
     return torch.block_diag(*(eigenbasis(gram[a:b, a:b], float64_max)[0] for a, b in block_bounds(gram.shape[0], blocks)))
 
 
-def apply_basis(t: torch.Tensor, B: torch.Tensor, idx: Index, blocks: int) -> torch.Tensor:
+def apply_basis(t: torch.Tensor, B: torch.Tensor, idx: Index, blocks: int, n_major: bool = False) -> torch.Tensor:
     """``t @ B[:, idx]`` (B already restricted to ``idx``). A block-diagonal basis taken whole
-    multiplies block by block, skipping the zero blocks; otherwise one dense product."""
+    multiplies block by block, skipping the zero blocks; otherwise one dense product.
+    ``n_major`` (t of N rows, 2-D): the same values laid out column-major, i.e. computed as
+    ``(Bᵀ tᵀ)ᵀ`` at the same cost, the layout the SDDMM reads, which then copies nothing."""
     B = B.to(t.dtype)
     size = B.shape[0]
-    if blocks == 1 or not (isinstance(idx, slice) and idx == slice(0, size)):
+    whole = blocks == 1 or not (isinstance(idx, slice) and idx == slice(0, size))
+    if n_major:
+        if whole:
+            return (B.T @ t.T).T
+        return torch.cat([B[a:b, a:b].T @ t[:, a:b].T for a, b in block_bounds(size, blocks)], dim=0).T
+    if whole:
         return t @ B
     return torch.cat([t[..., a:b] @ B[a:b, a:b] for a, b in block_bounds(size, blocks)], dim=-1)
 
@@ -346,13 +353,21 @@ class RotatedBasis:
 
     def sampled_factors(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index) -> tuple[torch.Tensor, torch.Tensor]:
         """(g P_R, x Q_C): the value gradient is their product's support entries (``SAMPLED``)."""
-        return apply_basis(g, self.P(rows), rows, self.blocks), apply_basis(x, self.Q(cols), cols, self.blocks)
+        return (apply_basis(g, self.P(rows), rows, self.blocks, n_major=True),
+                apply_basis(x, self.Q(cols), cols, self.blocks, n_major=True))
 
     def merge_sparse(self, D: torch.Tensor, rows: Index, cols: Index, side: str) -> torch.Tensor:
         """ΔW = P_R D Q_Cᵀ from a sparse CSR D (Dᵀ when ``side`` is "P"; see
         :func:`sparseft.ops.sparse_lowrank_product`). Not differentiable: for the cached merge."""
         P_R, Q_C = self.P(rows), self.Q(cols)
         return sparse_lowrank_product(P_R, D, Q_C, side)
+
+    def merge_into(self, W0: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index, side: str) -> torch.Tensor:
+        """W0 + ΔW, the addition fused into the last dense product when W0 has the bases' dtype."""
+        P_R, Q_C = self.P(rows), self.Q(cols)
+        if W0.dtype != P_R.dtype:
+            return W0 + sparse_lowrank_product(P_R, D, Q_C, side).to(W0.dtype)
+        return sparse_lowrank_product(P_R, D, Q_C, side, base=W0)
 
     @staticmethod
     def sparse_side(m: int, n: int, a: int, b: int, k: int) -> str:
@@ -431,8 +446,8 @@ class OneSidedBasis:
 
     def sampled_factors(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index) -> tuple[torch.Tensor, torch.Tensor]:
         if self.identity_side == "P":
-            return _take(g, 1, rows), apply_basis(x, self._B(cols), cols, self.blocks)
-        return apply_basis(g, self._B(rows), rows, self.blocks), _take(x, 1, cols)
+            return _take(g, 1, rows), apply_basis(x, self._B(cols), cols, self.blocks, n_major=True)
+        return apply_basis(g, self._B(rows), rows, self.blocks, n_major=True), _take(x, 1, cols)
 
     def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str) -> torch.Tensor:
         """The rotated side's basis applied to the activations ("activations"), or after the
@@ -455,6 +470,21 @@ class OneSidedBasis:
         if self.identity_side == "P":
             return self._scatter(part, rows, self.identity_size, 0)
         return self._scatter(part.T, cols, self.identity_size, 1)
+
+    def merge_into(self, W0: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index, side: str) -> torch.Tensor:
+        """W0 + ΔW. When the update covers the whole identity side (a random support does) and
+        everything is float32, one sparse×dense product takes W0 as its addend (torch.addmm):
+        no m×n temporary and no addition across layouts. For m ≤ n the CSR holds Dᵀ, so Wᵀ is
+        formed and returned transposed (a view; F.linear and matmul take either layout).
+        Measured at 768×3072, one thread: 4.6 ms instead of 15.7 ms (3.5 instead of 5.6 at 3072×768)."""
+        whole = rows if self.identity_side == "P" else cols
+        B = self._B(cols if self.identity_side == "P" else rows)
+        if not (W0.dtype == B.dtype == D.dtype == torch.float32 and isinstance(whole, slice)
+                and whole == slice(0, self.identity_size)):
+            return W0 + self.merge_sparse(D, rows, cols, side).to(W0.dtype)
+        if self.identity_side == "P":
+            return torch.addmm(W0, D, B.T)
+        return torch.addmm(W0.T, D, B.T).T
 
     def sparse_side(self, m: int, n: int, a: int, b: int, k: int) -> str:
         return "Q" if self.identity_side == "P" else "P"  # the CSR multiplies the rotated side

@@ -173,21 +173,24 @@ class SparseLinear(BaseTunerLayer):
         return P_R, D @ Q_C.T
 
     @torch.no_grad()
-    def _merge(self) -> torch.Tensor:
-        """ΔW (m×n) for the current parameter by the cheapest route (not differentiable). A fixed
-        support's k values go in as a sparse D: ``merge_cost(..., k)``, m·k + m·b·n at best
-        instead of the dense product's m·a·b + m·b·n; in identity bases they are simply scattered."""
+    def _merge_into(self, W0: torch.Tensor) -> torch.Tensor:
+        """W0 + ΔW for the current parameter by the cheapest route (not differentiable; possibly
+        a transposed view). A fixed support's k values go in as a sparse D: ``merge_cost(..., k)``,
+        m·k + m·b·n at best instead of the dense product's m·a·b + m·b·n, with the addition of W0
+        fused into the product where the basis can (``merge_into``); in identity bases the values
+        are simply added at their entries."""
         if self.support.kind != "fixed" or torch.is_autocast_enabled(self.param.device.type):
             # (under autocast the dense product runs in the autocast dtype; torch's sparse kernels
             # have no half-precision CPU version)
-            return self.delta_weight().detach()
+            return W0 + self.delta_weight().detach().to(W0.dtype)
         values = self.param.detach()
         if self.identity:
-            flat = values.new_zeros(self.m * self.n)
-            return flat.index_copy_(0, self.support.rows * self.n + self.support.cols, values).view(self.m, self.n)
+            merged = W0.clone(memory_format=torch.contiguous_format)
+            merged.view(-1).index_add_(0, self.support.rows * self.n + self.support.cols, values.to(W0.dtype))
+            return merged
         a, b = self.support.shape()
         side = self.basis.sparse_side(self.m, self.n, a, b, self.k)
-        return self.basis.merge_sparse(self.support.csr(values, side), *self.support.index(), side)
+        return self.basis.merge_into(W0, self.support.csr(values, side), *self.support.index(), side)
 
     @torch.no_grad()
     def _merged_weight(self) -> torch.Tensor:
@@ -198,13 +201,13 @@ class SparseLinear(BaseTunerLayer):
         depend on the update history (a reloaded model computes bit-identical outputs)."""
         W0 = weight_of(self.base_layer)
         if not self.cache_update:
-            return W0 + self._merge().to(W0.dtype)
+            return self._merge_into(W0)
         param = self.param
         key = (_OPTIMIZER_STEPS[0], param.data_ptr(), param._version, param.device, self.support.generation, self.basis.version(),
                W0.data_ptr(), W0._version, W0.dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the old merge before building the new one (peak memory)
-            self._cache = (key, W0 + self._merge().to(W0.dtype))
+            self._cache = (key, self._merge_into(W0))
         return self._cache[1]
 
     # ----------------------------------------------------------------------------- cost model

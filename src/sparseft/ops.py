@@ -59,16 +59,21 @@ def sparse_side(m: int, n: int, a: int, b: int, k: int) -> str:
     return "P" if m * k + m * b * n <= k * n + m * a * n else "Q"
 
 
-def sparse_lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor, side: str) -> torch.Tensor:
+def sparse_lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor, side: str,
+                           base: torch.Tensor | None = None) -> torch.Tensor:
     """``P_R D Q_Cᵀ`` (m×n) for a sparse CSR ``D``: given as Dᵀ (b×a) when ``side`` is "P" (its
-    product with P_Rᵀ is then a sparse×dense product, torch.sparse.mm), as D (a×b) when "Q"."""
+    product with P_Rᵀ is then a sparse×dense product, torch.sparse.mm), as D (a×b) when "Q".
+    With ``base`` (m×n, the bases' dtype): ``base + P_R D Q_Cᵀ``, the addition fused into the
+    dense product (torch.addmm), so no m×n temporary is formed."""
     # sparse×dense kernels take float32/float64 only (no CPU bf16/fp16): the sparse product runs
     # in float32 for half-precision bases, the dense one in the bases' dtype
     wide = torch.promote_types(P_R.dtype, torch.float32)
     D = D.to(wide)
     if side == "P":
-        return torch.sparse.mm(D, P_R.T.to(wide)).T.to(P_R.dtype) @ Q_C.T
-    return P_R @ torch.sparse.mm(D, Q_C.T.to(wide)).to(Q_C.dtype)
+        left, right = torch.sparse.mm(D, P_R.T.to(wide)).T.to(P_R.dtype), Q_C.T
+    else:
+        left, right = P_R, torch.sparse.mm(D, Q_C.T.to(wide)).to(Q_C.dtype)
+    return left @ right if base is None else torch.addmm(base, left, right)
 
 
 def rotation_cost(N: int, size: int, used: int, blocks: int = 1) -> int:

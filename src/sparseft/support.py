@@ -120,9 +120,11 @@ class FixedSupport:
 
     def sampled_grad(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
         """The k entries of ``leftᵀ right`` (left N×a, right N×b) at the support, in the order of
-        ``values``, by SDDMM: N·k multiply-adds instead of the N·a·b of the whole product. (The
-        CPU kernel makes both factors contiguous along N, one copy of each: measured, handing it
-        the factors the other way round saves nothing.)"""
+        ``values``, by SDDMM: N·k multiply-adds instead of the N·a·b of the whole product. The
+        kernel reads both factors contiguous along N: a rotated factor is computed so
+        (``apply_basis(..., n_major=True)``); an identity side's activations are copied so by the
+        kernel (measured: handing it the factors the other way round, or copying them slab by
+        slab of tokens first, saves nothing in a training step)."""
         mask = self.csr(left.new_zeros(self.k), "Q")
         entries = torch.sparse.sampled_addmm(mask, left.T, right, beta=0.0).values()
         order = self._patterns["Q"][2]
