@@ -45,10 +45,12 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # basis (SHiRA's arithmetic, through this library's SDDMM path); shira is peft's own.
 # "-1side" rotates only each layer's narrow side (rotation="narrow"), alone and with the
 # narrow-side cost budget (support_narrow="auto"); "-blocksB": block-diagonal bases with B
-# diagonal blocks (basis_blocks=B).
+# diagonal blocks (basis_blocks=B); "-groupR": a grouped support, runs of R wide rows sharing
+# their directions (support_group=R).
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
                             "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
-                            "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side")
+                            "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side",
+                            "sparsegrad-fixed-1side-group64")
 
 
 class Block(nn.Module):
@@ -73,6 +75,7 @@ def build(method: str, base: Block, rank: int, seed: int):
     """(model, optimizer) for ``method`` on a copy of ``base``; ``sparsegrad-fixed-narrowL``
     restricts each layer's support to the leading L directions of its narrow side."""
     blocks = int(method.rsplit("-blocks", 1)[1]) if "-blocks" in method else 1
+    group = int(method.rsplit("-group", 1)[1]) if "-group" in method else None
     tag = method.rsplit("narrow", 1)[1] if "narrow" in method else ""
     narrow = "auto" if tag == "auto" else int(tag) if tag else None
     block = copy.deepcopy(base)
@@ -97,7 +100,8 @@ def build(method: str, base: Block, rank: int, seed: int):
     extra = {} if cls is MePropConfig else {"rotation": "narrow" if "-1side" in method else "both"}
     model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
                                         support_narrow=narrow, cache_update=True if method.endswith("-cached") else None,
-                                        **extra, **({"basis_blocks": blocks} if blocks > 1 else {})))
+                                        **extra, **({"basis_blocks": blocks} if blocks > 1 else {}),
+                                        **({"support_group": group} if group else {})))
     for layer in model.sparse_layers().values():
         if not method.startswith("meprop"):
             # Bases are random orthogonal here: step time depends on the support's shape, not on

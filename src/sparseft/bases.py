@@ -21,12 +21,15 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError
+if TYPE_CHECKING:
+    from .support import Grouped
 from .ops import GRAD_PATHS, identity_costs, lowrank_product, one_sided_costs, rotated_costs, sparse_lowrank_product, sparse_side
 
 Index = torch.Tensor | slice  # rows/columns of the basis: indices (fixed support) or a leading block
@@ -488,6 +491,41 @@ class OneSidedBasis:
 
     def sparse_side(self, m: int, n: int, a: int, b: int, k: int) -> str:
         return "Q" if self.identity_side == "P" else "P"  # the CSR multiplies the rotated side
+
+    # --- grouped supports (support.Grouped): run j of the wide side's rows trains directions J[j]
+    def _run_directions(self, t: torch.Tensor, runs: "Grouped") -> torch.Tensor:
+        """N×(G·c): ``t`` (N×d, the narrow side's activations) on every run's directions. Only the
+        distinct directions in use are rotated (N·d·|used| multiply-adds; the whole basis, block
+        by block, once they are most of it), then gathered per run."""
+        d = t.shape[1]
+        if runs.used.numel() * 2 > d or self.blocks > 1:
+            rotated = apply_basis(t, self._B(slice(0, d)), slice(0, d), self.blocks).index_select(1, runs.used)
+        else:
+            rotated = t @ self._B(runs.used).to(t.dtype)
+        return rotated.index_select(1, runs.where)
+
+    def grouped_grad(self, g: torch.Tensor, x: torch.Tensor, runs: "Grouped") -> torch.Tensor:
+        """∂L/∂values of a grouped support: per run j, (wide activations of its rows)ᵀ times the
+        rotated narrow activations along J[j], one batched dense product (G × r×N×c): N·k
+        multiply-adds, as the SDDMM, but read as the activations lie (no transposing copy)."""
+        wide, thin = (g, x) if self.identity_side == "P" else (x, g)
+        N, (G, c) = wide.shape[0], runs.J.shape
+        A = self._run_directions(thin, runs).view(N, G, c).permute(1, 0, 2)            # G×N×c
+        blocks = torch.bmm(wide.reshape(N, G, -1).permute(1, 2, 0), A.to(wide.dtype))  # G×r×c
+        return blocks.new_empty(runs.order.numel()).index_copy_(0, runs.order, blocks.reshape(-1))
+
+    def grouped_merge_into(self, W0: torch.Tensor, values: torch.Tensor, runs: "Grouped") -> torch.Tensor:
+        """W0 + ΔW for a grouped support: the wide side's rows of run j get D_j (r×c) times the
+        run's c directions, W0 fused in (torch.baddbmm; k·d multiply-adds, as from the CSR). For
+        m ≤ n, Wᵀ is formed and returned transposed (a view)."""
+        G, c = runs.J.shape
+        dtype = torch.promote_types(W0.dtype, torch.float32)
+        B = self._B(runs.used).to(dtype).index_select(1, runs.where)                  # d×(G·c)
+        D = values.detach().to(dtype).index_select(0, runs.order).view(G, -1, c)      # G×r×c
+        base = W0 if self.identity_side == "P" else W0.T                               # wide × d
+        merged = torch.baddbmm(base.to(dtype).reshape(G, -1, base.shape[1]), D, B.T.reshape(G, c, -1))
+        merged = merged.reshape(base.shape).to(W0.dtype)
+        return merged if self.identity_side == "P" else merged.T
 
     def costs(self, tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
         return one_sided_costs(tokens, m, n, a, b, k, self.identity_side, self.blocks)

@@ -84,6 +84,14 @@ class SparseConfig:
     # then costs N·d²/blocks instead of N·d² (the one-sided default's largest extra cost over
     # LoRA's, docs/performance.md). 1: the whole HOSVD basis (the paper's).
     basis_blocks: int = 1
+    # Grouped fixed supports (one-sided rotation only): the wide side's rows (or columns) are
+    # taken in runs of `support_group`, and every row of a run trains the same c = k / width
+    # rotated directions of the narrow side, chosen per run (at random, or by the run's summed
+    # score). The value gradient is then one batched dense product of the run's activations with
+    # its c directions (no SDDMM, none of its transposing copies) and only the directions in use
+    # are rotated. k is rounded down to a multiple of the wide side (exact for MLPs whose budget
+    # is r·(m+n) with 4× or 8/3× widths). None: every entry placed independently.
+    support_group: int | None = None
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead
@@ -105,7 +113,8 @@ class SparseConfig:
     def _check_types(self) -> None:
         """Wrong types (a string density, a fractional k, a bad regex) are ConfigErrors here,
         not TypeErrors from deep inside the model code later."""
-        for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "support_narrow", "eigh_float64_max", "basis_blocks"):
+        for name in ("k", "match_lora_rank", "reselect_every", "support_rows", "support_cols", "support_narrow", "eigh_float64_max", "basis_blocks",
+                     "support_group"):
             v = getattr(self, name)
             if name == "support_narrow" and v == "auto":
                 continue
@@ -157,6 +166,12 @@ class SparseConfig:
             raise ConfigError("reselect_fraction must be in (0, 1].")
         if int(self.basis_blocks) < 1:
             raise ConfigError(f"basis_blocks={self.basis_blocks} must be a positive number of diagonal blocks (1: whole bases).")
+        if self.support_group is not None:
+            if int(self.support_group) < 1:
+                raise ConfigError(f"support_group={self.support_group} must be a positive number of wide-side rows per run, or None.")
+            if self.selection != "fixed" or self.rotation != "narrow" or self.identity_bases:
+                raise ConfigError("support_group groups a fixed support of one-sided SparseGrad: use it with "
+                                  "selection='fixed' and rotation='narrow' (or leave it None).")
         if not isinstance(self.shared_bases, bool):
             raise ConfigError(f"shared_bases must be True (one basis per layer group) or False (one per layer), got {self.shared_bases!r}.")
         if self.support_criterion not in SUPPORT_CRITERIA:
@@ -198,6 +213,9 @@ class SparseConfig:
             k = int(self.match_lora_rank) * (m + n)
         else:
             k = max(1, round(float(self.density) * m * n))
+        if self.support_group is not None:  # c directions for every row of the wide side
+            wide = rows if m > n else cols
+            k = max(1, k // wide) * wide
         if k > rows * cols:
             raise ConfigError(
                 f"k={k} is larger than the {rows}×{cols} = {rows * cols} entries this layer can "

@@ -25,6 +25,8 @@ cheapest of four bracketings (``path_for``).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -71,6 +73,7 @@ class SparseLinear(BaseTunerLayer):
         cache_update: bool = True,
         rotation: str = "both",
         basis_blocks: int = 1,
+        support_group: int | None = None,
     ) -> None:
         super().__init__(base_layer)
         if selection not in SUPPORTS:
@@ -91,6 +94,11 @@ class SparseLinear(BaseTunerLayer):
         object.__setattr__(self, "basis", basis)
         self.support = SUPPORTS[selection](self, self.k, self.block, W0.device)
         self.register_parameter(self.support.param_name, self.support.new_parameter(adapter_dtype or W0.dtype, W0.device))
+        if support_group is not None and isinstance(basis, OneSidedBasis) and selection == "fixed":
+            dim = 0 if basis.identity_side == "P" else 1
+            width = (self.m, self.n)[dim]
+            if self.block[dim] == width:  # runs of the whole wide side (see SparseGradConfig.support_group)
+                self.support.grouping = (dim, math.gcd(width, int(support_group)))
         # W0 + ΔW kept between optimizer steps (derived data, never saved; see _merged_weight)
         self.cache_update = bool(cache_update)
         self._cache: tuple | None = None
@@ -184,6 +192,9 @@ class SparseLinear(BaseTunerLayer):
             # have no half-precision CPU version)
             return W0 + self.delta_weight().detach().to(W0.dtype)
         values = self.param.detach()
+        runs = getattr(self.support, "grouped", None)
+        if runs is not None:
+            return self.basis.grouped_merge_into(W0, values, runs)
         if self.identity:
             merged = W0.clone(memory_format=torch.contiguous_format)
             merged.view(-1).index_add_(0, self.support.rows * self.n + self.support.cols, values.to(W0.dtype))
@@ -254,6 +265,9 @@ class SparseLinear(BaseTunerLayer):
         R, C = self.support.index()
         path = self.path_for(x.shape[0])
         if path == SAMPLED:
+            runs = getattr(self.support, "grouped", None)
+            if runs is not None:  # batched dense products, any float dtype
+                return self.basis.grouped_grad(g, x, runs)
             if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
                 return self.support.sampled_grad(*self.basis.sampled_factors(g, x, R, C))
             path = "activations"  # torch's SDDMM has no half-precision kernel on CPU: the same bracketing, whole

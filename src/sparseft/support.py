@@ -20,7 +20,7 @@ Two kinds:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +33,18 @@ def _leading(idx: torch.Tensor) -> torch.Tensor | slice:
     """``slice(0, len)`` when the sorted distinct indices ``idx`` are exactly 0..len-1, else ``idx``."""
     size = idx.numel()
     return slice(0, size) if size and int(idx[-1]) == size - 1 else idx
+
+
+class Grouped(NamedTuple):
+    """A grouped support's runs (``SparseGradConfig.support_group``): run j of the wide side
+    trains the narrow directions ``J[j]`` (G×c); ``order`` lists the values run by run, row by
+    row, direction by direction (the G×r×c blocks); ``used`` are the distinct directions
+    (sorted) and ``where`` each of J's entries' place among them."""
+
+    J: torch.Tensor
+    order: torch.Tensor
+    used: torch.Tensor
+    where: torch.Tensor
 
 
 class FixedSupport:
@@ -50,6 +62,9 @@ class FixedSupport:
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.owner, self.k, self.block = owner, int(k), block
         self.generation = 0  # bumped whenever the support changes (for caches of the merged update)
+        # (wide dim, rows per run) of a grouped support (SparseGradConfig.support_group), set by
+        # the layer; ``grouped`` then holds the runs' structure whenever the stored support has it
+        self.grouping: tuple[int, int] | None = None
         empty = torch.zeros(0, dtype=torch.long, device=device)
         self._store(empty, empty)
 
@@ -71,6 +86,42 @@ class FixedSupport:
         self.generation += 1
         self._patterns: dict[str, tuple] = {}
         self._index: tuple | None = None
+        self.grouped = self._find_runs(rows, cols)
+
+    def _find_runs(self, rows: torch.Tensor, cols: torch.Tensor) -> Grouped | None:
+        """The run structure of a grouped support, found in the stored entries themselves (so a
+        reloaded support has it too, and a reselected one that lost it falls back to the SDDMM):
+        every wide row holds c entries, the same c narrow directions for each row of a run."""
+        if self.grouping is None or rows.numel() != self.k:
+            return None
+        dim, run = self.grouping
+        width, depth = self.block[dim], self.block[1 - dim]
+        if self.k % width or width % run:
+            return None
+        wide, thin = (rows, cols) if dim == 0 else (cols, rows)
+        c = self.k // width
+        if not bool((torch.bincount(wide, minlength=width) == c).all()):
+            return None
+        order = torch.argsort(wide * depth + thin)
+        J = thin.index_select(0, order).view(width // run, run, c)
+        if not bool((J == J[:, :1]).all()):
+            return None
+        used, where = torch.unique(J[:, 0], return_inverse=True)
+        return Grouped(J[:, 0].contiguous(), order, used, where.reshape(-1))
+
+    def _choose_runs(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, cols) of a grouped support: per run of the wide side, the c narrow directions
+        of the largest summed ``scores`` (random scores: c random directions per run)."""
+        dim, run = self.grouping
+        width = self.block[dim]
+        c = self.k // width
+        if self.k % width or width % run:
+            return None
+        per_run = (scores if dim == 0 else scores.T).float().reshape(width // run, run, -1).sum(1)
+        J = torch.topk(per_run, c, dim=1).indices.sort(dim=1).values
+        wide = torch.arange(width, device=scores.device).repeat_interleave(c)
+        thin = J.repeat_interleave(run, dim=0).reshape(-1)
+        return (wide, thin) if dim == 0 else (thin, wide)
 
     def csr(self, values: torch.Tensor, side: str) -> torch.Tensor:
         """D (a×b, ``side`` "Q") or Dᵀ (b×a, ``side`` "P") as a sparse CSR tensor of ``values``
@@ -114,7 +165,13 @@ class FixedSupport:
 
     @torch.no_grad()
     def choose(self, scores: torch.Tensor) -> None:
-        """The k entries of the largest ``scores`` (shape = block)."""
+        """The k entries of the largest ``scores`` (shape = block); for a grouped support, the
+        best c directions of each run."""
+        if self.grouping is not None:
+            chosen = self._choose_runs(scores)
+            if chosen is not None:
+                self.set(*chosen)
+                return
         idx = torch.topk(scores.flatten().float(), self.k, sorted=False).indices.sort().values
         self.set(idx // self.block[1], idx % self.block[1])
 
