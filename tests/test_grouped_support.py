@@ -123,3 +123,46 @@ def test_grouped_save_load_and_merge_round_trip(tmp_path):
     for name, layer in loaded.sparse_layers().items():
         assert layer.support.grouped is not None, name  # found again in the loaded entries
         torch.testing.assert_close(adapted_weight(layer), adapted_weight(model.sparse_layers()[name]))
+
+
+def test_grouped_cached_merge_follows_steps_reloads_and_reselection():
+    """Bit-for-bit, as for unstructured supports: a grouped layer keeping W0 + ΔW between calls
+    computes what one rebuilding it every call computes, through optimizer steps, a
+    load_state_dict of another grouped support, and a reselection that breaks the runs."""
+    cached, gen = _grouped_layer(16, 6, 2, 4, seed=3, cache=True)
+    fresh = copy.deepcopy(cached)
+    fresh.cache_update = False
+    fresh._merged_forward = lambda tokens: True  # merge on every call (never the factored way)
+    opts = [torch.optim.AdamW([layer.values], lr=0.05) for layer in (cached, fresh)]
+
+    def step_both():
+        x = torch.randn(2, 5, 6, generator=gen)
+        outs = [layer(x) for layer in (cached, fresh)]
+        assert torch.equal(outs[0], outs[1])
+        for out in outs:
+            out.square().sum().backward()
+        assert torch.equal(cached.values.grad, fresh.values.grad)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+
+    def same_output():
+        x = torch.randn(3, 6, generator=gen)
+        with torch.no_grad():
+            return torch.equal(cached(x), fresh(x))
+
+    for _ in range(3):
+        step_both()
+    assert same_output() and cached._cache is not None
+    other, _ = _grouped_layer(16, 6, 2, 4, seed=99)
+    for layer in (cached, fresh):
+        layer.load_state_dict(other.state_dict())
+        assert layer.support.grouped is not None
+        assert torch.equal(layer.rows, other.rows)
+    assert same_output()
+    for layer in (cached, fresh):
+        layer.support.regrow(layer.values, torch.rand(layer.block, generator=torch.Generator().manual_seed(1)), 5)
+    assert cached.support.grouped is None  # the runs are gone: SDDMM and CSR from here on
+    assert same_output()
+    step_both()
+    assert same_output()
