@@ -192,7 +192,7 @@ class SparseLinear(BaseTunerLayer):
             # have no half-precision CPU version)
             return W0 + self.delta_weight().detach().to(W0.dtype)
         values = self.param.detach()
-        runs = getattr(self.support, "grouped", None)
+        runs = self.support.runs_on(values.device) if hasattr(self.support, "runs_on") else None
         if runs is not None:
             return self.basis.grouped_merge_into(W0, values, runs)
         if self.identity:
@@ -265,7 +265,7 @@ class SparseLinear(BaseTunerLayer):
         R, C = self.support.index()
         path = self.path_for(x.shape[0])
         if path == SAMPLED:
-            runs = getattr(self.support, "grouped", None)
+            runs = self.support.runs_on(x.device) if hasattr(self.support, "runs_on") else None
             if runs is not None:  # batched dense products, any float dtype
                 return self.basis.grouped_grad(g, x, runs)
             if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):

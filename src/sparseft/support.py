@@ -109,6 +109,13 @@ class FixedSupport:
         used, where = torch.unique(J[:, 0], return_inverse=True)
         return Grouped(J[:, 0].contiguous(), order, used, where.reshape(-1))
 
+    def runs_on(self, device: torch.device) -> Grouped | None:
+        """``grouped`` on ``device`` (moved once: it is plain data, not buffers of the layer)."""
+        runs = self.grouped
+        if runs is not None and runs.J.device != device:
+            runs = self.grouped = Grouped(*(t.to(device) for t in runs))
+        return runs
+
     def _choose_runs(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, cols) of a grouped support: per run of the wide side, the c narrow directions
         of the largest summed ``scores`` (random scores: c random directions per run)."""
