@@ -20,12 +20,13 @@ from sparseft.layer import GRAD_PATHS, adapted_weight
 from sparseft.ops import SAMPLED
 
 
-def _grouped_layer(m: int, n: int, c: int, run: int, seed: int, cache: bool = False, path: str = SAMPLED):
-    """A one-sided layer with a grouped random support of c directions per wide row; ``path``
-    SAMPLED: the value gradient through the grouped batched product (tiny layers would
-    otherwise pick a dense bracketing)."""
+def _grouped_layer(m: int, n: int, c: int, run: int, seed: int, cache: bool = False, path: str = SAMPLED,
+                   longer: int = 0):
+    """A one-sided layer with a grouped random support of c directions per wide row (c + 1 for
+    the first ``longer`` runs); ``path`` SAMPLED: the value gradient through the grouped batched
+    product (tiny layers would otherwise pick a dense bracketing)."""
     wide = max(m, n)
-    layer, gen = make_layer(m, n, c * wide, "fixed", False, False, path, seed, cache=cache, rotation="narrow")
+    layer, gen = make_layer(m, n, c * wide + longer * run, "fixed", False, False, path, seed, cache=cache, rotation="narrow")
     dim = 0 if m > n else 1
     layer.support.grouping = (dim, run)
     layer.choose_support(torch.rand(layer.block, generator=gen))
@@ -44,12 +45,14 @@ def test_grouped_paths_equal_the_straightforward_formulas(narrow, runs, run, tal
     of W0 + ΔW, for layers wider in their outputs (m > n) and in their inputs."""
     wide = max(runs * run, narrow + 1)
     wide += -wide % run  # a whole number of runs
-    c = data.draw(st.integers(1, narrow))
+    c = data.draw(st.integers(1, narrow - 1))
+    longer = data.draw(st.integers(0, wide // run - 1))  # runs with c + 1 directions
     m, n = (wide, narrow) if tall else (narrow, wide)
     path = data.draw(st.sampled_from([SAMPLED, SAMPLED, "auto", *GRAD_PATHS]))
-    layer, gen = _grouped_layer(m, n, c, run, seed, cache=data.draw(st.booleans()), path=path)
+    layer, gen = _grouped_layer(m, n, c, run, seed, cache=data.draw(st.booleans()), path=path, longer=longer)
     runs_found = layer.support.grouped
-    assert runs_found is not None and runs_found.J.shape == (wide // run, c)
+    assert runs_found is not None
+    assert [J.shape for J in runs_found.J] == [s for s in ((longer, c + 1), (wide // run - longer, c)) if s[0]]
     check(layer, gen, (tokens,))
     W0 = layer.base_layer.weight.detach()
     torch.testing.assert_close(layer._merge_into(W0), W0 + layer.delta_weight().detach(), atol=1e-5, rtol=1e-5)
@@ -87,6 +90,11 @@ def test_support_group_config():
     config = SparseGradConfig(match_lora_rank=2, support_group=8)
     assert config.budget(64, 32) == 2 * 96 // 64 * 64  # k rounded down to whole directions per wide row
     assert config.budget(32, 64) == 192
+    assert config.budget(48, 20) == 136  # runs of 8 with 2 or 3 directions: exact
+    for k, (m, n) in ((100, (64, 16)), (77, (16, 40)), (5, (24, 6))):
+        got = SparseGradConfig(k=k, support_group=8).budget(m, n)
+        wide = max(m, n)
+        assert abs(got - max(k, wide)) <= 4 and (got - wide) % 8 == 0, (k, m, n, got)  # within half a run
     for bad in (0, 1.5, True):
         with pytest.raises(ConfigError, match="support_group"):
             SparseGradConfig(support_group=bad)

@@ -494,37 +494,50 @@ class OneSidedBasis:
 
     # --- grouped supports (support.Grouped): run j of the wide side's rows trains directions J[j]
     def _run_directions(self, t: torch.Tensor, runs: "Grouped") -> torch.Tensor:
-        """N×(G·c): ``t`` (N×d, the narrow side's activations) on every run's directions. Only the
-        distinct directions in use are rotated (N·d·|used| multiply-adds; the whole basis, block
-        by block, once they are most of it), then gathered per run."""
+        """N×(Σ runs·c): ``t`` (N×d, the narrow side's activations) on every run's directions.
+        Only the distinct directions in use are rotated (N·d·|used| multiply-adds; the whole
+        basis, block by block, once they are most of it), then gathered run by run."""
         d = t.shape[1]
         if runs.used.numel() * 2 > d or self.blocks > 1:
-            rotated = apply_basis(t, self._B(slice(0, d)), slice(0, d), self.blocks).index_select(1, runs.used)
-        else:
-            rotated = t @ self._B(runs.used).to(t.dtype)
-        return rotated.index_select(1, runs.where)
+            whole = apply_basis(t, self._B(slice(0, d)), slice(0, d), self.blocks)
+            return whole.index_select(1, runs.used.index_select(0, runs.where))
+        return (t @ self._B(runs.used).to(t.dtype)).index_select(1, runs.where)
 
     def grouped_grad(self, g: torch.Tensor, x: torch.Tensor, runs: "Grouped") -> torch.Tensor:
-        """∂L/∂values of a grouped support: per run j, (wide activations of its rows)ᵀ times the
-        rotated narrow activations along J[j], one batched dense product (G × r×N×c): N·k
-        multiply-adds, as the SDDMM, but read as the activations lie (no transposing copy)."""
+        """∂L/∂values of a grouped support: per run, (wide activations of its rows)ᵀ times the
+        rotated narrow activations along its directions, one batched dense product per segment
+        (runs × r×N×c): N·k multiply-adds, as the SDDMM, but read as the activations lie (no
+        transposing copy)."""
         wide, thin = (g, x) if self.identity_side == "P" else (x, g)
-        N, (G, c) = wide.shape[0], runs.J.shape
-        A = self._run_directions(thin, runs).view(N, G, c).permute(1, 0, 2)            # G×N×c
-        blocks = torch.bmm(wide.reshape(N, G, -1).permute(1, 2, 0), A.to(wide.dtype))  # G×r×c
-        return blocks.new_empty(runs.order.numel()).index_copy_(0, runs.order, blocks.reshape(-1))
+        N, run = wide.shape[0], runs.run
+        A = self._run_directions(thin, runs).to(wide.dtype)  # N × Σ runs·c
+        blocks, row, col = [], 0, 0
+        for J in runs.J:
+            G, c = J.shape
+            left = wide[:, row:row + G * run].reshape(N, G, run).permute(1, 2, 0)  # G×r×N
+            right = A[:, col:col + G * c].reshape(N, G, c).permute(1, 0, 2)        # G×N×c
+            blocks.append(torch.bmm(left, right).reshape(-1))
+            row, col = row + G * run, col + G * c
+        flat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        return flat.new_empty(flat.numel()).index_copy_(0, runs.order, flat)
 
     def grouped_merge_into(self, W0: torch.Tensor, values: torch.Tensor, runs: "Grouped") -> torch.Tensor:
-        """W0 + ΔW for a grouped support: the wide side's rows of run j get D_j (r×c) times the
-        run's c directions, W0 fused in (torch.baddbmm; k·d multiply-adds, as from the CSR). For
-        m ≤ n, Wᵀ is formed and returned transposed (a view)."""
-        G, c = runs.J.shape
+        """W0 + ΔW for a grouped support: the rows of each run get D_run (r×c) times the run's
+        directions, W0 fused in (torch.baddbmm per segment; k·d multiply-adds, as from the CSR).
+        For m ≤ n, Wᵀ is formed and returned transposed (a view)."""
         dtype = torch.promote_types(W0.dtype, torch.float32)
-        B = self._B(runs.used).to(dtype).index_select(1, runs.where)                  # d×(G·c)
-        D = values.detach().to(dtype).index_select(0, runs.order).view(G, -1, c)      # G×r×c
-        base = W0 if self.identity_side == "P" else W0.T                               # wide × d
-        merged = torch.baddbmm(base.to(dtype).reshape(G, -1, base.shape[1]), D, B.T.reshape(G, c, -1))
-        merged = merged.reshape(base.shape).to(W0.dtype)
+        B = self._B(runs.used).to(dtype).index_select(1, runs.where).T  # (Σ runs·c) × d
+        D = values.detach().to(dtype).index_select(0, runs.order)
+        base = (W0 if self.identity_side == "P" else W0.T).to(dtype)     # wide × d
+        merged = torch.empty(base.shape, dtype=dtype, device=base.device)
+        run, row, col, at = runs.run, 0, 0, 0
+        for J in runs.J:
+            G, c = J.shape
+            rows = slice(row, row + G * run)
+            torch.baddbmm(base[rows].reshape(G, run, -1), D[at:at + G * run * c].view(G, run, c),
+                          B[col:col + G * c].reshape(G, c, -1), out=merged[rows].view(G, run, -1))
+            row, col, at = row + G * run, col + G * c, at + G * run * c
+        merged = merged.to(W0.dtype)
         return merged if self.identity_side == "P" else merged.T
 
     def costs(self, tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:

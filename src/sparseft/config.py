@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 import re
 from collections.abc import Mapping
@@ -89,8 +90,8 @@ class SparseConfig:
     # rotated directions of the narrow side, chosen per run (at random, or by the run's summed
     # score). The value gradient is then one batched dense product of the run's activations with
     # its c directions (no SDDMM, none of its transposing copies) and only the directions in use
-    # are rotated. k is rounded down to a multiple of the wide side (exact for MLPs whose budget
-    # is r·(m+n) with 4× or 8/3× widths). None: every entry placed independently.
+    # are rotated. Runs get c or c + 1 directions, so k is matched to within half a run (exact for
+    # r·(m+n) budgets of 4× and 8/3× MLPs at even r). None: every entry placed independently.
     support_group: int | None = None
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
@@ -213,9 +214,11 @@ class SparseConfig:
             k = int(self.match_lora_rank) * (m + n)
         else:
             k = max(1, round(float(self.density) * m * n))
-        if self.support_group is not None:  # c directions for every row of the wide side
+        if self.support_group is not None:  # c or c + 1 directions for every row of the wide side
+            from .support import grouped_budget
+
             wide = rows if m > n else cols
-            k = max(1, k // wide) * wide
+            k = grouped_budget(k, wide, math.gcd(wide, int(self.support_group)))
         if k > rows * cols:
             raise ConfigError(
                 f"k={k} is larger than the {rows}×{cols} = {rows * cols} entries this layer can "

@@ -36,15 +36,41 @@ def _leading(idx: torch.Tensor) -> torch.Tensor | slice:
 
 
 class Grouped(NamedTuple):
-    """A grouped support's runs (``SparseGradConfig.support_group``): run j of the wide side
-    trains the narrow directions ``J[j]`` (G×c); ``order`` lists the values run by run, row by
-    row, direction by direction (the G×r×c blocks); ``used`` are the distinct directions
-    (sorted) and ``where`` each of J's entries' place among them."""
+    """A grouped support's runs (``SparseGradConfig.support_group``): runs of ``run`` wide rows,
+    each training its own narrow directions. Runs with the same count form a segment (in
+    practice two: c + 1 directions, then c): ``J[s]`` holds segment s's directions (runs × c_s).
+    ``order`` lists the values segment by segment, run by run, row by row, direction by
+    direction (the blocks of the batched products); ``used`` are the distinct directions
+    (sorted) and ``where`` the place among them of each entry of the J's, flattened in turn."""
 
-    J: torch.Tensor
+    J: tuple[torch.Tensor, ...]
     order: torch.Tensor
     used: torch.Tensor
     where: torch.Tensor
+    run: int
+
+    def to(self, device: torch.device) -> "Grouped":
+        return Grouped(tuple(J.to(device) for J in self.J), self.order.to(device), self.used.to(device),
+                       self.where.to(device), self.run)
+
+
+def run_counts(k: int, width: int, run: int) -> tuple[int, int]:
+    """(c, h): a grouped support of ``k`` entries over ``width`` wide rows in runs of ``run``
+    gives its first h runs c + 1 directions and the others c (k = c·width + h·run exactly
+    when the budget was rounded by :func:`grouped_budget`)."""
+    c = k // width
+    return c, (k - c * width) // run
+
+
+def grouped_budget(k: int, width: int, run: int) -> int:
+    """The count nearest ``k`` that runs of c or c + 1 directions reach: c·width + h·run, at
+    least one direction per wide row (within run/2 entries of k)."""
+    k = max(k, width)
+    c = k // width
+    return c * width + round((k - c * width) / run) * run
+
+
+_MAX_SEGMENTS = 8  # a support with more changes of count than this is no longer "grouped"
 
 
 class FixedSupport:
@@ -91,43 +117,56 @@ class FixedSupport:
     def _find_runs(self, rows: torch.Tensor, cols: torch.Tensor) -> Grouped | None:
         """The run structure of a grouped support, found in the stored entries themselves (so a
         reloaded support has it too, and a reselected one that lost it falls back to the SDDMM):
-        every wide row holds c entries, the same c narrow directions for each row of a run."""
-        if self.grouping is None or rows.numel() != self.k:
+        every row of a run holds the same narrow directions."""
+        if self.grouping is None or rows.numel() != self.k or self.k == 0:
             return None
         dim, run = self.grouping
         width, depth = self.block[dim], self.block[1 - dim]
-        if self.k % width or width % run:
+        if width % run:
             return None
         wide, thin = (rows, cols) if dim == 0 else (cols, rows)
-        c = self.k // width
-        if not bool((torch.bincount(wide, minlength=width) == c).all()):
+        per_run = torch.bincount(wide, minlength=width).view(width // run, run)
+        if not bool((per_run == per_run[:, :1]).all()) or int(per_run.min()) < 1:
+            return None
+        counts, lengths = torch.unique_consecutive(per_run[:, 0], return_counts=True)
+        if counts.numel() > _MAX_SEGMENTS:
             return None
         order = torch.argsort(wide * depth + thin)
-        J = thin.index_select(0, order).view(width // run, run, c)
-        if not bool((J == J[:, :1]).all()):
-            return None
-        used, where = torch.unique(J[:, 0], return_inverse=True)
-        return Grouped(J[:, 0].contiguous(), order, used, where.reshape(-1))
+        directions = thin.index_select(0, order)
+        J, start = [], 0
+        for c, runs in zip(counts.tolist(), lengths.tolist()):
+            seg = directions[start:start + runs * run * c].view(runs, run, c)
+            if not bool((seg == seg[:, :1]).all()):
+                return None
+            J.append(seg[:, 0].contiguous())
+            start += runs * run * c
+        used, where = torch.unique(torch.cat([j.reshape(-1) for j in J]), return_inverse=True)
+        return Grouped(tuple(J), order, used, where, run)
 
     def runs_on(self, device: torch.device) -> Grouped | None:
         """``grouped`` on ``device`` (moved once: it is plain data, not buffers of the layer)."""
         runs = self.grouped
-        if runs is not None and runs.J.device != device:
-            runs = self.grouped = Grouped(*(t.to(device) for t in runs))
+        if runs is not None and runs.order.device != device:
+            runs = self.grouped = runs.to(device)
         return runs
 
     def _choose_runs(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, cols) of a grouped support: per run of the wide side, the c narrow directions
-        of the largest summed ``scores`` (random scores: c random directions per run)."""
+        """(rows, cols) of a grouped support: per run of the wide side, the c (or c + 1) narrow
+        directions of the largest summed ``scores`` (random scores: random directions)."""
         dim, run = self.grouping
         width = self.block[dim]
-        c = self.k // width
-        if self.k % width or width % run:
+        c, h = run_counts(self.k, width, run)
+        if width % run or c * width + h * run != self.k or c + (h > 0) > scores.shape[1 - dim]:
             return None
         per_run = (scores if dim == 0 else scores.T).float().reshape(width // run, run, -1).sum(1)
-        J = torch.topk(per_run, c, dim=1).indices.sort(dim=1).values
-        wide = torch.arange(width, device=scores.device).repeat_interleave(c)
-        thin = J.repeat_interleave(run, dim=0).reshape(-1)
+        best = torch.topk(per_run, c + (h > 0), dim=1).indices
+        wide, thin = [], []
+        for first, last, count in ((0, h, c + 1), (h, width // run, c)):
+            if last > first and count:
+                J = best[first:last, :count].sort(dim=1).values
+                wide.append(torch.arange(first * run, last * run, device=scores.device).repeat_interleave(count))
+                thin.append(J.repeat_interleave(run, dim=0).reshape(-1))
+        wide, thin = torch.cat(wide), torch.cat(thin)
         return (wide, thin) if dim == 0 else (thin, wide)
 
     def csr(self, values: torch.Tensor, side: str) -> torch.Tensor:
