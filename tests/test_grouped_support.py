@@ -174,3 +174,14 @@ def test_grouped_cached_merge_follows_steps_reloads_and_reselection():
     assert same_output()
     step_both()
     assert same_output()
+
+
+def test_grouped_support_within_a_narrow_restriction():
+    """support_narrow restricts the directions a run may take; the runs stay whole."""
+    torch.manual_seed(0)
+    model = get_sparse_model(ARCHS["bert"]().eval(), SparseGradConfig(match_lora_rank=1, support_group=4, support_narrow=5))
+    model.calibrate(make_batches("bert", 2), steps=2, show_progress=False)
+    for name, layer in model.sparse_layers().items():
+        runs = layer.support.grouped
+        assert runs is not None, name
+        assert int(runs.used.max()) < 5  # only the 5 leading narrow directions
