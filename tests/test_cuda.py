@@ -30,32 +30,9 @@ def _on(layer, device, dtype):
     return moved.to(device)  # the trained values stay float32 (adapter dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("selection,identity,path", CASES)
-def test_gpu_paths_match_the_formula(selection, identity, path, dtype):
-    layer, gen = make_layer(96, 48, 300, selection, identity, False, path, seed=11)
-    x = torch.randn(4, 33, 48, generator=gen)
-    grad_y = torch.randn(4, 33, 96, generator=gen)
-    y_ref, gx_ref, gp_ref = reference(layer, x, grad_y)
-    gpu = _on(layer, DEVICE, dtype)
-    xg = x.to(DEVICE, dtype).requires_grad_(True)
-    y = gpu(xg)
-    y.backward(grad_y.to(DEVICE, dtype))
-    tol = 1e-3 if dtype == torch.float32 else 6e-2
-    for got, want in ((y, y_ref), (xg.grad, gx_ref), (gpu.param.grad, gp_ref)):
-        scale = 1 + float(want.abs().max())
-        torch.testing.assert_close(got.float().cpu(), want, atol=tol * scale, rtol=tol)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["auto", "sampled"])
-@pytest.mark.parametrize("tall", [True, False])
-def test_gpu_grouped_support_matches_the_formula(tall, path, dtype):
-    """A grouped support's batched products (value gradient, merge) on the device."""
-    from test_grouped_support import _grouped_layer
-
-    layer, gen = _grouped_layer(96 if tall else 24, 24 if tall else 96, 3, 8, seed=5, path=path)
-    assert layer.support.grouped is not None
+def _assert_matches_on_device(layer, gen, dtype):
+    """The layer moved to DEVICE in ``dtype`` computes the CPU float32 formula's output, input
+    gradient and value gradient."""
     x = torch.randn(4, 33, layer.n, generator=gen)
     grad_y = torch.randn(4, 33, layer.m, generator=gen)
     y_ref, gx_ref, gp_ref = reference(layer, x, grad_y)
@@ -67,6 +44,25 @@ def test_gpu_grouped_support_matches_the_formula(tall, path, dtype):
     for got, want in ((y, y_ref), (xg.grad, gx_ref), (gpu.param.grad, gp_ref)):
         scale = 1 + float(want.abs().max())
         torch.testing.assert_close(got.float().cpu(), want, atol=tol * scale, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("selection,identity,path", CASES)
+def test_gpu_paths_match_the_formula(selection, identity, path, dtype):
+    layer, gen = make_layer(96, 48, 300, selection, identity, False, path, seed=11)
+    _assert_matches_on_device(layer, gen, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("path", ["auto", "sampled"])
+@pytest.mark.parametrize("tall", [True, False])
+def test_gpu_grouped_support_matches_the_formula(tall, path, dtype):
+    """A grouped support's batched products (value gradient, merge) on the device."""
+    from test_grouped_support import _grouped_layer
+
+    layer, gen = _grouped_layer(96 if tall else 24, 24 if tall else 96, 3, 8, seed=5, path=path)
+    assert layer.support.grouped is not None
+    _assert_matches_on_device(layer, gen, dtype)
 
 
 @pytest.mark.parametrize("selection", ["fixed", "dynamic"])
