@@ -101,6 +101,11 @@ def test_support_group_config():
     for kwargs in ({"rotation": "both"}, {"selection": "dynamic"}):
         with pytest.raises(ConfigError, match="support_group"):
             SparseGradConfig(support_group=4, **kwargs)
+    with pytest.raises(ConfigError, match="larger than"):  # the asked k is checked, not the rounded one
+        SparseGradConfig(k=64 * 32 + 1, support_group=16).budget(64, 32)
+    restricted = SparseGradConfig(k=100, support_group=8, support_rows=10)
+    assert restricted.run_rows(64, 32) is None and restricted.budget(64, 32) == 100  # wide side restricted: ungrouped
+    assert SparseGradConfig().support_group is None  # the default support is ungrouped
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])

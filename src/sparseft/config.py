@@ -91,7 +91,10 @@ class SparseConfig:
     # score). The value gradient is then one batched dense product of the run's activations with
     # its c directions (no SDDMM, none of its transposing copies) and only the directions in use
     # are rotated. Runs get c or c + 1 directions, so k is matched to within half a run (exact for
-    # r·(m+n) budgets of 4× and 8/3× MLPs at even r). None: every entry placed independently.
+    # r·(m+n) budgets of 4× and 8/3× MLPs at even r). None (default): every entry placed
+    # independently. Measured (docs/benchmark.md): runs of 16 match the default's accuracy and are
+    # no faster on CPU; runs of 64 are the fast option (0.82-0.99x LoRA's block step) at a
+    # trade-off the suite cannot rule out (-0.43 [-1.24, +0.32] points in the paper regime).
     support_group: int | None = None
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
@@ -205,6 +208,14 @@ class SparseConfig:
             return max(1, int(NARROW_COST_SHARE * 2 * m * n / (m + n)))
         return int(self.support_narrow)
 
+    def run_rows(self, m: int, n: int) -> int | None:
+        """Wide rows per run of an m×n layer's grouped support (``support_group``), or None:
+        ungrouped (no ``support_group``, or a support restricted on its wide side)."""
+        if self.support_group is None:
+            return None
+        rows, cols = self.block(m, n)
+        return int(self.support_group) if (rows if m > n else cols) == max(m, n) else None
+
     def budget(self, m: int, n: int) -> int:
         """Entries trainable in one m×n layer under this config."""
         rows, cols = self.block(m, n)
@@ -214,11 +225,12 @@ class SparseConfig:
             k = int(self.match_lora_rank) * (m + n)
         else:
             k = max(1, round(float(self.density) * m * n))
-        if self.support_group is not None:  # c or c + 1 directions for every row of the wide side
+        run = self.run_rows(m, n)
+        if run is not None and k <= rows * cols:  # c or c + 1 directions for every row of the wide side
             from .support import grouped_budget
 
-            wide = rows if m > n else cols
-            k = grouped_budget(k, wide, math.gcd(wide, int(self.support_group)))
+            wide = max(m, n)
+            k = grouped_budget(k, wide, math.gcd(wide, run))
         if k > rows * cols:
             raise ConfigError(
                 f"k={k} is larger than the {rows}×{cols} = {rows * cols} entries this layer can "

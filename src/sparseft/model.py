@@ -92,7 +92,7 @@ class SparseModel(BaseTuner):
                 cache_update=config.selection == "dynamic" if config.cache_update is None else config.cache_update,
                 rotation=config.rotation,
                 basis_blocks=config.basis_blocks,
-                support_group=config.support_group,
+                support_group=config.run_rows(target.m, target.n),
             )
 
     def _after_inject(self, **_: Any) -> None:
