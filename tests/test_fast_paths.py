@@ -267,10 +267,36 @@ def test_one_sided_merge_fused_over_the_whole_wide_side(shape):
 def _twins(selection, identity, seed=7):
     """Two copies of one layer, one caching its merged weight and one rebuilding it per call."""
     cached, gen = make_layer(13, 9, 20, selection, identity, False, "auto", seed, cache=True)
+    return (cached, *rebuilding_twin(cached), gen)
+
+
+def rebuilding_twin(cached):
+    """(twin,): a copy of ``cached`` that merges W0 + ΔW on every call (never the factored way)."""
     fresh = copy.deepcopy(cached)
     fresh.cache_update = False
-    fresh._merged_forward = lambda tokens: True  # merge on every call (never the factored way)
-    return cached, fresh, gen
+    fresh._merged_forward = lambda tokens: True
+    return (fresh,)
+
+
+def step_twins(cached, fresh, opts, gen, micro_batches=2):
+    """One optimizer step of both twins on the same micro-batches: outputs and gradients must be
+    bit-identical."""
+    x = torch.randn(2, 5, cached.n, generator=gen)
+    for _ in range(micro_batches):  # micro-batches share one optimizer step
+        outs = [layer(x) for layer in (cached, fresh)]
+        assert torch.equal(outs[0], outs[1])
+        for out in outs:
+            out.square().sum().backward()
+    assert torch.equal(cached.param.grad, fresh.param.grad)
+    for opt in opts:
+        opt.step()
+        opt.zero_grad()
+
+
+def same_twin_output(cached, fresh, gen) -> bool:
+    x = torch.randn(3, cached.n, generator=gen)
+    with torch.no_grad():
+        return torch.equal(cached(x), fresh(x))
 
 
 @pytest.mark.parametrize("fused", [False, True])  # fused AdamW updates without bumping versions
@@ -284,21 +310,10 @@ def test_cached_merge_follows_steps_reloads_and_reselection(selection, identity,
     opts = [torch.optim.AdamW([layer.param], lr=0.05, fused=fused) for layer in (cached, fresh)]
 
     def step_both():
-        x = torch.randn(2, 5, 9, generator=gen)
-        for _ in range(2):  # two micro-batches share one optimizer step
-            outs = [layer(x) for layer in (cached, fresh)]
-            assert torch.equal(outs[0], outs[1])
-            for out in outs:
-                out.square().sum().backward()
-        assert torch.equal(cached.param.grad, fresh.param.grad)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
+        step_twins(cached, fresh, opts, gen)
 
     def same_output():
-        x = torch.randn(3, 9, generator=gen)
-        with torch.no_grad():
-            return torch.equal(cached(x), fresh(x))
+        return same_twin_output(cached, fresh, gen)
 
     for _ in range(3):
         step_both()

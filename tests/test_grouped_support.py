@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_core import _backward_beside_dense
-from test_fast_paths import check, make_layer
+from test_fast_paths import check, make_layer, rebuilding_twin, same_twin_output, step_twins
 
 from conftest import ARCHS, assert_save_load_merge_round_trip, make_batch, make_batches
 from sparseft import ConfigError, SparseGradConfig, get_sparse_model
@@ -143,26 +143,14 @@ def test_grouped_cached_merge_follows_steps_reloads_and_reselection():
     computes what one rebuilding it every call computes, through optimizer steps, a
     load_state_dict of another grouped support, and a reselection that breaks the runs."""
     cached, gen = _grouped_layer(16, 6, 2, 4, seed=3, cache=True)
-    fresh = copy.deepcopy(cached)
-    fresh.cache_update = False
-    fresh._merged_forward = lambda tokens: True  # merge on every call (never the factored way)
+    (fresh,) = rebuilding_twin(cached)
     opts = [torch.optim.AdamW([layer.values], lr=0.05) for layer in (cached, fresh)]
 
     def step_both():
-        x = torch.randn(2, 5, 6, generator=gen)
-        outs = [layer(x) for layer in (cached, fresh)]
-        assert torch.equal(outs[0], outs[1])
-        for out in outs:
-            out.square().sum().backward()
-        assert torch.equal(cached.values.grad, fresh.values.grad)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
+        step_twins(cached, fresh, opts, gen, micro_batches=1)
 
     def same_output():
-        x = torch.randn(3, 6, generator=gen)
-        with torch.no_grad():
-            return torch.equal(cached(x), fresh(x))
+        return same_twin_output(cached, fresh, gen)
 
     for _ in range(3):
         step_both()
