@@ -521,25 +521,6 @@ class OneSidedBasis:
         flat = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
         return flat.new_empty(flat.numel()).index_copy_(0, runs.order, flat)
 
-    def grouped_merge_into(self, W0: torch.Tensor, values: torch.Tensor, runs: "Grouped") -> torch.Tensor:
-        """W0 + ΔW for a grouped support: the rows of each run get D_run (r×c) times the run's
-        directions, W0 fused in (torch.baddbmm per segment; k·d multiply-adds, as from the CSR).
-        For m ≤ n, Wᵀ is formed and returned transposed (a view)."""
-        dtype = torch.promote_types(W0.dtype, torch.float32)
-        B = self._B(runs.used).to(dtype).index_select(1, runs.where).T  # (Σ runs·c) × d
-        D = values.detach().to(dtype).index_select(0, runs.order)
-        base = (W0 if self.identity_side == "P" else W0.T).to(dtype)     # wide × d
-        merged = torch.empty(base.shape, dtype=dtype, device=base.device)
-        run, row, col, at = runs.run, 0, 0, 0
-        for J in runs.J:
-            G, c = J.shape
-            rows = slice(row, row + G * run)
-            torch.baddbmm(base[rows].reshape(G, run, -1), D[at:at + G * run * c].view(G, run, c),
-                          B[col:col + G * c].reshape(G, c, -1), out=merged[rows].view(G, run, -1))
-            row, col, at = row + G * run, col + G * c, at + G * run * c
-        merged = merged.to(W0.dtype)
-        return merged if self.identity_side == "P" else merged.T
-
     def costs(self, tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]:
         return one_sided_costs(tokens, m, n, a, b, k, self.identity_side, self.blocks)
 

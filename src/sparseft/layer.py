@@ -192,9 +192,8 @@ class SparseLinear(BaseTunerLayer):
             # have no half-precision CPU version)
             return W0 + self.delta_weight().detach().to(W0.dtype)
         values = self.param.detach()
-        runs = self.support.runs_on(values.device) if hasattr(self.support, "runs_on") else None
-        if runs is not None:
-            return self.basis.grouped_merge_into(W0, values, runs)
+        # (a grouped support merges as any other: its CSR product with W0 fused in measured 3.5-4.7
+        # ms per BERT-base layer, a batched product per run 12 ms, most of it copying W0 in)
         if self.identity:
             merged = W0.clone(memory_format=torch.contiguous_format)
             merged.view(-1).index_add_(0, self.support.rows * self.n + self.support.cols, values.to(W0.dtype))
