@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "a random support, the narrow side rotated), sparsegrad-random (both sides rotated), sparsegrad-fixed "
                        "(calibrated support), sparsegrad-dynamic, "
                        "s2ft, shira, supertuning; ablation meprop-fixed; variants of the sparse methods "
-                       "with config fields: 'sparsegrad[support_narrow=auto]', 'sparsegrad-fixed[support_criterion=snr]'")
+                       "with config fields: 'sparsegrad[support_narrow=auto]', 'sparsegrad[support_group=64]' (faster, "
+                       "docs/sparsegrad.md), 'sparsegrad-fixed[support_criterion=snr]'")
     train.add_argument("--lr", type=_positive(float), help="learning rate (default: the method's default)")
     train.add_argument("--output-dir", default="runs/train", help="writes DIR/results.json")
     train.add_argument("--checkpoint-every", type=_positive(int), help="save a resumable checkpoint every N steps "
