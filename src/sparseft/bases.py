@@ -500,7 +500,7 @@ class OneSidedBasis:
         d = t.shape[1]
         if runs.used.numel() * 2 > d or self.blocks > 1:
             whole = apply_basis(t, self._B(slice(0, d)), slice(0, d), self.blocks)
-            return whole.index_select(1, runs.used.index_select(0, runs.where))
+            return whole.index_select(1, runs.directions)
         return (t @ self._B(runs.used).to(t.dtype)).index_select(1, runs.where)
 
     def grouped_grad(self, g: torch.Tensor, x: torch.Tensor, runs: "Grouped") -> torch.Tensor:

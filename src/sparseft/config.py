@@ -210,12 +210,14 @@ class SparseConfig:
         return int(self.support_narrow)
 
     def run_rows(self, m: int, n: int) -> int | None:
-        """Wide rows per run of an m×n layer's grouped support (``support_group``), or None:
-        ungrouped (no ``support_group``, or a support restricted on its wide side)."""
+        """Wide rows per run of an m×n layer's grouped support (``support_group``, shortened to
+        divide the wide side), or None: ungrouped (no ``support_group``, or a support restricted
+        on its wide side)."""
         if self.support_group is None:
             return None
         rows, cols = self.block(m, n)
-        return int(self.support_group) if (rows if m > n else cols) == max(m, n) else None
+        wide = max(m, n)
+        return math.gcd(wide, int(self.support_group)) if (rows if m > n else cols) == wide else None
 
     def budget(self, m: int, n: int) -> int:
         """Entries trainable in one m×n layer under this config."""
@@ -230,8 +232,7 @@ class SparseConfig:
         if run is not None and k <= rows * cols:  # c or c + 1 directions for every row of the wide side
             from .support import grouped_budget
 
-            wide = max(m, n)
-            k = grouped_budget(k, wide, math.gcd(wide, run))
+            k = grouped_budget(k, max(m, n), run)
         if k > rows * cols:
             raise ConfigError(
                 f"k={k} is larger than the {rows}×{cols} = {rows * cols} entries this layer can "

@@ -25,8 +25,6 @@ cheapest of four bracketings (``path_for``).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,7 +71,7 @@ class SparseLinear(BaseTunerLayer):
         cache_update: bool = True,
         rotation: str = "both",
         basis_blocks: int = 1,
-        support_group: int | None = None,
+        support_group: int | None = None,  # wide rows per run, dividing the wide side (SparseGradConfig.run_rows)
     ) -> None:
         super().__init__(base_layer)
         if selection not in SUPPORTS:
@@ -98,7 +96,7 @@ class SparseLinear(BaseTunerLayer):
             dim = 0 if basis.identity_side == "P" else 1
             width = (self.m, self.n)[dim]
             if self.block[dim] == width:  # runs of the whole wide side (see SparseGradConfig.support_group)
-                self.support.grouping = (dim, math.gcd(width, int(support_group)))
+                self.support.grouping = (dim, int(support_group))
         # W0 + ΔW kept between optimizer steps (derived data, never saved; see _merged_weight)
         self.cache_update = bool(cache_update)
         self._cache: tuple | None = None
@@ -264,7 +262,7 @@ class SparseLinear(BaseTunerLayer):
         R, C = self.support.index()
         path = self.path_for(x.shape[0])
         if path == SAMPLED:
-            runs = self.support.runs_on(x.device) if hasattr(self.support, "runs_on") else None
+            runs = self.support.runs_on(x.device)
             if runs is not None:  # batched dense products, any float dtype
                 return self.basis.grouped_grad(g, x, runs)
             if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):

@@ -40,18 +40,18 @@ class Grouped(NamedTuple):
     each training its own narrow directions. Runs with the same count form a segment (in
     practice two: c + 1 directions, then c): ``J[s]`` holds segment s's directions (runs × c_s).
     ``order`` lists the values segment by segment, run by run, row by row, direction by
-    direction (the blocks of the batched products); ``used`` are the distinct directions
-    (sorted) and ``where`` the place among them of each entry of the J's, flattened in turn."""
+    direction (the blocks of the batched products); ``directions`` is the J's flattened in turn,
+    ``used`` its distinct entries (sorted) and ``where`` the place of each among them."""
 
     J: tuple[torch.Tensor, ...]
     order: torch.Tensor
+    directions: torch.Tensor
     used: torch.Tensor
     where: torch.Tensor
     run: int
 
     def to(self, device: torch.device) -> "Grouped":
-        return Grouped(tuple(J.to(device) for J in self.J), self.order.to(device), self.used.to(device),
-                       self.where.to(device), self.run)
+        return Grouped(tuple(J.to(device) for J in self.J), *(t.to(device) for t in self[1:5]), self.run)
 
 
 def run_counts(k: int, width: int, run: int) -> tuple[int, int]:
@@ -140,8 +140,9 @@ class FixedSupport:
                 return None
             J.append(seg[:, 0].contiguous())
             start += runs * run * c
-        used, where = torch.unique(torch.cat([j.reshape(-1) for j in J]), return_inverse=True)
-        return Grouped(tuple(J), order, used, where, run)
+        flat = torch.cat([j.reshape(-1) for j in J])
+        used, where = torch.unique(flat, return_inverse=True)
+        return Grouped(tuple(J), order, flat, used, where, run)
 
     def runs_on(self, device: torch.device) -> Grouped | None:
         """``grouped`` on ``device`` (moved once: it is plain data, not buffers of the layer)."""
@@ -329,6 +330,10 @@ class DynamicSupport:
     kind = "dynamic"
     param_name = "delta"
     generation = 0  # the block never changes
+
+    @staticmethod
+    def runs_on(device: torch.device) -> None:
+        return None  # never grouped
 
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.k, self.block = int(k), block
