@@ -267,15 +267,15 @@ def test_one_sided_merge_fused_over_the_whole_wide_side(shape):
 def _twins(selection, identity, seed=7):
     """Two copies of one layer, one caching its merged weight and one rebuilding it per call."""
     cached, gen = make_layer(13, 9, 20, selection, identity, False, "auto", seed, cache=True)
-    return (cached, *rebuilding_twin(cached), gen)
+    return cached, rebuilding_twin(cached), gen
 
 
 def rebuilding_twin(cached):
-    """(twin,): a copy of ``cached`` that merges W0 + ΔW on every call (never the factored way)."""
+    """A copy of ``cached`` that merges W0 + ΔW on every call (never the factored way)."""
     fresh = copy.deepcopy(cached)
     fresh.cache_update = False
     fresh._merged_forward = lambda tokens: True
-    return (fresh,)
+    return fresh
 
 
 def step_twins(cached, fresh, opts, gen, micro_batches=2):

@@ -143,7 +143,7 @@ def test_grouped_cached_merge_follows_steps_reloads_and_reselection():
     computes what one rebuilding it every call computes, through optimizer steps, a
     load_state_dict of another grouped support, and a reselection that breaks the runs."""
     cached, gen = _grouped_layer(16, 6, 2, 4, seed=3, cache=True)
-    (fresh,) = rebuilding_twin(cached)
+    fresh = rebuilding_twin(cached)
     opts = [torch.optim.AdamW([layer.values], lr=0.05) for layer in (cached, fresh)]
 
     def step_both():
