@@ -13,12 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparseft.bases import BasisBank
 from sparseft.layer import GRAD_PATHS, SparseLinear, grad_costs
-from sparseft.ops import SAMPLED
+from sparseft.ops import SAMPLED, is_n_major
 from sparseft.targets import weight_of
 
 PATHS = ("auto", *GRAD_PATHS)
@@ -81,8 +82,11 @@ def reference(layer: SparseLinear, x: torch.Tensor, grad_y: torch.Tensor):
     return y.detach(), x.grad, g
 
 
-def check(layer, gen, lead):
-    x = torch.randn(*lead, layer.n, generator=gen, requires_grad=True)
+def check(layer, gen, lead, n_major=False):
+    x = torch.randn(*lead, layer.n, generator=gen)
+    if n_major:  # column-major over the tokens, as a wider partner layer hands it on (ops.linear_n_major)
+        x = x.reshape(-1, layer.n).T.contiguous().T.reshape(x.shape)
+    x.requires_grad_(True)
     y = layer(x)
     grad_y = torch.randn(y.shape, generator=gen)
     y.backward(grad_y)
@@ -108,16 +112,17 @@ shapes = st.tuples(st.integers(1, 9), st.integers(1, 9))
     seed=st.integers(0, 2**16),
     cache=st.booleans(),
     rotation=st.sampled_from(["both", "narrow"]),
+    n_major=st.booleans(),
     data=st.data(),
 )
-def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, conv, path, seed, cache, rotation, data):
+def test_paths_match_straightforward_formulas(mn, tokens, selection, identity, conv, path, seed, cache, rotation, n_major, data):
     m, n = mn
     block = (data.draw(st.integers(1, m)), data.draw(st.integers(1, n)))
     k = data.draw(st.integers(1, block[0] * block[1]))
     if selection == "fixed" and data.draw(st.booleans()):
         path = SAMPLED  # the SDDMM value gradient (fixed supports only)
     layer, gen = make_layer(m, n, k, selection, identity, conv, path, seed, block, cache, "both" if identity else rotation)
-    check(layer, gen, (2, tokens))
+    check(layer, gen, (2, tokens), n_major)
 
 
 @pytest.mark.parametrize("shape", [(10, 6), (6, 10)])
@@ -156,6 +161,58 @@ def test_a_support_on_every_row_and_column_indexes_by_slices(basis):
         assert isinstance(layer.support.index()[0], torch.Tensor)
         layer.values.grad = None
         check(layer, gen, (5,))
+
+
+def _copies_inside(events, op: str, shape: tuple[int, int]) -> int:
+    """aten::copy_ calls of a tensor of ``shape`` (either orientation) made inside ``op``, from a
+    CPU profile with shapes."""
+    def inside(e):
+        while e is not None:
+            if e.name == op:
+                return True
+            e = e.cpu_parent
+        return False
+    shapes = ([*shape], [*shape[::-1]])
+    return sum(1 for e in events if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0] in shapes and inside(e))
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_wide_activations_reach_the_sampled_gradient_without_a_copy(identity):
+    """In an MLP (up: wide output → GELU → down: wide input) the up layer returns its output
+    column-major over the tokens and the down layer its input gradient the same way, so both
+    SDDMMs read their N×wide factor as it lies: no transposing copy inside the kernel. The
+    numbers equal those of the plain layout (the hand-off broken by a contiguous copy)."""
+    from torch.profiler import profile
+
+    rotation = "both" if identity else "narrow"
+    up, gen = make_layer(24, 8, 30, "fixed", identity, False, SAMPLED, seed=5, cache=False, rotation=rotation)
+    down, _ = make_layer(8, 24, 30, "fixed", identity, False, SAMPLED, seed=6, cache=False, rotation=rotation)
+    x = torch.randn(3, 10, 8, generator=gen, requires_grad=True)
+    weights = torch.randn(3, 10, 8, generator=gen)
+
+    def run(plain: bool) -> tuple[dict, tuple]:
+        seen = {}
+        h = up(x)
+        h.register_hook(lambda g: seen.__setitem__("grad_h", is_n_major(g)))
+        a = F.gelu(h)
+        seen.update(h=is_n_major(h), a=is_n_major(a))
+        y = down(a.contiguous() if plain else a)
+        seen["y"] = is_n_major(y)
+        (y * weights).sum().backward()
+        grads = tuple(t.grad.clone() for t in (x, up.values, down.values))
+        for t in (x, up.values, down.values):
+            t.grad = None
+        return seen, grads
+
+    with profile(record_shapes=True) as prof:
+        seen, got = run(plain=False)
+    assert seen == {"h": True, "a": True, "y": False, "grad_h": True}
+    assert _copies_inside(prof.events(), "aten::sparse_sampled_addmm", (30, 24)) == 0
+    assert got[0].is_contiguous()  # a narrow input's gradient keeps the input's layout
+    seen, want = run(plain=True)
+    assert seen["grad_h"] is False
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
 def test_sampled_path_is_chosen_where_it_is_cheapest():

@@ -33,7 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .bases import BasisBank, IdentityBasis, OneSidedBasis, RotatedBasis
 from .config import ROTATIONS
 from .errors import ConfigError, InputError, NotCalibratedError
-from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, lowrank_product
+from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, linear_n_major, lowrank_product
 from .support import SUPPORTS
 from .targets import is_transposed, weight_of
 from .tuner import BaseTunerLayer
@@ -241,18 +241,20 @@ class SparseLinear(BaseTunerLayer):
         return costs["merge"] <= costs["factored"]
 
     # ----------------------------------------------------------------------------- compute
-    def _forward_no_grad(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_no_grad(self, x: torch.Tensor, n_major: bool = False) -> torch.Tensor:
         W0, bias = weight_of(self.base_layer), self.base_layer.bias
         if self._merged_forward(x.numel() // self.n):
-            return F.linear(x, self._merged_weight(), bias)
+            W = self._merged_weight()
+            return linear_n_major(x, W, bias) if n_major else F.linear(x, W, bias)
         D, R, C = self._factors()
         return self.basis.add_update(F.linear(x, W0, bias), x, D.detach().to(x.dtype), R, C)
 
     @torch.no_grad()
-    def _input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+    def _input_grad(self, grad_y: torch.Tensor, n_major: bool = False) -> torch.Tensor:
         W0 = weight_of(self.base_layer)
         if self._merged_forward(grad_y.numel() // self.m):
-            return grad_y @ self._merged_weight()
+            W = self._merged_weight()
+            return linear_n_major(grad_y, W.T, None) if n_major else grad_y @ W
         D, R, C = self._factors()
         return self.basis.add_input_grad(grad_y @ W0, grad_y, D.detach().to(grad_y.dtype), R, C)
 

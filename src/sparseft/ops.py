@@ -143,6 +143,24 @@ def cheapest_path(costs: dict[str, int]) -> str:
     return min((p for p in (*GRAD_PATHS, SAMPLED) if p in costs), key=costs.__getitem__)
 
 
+def is_n_major(t: torch.Tensor) -> bool:
+    """Whether ``t`` (…×features, N tokens) lies column-major over its tokens: each feature's
+    N values contiguous, as :func:`linear_n_major` returns them (no copy made to find out)."""
+    if t.dim() < 2 or t.shape[-1] < 2 or t.numel() // t.shape[-1] < 2:
+        return False  # one token or one feature: both layouts coincide
+    return t.movedim(-1, 0).is_contiguous()
+
+
+def linear_n_major(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` with the output laid out column-major over the tokens, computed
+    as ``(W xᵀ + b)ᵀ`` by the same matrix product (a view of shape …×m). A sampled product
+    (SDDMM) reads an identity side's activations this way; handing them on so saves its
+    transposing copy of an N×wide tensor, and elementwise ops in between keep the layout."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = W @ x2.T if bias is None else torch.addmm(bias.unsqueeze(1), W, x2.T)
+    return out.T.view(*x.shape[:-1], W.shape[0])
+
+
 class SparseUpdate(torch.autograd.Function):
     """y = x (W0 + ΔW)ᵀ + b with ∂L/∂param computed in the basis, never via autograd of ΔW.
 
@@ -157,7 +175,8 @@ class SparseUpdate(torch.autograd.Function):
         device = x.device.type
         ctx.autocast = torch.is_autocast_enabled(device)
         ctx.autocast_dtype = torch.get_autocast_dtype(device) if ctx.autocast else None
-        return layer._forward_no_grad(x)
+        # a layer wider in its outputs hands them on token-column-major (see linear_n_major)
+        return layer._forward_no_grad(x, n_major=layer.m > layer.n and x.dim() >= 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -176,12 +195,13 @@ class SparseUpdate(torch.autograd.Function):
 
     @staticmethod
     def _grads(ctx, layer: "SparseLinear", grad_y: torch.Tensor, x: torch.Tensor, param: torch.Tensor):
-        grad_x = layer._input_grad(grad_y) if ctx.needs_input_grad[0] else None
+        # the input's gradient in the input's layout (token-column-major from a wide partner)
+        grad_x = layer._input_grad(grad_y, n_major=is_n_major(x)) if ctx.needs_input_grad[0] else None
         grad_param = None
         if ctx.needs_input_grad[1]:
             grad_param = layer._param_grad(grad_y.reshape(-1, layer.m), x.reshape(-1, layer.n)).to(param.dtype)
         return grad_x, grad_param, None
 
 
-__all__ = ["GRAD_PATHS", "SAMPLED", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "lowrank_product", "merge_cost", "one_sided_costs", "rotated_costs",
+__all__ = ["GRAD_PATHS", "SAMPLED", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "is_n_major", "linear_n_major", "lowrank_product", "merge_cost", "one_sided_costs", "rotated_costs",
            "sparse_lowrank_product", "sparse_side"]
