@@ -46,11 +46,12 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # "-1side" rotates only each layer's narrow side (rotation="narrow"), alone and with the
 # narrow-side cost budget (support_narrow="auto"); "-blocksB": block-diagonal bases with B
 # diagonal blocks (basis_blocks=B); "-groupR": a grouped support, runs of R wide rows sharing
-# their directions (support_group=R).
+# their directions (support_group=R). "-rowmajor": the wide activations handed on row-major (the
+# layout before the column-major hand-off, SparseLinear.hand_off_n_major=False).
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
                             "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
                             "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side",
-                            "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group64")
+                            "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group64", "sparsegrad-fixed-1side-rowmajor")
 
 
 class Block(nn.Module):
@@ -103,6 +104,7 @@ def build(method: str, base: Block, rank: int, seed: int):
                                         **extra, **({"basis_blocks": blocks} if blocks > 1 else {}),
                                         **({"support_group": group} if group else {})))
     for layer in model.sparse_layers().values():
+        layer.hand_off_n_major = not method.endswith("-rowmajor")
         if not method.startswith("meprop"):
             # Bases are random orthogonal here: step time depends on the support's shape, not on
             # which basis it is; real supports are measured by benchmarks/supports.py.

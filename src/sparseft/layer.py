@@ -56,6 +56,10 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 class SparseLinear(BaseTunerLayer):
     """Wraps ``base_layer`` (nn.Linear or Conv1D, frozen) with a k-entry trainable update."""
 
+    # A layer wider in its outputs returns them column-major over the tokens while training
+    # (ops.linear_n_major); False keeps the plain row-major output (benchmarks compare the two).
+    hand_off_n_major: bool = True
+
     def __init__(
         self,
         base_layer: nn.Module,

@@ -176,7 +176,7 @@ class SparseUpdate(torch.autograd.Function):
         ctx.autocast = torch.is_autocast_enabled(device)
         ctx.autocast_dtype = torch.get_autocast_dtype(device) if ctx.autocast else None
         # a layer wider in its outputs hands them on token-column-major (see linear_n_major)
-        return layer._forward_no_grad(x, n_major=layer.m > layer.n and x.dim() >= 2)
+        return layer._forward_no_grad(x, n_major=layer.hand_off_n_major and layer.m > layer.n and x.dim() >= 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
