@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 
+from sparseft.ops import is_n_major
 from test_fast_paths import make_layer, reference
 
 # SPARSEFT_TEST_DEVICE=cpu runs the same checks on the CPU (to check the tests themselves)
@@ -30,14 +31,19 @@ def _on(layer, device, dtype):
     return moved.to(device)  # the trained values stay float32 (adapter dtype)
 
 
-def _assert_matches_on_device(layer, gen, dtype):
+def _assert_matches_on_device(layer, gen, dtype, n_major=False):
     """The layer moved to DEVICE in ``dtype`` computes the CPU float32 formula's output, input
-    gradient and value gradient."""
+    gradient and value gradient (``n_major``: the input laid out column-major over the tokens,
+    as a wider partner layer hands it on)."""
     x = torch.randn(4, 33, layer.n, generator=gen)
     grad_y = torch.randn(4, 33, layer.m, generator=gen)
     y_ref, gx_ref, gp_ref = reference(layer, x, grad_y)
     gpu = _on(layer, DEVICE, dtype)
-    xg = x.to(DEVICE, dtype).requires_grad_(True)
+    xg = x.to(DEVICE, dtype)
+    if n_major:
+        xg = xg.reshape(-1, layer.n).T.contiguous().T.reshape(x.shape)
+        assert is_n_major(xg)
+    xg.requires_grad_(True)
     y = gpu(xg)
     y.backward(grad_y.to(DEVICE, dtype))
     tol = 1e-3 if dtype == torch.float32 else 6e-2
@@ -63,6 +69,14 @@ def test_gpu_grouped_support_matches_the_formula(tall, path, dtype):
     layer, gen = _grouped_layer(96 if tall else 24, 24 if tall else 96, 3, 8, seed=5, path=path)
     assert layer.support.grouped is not None
     _assert_matches_on_device(layer, gen, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotation", ["narrow", "both"])
+def test_gpu_wide_input_handed_on_column_major(rotation, dtype):
+    """A wide-input layer fed column-major activations (ops.linear_n_major's layout) on the device."""
+    layer, gen = make_layer(48, 96, 300, "fixed", False, False, "sampled", seed=13, rotation=rotation)
+    _assert_matches_on_device(layer, gen, dtype, n_major=True)
 
 
 @pytest.mark.parametrize("selection", ["fixed", "dynamic"])

@@ -215,6 +215,21 @@ def test_wide_activations_reach_the_sampled_gradient_without_a_copy(identity):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
 
 
+def test_no_column_major_hand_off_without_an_sddmm():
+    """Half precision and autocast take the dense value gradient (no SDDMM to feed), where the
+    column-major layout only cost time: the output stays row-major, and the numbers are the same."""
+    up, gen = make_layer(24, 8, 30, "fixed", False, False, SAMPLED, seed=5, cache=False, rotation="narrow")
+    x = torch.randn(3, 10, 8, generator=gen, requires_grad=True)
+    assert is_n_major(up(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not is_n_major(up(x))
+    half = copy.deepcopy(up).to(torch.bfloat16)
+    half._bank.to(dtype=torch.bfloat16)
+    y = half(x.detach().bfloat16().requires_grad_(True))
+    assert not is_n_major(y)
+    torch.testing.assert_close(y.float(), up(x).detach(), atol=0.1, rtol=0.05)
+
+
 def test_sampled_path_is_chosen_where_it_is_cheapest():
     """A SHiRA-like support (identity basis, k spread over all rows and columns) takes the SDDMM
     value gradient: N·k multiply-adds instead of N·m·n."""

@@ -33,7 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .bases import BasisBank, IdentityBasis, OneSidedBasis, RotatedBasis
 from .config import ROTATIONS
 from .errors import ConfigError, InputError, NotCalibratedError
-from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, linear_n_major, lowrank_product
+from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, linear_n_major, lowrank_product, sddmm_supported
 from .support import SUPPORTS
 from .targets import is_transposed, weight_of
 from .tuner import BaseTunerLayer
@@ -271,9 +271,9 @@ class SparseLinear(BaseTunerLayer):
             runs = self.support.runs_on(x.device)
             if runs is not None:  # batched dense products, any float dtype
                 return self.basis.grouped_grad(g, x, runs)
-            if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
+            if sddmm_supported(x):
                 return self.support.sampled_grad(*self.basis.sampled_factors(g, x, R, C))
-            path = "activations"  # torch's SDDMM has no half-precision kernel on CPU: the same bracketing, whole
+            path = "activations"  # no half-precision SDDMM: the same bracketing, whole
         return self.support.gather(self.basis.value_grad(g, x, R, C, path))
 
     def _fast_path_ok(self) -> bool:
