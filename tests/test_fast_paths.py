@@ -18,7 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from sparseft.bases import BasisBank
-from sparseft.layer import GRAD_PATHS, SparseLinear, grad_costs
+from sparseft.layer import GRAD_PATHS, SparseLinear, adapted_weight, grad_costs
 from sparseft.ops import SAMPLED, is_n_major
 from sparseft.targets import weight_of
 
@@ -163,9 +163,8 @@ def test_a_support_on_every_row_and_column_indexes_by_slices(basis):
         check(layer, gen, (5,))
 
 
-def _copies_inside(events, op: str, shape: tuple[int, int]) -> int:
-    """aten::copy_ calls of a tensor of ``shape`` (either orientation) made inside ``op``, from a
-    CPU profile with shapes."""
+def _ops_inside(events, name: str, op: str, shape: tuple[int, int]) -> int:
+    """Calls of ``name`` on a tensor of ``shape`` (either orientation) made inside ``op``."""
     def inside(e):
         while e is not None:
             if e.name == op:
@@ -173,7 +172,7 @@ def _copies_inside(events, op: str, shape: tuple[int, int]) -> int:
             e = e.cpu_parent
         return False
     shapes = ([*shape], [*shape[::-1]])
-    return sum(1 for e in events if e.name == "aten::copy_" and e.input_shapes and e.input_shapes[0] in shapes and inside(e))
+    return sum(1 for e in events if e.name == name and e.input_shapes and e.input_shapes[0] in shapes and inside(e))
 
 
 @pytest.mark.parametrize("identity", [False, True])
@@ -207,12 +206,34 @@ def test_wide_activations_reach_the_sampled_gradient_without_a_copy(identity):
     with profile(record_shapes=True) as prof:
         seen, got = run(plain=False)
     assert seen == {"h": True, "a": True, "y": False, "grad_h": True}
-    assert _copies_inside(prof.events(), "aten::sparse_sampled_addmm", (30, 24)) == 0
+    assert _ops_inside(prof.events(), "aten::copy_", "aten::sparse_sampled_addmm", (30, 24)) == 0
     assert got[0].is_contiguous()  # a narrow input's gradient keeps the input's layout
     seen, want = run(plain=True)
     assert seen["grad_h"] is False
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24)])
+def test_merge_reads_the_stored_basis_without_a_copy(shape):
+    """The bank holds each basis column-major, so the fused merge (CSR × Bᵀ + W0) reads Bᵀ as it
+    lies; the layout survives a state-dict round trip onto a fresh bank, and the state dict itself
+    is packed (safetensors takes only contiguous tensors)."""
+    from torch.profiler import profile
+
+    layer, _ = make_layer(*shape, 30, "fixed", False, False, "auto", seed=2, cache=False, rotation="narrow")
+    d = min(shape)
+    W0 = weight_of(layer.base_layer)
+    with profile(record_shapes=True) as prof:
+        merged = layer._merge_into(W0)
+    assert sum(_ops_inside(prof.events(), name, "aten::addmm", (d, d)) for name in ("aten::clone", "aten::copy_")) == 0
+    torch.testing.assert_close(merged, adapted_weight(layer))
+    state = layer._bank.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    fresh = BasisBank()
+    fresh.load_state_dict(state)
+    B = fresh.full("g", layer.basis.rotated_side)
+    assert B.T.is_contiguous() and torch.equal(B, layer._bank.full("g", layer.basis.rotated_side))
 
 
 def test_no_column_major_hand_off_without_an_sddmm():
