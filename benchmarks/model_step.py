@@ -7,7 +7,8 @@ Each method gets its own copy of the model, prepared as the suite prepares it (`
 rank-8 budget) and calibrated on a few batches; then every round times one optimizer step (forward,
 backward, AdamW step, zero_grad) of each method in turn, on the suite's batch shape (16 rows of
 64 tokens; random token ids, since the time does not depend on the text). Reports the median step
-per method and its ratio to LoRA-MLP's, and writes `model_step.json` (``--out``). Step time only:
+per method and its ratio to LoRA-MLP's (the median over rounds of the paired ratio; the order of
+methods turns every round), and writes `model_step.json` (``--out``). Step time only:
 the accuracy of each method is the suite's (docs/benchmark.md).
 """
 
@@ -73,20 +74,22 @@ def main() -> None:
         run["opt"].zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
+    names = list(runs)
     for r in range(args.rounds + 1):  # round 0 warms up (allocations, CSR patterns, first merges)
         data = batch(vocab, args.rows, args.length, r)
-        for method, run in runs.items():
-            seconds = step(run, data)
+        for method in names[r % len(names):] + names[: r % len(names)]:  # the order turns every round
+            seconds = step(runs[method], data)
             if r:
-                run["times"].append(seconds)
+                runs[method]["times"].append(seconds)
         print(f"round {r}/{args.rounds}: " + ", ".join(f"{m} {run['times'][-1] if r else 0:.3f}s" for m, run in runs.items()), flush=True)
-    reference = statistics.median(runs["lora-mlp"]["times"]) if "lora-mlp" in runs else None
+    reference = runs["lora-mlp"]["times"] if "lora-mlp" in runs else None
     results = {"settings": vars(args) | {"torch": torch.__version__}, "methods": {}}
     print(f"\n{args.model}, {args.regime} regime, {args.rows}x{args.length} tokens, {args.threads} thread(s), median of {args.rounds} steps")
     print(f"{'method':60s} {'step s':>8s} {'vs LoRA-MLP':>12s} {'trainable':>12s}")
     for method, run in runs.items():
         median = statistics.median(run["times"])
-        ratio = median / reference if reference else float("nan")
+        # the median over rounds of the paired ratio (both steps of one round): drift cancels
+        ratio = statistics.median(a / b for a, b in zip(run["times"], reference)) if reference else float("nan")
         results["methods"][method] = {"median_step_s": median, "vs_lora_mlp": ratio, "times": run["times"],
                                       "calibration_s": run["calibration_s"], "trainable_params": run["trainable"]}
         print(f"{method:60s} {median:8.3f} {ratio:12.2f} {run['trainable']:12,d}")

@@ -6,7 +6,8 @@ For each shape (BERT-base 768↔3072 with GELU, LLaMA-like 576↔1536 with SiLU;
 up → act → down whose input requires grad, as inside a model) and token count N, every method
 trains the same block side by side in this one process, interleaved round by round, and the
 median training-step time (forward + backward + optimizer step) is reported with its ratios to
-LoRA (peft, rank r) and to full fine-tuning. Sparse methods get LoRA's trainable count,
+LoRA (peft, rank r) and to full fine-tuning, each the median over rounds of the paired ratio (the
+two steps of one round), with the order of methods turning every round. Sparse methods get LoRA's trainable count,
 k = r·(m+n) per layer. Absolute times on a shared CPU are noisy; the ratios are the result.
 
 Sections (all printed, and written to OUT/step_time.json, OUT/step_time.png):
@@ -176,18 +177,29 @@ def _sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def time_methods(models: dict, x: torch.Tensor, w: torch.Tensor, rounds: int) -> dict[str, float]:
+def time_methods(models: dict, x: torch.Tensor, w: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each method's training step, one per round. Interleaved (all methods see the
+    same load), and the order turns by one place every round, so no method always runs right
+    after the same neighbour (an A/A pair in a fixed order differed by 0.12× LoRA in bf16)."""
     for model, opt in models.values():  # warm-up: allocator, optimizer state, caches
         train_step(model, opt, x, w)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, (model, opt) in models.items():  # interleaved: all methods see the same load
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, opt = models[name]
             _sync(x)
             t0 = time.perf_counter()
             train_step(model, opt, x, w)
             _sync(x)
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Median over rounds of each method's step divided by ``reference``'s step of the same
+    round: drift between rounds cancels, which a ratio of two medians does not do."""
+    return {name: statistics.median(a / b for a, b in zip(t, times[reference])) for name, t in times.items()}
 
 
 def time_fn(fn, rounds: int) -> float:
@@ -414,14 +426,16 @@ def main() -> None:
             w = torch.randn(tokens, d, generator=gen).to(args.device, dtype)
             models = {m: build(m, base, args.rank, seed=0) for m in METHODS}
             print(f"[{shape}, N={tokens}] timing {len(models)} methods x {args.rounds} rounds", flush=True)
-            seconds = time_methods(models, x, w, args.rounds)
+            rounds = time_methods(models, x, w, args.rounds)
+            seconds = {m: statistics.median(t) for m, t in rounds.items()}
             spread = {}
             for name in (m for m in METHODS if "-fixed" in m):
                 spread[name] = {ln: [int(l.R.numel()), int(l.C.numel())] for ln, l in models[name][0].sparse_layers().items()}
             results["step_time"][shape][str(tokens)] = {
                 "seconds": seconds,
-                "vs_lora": {m: s / seconds["lora"] for m, s in seconds.items()},
-                "vs_full": {m: s / seconds["full"] for m, s in seconds.items()},
+                "vs_lora": paired_ratio(rounds, "lora"),
+                "vs_full": paired_ratio(rounds, "full"),
+                "rounds": rounds,
                 "flop_model": flop_model(d, h, tokens, args.rank, args.narrow),
                 "support_block": {m: {ln: list(l.block) for ln, l in models[m][0].sparse_layers().items()} for m in METHODS if m.startswith("sparsegrad")},
                 "support_rows_cols": spread,
