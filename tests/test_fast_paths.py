@@ -236,6 +236,45 @@ def test_merge_reads_the_stored_basis_without_a_copy(shape):
     assert B.T.is_contiguous() and torch.equal(B, layer._bank.full("g", layer.basis.rotated_side))
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_model_mlps_feed_their_sddmms_without_a_copy(family):
+    """A whole model, calibrated and trained one step: LLaMA's gated MLP (SiLU(gate) * up → down)
+    and GPT-2's Conv1D MLP hand their wide activations on column-major, so no SDDMM copies an
+    N×intermediate tensor; the step's value gradients equal the plain layout's."""
+    from torch.profiler import profile
+
+    from conftest import VOCAB, tiny_gpt2, tiny_llama
+    from sparseft import SparseGradConfig, get_sparse_model
+
+    torch.manual_seed(0)
+    base = tiny_llama() if family == "llama" else tiny_gpt2()
+    model = get_sparse_model(base, SparseGradConfig(density=0.5))  # every wide row in use, as at 1% of a real layer
+    ids = torch.randint(0, VOCAB, (3, 20))
+    model.calibrate([{"input_ids": ids, "labels": ids}], steps=1, show_progress=False)
+    model.eval()  # no dropout: the two layouts see the same network (gradients still flow)
+    layers = model.sparse_layers()
+    for layer in layers.values():
+        layer.compute_path = SAMPLED  # what the cost model picks at training sizes (tiny ones go dense)
+        assert layer.support.index()[0 if layer.m > layer.n else 1] == slice(0, max(layer.m, layer.n))
+    wide = max(max(l.m, l.n) for l in layers.values())
+
+    def grads(hand_off: bool) -> list[torch.Tensor]:
+        for layer in layers.values():
+            layer.hand_off_n_major = hand_off
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [l.param.grad.clone() for l in layers.values()]
+
+    with profile(record_shapes=True) as prof:
+        got = grads(True)
+    assert _ops_inside(prof.events(), "aten::copy_", "aten::sparse_sampled_addmm", (ids.numel(), wide)) == 0
+    with profile(record_shapes=True) as prof:
+        want = grads(False)
+    assert _ops_inside(prof.events(), "aten::copy_", "aten::sparse_sampled_addmm", (ids.numel(), wide)) > 0  # the check sees copies
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-4)
+
+
 def test_no_column_major_hand_off_without_an_sddmm():
     """Half precision and autocast take the dense value gradient (no SDDMM to feed), where the
     column-major layout only cost time: the output stays row-major, and the numbers are the same."""
