@@ -1,6 +1,6 @@
 """Training-step time of whole real models, methods side by side (interleaved round by round).
 
-    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparsegrad,...]
+    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparsegrad,sparsegrad@rowmajor,...]
                                                    [--regime peft|paper] [--rounds 12] [--threads 1]
 
 Each method gets its own copy of the model, prepared as the suite prepares it (`methods.prepare`,
@@ -29,6 +29,7 @@ from sparseft.app.suite import _model_dir
 from sparseft.app.train import load_classifier
 from sparseft.methods import canonical, prepare, split_methods
 
+ROW_MAJOR = "@rowmajor"
 DEFAULT_METHODS = "lora-mlp,sparsegrad-random,sparsegrad-random[rotation=narrow],sparsegrad-random[rotation=narrow;support_narrow=auto],shira,full"
 
 
@@ -51,12 +52,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = _model_dir(args.model, None)
-    methods = [canonical(m) for m in split_methods(args.methods)]
+    # "<method>@rowmajor": the method with its wide activations handed on row-major (the layout
+    # before SparseLinear.hand_off_n_major), to time the column-major hand-off in one run
+    methods = [canonical(m.removesuffix(ROW_MAJOR)) + (ROW_MAJOR if m.endswith(ROW_MAJOR) else "") for m in split_methods(args.methods)]
     runs = {}
     for method in methods:
         model = load_classifier(model_dir, 2, seed=0)
         vocab = model.config.vocab_size
-        prepared = prepare(method, model, rank=8, regime=args.regime)
+        prepared = prepare(method.removesuffix(ROW_MAJOR), model, rank=8, regime=args.regime)
+        if method.endswith(ROW_MAJOR):
+            for layer in prepared.sparse.sparse_layers().values():
+                layer.hand_off_n_major = False
         calibration_s = 0.0
         if prepared.needs_calibration:
             t0 = time.perf_counter()
