@@ -11,9 +11,9 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -238,9 +238,9 @@ def test_merge_reads_the_stored_basis_without_a_copy(shape):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_model_mlps_feed_their_sddmms_without_a_copy(family):
-    """A whole model, calibrated and trained one step: LLaMA's gated MLP (SiLU(gate) * up → down)
+    """A whole model, calibrated, one backward: LLaMA's gated MLP (SiLU(gate) * up → down)
     and GPT-2's Conv1D MLP hand their wide activations on column-major, so no SDDMM copies an
-    N×intermediate tensor; the step's value gradients equal the plain layout's."""
+    N×intermediate tensor; the value gradients equal the plain layout's."""
     from torch.profiler import profile
 
     from conftest import VOCAB, tiny_gpt2, tiny_llama
