@@ -28,6 +28,7 @@ import torch
 from sparseft.app.suite import _model_dir
 from sparseft.app.train import load_classifier
 from sparseft.methods import canonical, prepare, split_methods
+from step_time import paired_ratio, turned  # one timing protocol for both benchmarks (benchmarks/ is the script's folder)
 
 ROW_MAJOR = "@rowmajor"
 DEFAULT_METHODS = "lora-mlp,sparsegrad-random,sparsegrad-random[rotation=narrow],sparsegrad-random[rotation=narrow;support_narrow=auto],shira,full"
@@ -80,22 +81,20 @@ def main() -> None:
         run["opt"].zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    names = list(runs)
     for r in range(args.rounds + 1):  # round 0 warms up (allocations, CSR patterns, first merges)
         data = batch(vocab, args.rows, args.length, r)
-        for method in names[r % len(names):] + names[: r % len(names)]:  # the order turns every round
+        for method in turned(list(runs), r):
             seconds = step(runs[method], data)
             if r:
                 runs[method]["times"].append(seconds)
         print(f"round {r}/{args.rounds}: " + ", ".join(f"{m} {run['times'][-1] if r else 0:.3f}s" for m, run in runs.items()), flush=True)
-    reference = runs["lora-mlp"]["times"] if "lora-mlp" in runs else None
+    ratios = paired_ratio({m: run["times"] for m, run in runs.items()}, "lora-mlp") if "lora-mlp" in runs else {}
     results = {"settings": vars(args) | {"torch": torch.__version__}, "methods": {}}
     print(f"\n{args.model}, {args.regime} regime, {args.rows}x{args.length} tokens, {args.threads} thread(s), median of {args.rounds} steps")
     print(f"{'method':60s} {'step s':>8s} {'vs LoRA-MLP':>12s} {'trainable':>12s}")
     for method, run in runs.items():
         median = statistics.median(run["times"])
-        # the median over rounds of the paired ratio (both steps of one round): drift cancels
-        ratio = statistics.median(a / b for a, b in zip(run["times"], reference)) if reference else float("nan")
+        ratio = ratios.get(method, float("nan"))
         results["methods"][method] = {"median_step_s": median, "vs_lora_mlp": ratio, "times": run["times"],
                                       "calibration_s": run["calibration_s"], "trainable_params": run["trainable"]}
         print(f"{method:60s} {median:8.3f} {ratio:12.2f} {run['trainable']:12,d}")

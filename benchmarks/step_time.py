@@ -183,10 +183,9 @@ def time_methods(models: dict, x: torch.Tensor, w: torch.Tensor, rounds: int) ->
     after the same neighbour (an A/A pair in a fixed order differed by 0.12× LoRA in bf16)."""
     for model, opt in models.values():  # warm-up: allocator, optimizer state, caches
         train_step(model, opt, x, w)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in turned(list(models), r):
             model, opt = models[name]
             _sync(x)
             t0 = time.perf_counter()
@@ -194,6 +193,12 @@ def time_methods(models: dict, x: torch.Tensor, w: torch.Tensor, rounds: int) ->
             _sync(x)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def turned(names: list[str], r: int) -> list[str]:
+    """Round ``r``'s order of the methods: ``names`` turned by r places."""
+    r %= len(names)
+    return names[r:] + names[:r]
 
 
 def paired_ratio(times: dict[str, list[float]], reference: str) -> dict[str, float]:

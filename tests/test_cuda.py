@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparseft.ops import is_n_major
-from test_fast_paths import make_layer, reference
+from test_fast_paths import as_n_major, make_layer, reference
 
 # SPARSEFT_TEST_DEVICE=cpu runs the same checks on the CPU (to check the tests themselves)
 DEVICE = os.environ.get("SPARSEFT_TEST_DEVICE", "cuda")
@@ -41,7 +41,7 @@ def _assert_matches_on_device(layer, gen, dtype, n_major=False):
     gpu = _on(layer, DEVICE, dtype)
     xg = x.to(DEVICE, dtype)
     if n_major:
-        xg = xg.reshape(-1, layer.n).T.contiguous().T.reshape(x.shape)
+        xg = as_n_major(xg)
         assert is_n_major(xg)
     xg.requires_grad_(True)
     y = gpu(xg)

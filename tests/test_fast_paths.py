@@ -82,10 +82,16 @@ def reference(layer: SparseLinear, x: torch.Tensor, grad_y: torch.Tensor):
     return y.detach(), x.grad, g
 
 
+def as_n_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` laid out column-major over its tokens, as a wider partner layer hands it on
+    (ops.linear_n_major)."""
+    return x.reshape(-1, x.shape[-1]).T.contiguous().T.reshape(x.shape)
+
+
 def check(layer, gen, lead, n_major=False):
     x = torch.randn(*lead, layer.n, generator=gen)
-    if n_major:  # column-major over the tokens, as a wider partner layer hands it on (ops.linear_n_major)
-        x = x.reshape(-1, layer.n).T.contiguous().T.reshape(x.shape)
+    if n_major:
+        x = as_n_major(x)
     x.requires_grad_(True)
     y = layer(x)
     grad_y = torch.randn(y.shape, generator=gen)

@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError
-if TYPE_CHECKING:
-    from .support import Grouped
 from .ops import GRAD_PATHS, identity_costs, lowrank_product, one_sided_costs, rotated_costs, sparse_lowrank_product, sparse_side
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .support import Grouped
 
 Index = torch.Tensor | slice  # rows/columns of the basis: indices (fixed support) or a leading block
 

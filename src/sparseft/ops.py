@@ -212,5 +212,5 @@ class SparseUpdate(torch.autograd.Function):
         return grad_x, grad_param, None
 
 
-__all__ = ["GRAD_PATHS", "SAMPLED", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "is_n_major", "sddmm_supported", "linear_n_major", "lowrank_product", "merge_cost", "one_sided_costs", "rotated_costs",
-           "sparse_lowrank_product", "sparse_side"]
+__all__ = ["GRAD_PATHS", "SAMPLED", "SparseUpdate", "cheapest_path", "grad_costs", "identity_costs", "is_n_major", "linear_n_major", "lowrank_product", "merge_cost", "one_sided_costs", "rotated_costs",
+           "sddmm_supported", "sparse_lowrank_product", "sparse_side"]

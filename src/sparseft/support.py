@@ -226,9 +226,8 @@ class FixedSupport:
         """The k entries of ``leftᵀ right`` (left N×a, right N×b) at the support, in the order of
         ``values``, by SDDMM: N·k multiply-adds instead of the N·a·b of the whole product. The
         kernel reads both factors contiguous along N: a rotated factor is computed so
-        (``apply_basis(..., n_major=True)``); an identity side's activations are copied so by the
-        kernel (measured: handing it the factors the other way round, or copying them slab by
-        slab of tokens first, saves nothing in a training step)."""
+        (``apply_basis(..., n_major=True)``), and an identity side's activations arrive so from the
+        partner layer (``ops.linear_n_major``); otherwise the kernel copies them."""
         mask = self.csr(left.new_zeros(self.k), "Q")
         entries = torch.sparse.sampled_addmm(mask, left.T, right, beta=0.0).values()
         order = self._patterns["Q"][2]
