@@ -242,6 +242,71 @@ def test_merge_reads_the_stored_basis_without_a_copy(shape):
     assert B.T.is_contiguous() and torch.equal(B, layer._bank.full("g", layer.basis.rotated_side))
 
 
+@pytest.mark.parametrize("conv", [False, True])
+@pytest.mark.parametrize("shape", [(24, 8), (8, 24)])
+def test_base_weight_is_stored_as_the_merge_reads_it(shape, conv):
+    """A fixed one-sided float32 layer stores W0 in the layout its fused merge writes the sum in
+    (Wᵀ row-major where m ≤ n, W row-major where m > n; Conv1D's (in, out) weight likewise), so
+    the merge reads it as it lies. The values do not change, and the layer computes what the same
+    layer with W0 as given computes."""
+    m, n = shape
+    store = SparseLinear.store_base_for_merge
+    try:
+        SparseLinear.store_base_for_merge = False
+        torch.manual_seed(4)  # nn.Linear draws its weight from the global generator
+        given, _ = make_layer(m, n, 30, "fixed", False, conv, "auto", seed=4, cache=False, rotation="narrow")
+    finally:
+        SparseLinear.store_base_for_merge = store
+    torch.manual_seed(4)
+    layer, gen = make_layer(m, n, 30, "fixed", False, conv, "auto", seed=4, cache=False, rotation="narrow")
+    W0 = weight_of(layer.base_layer)
+    assert (W0.T if m <= n else W0).is_contiguous()
+    assert torch.equal(W0, weight_of(given.base_layer))
+    merged = layer._merge_into(W0)
+    assert (merged.T if m <= n else merged).is_contiguous()  # written in W0's layout: no cross-layout copy
+    torch.testing.assert_close(merged, adapted_weight(given))
+    x = torch.randn(3, 5, n, generator=gen)
+    outs = []
+    for lay in (layer, given):
+        xi = x.clone().requires_grad_(True)
+        y = lay(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, lay.values.grad))
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unload_hands_the_base_weights_back_packed():
+    """unload() and merge_and_unload() give back base weights stored as the model had them
+    (contiguous: safetensors and .view() users rely on it): unload with the original values bit
+    for bit, merge_and_unload with W0 + ΔW."""
+    from conftest import VOCAB, tiny_llama
+    from sparseft import SparseGradConfig, get_sparse_model
+
+    torch.manual_seed(0)
+    for merge in (False, True):
+        base = tiny_llama()
+        original = {k: v.clone() for k, v in base.state_dict().items()}
+        model = get_sparse_model(base, SparseGradConfig(density=0.5))
+        layers = model.sparse_layers()
+        assert any(not l.base_layer.weight.is_contiguous() for l in layers.values())  # down projections re-laid
+        ids = torch.randint(0, VOCAB, (2, 12))
+        model.calibrate([{"input_ids": ids, "labels": ids}], steps=1, show_progress=False)
+        for layer in layers.values():
+            layer.values.data.normal_()
+        want = {name: adapted_weight(l).detach().clone() for name, l in layers.items()}
+        out = model.merge_and_unload() if merge else model.unload()
+        for name, p in out.named_parameters():
+            assert p.is_contiguous(), name
+        state = out.state_dict()
+        for name, W in want.items():
+            got = state[f"{name}.weight"]
+            if merge:
+                torch.testing.assert_close(got, W, atol=1e-6, rtol=1e-6)
+            else:
+                assert torch.equal(got, original[f"{name}.weight"])
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_model_mlps_feed_their_sddmms_without_a_copy(family):
     """A whole model, calibrated, one backward: LLaMA's gated MLP (SiLU(gate) * up → down)

@@ -47,6 +47,27 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if is_transposed(module) else module.weight
 
 
+def store_weight(module: nn.Module, transposed: bool) -> bool:
+    """Store the layer's weight (same values, same shape) so that ``weight_of(module)`` is
+    row-major (``transposed=False``) or its transpose is (``True``); returns whether its storage
+    changed. The parameter object stays the same (optimizers, hooks and ties are unaffected)."""
+    p = module.weight
+    flip = transposed != is_transposed(module)  # whether the view to make contiguous is p.t()
+    wanted = p.data.t() if flip else p.data
+    if wanted.is_contiguous():
+        return False
+    packed = wanted.contiguous()
+    p.data = packed.t() if flip else packed
+    return True
+
+
+def pack_weight(module: nn.Module) -> None:
+    """Store the layer's weight parameter contiguous again (as the model gave it)."""
+    p = module.weight
+    if not p.data.is_contiguous():
+        p.data = p.data.contiguous()
+
+
 @dataclass(frozen=True)
 class Target:
     name: str  # module name inside the model

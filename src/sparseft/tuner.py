@@ -90,6 +90,11 @@ class BaseTunerLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def release_base_layer(self) -> nn.Module:
+        """The base layer to put back into the model on unload, stored as the model gave it
+        (subclasses that re-lay the frozen weight out pack it back here)."""
+        return self.base_layer
+
     def update_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -390,7 +395,7 @@ class BaseTuner(nn.Module):
         finally:
             for name, module in list(model.named_modules()):
                 if isinstance(module, BaseTunerLayer):  # the temporary tuner's layers
-                    _replace(model, name, module.base_layer)
+                    _replace(model, name, module.release_base_layer())
             for name, layer in layers.items():
                 _replace(model, name, layer)
             for name, p in model.named_parameters():
@@ -604,7 +609,7 @@ class BaseTuner(nn.Module):
                 layer.merge()
             elif layer.merged:
                 layer.unmerge()
-            _replace(self.base_model, name, layer.base_layer)
+            _replace(self.base_model, name, layer.release_base_layer())
         self._layer_names = []
         for name, p in self.base_model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, True))
