@@ -1,6 +1,6 @@
 """Training-step time of whole real models, methods side by side (interleaved round by round).
 
-    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparsegrad,sparsegrad@rowmajor,...]
+    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparsegrad,sparsegrad@rowmajor,sparsegrad@w0given,...]
                                                    [--regime peft|paper] [--rounds 12] [--threads 1]
 
 Each method gets its own copy of the model, prepared as the suite prepares it (`methods.prepare`,
@@ -15,11 +15,13 @@ the accuracy of each method is the suite's (docs/benchmark.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,10 +29,22 @@ import torch
 
 from sparseft.app.suite import _model_dir
 from sparseft.app.train import load_classifier
+from sparseft.layer import SparseLinear
 from sparseft.methods import canonical, prepare, split_methods
 from step_time import paired_ratio, turned  # one timing protocol for both benchmarks (benchmarks/ is the script's folder)
 
-ROW_MAJOR = "@rowmajor"
+# "<method>@<variant>": the method with one of SparseLinear's layout switches off, to time a layout
+# choice against the default in one run. "@rowmajor": the wide activations handed on row-major
+# (hand_off_n_major); "@w0given": W0 left as the model gives it (store_base_for_merge).
+VARIANTS = {"@rowmajor": "hand_off_n_major", "@w0given": "store_base_for_merge"}
+
+
+def split_variant(method: str) -> tuple[str, str]:
+    """("sparsegrad", "@rowmajor") for "sparsegrad@rowmajor"; (method, "") without a variant."""
+    for tag in VARIANTS:
+        if method.endswith(tag):
+            return method.removesuffix(tag), tag
+    return method, ""
 DEFAULT_METHODS = "lora-mlp,sparsegrad-random,sparsegrad-random[rotation=narrow],sparsegrad-random[rotation=narrow;support_narrow=auto],shira,full"
 
 
@@ -53,17 +67,18 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = _model_dir(args.model, None)
-    # "<method>@rowmajor": the method with its wide activations handed on row-major (the layout
-    # before SparseLinear.hand_off_n_major), to time the column-major hand-off in one run
-    methods = [canonical(m.removesuffix(ROW_MAJOR)) + (ROW_MAJOR if m.endswith(ROW_MAJOR) else "") for m in split_methods(args.methods)]
+    methods = [canonical(name) + tag for name, tag in map(split_variant, split_methods(args.methods))]
     runs = {}
     for method in methods:
         model = load_classifier(model_dir, 2, seed=0)
         vocab = model.config.vocab_size
-        prepared = prepare(method.removesuffix(ROW_MAJOR), model, rank=8, regime=args.regime)
-        if method.endswith(ROW_MAJOR):
+        name, tag = split_variant(method)
+        switch = VARIANTS.get(tag)
+        with patch.object(SparseLinear, switch, False) if switch else contextlib.nullcontext():
+            prepared = prepare(name, model, rank=8, regime=args.regime)  # (store_base_for_merge acts here)
+        if switch:
             for layer in prepared.sparse.sparse_layers().values():
-                layer.hand_off_n_major = False
+                setattr(layer, switch, False)  # (hand_off_n_major acts in every forward)
         calibration_s = 0.0
         if prepared.needs_calibration:
             t0 = time.perf_counter()

@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,11 +49,14 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # narrow-side cost budget (support_narrow="auto"); "-blocksB": block-diagonal bases with B
 # diagonal blocks (basis_blocks=B); "-groupR": a grouped support, runs of R wide rows sharing
 # their directions (support_group=R). "-rowmajor": the wide activations handed on row-major (the
-# layout before the column-major hand-off, SparseLinear.hand_off_n_major=False).
+# layout before the column-major hand-off, SparseLinear.hand_off_n_major=False); "-w0given": W0
+# left as the model gives it (SparseLinear.store_base_for_merge=False: the merge of a layer
+# narrower in its outputs copies it across layouts, as before).
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
                             "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
                             "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side",
-                            "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group64", "sparsegrad-fixed-1side-rowmajor")
+                            "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group64", "sparsegrad-fixed-1side-rowmajor",
+                            "sparsegrad-fixed-1side-w0given")
 
 
 class Block(nn.Module):
@@ -100,10 +104,11 @@ def build(method: str, base: Block, rank: int, seed: int):
     cls = MePropConfig if method.startswith("meprop") else SparseGradConfig
     # the methods without "-1side" are the paper's two-sided rotation (the library default is one-sided)
     extra = {} if cls is MePropConfig else {"rotation": "narrow" if "-1side" in method else "both"}
-    model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
-                                        support_narrow=narrow, cache_update=True if method.endswith("-cached") else None,
-                                        **extra, **({"basis_blocks": blocks} if blocks > 1 else {}),
-                                        **({"support_group": group} if group else {})))
+    with patch.object(SparseLinear, "store_base_for_merge", not method.endswith("-w0given")):
+        model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
+                                            support_narrow=narrow, cache_update=True if method.endswith("-cached") else None,
+                                            **extra, **({"basis_blocks": blocks} if blocks > 1 else {}),
+                                            **({"support_group": group} if group else {})))
     for layer in model.sparse_layers().values():
         layer.hand_off_n_major = not method.endswith("-rowmajor")
         if not method.startswith("meprop"):
