@@ -5,7 +5,8 @@
 #   2. times one training step of an MLP block per method in bf16, side by side and interleaved
 #      (benchmarks/step_time.py --device cuda --dtype bfloat16: BERT-base and LLaMA-like shapes,
 #      N = 2048 and 8192), with exact bytes of the trainable state, and in float32 (where the SDDMM
-#      runs) the column-major hand-off of the wide activations against the row-major layout.
+#      runs) the column-major hand-off of the wide activations against the row-major layout, and W0
+#      stored in the merge's layout against W0 as given.
 # Writes JSON and logs to $OUT (the device tool's folder) or benchmarks/results/gpu:
 #   gpu.txt, cuda_tests.log, cuda_tests.xml, step_time.{json,log,png}, fp32/step_time.json, step_time_fp32.log
 # Needs python3 with torch (CUDA), transformers, peft, pytest, hypothesis, rich, matplotlib;
@@ -22,8 +23,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 status=0
 timeout 150 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
 timeout 240 "$py" benchmarks/step_time.py --device cuda --dtype bfloat16 --tokens 2048 8192 --rounds 10 --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
-# float32, where the SDDMM runs: the column-major hand-off of wide activations against the plain layout
+# float32, where the SDDMM runs: the column-major hand-off against the plain layout, W0 stored against given
 timeout 60 "$py" benchmarks/step_time.py --device cuda --dtype float32 --tokens 2048 --rounds 10 \
-  --methods sparsegrad-fixed-1side,sparsegrad-fixed-1side-rowmajor,meprop-fixed --out "$out/fp32" 2>&1 | tee "$out/step_time_fp32.log" || status=1
+  --methods sparsegrad-fixed-1side,sparsegrad-fixed-1side-rowmajor,sparsegrad-fixed-1side-w0given,meprop-fixed --out "$out/fp32" 2>&1 | tee "$out/step_time_fp32.log" || status=1
 echo "gpu.sh: tests and benchmark done (status $status); results in $out"
 exit $status

@@ -55,7 +55,7 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
                             "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
                             "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side",
-                            "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group64", "sparsegrad-fixed-1side-rowmajor",
+                            "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group32", "sparsegrad-fixed-1side-group64", "sparsegrad-fixed-1side-rowmajor",
                             "sparsegrad-fixed-1side-w0given")
 
 
