@@ -276,6 +276,33 @@ def test_base_weight_is_stored_as_the_merge_reads_it(shape, conv):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rotation,identity", [("narrow", False), ("both", False), ("both", True)])
+def test_delta_weight_in_either_layout(rotation, identity):
+    """ΔW formed column-major (for a re-laid W0) is the same matrix, in that layout."""
+    layer, _ = make_layer(8, 24, 30, "fixed", identity, False, "auto", seed=3, cache=False, rotation=rotation)
+    row, col = layer.delta_weight(), layer.delta_weight(column_major=True)
+    assert row.is_contiguous() and col.T.is_contiguous()
+    torch.testing.assert_close(col, row, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["autocast", "part of the wide side"])
+def test_merge_keeps_a_relaid_w0_layout_on_every_route(case):
+    """The routes besides the fused product (autocast's dense ΔW; a support that leaves wide
+    columns out) also add ΔW in W0's stored layout, so no merge adds across layouts."""
+    layer, gen = make_layer(8, 24, 30, "fixed", False, False, "auto", seed=7, cache=False, rotation="narrow")
+    if case != "autocast":
+        scores = torch.rand(layer.block, generator=gen)
+        scores[:, 12:] = -1.0  # the right half of W gets no update
+        layer.choose_support(scores)
+        assert int(layer.cols.max()) < 12
+    W0 = weight_of(layer.base_layer)
+    assert W0.T.is_contiguous()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        merged = layer._merge_into(W0)
+    assert merged.T.is_contiguous()
+    torch.testing.assert_close(merged, adapted_weight(layer), atol=2e-2 if case == "autocast" else 1e-6, rtol=1e-2)
+
+
 def test_unload_hands_the_base_weights_back_packed():
     """unload() and merge_and_unload() give back base weights stored as the model had them
     (contiguous: safetensors and .view() users rely on it): unload with the original values bit

@@ -126,6 +126,11 @@ def _eigenbasis(gram: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
     return vectors.to(torch.float32), values.to(torch.float32)
 
 
+def is_column_major(t: torch.Tensor) -> bool:
+    """A 2-D tensor stored transposed (its transpose contiguous, itself not)."""
+    return t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous()
+
+
 def _column_major(basis: torch.Tensor) -> torch.Tensor:
     """``basis`` stored column by column (Bᵀ contiguous): the sparse×dense merge reads Bᵀ
     row-major and would otherwise copy it on every call (1.5 ms per BERT-base merge, profiled);
@@ -338,9 +343,12 @@ class RotatedBasis:
         """Changes whenever the basis tensors change (for caches of the merged update)."""
         return self.bank.version(self.group)
 
-    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
-        """ΔW = P_R D Q_Cᵀ (m×n), differentiable in D."""
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int, column_major: bool = False) -> torch.Tensor:
+        """ΔW = P_R D Q_Cᵀ (m×n), differentiable in D; ``column_major``: laid out as a transposed
+        W0 is (formed as (Q_C Dᵀ P_Rᵀ)ᵀ), so that W0 + ΔW adds two tensors of one layout."""
         P_R, Q_C = self.P(rows), self.Q(cols)
+        if column_major:
+            return lowrank_product(Q_C, D.T.to(Q_C.dtype), P_R).T
         return lowrank_product(P_R, D.to(P_R.dtype), Q_C)
 
     def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
@@ -432,18 +440,20 @@ class OneSidedBasis:
         if isinstance(idx, slice) and idx == slice(0, size):
             return part
         shape = (size, part.shape[1]) if dim == 0 else (part.shape[0], size)
-        out = part.new_zeros(shape)
+        out = part.new_zeros(shape[::-1]).T if is_column_major(part) else part.new_zeros(shape)  # in part's layout
         if isinstance(idx, slice):
             out.narrow(dim, idx.start, idx.stop - idx.start).copy_(part)
             return out
-        return out.index_copy(dim, idx, part)
+        return out.index_copy_(dim, idx, part)  # (in place: keeps out's layout)
 
-    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int, column_major: bool = False) -> torch.Tensor:
         if self.identity_side == "P":
             Q_C = self._B(cols)
-            return self._scatter(D.to(Q_C.dtype) @ Q_C.T, rows, m, 0)
+            part = (Q_C @ D.T.to(Q_C.dtype)).T if column_major else D.to(Q_C.dtype) @ Q_C.T
+            return self._scatter(part, rows, m, 0)
         P_R = self._B(rows)
-        return self._scatter(P_R @ D.to(P_R.dtype), cols, n, 1)
+        part = (D.T.to(P_R.dtype) @ P_R.T).T if column_major else P_R @ D.to(P_R.dtype)
+        return self._scatter(part, cols, n, 1)
 
     def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
         dt = x.dtype
@@ -557,8 +567,8 @@ class IdentityBasis:
     def version(self) -> tuple:
         return ()
 
-    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int) -> torch.Tensor:
-        out = D.new_zeros(m, n)
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int, column_major: bool = False) -> torch.Tensor:
+        out = D.new_zeros(n, m).T if column_major else D.new_zeros(m, n)
         if isinstance(rows, slice) and isinstance(cols, slice):
             out[rows, cols] = D
         else:

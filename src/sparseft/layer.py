@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .bases import BasisBank, IdentityBasis, OneSidedBasis, RotatedBasis
+from .bases import BasisBank, IdentityBasis, OneSidedBasis, RotatedBasis, is_column_major
 from .config import ROTATIONS
 from .errors import ConfigError, InputError, NotCalibratedError
 from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, linear_n_major, lowrank_product, sddmm_supported
@@ -174,10 +174,11 @@ class SparseLinear(BaseTunerLayer):
         R, C = self.support.index()
         return self.support.dense(self.param), R, C
 
-    def delta_weight(self) -> torch.Tensor:
-        """ΔW = P_R D Q_Cᵀ as an m×n matrix (differentiable; the straightforward formula)."""
+    def delta_weight(self, column_major: bool = False) -> torch.Tensor:
+        """ΔW = P_R D Q_Cᵀ as an m×n matrix (differentiable; the straightforward formula);
+        ``column_major``: laid out as a re-laid W0 is (store_weight)."""
         D, R, C = self._factors()
-        return self.basis.delta_weight(D, R, C, self.m, self.n)
+        return self.basis.delta_weight(D, R, C, self.m, self.n, column_major=column_major)
 
     @torch.no_grad()
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,7 +204,8 @@ class SparseLinear(BaseTunerLayer):
         if self.support.kind != "fixed" or torch.is_autocast_enabled(self.param.device.type):
             # (under autocast the dense product runs in the autocast dtype; torch's sparse kernels
             # have no half-precision CPU version)
-            return W0 + self.delta_weight().detach().to(W0.dtype)
+            # (ΔW formed in W0's layout: an addition across layouts reads one side transposed)
+            return W0 + self.delta_weight(column_major=is_column_major(W0)).detach().to(W0.dtype)
         values = self.param.detach()
         # (a grouped support merges as any other: its CSR product with W0 fused in measured 3.5-4.7
         # ms per BERT-base layer, a batched product per run 12 ms, most of it copying W0 in)
