@@ -295,10 +295,26 @@ def test_merge_keeps_a_relaid_w0_layout_on_every_route(case):
         scores[:, 12:] = -1.0  # the right half of W gets no update
         layer.choose_support(scores)
         assert int(layer.cols.max()) < 12
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class AddLayouts(TorchDispatchMode):
+        """The strides of both operands of every tensor addition."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.add.Tensor and all(isinstance(a, torch.Tensor) for a in args[:2]):
+                self.seen.append((args[0].stride(), args[1].stride()))
+            return func(*args, **(kwargs or {}))
+
     W0 = weight_of(layer.base_layer)
     assert W0.T.is_contiguous()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+    adds = AddLayouts()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"), adds:
         merged = layer._merge_into(W0)
+    assert adds.seen and all(a == b for a, b in adds.seen), adds.seen  # W0 + ΔW in one layout
     assert merged.T.is_contiguous()
     torch.testing.assert_close(merged, adapted_weight(layer), atol=2e-2 if case == "autocast" else 1e-6, rtol=1e-2)
 
