@@ -45,6 +45,8 @@ def split_variant(method: str) -> tuple[str, str]:
         if method.endswith(tag):
             return method.removesuffix(tag), tag
     return method, ""
+
+
 DEFAULT_METHODS = "lora-mlp,sparsegrad-random,sparsegrad-random[rotation=narrow],sparsegrad-random[rotation=narrow;support_narrow=auto],shira,full"
 
 

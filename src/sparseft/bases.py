@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError
-from .ops import GRAD_PATHS, identity_costs, lowrank_product, one_sided_costs, rotated_costs, sparse_lowrank_product, sparse_side
+from .ops import GRAD_PATHS, identity_costs, is_n_major, lowrank_product, one_sided_costs, rotated_costs, sparse_lowrank_product, sparse_side
 
 if TYPE_CHECKING:  # pragma: no cover
     from .support import Grouped
@@ -124,11 +124,6 @@ def _eigenbasis(gram: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
         vectors = torch.cat([vectors[:, :keep], tail[:, by_energy]], dim=1)
         values = torch.cat([values[:keep], energy[by_energy]])
     return vectors.to(torch.float32), values.to(torch.float32)
-
-
-def is_column_major(t: torch.Tensor) -> bool:
-    """A 2-D tensor stored transposed (its transpose contiguous, itself not)."""
-    return t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous()
 
 
 def _column_major(basis: torch.Tensor) -> torch.Tensor:
@@ -440,7 +435,7 @@ class OneSidedBasis:
         if isinstance(idx, slice) and idx == slice(0, size):
             return part
         shape = (size, part.shape[1]) if dim == 0 else (part.shape[0], size)
-        out = part.new_zeros(shape[::-1]).T if is_column_major(part) else part.new_zeros(shape)  # in part's layout
+        out = part.new_zeros(shape[::-1]).T if is_n_major(part) else part.new_zeros(shape)  # in part's layout
         if isinstance(idx, slice):
             out.narrow(dim, idx.start, idx.stop - idx.start).copy_(part)
             return out

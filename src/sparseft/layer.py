@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .bases import BasisBank, IdentityBasis, OneSidedBasis, RotatedBasis, is_column_major
+from .bases import BasisBank, IdentityBasis, OneSidedBasis, RotatedBasis
 from .config import ROTATIONS
 from .errors import ConfigError, InputError, NotCalibratedError
-from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, linear_n_major, lowrank_product, sddmm_supported
+from .ops import GRAD_PATHS, SAMPLED, SparseUpdate, cheapest_path, grad_costs, is_n_major, linear_n_major, lowrank_product, sddmm_supported
 from .support import SUPPORTS
 from .targets import is_transposed, pack_weight, store_weight, weight_of
 from .tuner import BaseTunerLayer
@@ -205,7 +205,7 @@ class SparseLinear(BaseTunerLayer):
             # (under autocast the dense product runs in the autocast dtype; torch's sparse kernels
             # have no half-precision CPU version)
             # (ΔW formed in W0's layout: an addition across layouts reads one side transposed)
-            return W0 + self.delta_weight(column_major=is_column_major(W0)).detach().to(W0.dtype)
+            return W0 + self.delta_weight(column_major=is_n_major(W0)).detach().to(W0.dtype)
         values = self.param.detach()
         # (a grouped support merges as any other: its CSR product with W0 fused in measured 3.5-4.7
         # ms per BERT-base layer, a batched product per run 12 ms, most of it copying W0 in)

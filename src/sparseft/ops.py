@@ -151,7 +151,8 @@ def sddmm_supported(x: torch.Tensor) -> bool:
 
 def is_n_major(t: torch.Tensor) -> bool:
     """Whether ``t`` (…×features, N tokens) lies column-major over its tokens: each feature's
-    N values contiguous, as :func:`linear_n_major` returns them (no copy made to find out)."""
+    N values contiguous, as :func:`linear_n_major` returns them (no copy made to find out). For a
+    matrix: stored transposed, as a re-laid W0 is (``targets.store_weight``)."""
     if t.dim() < 2 or t.shape[-1] < 2 or t.numel() // t.shape[-1] < 2:
         return False  # one token or one feature: both layouts coincide
     return t.movedim(-1, 0).is_contiguous()
