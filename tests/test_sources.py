@@ -149,3 +149,11 @@ def test_a_vanished_pin_is_reported_by_prepare_setup_and_the_suite(tmp_path, mon
     with pytest.raises(DataError, match=r"(?s)cannot start.*sarcasm.*evals==0\.0\.0\.404.*--tasks rotten_tomatoes"):
         run_suite(SuiteSettings(output_dir=str(tmp_path / "out"), tasks=("rotten_tomatoes", "sarcasm")))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_docs_show_the_table_of_the_code():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "benchmark.md").read_text(encoding="utf-8")
+    shown = doc.split("<!-- sources-table -->\n", 1)[1].split("<!-- /sources-table -->", 1)[0]
+    assert shown == S.markdown_table(), "docs/benchmark.md: paste `python -m sparseft.app.sources --markdown` between the markers"

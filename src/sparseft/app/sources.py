@@ -334,6 +334,17 @@ def print_report(rows: Sequence[SourceStatus]) -> None:
             print(f"{r.state}: {r.source.name} ({r.source.spec}, {r.source.used_by}): {r.problem}")
 
 
+def markdown_table() -> str:
+    """The table as docs/benchmark.md shows it (a test keeps the two equal)."""
+    lines = ["| source | package | file inside | archive sha256 | file sha256 | rows | kind | used by |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in SOURCES:
+        kind = ("installed" if s.installed else "downloaded") + (", required" if s.required else ", optional")
+        lines.append(f"| `{s.name}` | `{s.spec}` ({s.archive_bytes / 1e6:.1f} MB) | `{s.member}` | `{s.archive_sha256[:16]}…` "
+                     f"| `{s.member_sha256[:16]}…` | {f'{s.rows:,}' if s.rows else '—'} | {kind} | {s.used_by} |")
+    return "\n".join(lines) + "\n"
+
+
 def setup_main(cache_dir: str | os.PathLike | None = None) -> int:
     """``python -m sparseft.app.sources``: what scripts/setup.sh runs after installing the package.
     Required sources first: exit 1 naming any that cannot be had. Then the optional ones: one line
@@ -365,4 +376,7 @@ def setup_main(cache_dir: str | os.PathLike | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table(), end="")
+        raise SystemExit(0)
     raise SystemExit(setup_main())
