@@ -119,3 +119,11 @@ def test_fit_applies_a_variants_training_options(monkeypatch) -> None:
     seen = _fit("sparsegrad[calibration_steps=5;warmup_fraction=0.5;reselect_every=2]", monkeypatch)
     # reselection after steps 2 and 4 (never after the last step)
     assert seen == {"calibration_steps": 5, "warmup_steps": 3, "reselections": 2}
+
+
+def test_the_registry_says_which_methods_reselect():
+    """`--reselect-every` reaches the fixed-support SparseGrad methods only (the app asks the registry)."""
+    from sparseft.methods import REGISTRY, method_spec
+
+    assert {n for n, m in REGISTRY.items() if m.reselects} == {"sparsegrad-fixed", "sparsegrad-random", "sparsegrad-onesided"}
+    assert method_spec("sparsegrad[support_narrow=8]").reselects and not method_spec("shira").reselects

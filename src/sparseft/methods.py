@@ -86,6 +86,7 @@ class Method:
     in_default_bench: bool = True  # part of plain `sparseft bench`'s default set (the suite picks its own)
     ablation: bool = False  # a variant for studies: runs by name, not listed in METHODS
     takes_options: bool = False  # variants by name: "sparsegrad-fixed[support_criterion=snr]"
+    reselects: bool = False  # a fixed support that `--reselect-every N` may choose again during training
 
     def default_lr(self, task: str = "classification") -> float:
         return self.lr.get(task, self.lr["classification"])
@@ -431,7 +432,7 @@ register_method(Method("meprop", "top-k of the plain MLP gradient each step", _m
 # variants; the library default (and `sparsegrad`) rotates one side (sparsegrad-onesided below).
 register_method(Method("sparsegrad-fixed", "k rotated MLP entries of largest calibration gradient",
                        _sparsegrad("fixed", support_criterion="abs-sum", rotation="both"), {"classification": 1e-3, "causal-lm": 1e-3},
-                       in_default_bench=False, takes_options=True))
+                       in_default_bench=False, takes_options=True, reselects=True))
 register_method(Method("sparsegrad-dynamic", "top-k rotated MLP entries each step", _sparsegrad("dynamic", rotation="both"),
                        {"classification": 3e-4, "causal-lm": 1e-3}, takes_options=True))
 register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2ft,
@@ -443,14 +444,14 @@ register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2f
 # the 400-step default run, as SHiRA's best of the first trial (the issue's).
 register_method(Method("sparsegrad-random", "k rotated MLP entries at random, both sides rotated",
                        _sparsegrad("fixed", support_criterion="random", rotation="both"), {"classification": 3e-3, "causal-lm": 1e-3},
-                       in_default_bench=False, takes_options=True))
+                       in_default_bench=False, takes_options=True, reselects=True))
 # The default SparseGrad (SparseGradConfig()): the random support with only each layer's narrow
 # side rotated. As accurate as sparsegrad-random on the suite in both regimes (paired difference
 # +0.04 [-1.20, +1.19] peft, -0.13 [-0.68, +0.50] paper; docs/benchmark.md) at ~60% of its step
 # time (1.16x LoRA-MLP against 1.86x on the real MiniLM; docs/performance.md). The suite chose 9e-3 on all three tasks in the peft regime.
 register_method(Method("sparsegrad-onesided", "k MLP entries at random, the narrow side rotated (the default SparseGrad)",
                        _sparsegrad("fixed", support_criterion="random", rotation="narrow"), {"classification": 3e-3, "causal-lm": 1e-3},
-                       takes_options=True), aliases=["sparsegrad"])
+                       takes_options=True, reselects=True), aliases=["sparsegrad"])
 register_method(Method("meprop-fixed", "k MLP entries of largest calibration gradient, no rotation (ablation)",
                        _sparsegrad("fixed", MePropConfig), {"classification": 1e-3, "causal-lm": 1e-3},
                        in_default_bench=False, ablation=True, takes_options=True))

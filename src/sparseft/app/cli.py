@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparseFTError
+from .provenance import run_metadata
 from .threads import RULE as THREADS_RULE
 
 # argument parsing loads no torch: `sparseft --help` and bad arguments answer at once
@@ -534,29 +535,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sparseft: error: the command line needs the bench extra ({exc.name} is not installed): "
               'pip install "sparseft[bench]"', file=sys.stderr)
         return 2
-
-
-def run_metadata(args: argparse.Namespace | None = None, **resolved: Any) -> dict[str, Any]:
-    """What a results record needs to be reproduced: the settings, library versions, the git
-    revision of the code when it is a checkout, and a UTC timestamp."""
-    import datetime
-    import importlib.metadata
-    import subprocess
-
-    versions = {}
-    for package in ("sparseft", "torch", "transformers", "peft", "safetensors"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
-                             timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        git = None
-    settings = {k: v for k, v in vars(args).items() if k != "func" and not callable(v)} if args is not None else {}
-    return {"settings": {**settings, **resolved}, "versions": versions, "git_revision": git,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def _validate(args: argparse.Namespace) -> None:

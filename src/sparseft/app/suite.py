@@ -418,7 +418,7 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
         runner.close()
     doc = summarize(runner.records, settings, chosen)
     doc["wall_s"] = time.perf_counter() - t0
-    from .cli import run_metadata
+    from .provenance import run_metadata
 
     doc["settings"] = asdict(settings)
     doc["run"] = run_metadata()

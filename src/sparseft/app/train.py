@@ -24,7 +24,7 @@ from ..calibration import move_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
 from ..errors import ConfigError
-from ..methods import DEFAULT_LR, Prepared, canonical, parse_method, prepare, training_options
+from ..methods import DEFAULT_LR, Prepared, canonical, method_spec, prepare, training_options
 from .metrics import peak_rss_bytes, state_bytes
 from ..progress import progress
 
@@ -239,7 +239,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
-    reselect = settings.reselect_every if parse_method(method)[0] in ("sparsegrad-fixed", "sparsegrad-random", "sparsegrad-onesided") else None
+    reselect = settings.reselect_every if method_spec(method).reselects else None
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
