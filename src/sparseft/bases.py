@@ -52,8 +52,8 @@ def eigenbasis(gram: torch.Tensor, float64_max: int = 4096) -> tuple[torch.Tenso
     the same span for the noise directions instead of an arbitrary rotation of them.
     """
     dtype = torch.float64 if gram.shape[0] <= float64_max else torch.float32
-    # The float64 solve is small (MiniLM: 1536², 0.6 s on one thread) and its threads collapse
-    # when another process shares the cores (28 s on 2 threads seen): one thread, then restored.
+    # The float64 solve is small, and its threads collapse when another process shares the cores
+    # (README, "Threads"): one thread, then restored.
     with one_thread(enabled=dtype == torch.float64 and gram.device.type == "cpu"):
         return _eigenbasis(gram, dtype)
 
@@ -128,8 +128,8 @@ def _eigenbasis(gram: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, t
 
 def _column_major(basis: torch.Tensor) -> torch.Tensor:
     """``basis`` stored column by column (Bᵀ contiguous): the sparse×dense merge reads Bᵀ
-    row-major and would otherwise copy it on every call (1.5 ms per BERT-base merge, profiled);
-    dense products take either layout."""
+    row-major and would otherwise copy it on every call (docs/performance.md); dense products
+    take either layout."""
     return basis.T.contiguous().T
 
 
@@ -500,8 +500,8 @@ class OneSidedBasis:
         """W0 + ΔW. When the update covers the whole identity side (a random support does) and
         everything is float32, one sparse×dense product takes W0 as its addend (torch.addmm):
         no m×n temporary and no addition across layouts. For m ≤ n the CSR holds Dᵀ, so Wᵀ is
-        formed and returned transposed (a view; F.linear and matmul take either layout).
-        Measured at 768×3072, one thread: 4.6 ms instead of 15.7 ms (3.5 instead of 5.6 at 3072×768)."""
+        formed and returned transposed (a view; F.linear and matmul take either layout). Its
+        timing against the unfused merge: docs/performance.md."""
         whole = rows if self.identity_side == "P" else cols
         B = self._B(cols if self.identity_side == "P" else rows)
         if not (W0.dtype == B.dtype == D.dtype == torch.float32 and isinstance(whole, slice)

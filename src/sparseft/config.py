@@ -92,10 +92,8 @@ class SparseConfig:
     # its c directions (no SDDMM, none of its transposing copies) and only the directions in use
     # are rotated. Runs get c or c + 1 directions, so k is matched to within half a run (exact for
     # r·(m+n) budgets of 4× and 8/3× MLPs at even r). None (default): every entry placed
-    # independently. Measured (docs/benchmark.md, docs/performance.md): runs of 16 match the
-    # default's accuracy and are faster on the real models in float32, not in CPU bf16; runs of
-    # 64 are the fast option (0.98x LoRA-MLP's step on MiniLM) at a trade-off the suite cannot
-    # rule out (-0.43 [-1.24, +0.32] points against the default in the paper regime).
+    # independently. What runs of 16, 32 and 64 cost and buy: docs/benchmark.md ("Grouped
+    # supports") and docs/performance.md.
     support_group: int | None = None
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"

@@ -100,8 +100,8 @@ class SparseLinear(BaseTunerLayer):
         # The fused merge (OneSidedBasis.merge_into) adds W0 in the layout it writes the sum in:
         # row-major (W0 + ΔW)ᵀ for a layer narrower in its outputs, whose CSR holds Dᵀ. Stored so
         # once here, W0 is read as it lies instead of copied across layouts at every merge
-        # (measured, 768×3072: 4.4 → 2.6 ms per merge); F.linear and matmul read either layout at
-        # the same speed. The values are untouched; unload() packs W0 back (release_base_layer).
+        # (docs/performance.md); F.linear and matmul read either layout at the same speed. The
+        # values are untouched; unload() packs W0 back (release_base_layer).
         self._base_relaid = (self.store_base_for_merge and isinstance(basis, OneSidedBasis) and selection == "fixed"
                              and W0.dtype == torch.float32
                              and store_weight(base_layer, transposed=basis.identity_side == "Q"))
@@ -207,8 +207,8 @@ class SparseLinear(BaseTunerLayer):
             # (ΔW formed in W0's layout: an addition across layouts reads one side transposed)
             return W0 + self.delta_weight(column_major=is_n_major(W0)).detach().to(W0.dtype)
         values = self.param.detach()
-        # (a grouped support merges as any other: its CSR product with W0 fused in measured 3.5-4.7
-        # ms per BERT-base layer, a batched product per run 12 ms, most of it copying W0 in)
+        # (a grouped support merges as any other: the fused CSR product beat a batched product per
+        # run, which spent its time copying W0 in; docs/performance.md)
         if self.identity:
             merged = W0.clone(memory_format=torch.contiguous_format)
             merged.view(-1).index_add_(0, self.support.rows * self.n + self.support.cols, values.to(W0.dtype))

@@ -440,15 +440,13 @@ register_method(Method("s2ft", "|S| MLP channels (rows/columns) per block", _s2f
 # A fixed random support in the rotated basis. The two-by-two of what each half buys, basis
 # (rotated / identity) × support (calibrated / random): rotated + random is this, rotated +
 # calibrated sparsegrad-fixed, identity + calibrated meprop-fixed, identity + random SHiRA. Its
-# classification rate: the suite chose 9e-3 at 80 steps in 2 of 3 tasks (peft regime); 3e-3 for
-# the 400-step default run, as SHiRA's best of the first trial (the issue's).
+# classification rate is for the 400-step default run (the suite's choices: docs/benchmark.md).
 register_method(Method("sparsegrad-random", "k rotated MLP entries at random, both sides rotated",
                        _sparsegrad("fixed", support_criterion="random", rotation="both"), {"classification": 3e-3, "causal-lm": 1e-3},
                        in_default_bench=False, takes_options=True, reselects=True))
 # The default SparseGrad (SparseGradConfig()): the random support with only each layer's narrow
-# side rotated. As accurate as sparsegrad-random on the suite in both regimes (paired difference
-# +0.04 [-1.20, +1.19] peft, -0.13 [-0.68, +0.50] paper; docs/benchmark.md) at ~60% of its step
-# time (1.16x LoRA-MLP against 1.86x on the real MiniLM; docs/performance.md). The suite chose 9e-3 on all three tasks in the peft regime.
+# side rotated: as accurate as sparsegrad-random on the suite in both regimes, at a shorter step
+# (docs/benchmark.md, "One side rotated"; docs/performance.md).
 register_method(Method("sparsegrad-onesided", "k MLP entries at random, the narrow side rotated (the default SparseGrad)",
                        _sparsegrad("fixed", support_criterion="random", rotation="narrow"), {"classification": 3e-3, "causal-lm": 1e-3},
                        takes_options=True, reselects=True), aliases=["sparsegrad"])

@@ -183,8 +183,8 @@ class SparseUpdate(torch.autograd.Function):
         ctx.autocast = torch.is_autocast_enabled(device)
         ctx.autocast_dtype = torch.get_autocast_dtype(device) if ctx.autocast else None
         # A layer wider in its outputs hands them on column-major over the tokens, the layout the
-        # next layer's SDDMM reads (linear_n_major). Not where no SDDMM runs: measured in CPU
-        # bfloat16, the layout only cost time (1.00× LoRA against 0.84× row-major, BERT-base block).
+        # next layer's SDDMM reads (linear_n_major). Not where no SDDMM runs: there the layout
+        # only cost time (docs/performance.md).
         n_major = layer.hand_off_n_major and layer.m > layer.n and x.dim() >= 2 and sddmm_supported(x)
         return layer._forward_no_grad(x, n_major=n_major)
 
