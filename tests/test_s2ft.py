@@ -160,7 +160,10 @@ def test_gradient_selection_picks_largest_gradient_channels():
     layer0 = ref.bert.encoder.layer[0]
     score = layer0.intermediate.dense.weight.grad.pow(2).sum(1) + layer0.output.dense.weight.grad.pow(2).sum(0)
     expected = torch.topk(score, 8).indices.sort().values.tolist()
-    chosen = s2.calibrate([batch(5)], steps=1)
+    rng = torch.get_rng_state()
+    chosen = s2.calibrate([batch(5)], steps=1, loss_fn=lambda out, b: out.loss + 0 * torch.rand(()))  # draws from the RNG
+    assert torch.equal(torch.get_rng_state(), rng)  # the RNG is put back
+    assert s2.training  # and the mode
     assert chosen["bert.encoder.layer.0"] == expected
     assert all(p.grad is None for p in s2.parameters())
     assert all(not p.requires_grad for n, p in s2.named_parameters() if "base_layer" in n)

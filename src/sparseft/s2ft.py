@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
-from .targets import Target, find_targets, is_transposed, weight_of
+from .gradients import RngState, gradient_pass, require_dict
+from .targets import Target, find_targets, weight_of
 from .tuner import BaseTuner, BaseTunerLayer
 
 
@@ -202,7 +203,6 @@ class S2FTModel(BaseTuner):
         """The trained channels of each block."""
         return {b.name: self.base_model.get_submodule(b.inputs[0].name).channels.tolist() for b in self.blocks}
 
-    @torch.no_grad()
     def calibrate(
         self,
         batches: Iterable[Mapping[str, Any]],
@@ -211,46 +211,41 @@ class S2FTModel(BaseTuner):
         show_progress: bool = False,
     ) -> dict[str, list[int]]:
         """Gradient selection: score channel j of a block by Σ‖∂L/∂(row j of in-layers)‖² +
-        ‖∂L/∂(column j of the out-layer)‖² over ``steps`` batches, keep the top |S|."""
+        ‖∂L/∂(column j of the out-layer)‖² over ``steps`` batches, keep the top |S|. The gradients
+        come from the pass SparseGrad's calibration uses (sparseft.gradients), in eval mode (no
+        dropout noise in the scores); the model, its gradients and the RNG state are left as they were."""
         layers = self.s2ft_layers()
-        bases = [layer.base_layer.weight for layer in layers.values()]
-        scores = {b.name: torch.zeros(b.intermediate, dtype=torch.float64) for b in self.blocks}
-        was_training = self.base_model.training
-        self.base_model.eval()  # no dropout noise in the scores
-        for w in bases:
-            w.requires_grad_(True)
-        seen = 0
-        try:
-            with torch.enable_grad():
-                for batch in batches:
-                    if seen >= steps:
-                        break
-                    device = bases[0].device
-                    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                    out = self.base_model(**batch)
-                    loss = loss_fn(out, batch) if loss_fn is not None else out.loss
-                    loss.backward()
-                    for b in self.blocks:
-                        for t in b.inputs:
-                            scores[b.name] += _channel_sq(layers[t.name], "rows")
-                        for t in b.outputs:
-                            scores[b.name] += _channel_sq(layers[t.name], "cols")
-                    for w in bases:
-                        w.grad = None
-                    seen += 1
-        finally:
-            for w in bases:
-                w.requires_grad_(False)
-            for p in self.base_model.parameters():  # the slices and heads got gradients too
-                p.grad = None
-            self.base_model.train(was_training)
-        if seen == 0:
+        cached = []
+        for batch in batches:
+            require_dict(batch)
+            if len(cached) >= steps:
+                break
+            cached.append(batch)
+        if not cached:
             raise ConfigError("calibrate() got no batches: pass an iterable of model-input dicts.")
-        for b in self.blocks:
-            c = layers[b.inputs[0].name].channels.numel()
-            chosen = torch.topk(scores[b.name], c).indices.sort().values
-            for t in b.inputs + b.outputs:
-                layers[t.name].set_channels(chosen)
+        scores = {b.name: torch.zeros(b.intermediate, dtype=torch.float64) for b in self.blocks}
+        # each adapted layer adds its channels' squared gradient norms to its block's score
+        axis_of = {t.name: (b.name, 1) for b in self.blocks for t in b.inputs}  # in-layers: rows
+        axis_of.update({t.name: (b.name, 0) for b in self.blocks for t in b.outputs})  # out-layer: columns
+
+        def add(name: str, layer: nn.Module, G: torch.Tensor) -> None:
+            block, dim = axis_of[name]
+            scores[block] += G.double().pow(2).sum(dim).cpu()
+
+        rng = RngState()
+        was_training = self.base_model.training
+        self.base_model.eval()
+        try:
+            gradient_pass(self.base_model, layers, cached, loss_fn, add, "s2ft: gradients", show_progress)
+        finally:
+            self.base_model.train(was_training)
+            rng.restore()
+        with torch.no_grad():
+            for b in self.blocks:
+                c = layers[b.inputs[0].name].channels.numel()
+                chosen = torch.topk(scores[b.name], c).indices.sort().values
+                for t in b.inputs + b.outputs:
+                    layers[t.name].set_channels(chosen)
         self.calibrated = True
         return self.channels()
 
@@ -281,13 +276,6 @@ class S2FTModel(BaseTuner):
                 layer.set_channels(tensors[f"blocks.{b.name}.channels"])
                 layer.delta.copy_(tensors[f"layers.{t.name}.delta"])
         self.calibrated = True
-
-
-def _channel_sq(layer: S2FTLinear, axis: str) -> torch.Tensor:
-    """Per-channel squared gradient norm of the base weight: rows (in-layers) or columns (out)."""
-    g = layer.base_layer.weight.grad
-    G = g.t() if is_transposed(layer.base_layer) else g  # as m×n
-    return G.double().pow(2).sum(1 if axis == "rows" else 0).cpu()
 
 
 def get_s2ft_model(model: nn.Module, config: S2FTConfig | None = None) -> S2FTModel:

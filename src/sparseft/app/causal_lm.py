@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..calibration import move_batch
+from ..gradients import move_batch
 from .data import read_jsonl
 from ..errors import DataError
 from ..methods import canonical, default_lrs, prepare
