@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import DataError
-from .sources import installed, source
+from .sources import default_cache_dir as cache_dir, installed, source
 
 
 def default_model_dir() -> Path:
@@ -40,9 +40,6 @@ def smollm2_gguf_path() -> Path:
     return installed("smollm2")
 
 
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$SPARSEFT_CACHE`` or ``~/.cache/sparseft``."""
-    return Path(os.environ.get("SPARSEFT_CACHE") or Path.home() / ".cache" / "sparseft")
 
 
 def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:

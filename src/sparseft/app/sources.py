@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -172,10 +173,13 @@ def mismatch_error(src: Source, what: str, path: Path, found: str) -> SourceMism
 # ----------------------------------------------------------------------------- where a source lies
 
 
-def _cache(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
+def default_cache_dir() -> Path:
+    """Where downloads, splits and converted models are kept: ``$SPARSEFT_CACHE`` or ``~/.cache/sparseft``."""
     return Path(os.environ.get("SPARSEFT_CACHE") or Path.home() / ".cache" / "sparseft")
+
+
+def _cache(cache_dir: str | os.PathLike | None) -> Path:
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 
 def archive_path(src: Source, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -316,11 +320,11 @@ def fetch(src: Source, cache_dir: str | os.PathLike | None = None) -> SourceStat
             found_sha = sha256_file(got)
             if found_sha != src.archive_sha256:
                 raise mismatch_error(src, "archive", got, found_sha)
-            os.replace(got, archive_path(src, cache_dir))
+            path = archive_path(src, cache_dir)
+            os.replace(got, path)
+            return SourceStatus(src, "present", path, path.stat().st_size)  # just hashed: not again
         finally:
-            for p in tmp.glob("*") if tmp.exists() else ():
-                p.unlink()
-            tmp.rmdir() if tmp.exists() else None
+            shutil.rmtree(tmp, ignore_errors=True)
     status = check(src, cache_dir)
     if status.state != "present":
         raise DataError(f"Source {src.name!r} ({src.spec}): {status.problem}.")

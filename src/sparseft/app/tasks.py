@@ -41,8 +41,7 @@ No sentence-pair task: ``bigbench==1.0.0`` (VitaminC) is gone from the registry,
 tens of MB on it was found to carry SNLI, MNLI, SICK, RTE, MRPC, QQP or PAWS (docs/benchmark.md
 lists what was checked). Pair tasks stay supported (``Example.text_pair``; tested on generated rows).
 
-Cleaning (every task): rows with empty normalised text are dropped (42 MultiEmo "sentences" are
-only emoticons or punctuation); rows with the same normalised text (and pair) are merged into
+Cleaning (every task): rows with empty normalised text are dropped; rows with the same normalised text (and pair) are merged into
 one, keeping the strict-majority label, or all dropped when no label has a strict majority.
 
 Splitting (``split_examples``): rows are grouped (union of: same normalised text, i.e. the same
@@ -84,7 +83,7 @@ from pathlib import Path
 
 from sparseft.errors import ConfigError, DataError
 
-from .sources import SOURCES, Source, SourceStatus, archive_path, check, member_path, source, verified_archive, verify_member, verify_rows
+from .sources import SOURCES, Source, SourceStatus, default_cache_dir as sources_cache_dir, archive_path, check, member_path, source, verified_archive, verify_member, verify_rows
 
 __all__ = [
     "SUITE_TASKS",
@@ -155,8 +154,8 @@ def normalize_text(text: str) -> str:
 
 
 def default_cache_dir() -> Path:
-    """``$SPARSEFT_CACHE`` or ``~/.cache/sparseft``."""
-    return Path(os.environ.get("SPARSEFT_CACHE") or Path.home() / ".cache" / "sparseft")
+    """``$SPARSEFT_CACHE`` or ``~/.cache/sparseft`` (sources.default_cache_dir)."""
+    return sources_cache_dir()
 
 
 def _cache(cache_dir: str | os.PathLike | None) -> Path:
@@ -602,7 +601,8 @@ def missing_tasks(tasks: Iterable[str], cache_dir: str | os.PathLike | None = No
     """The tasks whose source is missing or does not match its pin, with that source's status."""
     out = []
     for task in tasks:
-        status = check(source(_spec(task).source), _first_root_with(source(_spec(task).source), cache_dir))
+        src = source(_spec(task).source)
+        status = check(src, _first_root_with(src, cache_dir))
         if status.state != "present":
             out.append((task, status))
     return out
