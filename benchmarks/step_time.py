@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from sparseft import MePropConfig, SparseAdamW, SparseGradConfig, get_sparse_model
-from sparseft.bases import block_bounds, eigenbasis
+from sparseft.update.bank import eigenbasis
+from sparseft.update.kernels import block_bounds
 from sparseft.layer import GRAD_PATHS, SparseLinear
 
 SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (576, 1536, nn.SiLU)}
@@ -353,7 +354,7 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
     for a fixed support that fills its block's rows and columns (|R|, |C| = block) and is merged
     once per step from its k entries (the cached merge), and, for dynamic selection, the worst
     case of re-merging the whole update every step."""
-    from sparseft.ops import grad_costs, merge_cost, one_sided_costs
+    from sparseft.update.kernels import grad_costs, merge_cost, one_sided_costs
 
     layers = [(h, d), (d, h)]  # (m, n) of up and down
     base = sum(2 * tokens * m * n for m, n in layers)  # x W0ᵀ and g W0, every method

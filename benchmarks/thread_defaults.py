@@ -35,7 +35,7 @@ def _eigh(threads: int, size: int, repeats: int) -> float:
 
 
 def _eigenbasis(threads: int, size: int, repeats: int) -> float:
-    from sparseft.bases import eigenbasis
+    from sparseft.update.bank import eigenbasis
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)

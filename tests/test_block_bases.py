@@ -10,9 +10,12 @@ import torch
 
 from conftest import ARCHS, assert_save_load_merge_round_trip, make_batch, make_batches
 from sparseft import MePropConfig, SparseGradConfig, get_sparse_model
-from sparseft.bases import apply_basis, block_bounds, block_eigenbasis
+from sparseft.update.bank import block_eigenbasis
+from sparseft.update.kernels import REFERENCE, block_bounds
 from sparseft.errors import ConfigError
 from test_core import _backward_beside_dense
+
+apply_basis = REFERENCE.rotate
 
 
 def _psd(size: int, seed: int = 0) -> torch.Tensor:

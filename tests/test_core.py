@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseft import MePropConfig, SparseAdamW, SparseGradConfig, SparseModel, get_sparse_model
-from sparseft.bases import eigenbasis
+from sparseft.update.bank import eigenbasis
 from sparseft.errors import AdapterMismatchError
 from sparseft.layer import SparseLinear, adapted_weight
 from sparseft.targets import find_targets, is_transposed, weight_of

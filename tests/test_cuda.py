@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from sparseft.ops import is_n_major
+from sparseft.update.kernels import is_n_major
 from test_fast_paths import as_n_major, make_layer, reference
 
 # SPARSEFT_TEST_DEVICE=cpu runs the same checks on the CPU (to check the tests themselves)
@@ -85,7 +85,7 @@ def test_gpu_cached_merge_follows_optimizer_steps(selection):
     cached = _on(layer, DEVICE, torch.float32)
     fresh = copy.deepcopy(cached)
     fresh.cache_update = False
-    fresh._merged_forward = lambda tokens: True
+    fresh.update.merged_forward = lambda tokens: True
     opts = [torch.optim.AdamW([m.param], lr=0.05, fused=True) for m in (cached, fresh)]
     for _ in range(3):
         x = torch.randn(8, 32, device=DEVICE)

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from sparseft.bases import BasisBank
+from sparseft.update.bank import BasisBank
 from sparseft.layer import GRAD_PATHS, SparseLinear, adapted_weight, grad_costs
-from sparseft.ops import SAMPLED, is_n_major
+from sparseft.update.kernels import REFERENCE, SAMPLED, TorchKernels, is_n_major, use_kernels
 from sparseft.targets import weight_of
 
 PATHS = ("auto", *GRAD_PATHS)
@@ -29,7 +29,7 @@ def orthogonal(size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(size, size, generator=gen, dtype=torch.float64))[0].float()
 
 
-def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache=True, rotation="both"):
+def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache=True, rotation="both", support_group=None):
     gen = torch.Generator().manual_seed(seed)
     if conv:
         base = Conv1D(m, n)  # weight stored (n, m)
@@ -44,7 +44,8 @@ def make_layer(m, n, k, selection, identity, conv, path, seed, block=None, cache
         P, Q = (None, Q) if m > n else (P, None)
     bank.set("g", P, Q)
     layer = SparseLinear(base, group="g", k=k, selection=selection, identity=identity, bank=bank,
-                         block=block or (m, n), compute_path=path, cache_update=cache, rotation=rotation)
+                         block=block or (m, n), compute_path=path, cache_update=cache, rotation=rotation,
+                         support_group=support_group)
     with torch.no_grad():
         if selection == "fixed":
             layer.choose_support(torch.rand(layer.block, generator=gen))
@@ -250,13 +251,9 @@ def test_base_weight_is_stored_as_the_merge_reads_it(shape, conv):
     the merge reads it as it lies. The values do not change, and the layer computes what the same
     layer with W0 as given computes."""
     m, n = shape
-    store = SparseLinear.store_base_for_merge
-    try:
-        SparseLinear.store_base_for_merge = False
+    with use_kernels("cpu", TorchKernels(relay_base=False)):
         torch.manual_seed(4)  # nn.Linear draws its weight from the global generator
         given, _ = make_layer(m, n, 30, "fixed", False, conv, "auto", seed=4, cache=False, rotation="narrow")
-    finally:
-        SparseLinear.store_base_for_merge = store
     torch.manual_seed(4)
     layer, gen = make_layer(m, n, 30, "fixed", False, conv, "auto", seed=4, cache=False, rotation="narrow")
     W0 = weight_of(layer.base_layer)
@@ -373,10 +370,9 @@ def test_model_mlps_feed_their_sddmms_without_a_copy(family):
     wide = max(max(l.m, l.n) for l in layers.values())
 
     def grads(hand_off: bool) -> list[torch.Tensor]:
-        for layer in layers.values():
-            layer.hand_off_n_major = hand_off
-        model.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
+        with use_kernels("cpu", TorchKernels(hand_off_n_major=hand_off)):
+            model.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
         return [l.param.grad.clone() for l in layers.values()]
 
     with profile(record_shapes=True) as prof:
@@ -442,7 +438,7 @@ def test_auto_picks_the_cheapest_bracketing():
 def test_one_sided_cost_model_counts_what_runs(shape):
     """rotation="narrow": the cost model counts the multiply-adds each bracketing performs, and
     the wide side's rotation is gone (the value gradient costs far less than rotating both sides)."""
-    from sparseft.ops import one_sided_costs, rotated_costs
+    from sparseft.update.kernels import one_sided_costs, rotated_costs
 
     m, n = shape
     layer, _ = make_layer(m, n, 40, "dynamic", False, False, "auto", seed=0, rotation="narrow")
@@ -485,10 +481,12 @@ def test_sparse_merge_equals_the_dense_product(m, n, seed, basis, data):
     W0 = layer.base_layer.weight.detach()
     torch.testing.assert_close(layer._merge_into(W0), W0 + dense, atol=1e-5, rtol=1e-5)
     if basis == "rotated":
+        R, C = layer.support.index()
+        P_R, Q_C = layer.basis.matrix("P", R, m), layer.basis.matrix("Q", C, n)
         for side in ("P", "Q"):  # both bracketings, whichever sparse_side picks
-            merged = layer.basis.merge_sparse(layer.support.csr(layer.values, side), *layer.support.index(), side)
+            merged = REFERENCE.merge(P_R, layer.support.csr(layer.values, side), Q_C, side)
             torch.testing.assert_close(merged, dense, atol=1e-5, rtol=1e-5)
-            fused = layer.basis.merge_into(W0, layer.support.csr(layer.values, side), *layer.support.index(), side)
+            fused = REFERENCE.merge(P_R, layer.support.csr(layer.values, side), Q_C, side, base=W0)
             torch.testing.assert_close(fused, W0 + dense, atol=1e-5, rtol=1e-5)
 
 
@@ -520,7 +518,7 @@ def rebuilding_twin(cached):
     """A copy of ``cached`` that merges W0 + ΔW on every call (never the factored way)."""
     fresh = copy.deepcopy(cached)
     fresh.cache_update = False
-    fresh._merged_forward = lambda tokens: True
+    fresh.update.merged_forward = lambda tokens: True
     return fresh
 
 
@@ -563,7 +561,7 @@ def test_cached_merge_follows_steps_reloads_and_reselection(selection, identity,
 
     for _ in range(3):
         step_both()
-    assert same_output() and cached._cache is not None and fresh._cache is None
+    assert same_output() and cached.update._cache is not None and fresh.update._cache is None
     # load_state_dict: other values into both (copy_ in place, same tensor)
     other, _ = make_layer(13, 9, 20, selection, identity, False, "auto", seed=99)
     with torch.no_grad():

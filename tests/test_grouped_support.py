@@ -17,7 +17,7 @@ from test_fast_paths import check, make_layer, rebuilding_twin, same_twin_output
 from conftest import ARCHS, assert_save_load_merge_round_trip, make_batch, make_batches
 from sparseft import ConfigError, SparseGradConfig, get_sparse_model
 from sparseft.layer import GRAD_PATHS, adapted_weight
-from sparseft.ops import SAMPLED
+from sparseft.update.kernels import SAMPLED
 
 
 def _grouped_layer(m: int, n: int, c: int, run: int, seed: int, cache: bool = False, path: str = SAMPLED,
@@ -26,9 +26,8 @@ def _grouped_layer(m: int, n: int, c: int, run: int, seed: int, cache: bool = Fa
     the first ``longer`` runs); ``path`` SAMPLED: the value gradient through the grouped batched
     product (tiny layers would otherwise pick a dense bracketing)."""
     wide = max(m, n)
-    layer, gen = make_layer(m, n, c * wide + longer * run, "fixed", False, False, path, seed, cache=cache, rotation="narrow")
-    dim = 0 if m > n else 1
-    layer.support.grouping = (dim, run)
+    layer, gen = make_layer(m, n, c * wide + longer * run, "fixed", False, False, path, seed, cache=cache, rotation="narrow",
+                            support_group=run)
     layer.choose_support(torch.rand(layer.block, generator=gen))
     perm = torch.randperm(layer.k, generator=gen)  # values in no particular order (as after a reload)
     layer.set_support(layer.rows[perm], layer.cols[perm])
@@ -154,7 +153,7 @@ def test_grouped_cached_merge_follows_steps_reloads_and_reselection():
 
     for _ in range(3):
         step_both()
-    assert same_output() and cached._cache is not None
+    assert same_output() and cached.update._cache is not None
     other, _ = _grouped_layer(16, 6, 2, 4, seed=99)
     for layer in (cached, fresh):
         layer.load_state_dict(other.state_dict())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sparseft.app import bench, tables, threads
-from sparseft.bases import eigenbasis
+from sparseft.update.bank import eigenbasis
 
 METHODS = [("full", 22_713_986, 363_424_196, 0), ("head", 770, 12_328, 0), ("lora-mlp", 185_090, 2_961_544, 0),
            ("lora-attn", 148_226, 2_371_816, 0), ("meprop", 185_090, 97_923_104, 0),

@@ -23,6 +23,7 @@ _EXPORTS = {
     "NotCalibratedError": ".errors",
     "SparseFTError": ".errors",
     "TargetError": ".errors",
+    "BaseTuner": ".tuner",
     "SparseModel": ".model",
     "get_sparse_model": ".model",
     "SparseAdamW": ".optim",
@@ -34,8 +35,16 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+# The built-in methods' modules: each registers its adapter kind (BaseTuner.__init_subclass__) so
+# that any tuner loads any kind's adapter; imported together with the first torch-backed name.
+_BUILTIN_METHODS = (".model", ".s2ft")
+
+
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
+        if _EXPORTS[name] not in (".config", ".errors"):
+            for module in _BUILTIN_METHODS:
+                importlib.import_module(module, __name__)
         value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
         globals()[name] = value  # later lookups skip this function
         return value

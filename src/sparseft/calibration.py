@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bases import block_eigenbasis
+from .update.bank import block_eigenbasis
 from .config import SUPPORT_CRITERIA  # noqa: F401  (re-exported: the criteria support_scores knows)
 from .errors import CalibrationError
 from .gradients import LossFn, RngState, gradient_pass, require_dict

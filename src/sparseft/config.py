@@ -22,8 +22,24 @@ Selection = Literal["fixed", "dynamic"]
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ComputePath = Literal["auto", "activations", "weights"]
 SUPPORT_CRITERIA = ("abs-sum", "sum", "snr", "balanced", "random")  # see sparseft.calibration.support_scores
-ROTATIONS = ("both", "narrow")  # which sides of a layer SparseGrad rotates (see SparseConfig.rotation)
+ROTATIONS = ("both", "narrow", "none")  # which sides of a layer are rotated (SparseConfig.rotation; "none": MeProp)
 NARROW_COST_SHARE = 0.1  # support_narrow="auto": value-gradient cost / frozen 2Nmn
+
+
+def run_counts(k: int, width: int, run: int) -> tuple[int, int]:
+    """(c, h): a grouped support of ``k`` entries over ``width`` wide rows in runs of ``run``
+    gives its first h runs c + 1 directions and the others c (k = c·width + h·run exactly
+    when the budget was rounded by :func:`grouped_budget`)."""
+    c = k // width
+    return c, (k - c * width) // run
+
+
+def grouped_budget(k: int, width: int, run: int) -> int:
+    """The count nearest ``k`` that runs of c or c + 1 directions reach: c·width + h·run, at
+    least one direction per wide row (within run/2 entries of k)."""
+    k = max(k, width)
+    c = k // width
+    return c * width + round((k - c * width) / run) * run
 
 
 @dataclass
@@ -95,6 +111,9 @@ class SparseConfig:
     # independently. What runs of 16, 32 and 64 cost and buy: docs/benchmark.md ("Grouped
     # supports") and docs/performance.md.
     support_group: int | None = None
+    # The support's kind by registered name (sparseft.update.support.register_support). None:
+    # `selection`'s own ("fixed", grouped with `support_group`, or "dynamic").
+    support: str | None = None
     # How the adapted forward/backward is computed; "auto" picks the cheaper per call.
     compute_path: ComputePath = "auto"
     # Keep each layer's merged weight W0 + ΔW between optimizer steps: one merge per step instead
@@ -179,6 +198,8 @@ class SparseConfig:
             raise ConfigError(f"shared_bases must be True (one basis per layer group) or False (one per layer), got {self.shared_bases!r}.")
         if self.support_criterion not in SUPPORT_CRITERIA:
             raise ConfigError(f"support_criterion={self.support_criterion!r} is not known; use one of {list(SUPPORT_CRITERIA)}.")
+        if self.support is not None and (not isinstance(self.support, str) or not self.support):
+            raise ConfigError(f"support={self.support!r} must be the name of a registered support (or None).")
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation={self.rotation!r} is not known; use one of {list(ROTATIONS)}.")
         if self.compute_path not in ("auto", "activations", "weights"):
@@ -228,8 +249,6 @@ class SparseConfig:
             k = max(1, round(float(self.density) * m * n))
         run = self.run_rows(m, n)
         if run is not None and k <= rows * cols:  # c or c + 1 directions for every row of the wide side
-            from .support import grouped_budget
-
             k = grouped_budget(k, max(m, n), run)
         if k > rows * cols:
             raise ConfigError(
@@ -257,7 +276,9 @@ class SparseConfig:
         # Adapters saved before `rotation` existed were trained with both sides rotated: reading
         # them with today's one-sided default would silently compute another model.
         if "rotation" in names and "rotation" not in data:
-            kwargs["rotation"] = "both"
+            kwargs["rotation"] = target.rotation if target is MePropConfig else "both"
+        if target is MePropConfig and kwargs.get("rotation") == "both":
+            kwargs["rotation"] = "none"  # MeProp files before "none" existed: P = Q = I read as "both"
         return target(**kwargs)
 
     def to_json(self) -> str:
@@ -273,6 +294,8 @@ class SparseGradConfig(SparseConfig):
         self.method = "sparsegrad"
         self.identity_bases = False
         super().__post_init__()
+        if self.rotation == "none":
+            raise ConfigError("rotation='none' (identity bases) is MeProp: use MePropConfig, or rotation 'narrow' or 'both'.")
 
 
 @dataclass
@@ -281,13 +304,13 @@ class MePropConfig(SparseConfig):
     the ordinary weight gradient. Dynamic selection by default, as in MeProp."""
 
     selection: Selection = "dynamic"
-    rotation: str = "both"  # nothing is rotated; "both" only so that P = Q = I reads as two identity sides
+    rotation: str = "none"
 
     def __post_init__(self) -> None:
         self.method = "meprop"
         self.identity_bases = True
         super().__post_init__()
-        if self.rotation != "both" or self.basis_blocks != 1:
+        if self.rotation != "none" or self.basis_blocks != 1:
             raise ConfigError("MeProp rotates nothing (identity bases): leave rotation and basis_blocks at their defaults.")
 
 

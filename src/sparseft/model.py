@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import __version__
-from .bases import BasisBank
+from .update.bank import BasisBank
 from .calibration import DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, rotated_gradient_scores, score_chunks
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
@@ -93,6 +93,7 @@ class SparseModel(BaseTuner):
                 rotation=config.rotation,
                 basis_blocks=config.basis_blocks,
                 support_group=config.run_rows(target.m, target.n),
+                support=config.support,
             )
 
     def _after_inject(self, **_: Any) -> None:

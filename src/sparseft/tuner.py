@@ -339,8 +339,6 @@ class BaseTuner(nn.Module):
         from a temporary layer of the adapter's own method built on the same base layer; the
         heads as tensors. Every check runs before anything is kept: a failed load leaves the
         model and its adapters as they were. ``kwargs`` go to the method's loader (``bases=``)."""
-        from . import model as _model, s2ft as _s2ft  # noqa: F401  (register the built-in methods)
-
         if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
             raise ConfigError(f"adapter_name={adapter_name!r} must be a non-empty string without '.'.")
         if adapter_name in self._adapters or adapter_name == BASE_ADAPTER:
@@ -765,7 +763,11 @@ class BaseTuner(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, save_directory: str | os.PathLike, **kwargs: Any) -> "BaseTuner":
         """Rebuild the adapted model on a fresh ``model`` from ``save_pretrained`` output. Every
-        check runs first: a failed load leaves ``model`` as it was."""
+        check runs first: a failed load leaves ``model`` as it was. Called on ``BaseTuner``
+        itself, the method is the one the folder's adapter kind is registered to (as peft's
+        ``PeftModel.from_pretrained`` reads ``peft_type``)."""
+        if cls is BaseTuner:
+            cls = tuner_for(save_directory)
         tensors, meta = cls.read_adapter(model, save_directory)
         config = cls.config_from_meta(meta)
         cls._check_fit(model, config, meta, **kwargs)
@@ -777,6 +779,20 @@ class BaseTuner(nn.Module):
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             tuner.base_model.get_submodule(head).load_state_dict(state)
         return tuner
+
+
+def tuner_for(save_directory: str | os.PathLike) -> type[BaseTuner]:
+    """The registered tuner class of the adapter saved in ``save_directory`` (its file's kind)."""
+    path = Path(save_directory)
+    try:
+        kind = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise AdapterMismatchError(f"{path} holds no readable {CONFIG_FILE} ({exc}): pass a folder save_pretrained() wrote.") from exc
+    cls = _TUNERS.get(kind)  # (the load itself checks the adapter file's kind again)
+    if cls is None:
+        raise AdapterMismatchError(f"{path} holds a sparseft {kind!r} adapter, a kind no imported method "
+                                   f"registers (known: {sorted(_TUNERS)}); import the module that defines it first.")
+    return cls
 
 
 def _truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -812,5 +828,5 @@ def _signature_class(tuner_class: type[BaseTuner], model_class: type) -> type:
     return _CLASSES[key]
 
 
-__all__ = ["ADAPTER_FILE", "BASE_ADAPTER", "CONFIG_FILE", "DEFAULT_ADAPTER", "BaseTuner", "BaseTunerLayer", "LowRankUpdate",
+__all__ = ["tuner_for", "ADAPTER_FILE", "BASE_ADAPTER", "CONFIG_FILE", "DEFAULT_ADAPTER", "BaseTuner", "BaseTunerLayer", "LowRankUpdate",
            "unwrap_model"]

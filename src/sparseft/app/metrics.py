@@ -33,7 +33,7 @@ def adapter_buffer_bytes(model: nn.Module) -> dict[str, int]:
     """What SparseGrad holds besides trainable state (not part of ``state_bytes``, which LoRA's
     numbers are compared on): the bases P, Q of every group, and the support index of fixed
     selection (int32 positions + the distinct rows/columns)."""
-    from ..bases import BasisBank
+    from ..update.bank import BasisBank
     from ..layer import SparseLinear
 
     out = {"bases_bytes": 0, "support_index_bytes": 0}

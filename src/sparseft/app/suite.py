@@ -47,19 +47,6 @@ REFERENCE = "lora-mlp"
 SUITE_METHODS = ("full", "lora-mlp", "sparsegrad-onesided", "sparsegrad-dynamic", "shira", "supertuning")
 # The default tasks: all four (sentiment, sarcasm, question type, news topic; docs/benchmark.md).
 DEFAULT_TASKS = SUITE_TASKS
-# Centre of each method's sweep at the suite's budget (80 steps of 16), from the rates the first
-# runs chose on validation (docs/benchmark.md): the registry's defaults are tuned for longer runs
-# and put most methods at the high edge of the grid, which cost extra runs and left rates at an
-# edge. Methods not listed start from the registry's default.
-PEFT_LR = {"full": 4.5e-4, "lora-mlp": 1.5e-3, "sparsegrad-fixed": 3e-3, "sparsegrad-dynamic": 2.7e-3,
-           "shira": 9e-3, "supertuning": 9e-3, "sparsegrad-random": 9e-3, "sparsegrad-onesided": 9e-3,
-           "meprop-fixed": 3e-3}
-# In the paper regime attention, embeddings, LayerNorms and head train fully next to the method:
-# one centre for all of them. The first paper-regime run centred at 1e-4 (full 5e-5) found every
-# method at the grid's high edge; after one extension the chosen rates were 3e-4 to 9e-4 (full
-# 1.5e-4 to 4.5e-4), so the grid now starts around them.
-PAPER_LR = {"full": 4.5e-4}
-PAPER_LR_DEFAULT = 3e-4
 
 
 @dataclass
@@ -98,14 +85,13 @@ class SuiteSettings:
         return cls(**{**base, **kwargs})
 
     def centre(self, method: str) -> float:
-        from ..methods import method_spec, parse_method
+        """The centre of ``method``'s sweep: the registry's rate for this regime (a variant
+        starts at its method's), unless overridden."""
+        from ..methods import method_spec
 
         if method in self.lr_overrides:
             return self.lr_overrides[method]
-        base = parse_method(method)[0]  # a variant ("sparsegrad-random[support_narrow=24]") starts at its method's centre
-        if self.regime == "paper":
-            return PAPER_LR.get(method, PAPER_LR.get(base, PAPER_LR_DEFAULT))
-        return PEFT_LR.get(method) or PEFT_LR.get(base) or method_spec(method).default_lr("classification")
+        return method_spec(method).default_lr(f"suite-{self.regime}")
 
 
 # ----------------------------------------------------------------------------- one run (worker side)

@@ -298,16 +298,12 @@ def load_trained(path: str | Path):
         return model.eval(), AutoTokenizer.from_pretrained(str(folder)), run
     base = load_classifier(run["model_dir"], labels, run["seed"])
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    if "peft_type" in config:
+    if "peft_type" in config:  # peft's format (LoRA, SHiRA, ...): peft reads its own kinds
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(base, str(folder))
-    elif config.get("kind") == "s2ft-adapter":
-        from ..s2ft import S2FTModel
+    else:  # sparseft's format: the method its kind is registered to
+        from .. import BaseTuner
 
-        model = S2FTModel.from_pretrained(base, folder)
-    else:
-        from ..model import SparseModel
-
-        model = SparseModel.from_pretrained(base, folder)
+        model = BaseTuner.from_pretrained(base, folder)
     return model.eval(), AutoTokenizer.from_pretrained(run["model_dir"]), run

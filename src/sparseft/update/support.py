@@ -1,32 +1,37 @@
-"""Supports: which entries of the rotated update Δ̃ train, and the parameter that holds them.
+"""Supports: which entries of the rotated update Δ̃ train, the parameter that holds them, and
+the kernels that read them.
 
-A layer holds one support object and one basis object (:mod:`sparseft.bases`); the layer only
-composes them. A support owns:
+A support owns:
 
 - the trainable parameter's shape (``new_parameter``) and how it becomes the a×b matrix
   D = Δ̃[R, C] (``dense``), with R, C the rotated rows/columns it touches (``index``);
-- how the a×b value gradient P_Rᵀ gᵀ x Q_C becomes the parameter's gradient (``gather``);
+- the parameter's gradient from the activations (``value_grad``: a gather of the basis' a×b
+  value gradient, a sampled product at its k entries, or its own batched products);
 - its O(k) export (``sparse_state`` / ``load_sparse_state``) and its state-dict extra state.
 
-Two kinds:
+One class per kind, registered by name (:func:`register_support`; ``SparseConfig.support``
+picks one, :func:`make_support` builds it):
 
-- :class:`FixedSupport` (``selection="fixed"``): k positions chosen once in calibration, the
-  parameter is the k-vector ``values``, so any optimizer keeps O(k) state.
-- :class:`DynamicSupport` (``selection="dynamic"``, the paper's): the parameter is the dense
-  ``delta`` over the allowed block; its gradient is cut to its top-k entries before each
-  optimizer step (after each backward, until an optimizer takes the top-k itself).
+- :class:`FixedSupport` ("fixed"): k positions chosen once in calibration; the parameter is the
+  k-vector ``values``, so any optimizer keeps O(k) state.
+- :class:`GroupedSupport` ("grouped", ``SparseConfig.support_group``): a fixed support whose wide
+  rows come in runs that share their narrow directions; its value gradient is one batched dense
+  product per segment of runs.
+- :class:`DynamicSupport` ("dynamic", the paper's): the parameter is the dense ``delta`` over the
+  allowed block; its gradient is cut to its top-k entries before each optimizer step.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
 
-from .distributed import SHARDED_DYNAMIC, is_sharded
-from .errors import ConfigError
+from ..config import run_counts
+from ..distributed import SHARDED_DYNAMIC, is_sharded
+from ..errors import ConfigError
+from .kernels import REFERENCE, SAMPLED, TorchKernels
 
 
 def _leading(idx: torch.Tensor) -> torch.Tensor | slice:
@@ -54,22 +59,6 @@ class Grouped(NamedTuple):
         return Grouped(tuple(J.to(device) for J in self.J), *(t.to(device) for t in self[1:5]), self.run)
 
 
-def run_counts(k: int, width: int, run: int) -> tuple[int, int]:
-    """(c, h): a grouped support of ``k`` entries over ``width`` wide rows in runs of ``run``
-    gives its first h runs c + 1 directions and the others c (k = c·width + h·run exactly
-    when the budget was rounded by :func:`grouped_budget`)."""
-    c = k // width
-    return c, (k - c * width) // run
-
-
-def grouped_budget(k: int, width: int, run: int) -> int:
-    """The count nearest ``k`` that runs of c or c + 1 directions reach: c·width + h·run, at
-    least one direction per wide row (within run/2 entries of k)."""
-    k = max(k, width)
-    c = k // width
-    return c * width + round((k - c * width) / run) * run
-
-
 _MAX_SEGMENTS = 8  # a support with more changes of count than this is no longer "grouped"
 
 
@@ -82,15 +71,12 @@ class FixedSupport:
     16 of (rows, cols) as int64: next to the 16 bytes of value, gradient and AdamW moments that
     LoRA also pays, the index is the only memory LoRA does not need."""
 
-    kind = "fixed"
+    selection = "fixed"  # chosen once (in calibration), not every step
     param_name = "values"
 
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.owner, self.k, self.block = owner, int(k), block
         self.generation = 0  # bumped whenever the support changes (for caches of the merged update)
-        # (wide dim, rows per run) of a grouped support (SparseGradConfig.support_group), set by
-        # the layer; ``grouped`` then holds the runs' structure whenever the stored support has it
-        self.grouping: tuple[int, int] | None = None
         empty = torch.zeros(0, dtype=torch.long, device=device)
         self._store(empty, empty)
 
@@ -112,65 +98,8 @@ class FixedSupport:
         self.generation += 1
         self._patterns: dict[str, tuple] = {}
         self._index: tuple | None = None
-        self.grouped = self._find_runs(rows, cols)
 
-    def _find_runs(self, rows: torch.Tensor, cols: torch.Tensor) -> Grouped | None:
-        """The run structure of a grouped support, found in the stored entries themselves (so a
-        reloaded support has it too, and a reselected one that lost it falls back to the SDDMM):
-        every row of a run holds the same narrow directions."""
-        if self.grouping is None or rows.numel() != self.k or self.k == 0:
-            return None
-        dim, run = self.grouping
-        width, depth = self.block[dim], self.block[1 - dim]
-        if width % run:
-            return None
-        wide, thin = (rows, cols) if dim == 0 else (cols, rows)
-        per_run = torch.bincount(wide, minlength=width).view(width // run, run)
-        if not bool((per_run == per_run[:, :1]).all()) or int(per_run.min()) < 1:
-            return None
-        counts, lengths = torch.unique_consecutive(per_run[:, 0], return_counts=True)
-        if counts.numel() > _MAX_SEGMENTS:
-            return None
-        order = torch.argsort(wide * depth + thin)
-        directions = thin.index_select(0, order)
-        J, start = [], 0
-        for c, runs in zip(counts.tolist(), lengths.tolist()):
-            seg = directions[start:start + runs * run * c].view(runs, run, c)
-            if not bool((seg == seg[:, :1]).all()):
-                return None
-            J.append(seg[:, 0].contiguous())
-            start += runs * run * c
-        flat = torch.cat([j.reshape(-1) for j in J])
-        used, where = torch.unique(flat, return_inverse=True)
-        return Grouped(tuple(J), order, flat, used, where, run)
-
-    def runs_on(self, device: torch.device) -> Grouped | None:
-        """``grouped`` on ``device`` (moved once: it is plain data, not buffers of the layer)."""
-        runs = self.grouped
-        if runs is not None and runs.order.device != device:
-            runs = self.grouped = runs.to(device)
-        return runs
-
-    def _choose_runs(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows, cols) of a grouped support: per run of the wide side, the c (or c + 1) narrow
-        directions of the largest summed ``scores`` (random scores: random directions)."""
-        dim, run = self.grouping
-        width = self.block[dim]
-        c, h = run_counts(self.k, width, run)
-        if width % run or c * width + h * run != self.k or c + (h > 0) > scores.shape[1 - dim]:
-            return None
-        per_run = (scores if dim == 0 else scores.T).float().reshape(width // run, run, -1).sum(1)
-        best = torch.topk(per_run, c + (h > 0), dim=1).indices
-        wide, thin = [], []
-        for first, last, count in ((0, h, c + 1), (h, width // run, c)):
-            if last > first and count:
-                J = best[first:last, :count].sort(dim=1).values
-                wide.append(torch.arange(first * run, last * run, device=scores.device).repeat_interleave(count))
-                thin.append(J.repeat_interleave(run, dim=0).reshape(-1))
-        wide, thin = torch.cat(wide), torch.cat(thin)
-        return (wide, thin) if dim == 0 else (thin, wide)
-
-    def csr(self, values: torch.Tensor, side: str) -> torch.Tensor:
+    def csr(self, values: torch.Tensor, side: str, kn: TorchKernels = REFERENCE) -> torch.Tensor:
         """D (a×b, ``side`` "Q") or Dᵀ (b×a, ``side`` "P") as a sparse CSR tensor of ``values``
         (not differentiable). The pattern (row pointers, columns, order of the values) depends only
         on the support, so it is built once per support and device."""
@@ -186,9 +115,7 @@ class FixedSupport:
             crow[1:] = torch.bincount(r, minlength=a).cumsum(0)
             pattern = self._patterns[side] = (crow, c.index_select(0, order), order, (a, b))
         crow, col, order, shape = pattern
-        with warnings.catch_warnings():  # torch flags all of sparse CSR as "beta"; sparse.mm on it is stable
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            return torch.sparse_csr_tensor(crow, col, values.detach().index_select(0, order), shape, check_invariants=False)
+        return kn.csr(crow, col, values.detach().index_select(0, order), shape)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -212,26 +139,26 @@ class FixedSupport:
 
     @torch.no_grad()
     def choose(self, scores: torch.Tensor) -> None:
-        """The k entries of the largest ``scores`` (shape = block); for a grouped support, the
-        best c directions of each run."""
-        if self.grouping is not None:
-            chosen = self._choose_runs(scores)
-            if chosen is not None:
-                self.set(*chosen)
-                return
+        """The k entries of the largest ``scores`` (shape = block)."""
         idx = torch.topk(scores.flatten().float(), self.k, sorted=False).indices.sort().values
         self.set(idx // self.block[1], idx % self.block[1])
 
-    def sampled_grad(self, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    def sampled_grad(self, left: torch.Tensor, right: torch.Tensor, kn: TorchKernels = REFERENCE) -> torch.Tensor:
         """The k entries of ``leftᵀ right`` (left N×a, right N×b) at the support, in the order of
-        ``values``, by SDDMM: N·k multiply-adds instead of the N·a·b of the whole product. The
-        kernel reads both factors contiguous along N: a rotated factor is computed so
-        (``apply_basis(..., n_major=True)``), and an identity side's activations arrive so from the
-        partner layer (``ops.linear_n_major``); otherwise the kernel copies them."""
-        mask = self.csr(left.new_zeros(self.k), "Q")
-        entries = torch.sparse.sampled_addmm(mask, left.T, right, beta=0.0).values()
+        ``values`` (``kn.sampled_product``: N·k multiply-adds instead of N·a·b)."""
+        entries = kn.sampled_product(self.csr(left.new_zeros(self.k), "Q", kn), left, right)
         order = self._patterns["Q"][2]
         return torch.empty_like(entries).index_copy_(0, order, entries)
+
+    def value_grad(self, basis, g: torch.Tensor, x: torch.Tensor, path: str, kn: TorchKernels) -> torch.Tensor:
+        """∂L/∂values: P_Rᵀ gᵀ x Q_C at the support, by the sampled product (``SAMPLED``, where the
+        kernels take these activations) or by the basis' bracketing ``path``, then gathered."""
+        rows, cols = self.index()
+        if path == SAMPLED:
+            if kn.sddmm_supported(x):
+                return self.sampled_grad(*basis.sampled_factors(g, x, rows, cols, kn), kn)
+            path = "activations"  # the same bracketing, whole
+        return kn.gather(basis.value_grad(g, x, rows, cols, path, kn), self.local)
 
     def index(self) -> tuple[torch.Tensor | slice, torch.Tensor | slice]:
         """(R, C) for the compute paths: a leading run 0..a-1 (every row of a random support
@@ -254,10 +181,6 @@ class FixedSupport:
     def compact(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(D, R, C): the update's a×b core and the rotated rows/columns it touches."""
         return self.dense(values.detach()), self.R, self.C
-
-    def gather(self, Gt: torch.Tensor) -> torch.Tensor:
-        """The k support entries of the a×b value gradient."""
-        return Gt.reshape(-1).index_select(0, self.local)  # int32 index: no copy
 
     @torch.no_grad()
     def regrow(self, values: torch.Tensor, scores: torch.Tensor, n_swap: int, optimizer: Any = None,
@@ -323,16 +246,116 @@ class FixedSupport:
         return False
 
 
+class GroupedSupport(FixedSupport):
+    """A fixed support whose wide side (dim ``dim`` of the block) comes in runs of ``run`` rows,
+    every row of a run training the same narrow directions (``SparseConfig.support_group``). Its
+    value gradient is one batched dense product per segment of runs (``kn.run_products``): N·k
+    multiply-adds, as the sampled product, but read as the activations lie. The run structure
+    is found in the stored entries themselves, so a reloaded support has it too, and one that
+    lost it (a reselection) falls back to the plain fixed support's paths."""
+
+    def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None, *,
+                 dim: int, run: int) -> None:
+        self.grouping = (dim, run)
+        self.grouped: Grouped | None = None
+        super().__init__(owner, k, block, device)
+
+    def _store(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        super()._store(rows, cols)
+        self.grouped = self._find_runs(rows, cols)
+
+    def _find_runs(self, rows: torch.Tensor, cols: torch.Tensor) -> Grouped | None:
+        """The run structure of a grouped support, found in the stored entries themselves (so a
+        reloaded support has it too, and a reselected one that lost it falls back to the SDDMM):
+        every row of a run holds the same narrow directions."""
+        if rows.numel() != self.k or self.k == 0:
+            return None
+        dim, run = self.grouping
+        width, depth = self.block[dim], self.block[1 - dim]
+        if width % run:
+            return None
+        wide, thin = (rows, cols) if dim == 0 else (cols, rows)
+        per_run = torch.bincount(wide, minlength=width).view(width // run, run)
+        if not bool((per_run == per_run[:, :1]).all()) or int(per_run.min()) < 1:
+            return None
+        counts, lengths = torch.unique_consecutive(per_run[:, 0], return_counts=True)
+        if counts.numel() > _MAX_SEGMENTS:
+            return None
+        order = torch.argsort(wide * depth + thin)
+        directions = thin.index_select(0, order)
+        J, start = [], 0
+        for c, runs in zip(counts.tolist(), lengths.tolist()):
+            seg = directions[start:start + runs * run * c].view(runs, run, c)
+            if not bool((seg == seg[:, :1]).all()):
+                return None
+            J.append(seg[:, 0].contiguous())
+            start += runs * run * c
+        flat = torch.cat([j.reshape(-1) for j in J])
+        used, where = torch.unique(flat, return_inverse=True)
+        return Grouped(tuple(J), order, flat, used, where, run)
+
+    def runs_on(self, device: torch.device) -> Grouped | None:
+        """``grouped`` on ``device`` (moved once: it is plain data, not buffers of the layer)."""
+        runs = self.grouped
+        if runs is not None and runs.order.device != device:
+            runs = self.grouped = runs.to(device)
+        return runs
+
+    def _choose_runs(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, cols) of a grouped support: per run of the wide side, the c (or c + 1) narrow
+        directions of the largest summed ``scores`` (random scores: random directions)."""
+        dim, run = self.grouping
+        width = self.block[dim]
+        c, h = run_counts(self.k, width, run)
+        if width % run or c * width + h * run != self.k or c + (h > 0) > scores.shape[1 - dim]:
+            return None
+        per_run = (scores if dim == 0 else scores.T).float().reshape(width // run, run, -1).sum(1)
+        best = torch.topk(per_run, c + (h > 0), dim=1).indices
+        wide, thin = [], []
+        for first, last, count in ((0, h, c + 1), (h, width // run, c)):
+            if last > first and count:
+                J = best[first:last, :count].sort(dim=1).values
+                wide.append(torch.arange(first * run, last * run, device=scores.device).repeat_interleave(count))
+                thin.append(J.repeat_interleave(run, dim=0).reshape(-1))
+        wide, thin = torch.cat(wide), torch.cat(thin)
+        return (wide, thin) if dim == 0 else (thin, wide)
+
+    @torch.no_grad()
+    def choose(self, scores: torch.Tensor) -> None:
+        """The best c directions of each run by summed ``scores`` (any k entries where the budget
+        does not split into runs)."""
+        chosen = self._choose_runs(scores)
+        if chosen is None:
+            super().choose(scores)
+        else:
+            self.set(*chosen)
+
+    def value_grad(self, basis, g: torch.Tensor, x: torch.Tensor, path: str, kn: TorchKernels) -> torch.Tensor:
+        runs = self.runs_on(x.device)
+        if path != SAMPLED or runs is None:
+            return super().value_grad(basis, g, x, path, kn)
+        wide, thin = (g, x) if self.grouping[0] == 0 else (x, g)
+        directions = self._run_directions(basis, thin, runs, kn).to(wide.dtype)  # N × Σ runs·c
+        flat = kn.run_products(wide, directions, [tuple(J.shape) for J in runs.J], runs.run)
+        return flat.new_empty(flat.numel()).index_copy_(0, runs.order, flat)
+
+    @staticmethod
+    def _run_directions(basis, thin: torch.Tensor, runs: Grouped, kn: TorchKernels) -> torch.Tensor:
+        """N×(Σ runs·c): ``thin`` (N×d, the narrow side's activations) on every run's directions.
+        Only the distinct directions in use are rotated (N·d·|used| multiply-adds; the whole
+        basis, block by block, once they are most of it), then gathered run by run."""
+        d = thin.shape[1]
+        if runs.used.numel() * 2 > d or basis.blocks > 1:
+            return kn.rotate(thin, basis.columns(slice(0, d)), slice(0, d), basis.blocks).index_select(1, runs.directions)
+        return (thin @ basis.columns(runs.used).to(thin.dtype)).index_select(1, runs.where)
+
+
 class DynamicSupport:
     """Any k entries of the ``block``, re-chosen as the top-k of the gradient every step."""
 
-    kind = "dynamic"
+    selection = "dynamic"
     param_name = "delta"
     generation = 0  # the block never changes
-
-    @staticmethod
-    def runs_on(device: torch.device) -> None:
-        return None  # never grouped
 
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.k, self.block = int(k), block
@@ -370,8 +393,10 @@ class DynamicSupport:
         C = (delta != 0).any(0).nonzero().flatten()
         return delta.index_select(0, R).index_select(1, C), R, C
 
-    def gather(self, Gt: torch.Tensor) -> torch.Tensor:
-        return Gt
+    def value_grad(self, basis, g: torch.Tensor, x: torch.Tensor, path: str, kn: TorchKernels) -> torch.Tensor:
+        """∂L/∂delta: the whole block's P_Rᵀ gᵀ x Q_C (its top-k is taken after the backward)."""
+        rows, cols = self.index()
+        return basis.value_grad(g, x, rows, cols, path, kn)
 
     def ensure_hook(self, delta: torch.Tensor) -> None:
         """Register the top-k hook on ``delta`` once per parameter object: a deep copy (or a
@@ -428,6 +453,54 @@ class DynamicSupport:
         return bool(int(state[0]))
 
 
-SUPPORTS: dict[str, type[FixedSupport] | type[DynamicSupport]] = {"fixed": FixedSupport, "dynamic": DynamicSupport}
+class Support(Protocol):
+    """What a layer asks of its support (``values``/``delta``: the parameter it owns)."""
 
-__all__ = ["DynamicSupport", "FixedSupport", "SUPPORTS"]
+    selection: str  # "fixed" (chosen in calibration) or "dynamic" (every step)
+    param_name: str
+    k: int
+    block: tuple[int, int]
+    generation: int  # bumped whenever the support changes
+
+    def new_parameter(self, dtype: torch.dtype, device: torch.device) -> nn.Parameter: ...
+    def index(self) -> tuple[torch.Tensor | slice, torch.Tensor | slice]: ...
+    def shape(self) -> tuple[int, int]: ...
+    def dense(self, param: torch.Tensor) -> torch.Tensor: ...
+    def compact(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def value_grad(self, basis, g: torch.Tensor, x: torch.Tensor, path: str, kn: TorchKernels) -> torch.Tensor: ...
+    def sparse_state(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def load_sparse_state(self, param: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None: ...
+    def extra_state(self, calibrated: bool) -> torch.Tensor: ...
+    def load_extra_state(self, state: torch.Tensor) -> bool: ...
+
+
+SUPPORTS: dict[str, type] = {}
+
+
+def register_support(name: str, cls: type) -> type:
+    """Make support class ``cls`` known as ``name`` (``SparseConfig.support``). Its constructor
+    takes (layer, k, block, device); a fixed one (``selection = "fixed"``) is chosen in
+    calibration through ``choose(scores)``."""
+    SUPPORTS[name] = cls
+    return cls
+
+
+register_support("fixed", FixedSupport)
+register_support("grouped", GroupedSupport)
+register_support("dynamic", DynamicSupport)
+
+
+def make_support(name: str, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None,
+                 run_rows: int | None = None, wide_dim: int = 0) -> Support:
+    """The support ``name`` of a layer; "fixed" with ``run_rows`` (wide rows per run) is grouped."""
+    if name not in SUPPORTS:
+        raise ConfigError(f"support={name!r} is not known; use one of {sorted(SUPPORTS)} (or register_support() your own).")
+    if name == "fixed" and run_rows is not None:
+        name = "grouped"
+    if name == "grouped":
+        return GroupedSupport(owner, k, block, device, dim=wide_dim, run=int(run_rows))
+    return SUPPORTS[name](owner, k, block, device)
+
+
+__all__ = ["DynamicSupport", "FixedSupport", "GroupedSupport", "SUPPORTS", "Support", "make_support",
+           "register_support"]

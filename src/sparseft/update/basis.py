@@ -1,0 +1,341 @@
+"""Bases: which sides of a layer the update is rotated on, and the products that follow.
+
+A layer ``y = x W0ᵀ + b`` (W0 m×n) trains ``W = W0 + P_R D Q_Cᵀ``: P_R (m×a) and Q_C (n×b) are
+the columns of its basis pair that the support's rows R and columns C touch, D (a×b) the trained
+entries. A basis applies P_R D Q_Cᵀ and its transposes; one class per kind:
+
+- :class:`RotatedBasis`: P and Q both rotated (the SparseGrad paper's);
+- :class:`InputRotatedBasis`: Q rotated, P = I: the update fills the rows R of W with D Q_Cᵀ
+  (the default for a layer wider in its outputs, m > n);
+- :class:`OutputRotatedBasis`: P rotated, Q = I: the columns C of W get P_R D (m ≤ n). It is the
+  input-rotated basis of the transposed layer, and computes as that;
+- :class:`IdentityBasis`: P = Q = I, so R and C select rows and columns of W (MeProp).
+
+A rotated side may be block-diagonal (``blocks``). The tensors live in a
+:class:`~sparseft.update.bank.BasisBank` shared by a layer group; a basis object is plain data
+(bank, group, blocks). Every product goes through the device's kernels (``kn``,
+:mod:`sparseft.update.kernels`). :func:`make_basis` picks the class from a config's ``rotation``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..config import ROTATIONS
+from ..errors import ConfigError
+from .bank import BasisBank
+from .kernels import (GRAD_PATHS, MIRRORED_PATH, Index, TorchKernels, identity_costs, is_n_major, one_sided_costs, rotated_costs,
+                      sparse_side)
+
+
+def take(t: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
+    """``t`` restricted to ``idx`` along ``dim`` (index_select for indices: no advanced-index copy)."""
+    if isinstance(idx, slice):
+        return t[(slice(None),) * (dim % t.dim()) + (idx,)]
+    return t.index_select(dim, idx)
+
+
+def arange(idx: Index, size: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(size, device=device)[idx] if isinstance(idx, slice) else idx
+
+
+def _scatter(part: torch.Tensor, idx: Index, size: int) -> torch.Tensor:
+    """A zero matrix with ``part`` at the rows ``idx`` of ``size`` (``part`` itself when ``idx``
+    is all of them, the usual case of a random support), in ``part``'s layout."""
+    if isinstance(idx, slice) and idx == slice(0, size):
+        return part
+    shape = (size, part.shape[1])
+    out = part.new_zeros(shape[::-1]).T if is_n_major(part) else part.new_zeros(shape)
+    if isinstance(idx, slice):
+        out.narrow(0, idx.start, idx.stop - idx.start).copy_(part)
+        return out
+    return out.index_copy_(0, idx, part)  # (in place: keeps out's layout)
+
+
+class Basis(Protocol):
+    """What a layer asks of its basis (R, C: the support's rows and columns, ``kn``: kernels)."""
+
+    label: str
+    blocks: int
+    rotated_parts: tuple[str, ...]  # the bank's sides this basis reads ("P", "Q")
+
+    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor: ...  # P[:, idx] or Q[:, idx], dense
+    def version(self) -> tuple: ...  # changes whenever the basis tensors change
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int, column_major: bool = False) -> torch.Tensor: ...
+    def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index, kn: TorchKernels) -> torch.Tensor: ...
+    def add_input_grad(self, gx: torch.Tensor, g: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index, kn: TorchKernels) -> torch.Tensor: ...
+    def rotate(self, G: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor: ...
+    def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str, kn: TorchKernels) -> torch.Tensor: ...
+    def sampled_factors(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, kn: TorchKernels) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def merge_into(self, W0: torch.Tensor, support, values: torch.Tensor, kn: TorchKernels) -> torch.Tensor: ...
+    def costs(self, tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]: ...
+    def base_layout(self) -> bool | None: ...  # W0 stored transposed (True), row-major (False), or as given (None)
+
+
+class RotatedBasis:
+    """P and Q both rotated, read from the group's pair in ``bank``: ``W = W0 + P_R D Q_Cᵀ``."""
+
+    rotated_parts = ("P", "Q")
+    label = "rotated"
+
+    def __init__(self, bank: BasisBank, group: str, blocks: int = 1) -> None:
+        self.bank, self.group, self.blocks = bank, group, blocks
+
+    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor:
+        return self.bank.columns(self.group, side, idx)
+
+    def version(self) -> tuple:
+        return self.bank.version(self.group)
+
+    def base_layout(self) -> bool | None:
+        return None
+
+    def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int, column_major: bool = False) -> torch.Tensor:
+        """ΔW = P_R D Q_Cᵀ (m×n), differentiable in D; ``column_major``: laid out as a transposed
+        W0 is (formed as (Q_C Dᵀ P_Rᵀ)ᵀ), so that W0 + ΔW adds two tensors of one layout."""
+        P_R, Q_C = self.matrix("P", rows, m), self.matrix("Q", cols, n)
+        if column_major:
+            return TorchKernels.lowrank_product(Q_C, D.T.to(Q_C.dtype), P_R).T
+        return TorchKernels.lowrank_product(P_R, D.to(P_R.dtype), Q_C)
+
+    def add_update(self, y, x, D, rows, cols, kn):
+        """y + x Q_C Dᵀ P_Rᵀ (the factored forward)."""
+        dt = x.dtype
+        return y + kn.linear(kn.linear(kn.linear(x, self.matrix("Q", cols, 0).T.to(dt), None), D, None), self.matrix("P", rows, 0).to(dt), None)
+
+    def add_input_grad(self, gx, g, D, rows, cols, kn):
+        """gx + g P_R D Q_Cᵀ (the factored input gradient)."""
+        dt = g.dtype
+        return gx + ((g @ self.matrix("P", rows, 0).to(dt)) @ D) @ self.matrix("Q", cols, 0).T.to(dt)
+
+    def rotate(self, G: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
+        """P_Rᵀ G Q_C in float32 (calibration scores)."""
+        return self.matrix("P", rows, 0).float().T @ G.float() @ self.matrix("Q", cols, 0).float()
+
+    def sampled_factors(self, g, x, rows, cols, kn):
+        """(g P_R, x Q_C), column-major over the tokens: the value gradient is their product's
+        support entries (``SAMPLED``)."""
+        return (kn.rotate(g, self.matrix("P", rows, 0), rows, self.blocks, n_major=True),
+                kn.rotate(x, self.matrix("Q", cols, 0), cols, self.blocks, n_major=True))
+
+    def value_grad(self, g, x, rows, cols, path, kn):
+        """P_Rᵀ gᵀ x Q_C by the bracketing ``path`` (one of ``GRAD_PATHS``)."""
+        if path == "activations":  # the block-aware products
+            left, right = self.sampled_factors(g, x, rows, cols, kn)
+            return left.T @ right
+        dt = x.dtype
+        P_R, Q_C = self.matrix("P", rows, 0).to(dt), self.matrix("Q", cols, 0).to(dt)
+        if path == "weights":
+            return kn.lowrank_product(P_R.T, g.T @ x, Q_C.T)
+        if path == "output-side":
+            return ((g @ P_R).T @ x) @ Q_C
+        assert path == GRAD_PATHS[3], path
+        return P_R.T @ (g.T @ (x @ Q_C))
+
+    def merge_into(self, W0, support, values, kn):
+        """W0 + ΔW from the k-entry sparse D, the addition fused into the last dense product when
+        W0 has the bases' dtype."""
+        rows, cols = support.index()
+        a, b = support.shape()
+        side = sparse_side(W0.shape[0], W0.shape[1], a, b, support.k)
+        D = support.csr(values, side, kn)
+        P_R, Q_C = self.matrix("P", rows, 0), self.matrix("Q", cols, 0)
+        if W0.dtype != P_R.dtype:
+            return W0 + kn.merge(P_R, D, Q_C, side).to(W0.dtype)
+        return kn.merge(P_R, D, Q_C, side, base=W0)
+
+    def costs(self, tokens, m, n, a, b, k=None):
+        return rotated_costs(tokens, m, n, a, b, k, self.blocks)
+
+
+class InputRotatedBasis:
+    """Q rotated, P = I: ``W = W0 + I_R D Q_Cᵀ``, the rows R of W get D Q_Cᵀ. The bank holds the
+    rotated side only."""
+
+    identity_side, rotated_side = "P", "Q"
+
+    def __init__(self, bank: BasisBank, group: str, identity_size: int, blocks: int = 1) -> None:
+        self.bank, self.group, self.blocks = bank, group, blocks
+        self.identity_size = identity_size  # the rows of W (the columns, for the transposed layer)
+        self.rotated_parts = (self.rotated_side,)
+        self.label = f"{self.rotated_side}-rotated"
+
+    def columns(self, idx: Index) -> torch.Tensor:
+        """Columns ``idx`` of the rotated side's basis."""
+        return self.bank.columns(self.group, self.rotated_side, idx)
+
+    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor:
+        if side == "P":
+            return torch.eye(size, device=self.bank._anchor.device)[:, idx]
+        return self.columns(idx)
+
+    def version(self) -> tuple:
+        return self.bank.version(self.group)
+
+    def base_layout(self) -> bool | None:
+        return False  # the fused merge writes W0 + ΔW row-major
+
+    def delta_weight(self, D, rows, cols, m, n, column_major=False):
+        Q_C = self.columns(cols)
+        part = (Q_C @ D.T.to(Q_C.dtype)).T if column_major else D.to(Q_C.dtype) @ Q_C.T
+        return _scatter(part, rows, m)
+
+    def add_update(self, y, x, D, rows, cols, kn):
+        upd = kn.linear(kn.linear(x, self.columns(cols).T.to(x.dtype), None), D, None)
+        return kn.scatter_add(y, -1, arange(rows, y.shape[-1], y.device), upd)
+
+    def add_input_grad(self, gx, g, D, rows, cols, kn):
+        return gx + (take(g, -1, rows) @ D) @ self.columns(cols).T.to(g.dtype)
+
+    def rotate(self, G, rows, cols):
+        return take(G, 0, rows).float() @ self.columns(cols).float()
+
+    def sampled_factors(self, g, x, rows, cols, kn):
+        return take(g, 1, rows), kn.rotate(x, self.columns(cols), cols, self.blocks, n_major=True)
+
+    def value_grad(self, g, x, rows, cols, path, kn):
+        """The basis applied to the activations ("activations", "input-side"), or after the
+        selected rows' product with x ("weights" forms gᵀ x whole first)."""
+        if path in ("activations", "input-side"):
+            left, right = InputRotatedBasis.sampled_factors(self, g, x, rows, cols, kn)  # (not the mirror's)
+            return left.T @ right
+        gx = take(g.T @ x, 0, rows) if path == "weights" else take(g, 1, rows).T @ x
+        return gx @ self.columns(cols).to(x.dtype)
+
+    def merge_into(self, W0, support, values, kn):
+        """W0 + ΔW. When the update covers every row (a random support does) and everything is
+        float32, one sparse×dense product takes W0 as its addend: no m×n temporary and no
+        addition across layouts (docs/performance.md)."""
+        rows, cols = support.index()
+        D = support.csr(values, self._csr_side, kn)
+        B = self.columns(cols)
+        if (W0.dtype == B.dtype == D.dtype == torch.float32 and isinstance(rows, slice)
+                and rows == slice(0, self.identity_size)):
+            return kn.sparse_dense(D, B.T, base=W0)
+        return W0 + _scatter(kn.sparse_dense(D, B.T), rows, self.identity_size).to(W0.dtype)
+
+    _csr_side = "Q"  # the CSR holds D (a×b) and multiplies the rotated side
+
+    def costs(self, tokens, m, n, a, b, k=None):
+        return one_sided_costs(tokens, m, n, a, b, k, self.identity_side, self.blocks)
+
+
+class OutputRotatedBasis(InputRotatedBasis):
+    """P rotated, Q = I: ``W = W0 + P_R D I_Cᵀ``, the columns C of W get P_R D. Its transpose
+    ``Wᵀ = W0ᵀ + I_C Dᵀ P_Rᵀ`` is an input-rotated layer (rows ↔ columns, g ↔ x, D ↔ Dᵀ), so
+    every product is the input-rotated one of the transposed problem."""
+
+    identity_side, rotated_side = "Q", "P"
+    _csr_side = "P"  # the CSR holds Dᵀ: the input-rotated basis' D of the transposed layer
+
+    def matrix(self, side, idx, size):
+        return super().matrix("Q" if side == "P" else "P", idx, size)
+
+    def base_layout(self):
+        return True  # the fused merge writes (W0 + ΔW)ᵀ row-major
+
+    def delta_weight(self, D, rows, cols, m, n, column_major=False):
+        return super().delta_weight(D.T, cols, rows, n, m, column_major=not column_major).T
+
+    def add_update(self, y, x, D, rows, cols, kn):
+        return super().add_input_grad(y, x, D.T, cols, rows, kn)
+
+    def add_input_grad(self, gx, g, D, rows, cols, kn):
+        return super().add_update(gx, g, D.T, cols, rows, kn)
+
+    def rotate(self, G, rows, cols):
+        return super().rotate(G.T, cols, rows).T
+
+    def sampled_factors(self, g, x, rows, cols, kn):
+        right, left = super().sampled_factors(x, g, cols, rows, kn)
+        return left, right
+
+    def value_grad(self, g, x, rows, cols, path, kn):
+        return super().value_grad(x, g, cols, rows, MIRRORED_PATH.get(path, path), kn).T
+
+    def merge_into(self, W0, support, values, kn):
+        return super().merge_into(W0.T, _Transposed(support), values, kn).T
+
+
+class _Transposed:
+    """A support read as the transposed layer's (rows ↔ columns); the CSR is asked as before."""
+
+    def __init__(self, support) -> None:
+        self.support = support
+
+    def index(self):
+        rows, cols = self.support.index()
+        return cols, rows
+
+    def csr(self, values, side, kn):
+        return self.support.csr(values, side, kn)
+
+
+class IdentityBasis:
+    """P = Q = I: the support's rows and columns are rows and columns of W itself."""
+
+    blocks = 1
+    rotated_parts: tuple[str, ...] = ()
+    label = "identity"
+
+    @staticmethod
+    def matrix(side: str, idx: Index, size: int) -> torch.Tensor:
+        return torch.eye(size)[:, idx]
+
+    def version(self) -> tuple:
+        return ()
+
+    def base_layout(self):
+        return None
+
+    def delta_weight(self, D, rows, cols, m, n, column_major=False):
+        out = D.new_zeros(n, m).T if column_major else D.new_zeros(m, n)
+        if isinstance(rows, slice) and isinstance(cols, slice):
+            out[rows, cols] = D
+        else:
+            out[arange(rows, m, D.device).unsqueeze(1), arange(cols, n, D.device)] = D
+        return out
+
+    def add_update(self, y, x, D, rows, cols, kn):
+        upd = kn.linear(take(x, -1, cols), D, None)
+        return kn.scatter_add(y, -1, arange(rows, y.shape[-1], y.device)[: upd.shape[-1]], upd)
+
+    def add_input_grad(self, gx, g, D, rows, cols, kn):
+        upd = take(g, -1, rows) @ D
+        return kn.scatter_add(gx, -1, arange(cols, gx.shape[-1], gx.device)[: upd.shape[-1]], upd)
+
+    def rotate(self, G, rows, cols):
+        return take(take(G, 0, rows), 1, cols).float()
+
+    def value_grad(self, g, x, rows, cols, path, kn):
+        return take(g, 1, rows).T @ take(x, 1, cols)
+
+    def sampled_factors(self, g, x, rows, cols, kn):
+        return take(g, 1, rows), take(x, 1, cols)
+
+    def merge_into(self, W0, support, values, kn):
+        """The values added at their entries of W (a fresh row-major copy of W0)."""
+        merged = W0.clone(memory_format=torch.contiguous_format)
+        kn.scatter_add(merged.view(-1), 0, support.rows * W0.shape[1] + support.cols, values.to(W0.dtype))
+        return merged
+
+    @staticmethod
+    def costs(tokens, m, n, a, b, k=None):
+        return identity_costs(tokens, m, n, a, b, k)
+
+
+def make_basis(rotation: str, bank: BasisBank, group: str, m: int, n: int, blocks: int = 1) -> Basis:
+    """The basis of an m×n layer for a config's ``rotation``: "both" sides, the "narrow" one (the
+    wide side, the larger of m and n, stays the identity), or "none" (MeProp)."""
+    if rotation == "both":
+        return RotatedBasis(bank, group, blocks)
+    if rotation == "narrow":
+        return InputRotatedBasis(bank, group, m, blocks) if m > n else OutputRotatedBasis(bank, group, n, blocks)
+    if rotation == "none":
+        return IdentityBasis()
+    raise ConfigError(f"rotation={rotation!r} is not known; use one of {list(ROTATIONS)}.")
+
+
+__all__ = ["Basis", "IdentityBasis", "InputRotatedBasis", "OutputRotatedBasis", "RotatedBasis", "make_basis"]

@@ -1,0 +1,93 @@
+"""The sparse-update package's seams: a new support shape is one class (registered by name and
+picked by a config), and a kernels backend registered for a device runs every product."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from test_core import calibrated
+from test_fast_paths import check, make_layer
+
+
+from sparseft import SparseGradConfig
+from sparseft.update import SUPPORTS, FixedSupport, TorchKernels, register_support, use_kernels
+from sparseft.update.kernels import SAMPLED
+
+
+class BandSupport(FixedSupport):
+    """A toy shape: the k entries of largest score inside a diagonal band of the block."""
+
+    def choose(self, scores: torch.Tensor) -> None:
+        rows, cols = self.block
+        r, c = torch.arange(rows).unsqueeze(1), torch.arange(cols).unsqueeze(0)
+        outside = (r * cols - c * rows).abs() > 2 * max(rows, cols)  # ~2 entries either side of the diagonal
+        idx = torch.topk(scores.float().masked_fill(outside, -float("inf")).flatten(), self.k).indices.sort().values
+        self.set(idx // cols, idx % cols)
+
+
+def test_a_toy_support_is_one_class_registered_by_name():
+    register_support("band", BandSupport)
+    try:
+        base, model = calibrated("bert", SparseGradConfig(support="band", density=0.05))
+        for layer in model.sparse_layers().values():
+            assert isinstance(layer.support, BandSupport)
+            rows, cols = layer.block
+            assert bool(((layer.rows * cols - layer.cols * rows).abs() <= 2 * max(rows, cols)).all())
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                layer.values.normal_(generator=gen)
+            for path in ("auto", SAMPLED, "activations", "weights"):  # every route equals dense autograd
+                layer.compute_path = path
+                layer.values.grad = None
+                check(layer, gen, (2, 5))
+    finally:
+        SUPPORTS.pop("band")
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingKernels(TorchKernels):
+    """The reference, counting each primitive it runs (a device backend overrides the same)."""
+
+    calls: dict = dataclasses.field(default_factory=dict)
+
+    def __getattribute__(self, name: str):
+        value = object.__getattribute__(self, name)
+        if callable(value) and not name.startswith("_") and name not in ("calls", "sddmm_supported"):
+            calls = object.__getattribute__(self, "calls")
+            calls[name] = calls.get(name, 0) + 1
+        return value
+
+
+def test_registered_kernels_run_every_product():
+    """With a backend registered for the CPU, the rotation, the sampled product, the merge and the
+    linear products all go through it, and the layer computes what the reference computes."""
+    for rotation, cache in (("narrow", False), ("both", True)):
+        layer, gen = make_layer(24, 8, 40, "fixed", False, False, SAMPLED, seed=1, cache=cache, rotation=rotation)
+        kn = CountingKernels()
+        with use_kernels("cpu", kn):
+            check(layer, gen, (3, 4))
+            layer.values.grad = None
+            layer._merge_into(layer.base_layer.weight.detach())
+        assert {"rotate", "sampled_product", "linear", "csr"} <= set(kn.calls), kn.calls
+        assert "merge" in kn.calls or "sparse_dense" in kn.calls, kn.calls
+        layer.values.grad = None
+        check(layer, gen, (3, 4))  # and the reference again, outside the block
+
+
+def test_meprop_is_the_basis_that_rotates_nothing():
+    """MeProp's basis is rotation="none" (no flag lines up with "both" any more); MeProp files
+    written before read "both" as the identity, and SparseGrad refuses "none", naming MeProp."""
+    import pytest
+
+    from sparseft import ConfigError, MePropConfig
+    from sparseft.config import SparseConfig
+    from sparseft.update import IdentityBasis
+
+    assert MePropConfig().rotation == "none"
+    legacy = SparseConfig.from_dict({"method": "meprop", "rotation": "both", "density": 0.05})
+    assert isinstance(legacy, MePropConfig) and legacy.rotation == "none"
+    with pytest.raises(ConfigError, match="MePropConfig"):
+        SparseGradConfig(rotation="none")
+    _, model = calibrated("bert", MePropConfig(density=0.05, selection="fixed"))
+    assert all(isinstance(layer.basis, IdentityBasis) for layer in model.sparse_layers().values())
