@@ -15,13 +15,11 @@ the accuracy of each method is the suite's (docs/benchmark.md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 import time
 from pathlib import Path
-from unittest.mock import patch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,14 +27,13 @@ import torch
 
 from sparseft.app.suite import _model_dir
 from sparseft.app.train import load_classifier
-from sparseft.layer import SparseLinear
 from sparseft.methods import canonical, prepare, split_methods
-from step_time import fastest_ratio, paired_ratio, turned  # one timing protocol for both benchmarks (benchmarks/ is the script's folder)
+from step_time import fastest_ratio, layout_kernels, paired_ratio, turned  # one timing protocol for both benchmarks (benchmarks/ is the script's folder)
 
-# "<method>@<variant>": the method with one of SparseLinear's layout switches off, to time a layout
+# "<method>@<variant>": the method with one of the kernels' layout choices off, to time a layout
 # choice against the default in one run. "@rowmajor": the wide activations handed on row-major
-# (hand_off_n_major); "@w0given": W0 left as the model gives it (store_base_for_merge).
-VARIANTS = {"@rowmajor": "hand_off_n_major", "@w0given": "store_base_for_merge"}
+# (hand_off_n_major); "@w0given": W0 left as the model gives it (relay_base). See layout_kernels.
+VARIANTS = ("@rowmajor", "@w0given")
 
 
 def split_variant(method: str) -> tuple[str, str]:
@@ -75,12 +72,8 @@ def main() -> None:
         model = load_classifier(model_dir, 2, seed=0)
         vocab = model.config.vocab_size
         name, tag = split_variant(method)
-        switch = VARIANTS.get(tag)
-        with patch.object(SparseLinear, switch, False) if switch else contextlib.nullcontext():
-            prepared = prepare(name, model, rank=8, regime=args.regime)  # (store_base_for_merge acts here)
-        if switch:
-            for layer in prepared.sparse.sparse_layers().values():
-                setattr(layer, switch, False)  # (hand_off_n_major acts in every forward)
+        with layout_kernels(method, "cpu"):
+            prepared = prepare(name, model, rank=8, regime=args.regime)
         calibration_s = 0.0
         if prepared.needs_calibration:
             t0 = time.perf_counter()
@@ -91,17 +84,19 @@ def main() -> None:
                         "trainable": prepared.trainable_params}
         print(f"prepared {method} ({prepared.trainable_params:,d} trainable, calibration {calibration_s:.1f} s)", flush=True)
 
-    def step(run: dict, data: dict) -> float:
-        t0 = time.perf_counter()
-        run["model"](**data).loss.backward()
-        run["opt"].step()
-        run["opt"].zero_grad(set_to_none=True)
-        return time.perf_counter() - t0
+    def step(method: str, data: dict) -> float:
+        run = runs[method]
+        with layout_kernels(method, "cpu"):
+            t0 = time.perf_counter()
+            run["model"](**data).loss.backward()
+            run["opt"].step()
+            run["opt"].zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
 
     for r in range(args.rounds + 1):  # round 0 warms up (allocations, CSR patterns, first merges)
         data = batch(vocab, args.rows, args.length, r)
         for method in turned(list(runs), r):
-            seconds = step(runs[method], data)
+            seconds = step(method, data)
             if r:
                 runs[method]["times"].append(seconds)
         print(f"round {r}/{args.rounds}: " + ", ".join(f"{m} {run['times'][-1] if r else 0:.3f}s" for m, run in runs.items()), flush=True)

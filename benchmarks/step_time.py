@@ -24,13 +24,13 @@ Sections (all printed, and written to OUT/step_time.json, OUT/step_time.png):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import statistics
 import time
 from pathlib import Path
-from unittest.mock import patch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,7 +39,7 @@ from torch import nn
 
 from sparseft import MePropConfig, SparseAdamW, SparseGradConfig, get_sparse_model
 from sparseft.update.bank import eigenbasis
-from sparseft.update.kernels import block_bounds
+from sparseft.update.kernels import TorchKernels, block_bounds, use_kernels
 from sparseft.layer import GRAD_PATHS, SparseLinear
 
 SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (576, 1536, nn.SiLU)}
@@ -50,9 +50,10 @@ SHAPES = {"bert-base 768x3072": (768, 3072, nn.GELU), "llama-like 576x1536": (57
 # narrow-side cost budget (support_narrow="auto"); "-blocksB": block-diagonal bases with B
 # diagonal blocks (basis_blocks=B); "-groupR": a grouped support, runs of R wide rows sharing
 # their directions (support_group=R). "-rowmajor": the wide activations handed on row-major (the
-# layout before the column-major hand-off, SparseLinear.hand_off_n_major=False); "-w0given": W0
-# left as the model gives it (SparseLinear.store_base_for_merge=False: the merge of a layer
-# narrower in its outputs copies it across layouts, as before).
+# layout before the column-major hand-off: the kernels' hand_off_n_major=False); "-w0given": W0
+# left as the model gives it (the kernels' relay_base=False: the merge of a layer narrower in its
+# outputs copies it across layouts, as before). Both run the reference kernels with that layout
+# choice off (layout_kernels), in force while the variant is built and while its steps run.
 METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixed-cached", "sparsegrad-dynamic", "meprop",
                             "meprop-fixed", "shira", "sparsegrad-fixed-1side", "sparsegrad-fixed-1side-narrowauto",
                             "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side",
@@ -105,13 +106,12 @@ def build(method: str, base: Block, rank: int, seed: int):
     cls = MePropConfig if method.startswith("meprop") else SparseGradConfig
     # the methods without "-1side" are the paper's two-sided rotation (the library default is one-sided)
     extra = {} if cls is MePropConfig else {"rotation": "narrow" if "-1side" in method else "both"}
-    with patch.object(SparseLinear, "store_base_for_merge", not method.endswith("-w0given")):
+    with layout_kernels(method, str(base.up.weight.device)):
         model = get_sparse_model(block, cls(selection=selection, density=None, match_lora_rank=rank, target_modules=["up", "down"],
                                             support_narrow=narrow, cache_update=True if method.endswith("-cached") else None,
                                             **extra, **({"basis_blocks": blocks} if blocks > 1 else {}),
                                             **({"support_group": group} if group else {})))
     for layer in model.sparse_layers().values():
-        layer.hand_off_n_major = not method.endswith("-rowmajor")
         if not method.startswith("meprop"):
             # Bases are random orthogonal here: step time depends on the support's shape, not on
             # which basis it is; real supports are measured by benchmarks/supports.py.
@@ -164,7 +164,8 @@ def state_and_saved_bytes(model: nn.Module, opt: torch.optim.Optimizer, x: torch
     }
     # dynamic mode keeps the merged update P Δ̃ Qᵀ between optimizer steps
     out["merge_cache"] = sum(
-        t.numel() * t.element_size() for m in model.modules() if isinstance(m, SparseLinear) and m._cache is not None for t in m._cache[1:2]
+        t.numel() * t.element_size() for m in model.modules() if isinstance(m, SparseLinear) and m.update._cache is not None
+        for t in m.update._cache[1:2]
     )
     opt.zero_grad(set_to_none=True)
     out["total"] = sum(out.values())
@@ -187,18 +188,32 @@ def time_methods(models: dict, x: torch.Tensor, w: torch.Tensor, rounds: int) ->
     """Seconds of each method's training step, one per round. Interleaved (all methods see the
     same load), and the order turns by one place every round, so no method always runs right
     after the same neighbour (an A/A pair in a fixed order differed by 0.12× LoRA in bf16)."""
-    for model, opt in models.values():  # warm-up: allocator, optimizer state, caches
-        train_step(model, opt, x, w)
+    for name, (model, opt) in models.items():  # warm-up: allocator, optimizer state, caches
+        with layout_kernels(name, x.device.type):
+            train_step(model, opt, x, w)
     times: dict[str, list[float]] = {name: [] for name in models}
     for r in range(rounds):
         for name in turned(list(models), r):
             model, opt = models[name]
-            _sync(x)
-            t0 = time.perf_counter()
-            train_step(model, opt, x, w)
-            _sync(x)
+            with layout_kernels(name, x.device.type):
+                _sync(x)
+                t0 = time.perf_counter()
+                train_step(model, opt, x, w)
+                _sync(x)
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+def layout_kernels(method: str, device: str):
+    """The reference kernels with one layout choice off for a "-rowmajor"/"@rowmajor" (no
+    column-major hand-off) or "-w0given"/"@w0given" (W0 not re-laid) variant, in force inside the
+    block; the registered kernels otherwise."""
+    device_type = torch.device(device).type
+    if method.endswith("rowmajor"):
+        return use_kernels(device_type, TorchKernels(hand_off_n_major=False))
+    if method.endswith("w0given"):
+        return use_kernels(device_type, TorchKernels(relay_base=False))
+    return contextlib.nullcontext()
 
 
 def turned(names: list[str], r: int) -> list[str]:

@@ -36,8 +36,8 @@ from .gradients import LossFn, RngState, gradient_pass, require_dict
 from .layer import SparseLinear
 
 # Gradient support criteria: the float32 scores alive at once (layers are scored in chunks of at
-# most this, one pass over the calibration batches per chunk). One pass up to ~1B-parameter MLPs;
-# LLaMA-7B's 17 GiB of scores take five.
+# most this, one pass over the calibration batches per chunk): one pass for small models, a few
+# for 7B-class MLPs.
 DEFAULT_SCORE_BYTES = 4 << 30
 
 

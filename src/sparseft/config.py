@@ -63,9 +63,8 @@ class SparseConfig:
     modules_to_save: list[str] | None = None
     # Fixed selection: re-choose a fraction of the support every `reselect_every` optimizer
     # steps (drop the smallest |values|, grow the largest |rotated gradient|). None: never.
-    # Measured on the suite (docs/benchmark.md, study): every 20 steps at the random support's
-    # rate (9e-3) it cost ~12 validation points; grown entries concentrate the support, which
-    # wants a lower rate.
+    # Grown entries concentrate the support, which wants a lower rate (what it cost on the suite:
+    # docs/benchmark.md, study).
     reselect_every: int | None = None
     reselect_fraction: float = 0.1
     # Restrict the support to the leading `support_rows` × `support_cols` block of the rotated

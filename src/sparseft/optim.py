@@ -113,7 +113,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if is_sharded(p.grad):
             raise ConfigError(SHARDED_DYNAMIC)
         flat_grad = p.grad.reshape(-1)
-        # index_select/index_copy_ throughout: advanced indexing is ~100x slower on CPU
+        # index_select/index_copy_ throughout: advanced indexing is much slower on CPU
         selected_by_layer = getattr(p, "_sparseft_selected", None)
         if selected_by_layer is not None and selected_by_layer[0] is p.grad and selected_by_layer[1] == p.grad._version:
             idx = selected_by_layer[2]  # the layer already cut this gradient to its top-k

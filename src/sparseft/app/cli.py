@@ -270,8 +270,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 # `sparseft bench` defaults, sized for a 2-core CPU machine: 8 methods × (3 sweep runs scored on
 # 512 validation rows + 3 seed runs scored on the whole test split), 150 steps each (enough for
 # every method to leave the majority-class floor), one torch thread per worker, two workers at
-# once. A causal-LM step of SmolLM2-135M costs ~20× a MiniLM step here (18 s for full
-# fine-tuning, batch 8, one thread), so its default is one seed at each method's default rate.
+# once. A causal-LM step costs far more than a MiniLM step (docs/benchmark.md), so its default is
+# one seed at each method's default rate.
 # --quick is a smoke test of every method (a few steps, no sweep, 1 seed).
 BENCH_DEFAULTS = {
     "classification": {"steps": 150, "seeds": [0, 1, 2], "calibration_steps": 20, "sweep_rows": 512},

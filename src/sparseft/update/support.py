@@ -174,7 +174,7 @@ class FixedSupport:
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         """D = Δ̃[R, C] (a×b); differentiable in ``values``."""
-        # index_copy, not advanced indexing: the latter is ~100x slower on CPU
+        # index_copy, not advanced indexing: the latter is much slower on CPU
         a, b = self.shape()
         return values.new_zeros(a * b).index_copy(0, self.local.long(), values).view(a, b)
 
