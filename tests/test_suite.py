@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import make_batch, tiny_bert
-from sparseft.app.suite import REFERENCE, SuiteSettings, _choose, _rate, summarize
+from sparseft.app.suite import REFERENCE, SuiteSettings, _choose, summarize
+from sparseft.app.sweep import rate_at as _rate
 from sparseft.errors import ConfigError
 from sparseft.methods import prepare
 from sparseft.targets import find_targets

@@ -73,77 +73,19 @@ def calibrate_layers(
     support is the top-k of ``criterion`` (see :func:`support_scores`). A gradient criterion
     scores the layers in chunks whose float32 score tensors fit ``max_score_bytes`` (one pass
     over the batches per chunk; None: one pass for all layers)."""
-    if not isinstance(batches, Iterable) or isinstance(batches, (Mapping, torch.Tensor, str)):
-        raise CalibrationError(
-            f"calibrate() takes an iterable of dict batches (a list, a DataLoader), got {type(batches).__name__}."
-        )
-    cached: list[Mapping[str, Any]] = []
-    for batch in batches:
-        require_dict(batch)  # also when no gradient pass runs (a random support on identity bases)
-        cached.append(batch)
-        if len(cached) >= steps:
-            break
-    if not cached:
-        raise CalibrationError("calibrate() got no batches: pass an iterable of dict batches (10-30 is typical).")
+    cached = _first_batches(batches, steps)
     report = CalibrationReport(steps=len(cached))
     any_layer = next(iter(layers.values()))
-    fixed = any_layer.selection == "fixed"
-    identity = any_layer.identity
-
     rng = RngState()
     was_training = model.training
     model.train()
     for layer in layers.values():
         layer.bypass = True
     try:
-        if need_bases and not identity:
-            t0 = time.perf_counter()
-            # one Gram per rotated side of each group (rotation="narrow": the narrow side's only)
-            grams: dict[str, dict[str, torch.Tensor]] = {}
-            blocks_of: dict[str, int] = {}
-            for layer in layers.values():
-                if layer.group not in grams:
-                    blocks_of[layer.group] = layer.basis.blocks
-                    dev = layer.base_layer.weight.device
-                    size = {"P": layer.m, "Q": layer.n}
-                    grams[layer.group] = {part: torch.zeros(size[part], size[part], device=dev) for part in layer.basis.rotated_parts}
-
-            def accumulate(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
-                G = G.float()
-                gram = grams[layer.group]
-                if "P" in gram:
-                    gram["P"].addmm_(G, G.T)
-                if "Q" in gram:
-                    gram["Q"].addmm_(G.T, G)
-
-            rng.restore()
-            gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)
-            report.gram_seconds = time.perf_counter() - t0
-            dtype = any_layer.base_layer.weight.dtype
-            for group, gram in grams.items():  # identical on every rank already
-                t1 = time.perf_counter()
-                blocks = blocks_of[group]
-                found = {part: block_eigenbasis(g, blocks, float64_max).to(dtype) for part, g in gram.items()}
-                report.eigh_seconds[group] = time.perf_counter() - t1
-                bank.set(group, found.get("P"), found.get("Q"))
-        if fixed:
-            t0 = time.perf_counter()
-            if criterion == "random":  # no gradient pass; one m×n of random scores at a time
-                for i, layer in enumerate(layers.values()):
-                    layer.choose_support(_random_scores(layer, i))
-            else:
-                per_layer = 2 if criterion == "snr" else 1
-                chunks = score_chunks(layers, per_layer, max_score_bytes)
-                for chunk in chunks:  # one pass per chunk: only that chunk's scores are ever alive
-                    scores = _score_pass(model, chunk, cached, loss_fn, criterion, rng, show_progress)
-                    for name, layer in chunk.items():
-                        layer.choose_support(scores.pop(name))
-                    del scores
-                report.score_passes = len(chunks)
-                report.peak_score_bytes = max(_score_bytes(chunk, per_layer) for chunk in chunks)
-            for name, layer in layers.items():
-                report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
-            report.support_seconds = time.perf_counter() - t0
+        if need_bases and not any_layer.identity:
+            _fit_bases(model, layers, bank, cached, loss_fn, rng, float64_max, show_progress, report)
+        if any_layer.selection == "fixed":
+            _choose_supports(model, layers, cached, loss_fn, rng, criterion, max_score_bytes, show_progress, report)
         else:
             for layer in layers.values():
                 layer.calibrated = True
@@ -153,6 +95,80 @@ def calibrate_layers(
         model.train(was_training)
         rng.restore()
     return report
+
+
+def _first_batches(batches: Iterable[Mapping[str, Any]], steps: int) -> list[Mapping[str, Any]]:
+    """The first ``steps`` batches, each checked to be a dict (also when no gradient pass runs)."""
+    if not isinstance(batches, Iterable) or isinstance(batches, (Mapping, torch.Tensor, str)):
+        raise CalibrationError(
+            f"calibrate() takes an iterable of dict batches (a list, a DataLoader), got {type(batches).__name__}."
+        )
+    cached: list[Mapping[str, Any]] = []
+    for batch in batches:
+        require_dict(batch)
+        cached.append(batch)
+        if len(cached) >= steps:
+            break
+    if not cached:
+        raise CalibrationError("calibrate() got no batches: pass an iterable of dict batches (10-30 is typical).")
+    return cached
+
+
+def _fit_bases(model: nn.Module, layers: Mapping[str, SparseLinear], bank, cached: list, loss_fn: LossFn | None,
+               rng: RngState, float64_max: int, show_progress: bool, report: CalibrationReport) -> None:
+    """One Gram per rotated side of each group (Σ G Gᵀ, Σ Gᵀ G over layers and batches), then its
+    (block-)eigenbasis into ``bank``."""
+    t0 = time.perf_counter()
+    grams: dict[str, dict[str, torch.Tensor]] = {}
+    blocks_of: dict[str, int] = {}
+    for layer in layers.values():
+        if layer.group not in grams:
+            blocks_of[layer.group] = layer.basis.blocks
+            dev = layer.base_layer.weight.device
+            size = {"P": layer.m, "Q": layer.n}
+            grams[layer.group] = {part: torch.zeros(size[part], size[part], device=dev) for part in layer.basis.rotated_parts}
+
+    def accumulate(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
+        G = G.float()
+        gram = grams[layer.group]
+        if "P" in gram:
+            gram["P"].addmm_(G, G.T)
+        if "Q" in gram:
+            gram["Q"].addmm_(G.T, G)
+
+    rng.restore()
+    gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)
+    report.gram_seconds = time.perf_counter() - t0
+    dtype = next(iter(layers.values())).base_layer.weight.dtype
+    for group, gram in grams.items():  # identical on every rank already
+        t1 = time.perf_counter()
+        found = {part: block_eigenbasis(g, blocks_of[group], float64_max).to(dtype) for part, g in gram.items()}
+        report.eigh_seconds[group] = time.perf_counter() - t1
+        bank.set(group, found.get("P"), found.get("Q"))
+
+
+def _choose_supports(model: nn.Module, layers: Mapping[str, SparseLinear], cached: list, loss_fn: LossFn | None,
+                     rng: RngState, criterion: str, max_score_bytes: int | None, show_progress: bool,
+                     report: CalibrationReport) -> None:
+    """Each fixed support from ``criterion``'s scores: random ones need no gradient pass; gradient
+    ones take one pass per chunk of layers, so only that chunk's scores are ever alive."""
+    t0 = time.perf_counter()
+    if criterion == "random":  # one m×n of random scores at a time
+        for i, layer in enumerate(layers.values()):
+            layer.choose_support(_random_scores(layer, i))
+    else:
+        per_layer = 2 if criterion == "snr" else 1
+        chunks = score_chunks(layers, per_layer, max_score_bytes)
+        for chunk in chunks:
+            scores = _score_pass(model, chunk, cached, loss_fn, criterion, rng, show_progress)
+            for name, layer in chunk.items():
+                layer.choose_support(scores.pop(name))
+            del scores
+        report.score_passes = len(chunks)
+        report.peak_score_bytes = max(_score_bytes(chunk, per_layer) for chunk in chunks)
+    for name, layer in layers.items():
+        report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
+    report.support_seconds = time.perf_counter() - t0
 
 
 def _score_bytes(layers: Mapping[str, SparseLinear], per_layer: int) -> int:

@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .causal_lm import DEFAULT_LR as CAUSAL_LM_LR
-from ..methods import DEFAULT_LR, bench_methods, canonical
+from ..methods import DEFAULT_LR, bench_methods, canonical, default_lrs
 from ..serialization import atomic_write_text
+from .sweep import SWEEP_FACTORS, choose_rate, rate_grid
 
 RECORD_PREFIX = "@@sparseft-record "
 
@@ -122,7 +122,7 @@ TASKS: dict[str, Task] = {
     "classification": Task("accuracy", True, _classification, "text classification"),
     # a causal LM has no classifier head: "head" does not apply
     "causal-lm": Task("eval_loss", False, _causal_lm, "instruction tuning, answer-token loss",
-                      methods=bench_methods("causal-lm"), default_lr=CAUSAL_LM_LR),
+                      methods=bench_methods("causal-lm"), default_lr=default_lrs("causal-lm")),
 }
 
 
@@ -173,7 +173,7 @@ class BenchSettings:
         if self.lr is not None:
             return [self.lr]
         lr = TASKS[self.task].default_lr[method]
-        return [lr / 3, lr, lr * 3] if self.sweep else [lr]
+        return rate_grid(lr, SWEEP_FACTORS) if self.sweep else [lr]
 
     def base_spec(self, method: str) -> dict[str, Any]:
         keys = ("model_dir", "data", "text_column", "label_column", "group_column", "steps", "rank", "density", "support_narrow",
@@ -208,15 +208,13 @@ def worker(spec: dict[str, Any]) -> None:
     rates = spec["rates"]
     lr = rates[0]
     if len(rates) > 1:
-        scores = []
+        scores = {}
         for rate in rates:
             rec = _run_safely(task, base | {"lr": rate, "seed": spec["sweep_seed"], "eval_split": "validation", "eval_rows": spec["sweep_rows"]})
             rec |= {"phase": "sweep", "task": task, "eval_rows": spec["sweep_rows"]}
             _emit(rec)
-            scores.append(rec[metric])
-        valid = [(s, r) for s, r in zip(scores, rates) if math.isfinite(s)]
-        if valid:
-            lr = (max if higher else min)(valid)[1]
+            scores[rate] = rec[metric]
+        lr = choose_rate(scores, rates[len(rates) // 2], higher)[0] or lr  # (the grid's middle is the default rate)
     for seed in spec["seeds"]:
         rec = _run_safely(task, base | {"lr": lr, "seed": seed, "eval_split": "test", "eval_rows": spec["test_rows"]})
         _emit(rec | {"phase": "final", "task": task, "eval_rows": spec["test_rows"], "swept_rates": rates})

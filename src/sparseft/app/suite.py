@@ -37,6 +37,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..serialization import atomic_write_text
 from .stats import paired_difference
+from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid
 from .tasks import SUITE_TASKS
 
 REFERENCE = "lora-mlp"
@@ -63,7 +64,7 @@ class SuiteSettings:
     seeds: int = 3
     calibration_steps: int = 10
     warmup_fraction: float = 0.06
-    grid: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    grid: tuple[float, ...] = SWEEP_FACTORS
     max_extend: int = 2
     val_rows: int = 400
     test_rows: int = 1000
@@ -224,10 +225,6 @@ def _init_worker(threads: int) -> None:
 
 
 # ----------------------------------------------------------------------------- scheduling (parent side)
-def _rate(centre: float, factor: float) -> float:
-    return float(f"{centre * factor:.3g}")
-
-
 # Settings that change what a run computes; two runs with equal keys (and task, method, rate, seed)
 # give the same record, so a finished one can be reused (--reuse) instead of trained again.
 RUN_KEY_FIELDS = ("regime", "model", "steps", "batch_size", "max_length", "rank", "calibration_steps",
@@ -376,7 +373,7 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
         factors = {p: list(settings.grid) for p in pairs}
         todo = [(p, f) for p in pairs for f in settings.grid]
         for round_ in range(settings.max_extend + 1):
-            jobs = [{"task": t, "method": m, "lr": _rate(settings.centre(m), f), "seed": 0, "need_test": True}
+            jobs = [{"task": t, "method": m, "lr": rate_at(settings.centre(m), f), "seed": 0, "need_test": True}
                     for (t, m), f in todo]
             for rec in runner.run(jobs):
                 tried[(rec["task"], rec["method"])][rec["lr"]] = rec
@@ -416,16 +413,12 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
 
 
 def _choose(runs: dict[float, dict[str, Any]], factors: list[float], centre: float) -> tuple[float | None, str | None]:
-    """(best rate by validation accuracy, 'low'/'high' if it is at that end of the grid)."""
-    rates = [_rate(centre, f) for f in sorted(factors)]
-    ok = [(r, runs[r]["val_accuracy"]) for r in rates if r in runs and "error" not in runs[r]
-          and math.isfinite(runs[r].get("final_loss", float("nan")))]
-    if not ok:
-        return None, None
-    best = max(ok, key=lambda rv: (rv[1], -abs(math.log(rv[0] / centre))))[0]
-    if len(rates) == 1:
-        return best, "high"
-    return best, "low" if best == rates[0] else "high" if best == rates[-1] else None
+    """(best rate by validation accuracy, 'low'/'high' if it is at that end of the grid); a run
+    that failed or ended on a non-finite loss does not count."""
+    scores = {r: runs[r]["val_accuracy"] if r in runs and "error" not in runs[r]
+              and math.isfinite(runs[r].get("final_loss", float("nan"))) else float("nan")
+              for r in rate_grid(centre, factors)}
+    return choose_rate(scores, centre)
 
 
 # ----------------------------------------------------------------------------- summary

@@ -162,30 +162,17 @@ def fit(
         reselect_every = config.reselect_every
     reselect_batches = batches(train, batch_size, seed=20_000 + seed) if reselect_every else None
     resume = latest_checkpoint(resume_dir) if resume_dir else None
-    calibration_s = 0.0
     # a checkpoint holds the bases and supports; 0 steps evaluates the untrained model as it is
-    if prepared.needs_calibration and resume is None and steps > 0:
-        t0 = time.perf_counter()
-        calib = batches(train, batch_size, seed=10_000 + seed, steps=calibration_steps)
-        prepared.sparse.calibrate(calib, steps=calibration_steps, show_progress=show_progress)
-        calibration_s = time.perf_counter() - t0
-
+    calibrate = prepared.needs_calibration and resume is None and steps > 0
+    calibration_s = _calibrate(prepared, train, batch_size, seed, calibration_steps, show_progress) if calibrate else 0.0
     optimizer = prepared.make_optimizer(lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_fraction * steps), steps)
     torch.manual_seed(seed)
     model.train()
     device = next(model.parameters()).device
     times: list[float] = []
-    curve: list[tuple[int, float]] = []
-    running, seen = 0.0, 0
     detail: dict[str, int] = {}
-    start = 0
-    if resume is not None:  # weights, optimizer, scheduler, RNG; then skip the batches already seen
-        state = load_checkpoint(resume, model, optimizer, scheduler)
-        if state["extra"].get("lr") != lr:
-            raise ConfigError(f"{resume} was trained with lr={state['extra'].get('lr')}, not {lr:g}: resume with the same --lr.")
-        start, running, seen = state["step"], state["extra"]["running"], state["extra"]["seen"]
-        curve = [tuple(point) for point in state["extra"]["curve"]]
+    start, running, seen, curve = _resume(resume, model, optimizer, scheduler, lr) if resume is not None else (0, 0.0, 0, [])
     bar = progress(
         itertools.islice(batches(train, batch_size, seed=seed, steps=steps), start, None),
         desc=f"{method} lr={lr:g} seed={seed}",
@@ -221,6 +208,23 @@ def fit(
             on_step(step, model)
 
     return LoopResult(times, curve, detail, calibration_s)
+
+
+def _calibrate(prepared: Prepared, train: Any, batch_size: int, seed: int, steps: int, show_progress: bool) -> float:
+    """Calibrate on ``steps`` shuffled batches of its own seed; returns the seconds it took."""
+    t0 = time.perf_counter()
+    prepared.sparse.calibrate(batches(train, batch_size, seed=10_000 + seed, steps=steps), steps=steps, show_progress=show_progress)
+    return time.perf_counter() - t0
+
+
+def _resume(resume: Path, model, optimizer, scheduler, lr: float) -> tuple[int, float, int, list]:
+    """Weights, optimizer, scheduler and RNG from ``resume``; (step, running loss, its count,
+    curve) to go on from. The run skips the batches already seen."""
+    state = load_checkpoint(resume, model, optimizer, scheduler)
+    if state["extra"].get("lr") != lr:
+        raise ConfigError(f"{resume} was trained with lr={state['extra'].get('lr')}, not {lr:g}: resume with the same --lr.")
+    extra = state["extra"]
+    return state["step"], extra["running"], extra["seen"], [tuple(point) for point in extra["curve"]]
 
 
 def run_classification(settings: RunSettings, splits: dict[str, TextDataset], tokenizer=None) -> RunResult:
