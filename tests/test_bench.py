@@ -194,3 +194,9 @@ def test_train_chooses_and_records_its_threads(tiny, tmp_path, capsys):
         assert f"torch threads: {chosen} (" in capsys.readouterr().err
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_cli_offers_the_task_kinds_the_bench_runs():
+    from sparseft.app.cli import TASK_KINDS
+
+    assert set(TASK_KINDS) == set(bench.TASKS)

@@ -366,3 +366,14 @@ def test_real_tasks_are_cached_and_reproducible(real_tasks, tmp_path):
     other = T.load_task("sarcasm", cache_dir=tmp_path, seed=1)
     assert T.task_cache_dir("sarcasm", cache_dir=tmp_path, seed=1) != T.task_cache_dir("sarcasm", cache_dir=tmp_path)
     assert set(other.test) != set(data["sarcasm"].test)
+
+
+def test_train_and_bench_read_a_suite_task_by_name():
+    """`--data trec` gives the single-task jobs the suite's own fixed splits (one task registry)."""
+    from sparseft.app.tasks import load_splits, load_task
+
+    splits, task = load_splits("trec"), load_task("trec")
+    for name in ("train", "validation", "test"):
+        part = getattr(task, name)
+        assert splits[name].texts == [ex.text for ex in part] and splits[name].labels == [ex.label for ex in part]
+    assert splits["train"].label_names == task.label_names

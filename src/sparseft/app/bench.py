@@ -68,16 +68,13 @@ def _classification(spec: dict[str, Any]) -> dict[str, Any]:
     """One text-classification run (:func:`sparseft.app.train.run_classification`)."""
     from transformers import AutoTokenizer
 
-    from .data import load_table, rotten_tomatoes, split_dataset
+    from .tasks import load_splits
     from .train import RunSettings, run_classification
 
     key = (spec["model_dir"], spec.get("data"), spec.get("text_column"), spec.get("label_column"), spec.get("group_column"))
     if key not in _CACHE:  # a worker runs several rates/seeds on the same data: load it once
-        if spec.get("data"):
-            ds = load_table(spec["data"], spec.get("text_column", "text"), spec.get("label_column", "label"), spec.get("group_column"))
-        else:
-            ds = rotten_tomatoes()
-        _CACHE[key] = (split_dataset(ds), AutoTokenizer.from_pretrained(spec["model_dir"]))
+        splits = load_splits(spec.get("data"), spec.get("text_column", "text"), spec.get("label_column", "label"), spec.get("group_column"))
+        _CACHE[key] = (splits, AutoTokenizer.from_pretrained(spec["model_dir"]))
     splits, tokenizer = _CACHE[key]
     split, rows = spec["eval_split"], spec.get("eval_rows")
     if rows and rows < len(splits[split]):

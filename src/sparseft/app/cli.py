@@ -13,7 +13,8 @@ from ..errors import SparseFTError
 from .provenance import run_metadata
 from .threads import RULE as THREADS_RULE
 
-# argument parsing loads no torch: `sparseft --help` and bad arguments answer at once
+# argument parsing loads no torch: `sparseft --help` and bad arguments answer at once; the kinds
+# `train` and `bench` run (bench.TASKS holds how each runs, tests/test_bench.py keeps the two equal)
 TASK_KINDS = ("causal-lm", "classification")
 
 
@@ -72,7 +73,8 @@ def _positive(kind: type):
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local Hugging Face checkpoint directory (default: embedded all-MiniLM-L6-v2)")
-    p.add_argument("--data", help="CSV/TSV/JSONL file (optionally .gz/.bz2); default: embedded Rotten Tomatoes")
+    p.add_argument("--data", help="CSV/TSV/JSONL file (optionally .gz/.bz2), or a suite task by name (rotten_tomatoes, sarcasm, "
+                   "trec, newsgroups: its fixed splits); default: embedded Rotten Tomatoes")
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
     p.add_argument("--group-column", help="rows sharing this column's value stay on one side of the split")
@@ -93,13 +95,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _load_splits(args: argparse.Namespace):
-    from .data import load_table, rotten_tomatoes, split_dataset
+    from .tasks import load_splits
 
-    if args.data:
-        ds = load_table(args.data, args.text_column, args.label_column, args.group_column)
-    else:
-        ds = rotten_tomatoes()
-    return split_dataset(ds)
+    return load_splits(args.data, args.text_column, args.label_column, args.group_column)
 
 
 def _model_dir(args: argparse.Namespace) -> str:
@@ -447,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "DIR/checkpoints/seed-S/ (DIR: an earlier --output-dir); seeds without one start fresh")
     train.add_argument(
         "--task",
-        choices=("classification", "causal-lm"),
+        choices=TASK_KINDS,
         default="classification",
         help="classification (default; CSV/JSONL text+label) or causal-lm: instruction-tune a chat model "
         "(default SmolLM2-135M-Instruct on chatterbot-corpus; --data JSONL of prompt/response or messages)",

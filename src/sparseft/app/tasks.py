@@ -80,6 +80,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sparseft.errors import ConfigError, DataError
 
@@ -587,6 +588,30 @@ def load_task(name: str, *, cache_dir: str | os.PathLike | None = None, seed: in
                              for s, p in zip(SPLITS, (train, validation, test))}}
     _atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
     return TaskData(name, list(spec.label_names), train, validation, test)
+
+
+def text_splits(name: str, *, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A suite task as `sparseft train` and `sparseft bench` read data (``--data NAME``): its
+    three fixed splits as :class:`~sparseft.app.data.TextDataset`."""
+    from .data import TextDataset
+
+    data = load_task(name, cache_dir=cache_dir)
+    if data.is_pair:
+        raise ConfigError(f"Task {name!r} pairs two texts per example; `sparseft train`/`bench` read single texts: use it in the suite.")
+    return {s: TextDataset([ex.text for ex in part], [ex.label for ex in part], list(data.label_names), [ex.text for ex in part])
+            for s, part in zip(SPLITS, (data.train, data.validation, data.test))}
+
+
+def load_splits(data: str | None, text_column: str = "text", label_column: str = "label",
+                group_column: str | None = None) -> dict[str, Any]:
+    """train / validation / test of a job's ``--data``: a registered task by name (its own fixed
+    splits, the suite's), a CSV/TSV/JSONL file (split by group), or None: the embedded Rotten
+    Tomatoes (split by group)."""
+    from .data import load_table, rotten_tomatoes, split_dataset
+
+    if data in _TASKS and not Path(data).exists():
+        return text_splits(data)
+    return split_dataset(load_table(data, text_column, label_column, group_column) if data else rotten_tomatoes())
 
 
 # ----------------------------------------------------------------------------- fetching
