@@ -1,17 +1,18 @@
-"""The sparse-update package's seams: a new support shape is one class (registered by name and
-picked by a config), and a kernels backend registered for a device runs every product."""
+"""The sparse-update package's seams: a new support shape or basis is one class (registered by
+name and picked by a config), and a kernels backend registered for a device runs every product."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from test_core import calibrated
 from test_fast_paths import check, make_layer
 
 
-from sparseft import SparseGradConfig
-from sparseft.update import SUPPORTS, FixedSupport, TorchKernels, register_support, use_kernels
+from sparseft import ConfigError, SparseGradConfig
+from sparseft.update import BASES, SUPPORTS, FixedSupport, RotatedBasis, TorchKernels, register_basis, register_support, use_kernels
 from sparseft.update.kernels import SAMPLED
 
 
@@ -43,6 +44,45 @@ def test_a_toy_support_is_one_class_registered_by_name():
                 check(layer, gen, (2, 5))
     finally:
         SUPPORTS.pop("band")
+
+
+class SeededBasis(RotatedBasis):
+    """A toy basis: both sides rotated by seeded random orthogonal matrices the basis builds and
+    holds itself, so calibration computes nothing for it and the bank stores nothing."""
+
+    rotated_parts = ()
+    label = "seeded"
+
+    def __init__(self, bank, group: str, m: int, n: int, blocks: int = 1) -> None:
+        super().__init__(bank, group, blocks)
+        gen = torch.Generator().manual_seed(len(group))
+        self.P_, self.Q_ = (torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for d in (m, n))
+
+    def matrix(self, side: str, idx, size: int) -> torch.Tensor:
+        return (self.P_ if side == "P" else self.Q_)[:, idx]
+
+    def version(self) -> tuple:
+        return ()
+
+
+def test_a_toy_basis_is_one_class_registered_by_name():
+    register_basis("seeded", SeededBasis)
+    try:
+        _, model = calibrated("bert", SparseGradConfig(rotation="seeded", density=0.05))
+        assert not model.bases.groups  # nothing computed into the bank
+        for layer in model.sparse_layers().values():
+            assert isinstance(layer.basis, SeededBasis)
+            gen = torch.Generator().manual_seed(0)
+            with torch.no_grad():
+                layer.values.normal_(generator=gen)
+            for path in ("auto", SAMPLED, "activations", "weights"):  # every route equals dense autograd in P, Q
+                layer.compute_path = path
+                layer.values.grad = None
+                check(layer, gen, (2, 5))
+    finally:
+        BASES.pop("seeded")
+    with pytest.raises(ConfigError, match="seeded"):
+        SparseGradConfig(rotation="seeded")  # known only while registered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +118,7 @@ def test_registered_kernels_run_every_product():
 def test_meprop_is_the_basis_that_rotates_nothing():
     """MeProp's basis is rotation="none" (no flag lines up with "both" any more); MeProp files
     written before read "both" as the identity, and SparseGrad refuses "none", naming MeProp."""
-    import pytest
-
-    from sparseft import ConfigError, MePropConfig
+    from sparseft import MePropConfig
     from sparseft.config import SparseConfig
     from sparseft.update import IdentityBasis
 

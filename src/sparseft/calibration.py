@@ -82,7 +82,7 @@ def calibrate_layers(
     for layer in layers.values():
         layer.bypass = True
     try:
-        if need_bases and not any_layer.identity:
+        if need_bases and any_layer.basis.rotated_parts:  # bases the bank holds, from the gradients' Grams
             _fit_bases(model, layers, bank, cached, loss_fn, rng, float64_max, show_progress, report)
         if any_layer.selection == "fixed":
             _choose_supports(model, layers, cached, loss_fn, rng, criterion, max_score_bytes, show_progress, report)

@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -23,6 +24,13 @@ ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 ComputePath = Literal["auto", "activations", "weights"]
 SUPPORT_CRITERIA = ("abs-sum", "sum", "snr", "balanced", "random")  # see sparseft.calibration.support_scores
 ROTATIONS = ("both", "narrow", "none")  # which sides of a layer are rotated (SparseConfig.rotation; "none": MeProp)
+
+
+def _registered(module: str, table: str, builtin: tuple[str, ...]) -> tuple[str, ...]:
+    """The names a registry knows: its built-ins, plus whatever was registered, which is only
+    possible once its module is imported (this module stays free of torch)."""
+    loaded = sys.modules.get(module)
+    return tuple(getattr(loaded, table)) if loaded is not None else builtin
 NARROW_COST_SHARE = 0.1  # support_narrow="auto": value-gradient cost / frozen 2Nmn
 
 
@@ -199,8 +207,12 @@ class SparseConfig:
             raise ConfigError(f"support_criterion={self.support_criterion!r} is not known; use one of {list(SUPPORT_CRITERIA)}.")
         if self.support is not None and (not isinstance(self.support, str) or not self.support):
             raise ConfigError(f"support={self.support!r} must be the name of a registered support (or None).")
-        if self.rotation not in ROTATIONS:
-            raise ConfigError(f"rotation={self.rotation!r} is not known; use one of {list(ROTATIONS)}.")
+        rotations = _registered("sparseft.update.basis", "BASES", ROTATIONS)
+        if self.rotation not in rotations:
+            raise ConfigError(f"rotation={self.rotation!r} is not known; use one of {list(rotations)}.")
+        supports = _registered("sparseft.update.support", "SUPPORTS", ("fixed", "grouped", "dynamic"))
+        if self.support is not None and self.support not in supports:
+            raise ConfigError(f"support={self.support!r} is not known; use one of {list(supports)} (or register_support() your own).")
         if self.compute_path not in ("auto", "activations", "weights"):
             raise ConfigError("compute_path must be 'auto', 'activations' or 'weights'.")
         for name in ("support_rows", "support_cols", "support_narrow"):

@@ -25,7 +25,7 @@ from .errors import InputError, NotCalibratedError
 from .targets import is_transposed, pack_weight, store_weight, weight_of
 from .tuner import BaseTunerLayer
 from .update.bank import BasisBank
-from .update.basis import make_basis
+from .update.basis import IdentityBasis, InputRotatedBasis, make_basis
 from .update.delta import SparseDelta
 from .update.function import SparseUpdate
 from .update.kernels import GRAD_PATHS, grad_costs, kernels_for, lowrank_product
@@ -64,7 +64,8 @@ class SparseLinear(BaseTunerLayer):
         object.__setattr__(self, "_bank", bank)  # shared, owned by the tuner: not a submodule
         basis = make_basis("none" if identity else rotation, bank, group, self.m, self.n, basis_blocks)
         wide = 0 if self.m > self.n else 1
-        runs = support_group if basis.rotated_parts and len(basis.rotated_parts) == 1 and self.block[wide] == (self.m, self.n)[wide] else None
+        one_sided = isinstance(basis, InputRotatedBasis)  # (the output-rotated basis is its mirror)
+        runs = support_group if one_sided and self.block[wide] == (self.m, self.n)[wide] else None
         self.support = make_support(support or selection, self, self.k, self.block, W0.device, run_rows=runs, wide_dim=wide)
         # W0 stored in the layout the fused merge writes the sum in (Basis.base_layout), so the
         # merge reads it as it lies; the values are untouched, and unload() packs W0 back.
@@ -73,14 +74,14 @@ class SparseLinear(BaseTunerLayer):
                              and W0.dtype == torch.float32 and store_weight(base_layer, transposed=layout))
         self.register_parameter(self.support.param_name, self.support.new_parameter(adapter_dtype or W0.dtype, W0.device))
         object.__setattr__(self, "update", SparseDelta(basis, self.support, self.m, self.n, compute_path, cache_update))
-        # MeProp in dynamic mode needs nothing from calibration.
+        # Nothing to calibrate: no bases to fill (MeProp's identity) and a support chosen every step.
         self.calibrated = not basis.rotated_parts and self.support.selection == "dynamic"
         self.bypass = False  # True during calibration: behave exactly as the base layer
 
     # ----------------------------------------------------------------------------- parts
     basis = property(lambda self: self.update.basis)
     selection = property(lambda self: self.support.selection)
-    identity = property(lambda self: not self.basis.rotated_parts, doc="P = Q = I (MeProp).")
+    identity = property(lambda self: isinstance(self.basis, IdentityBasis), doc="P = Q = I (MeProp).")
     compute_path = property(lambda self: self.update.compute_path,
                             lambda self, path: setattr(self.update, "compute_path", path))
     cache_update = property(lambda self: self.update.cache_update,

@@ -19,11 +19,11 @@ A rotated side may be block-diagonal (``blocks``). The tensors live in a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 
-from ..config import ROTATIONS
 from ..errors import ConfigError
 from .bank import BasisBank
 from .kernels import (GRAD_PATHS, MIRRORED_PATH, Index, TorchKernels, identity_costs, is_n_major, one_sided_costs, rotated_costs,
@@ -326,16 +326,33 @@ class IdentityBasis:
         return identity_costs(tokens, m, n, a, b, k)
 
 
+BasisBuilder = Callable[[BasisBank, str, int, int, int], Basis]  # (bank, group, m, n, blocks) -> basis
+
+
+def _narrow(bank: BasisBank, group: str, m: int, n: int, blocks: int) -> Basis:
+    """The narrow side rotated; the wide side (the larger of m and n) stays the identity."""
+    return InputRotatedBasis(bank, group, m, blocks) if m > n else OutputRotatedBasis(bank, group, n, blocks)
+
+
+BASES: dict[str, BasisBuilder] = {
+    "both": lambda bank, group, m, n, blocks: RotatedBasis(bank, group, blocks),
+    "narrow": _narrow,
+    "none": lambda bank, group, m, n, blocks: IdentityBasis(),
+}
+
+
+def register_basis(name: str, build: BasisBuilder) -> BasisBuilder:
+    """Make ``build(bank, group, m, n, blocks)`` the basis of ``SparseConfig.rotation=name``. A
+    basis whose ``rotated_parts`` is empty gets nothing from calibration (it owns its tensors)."""
+    BASES[name] = build
+    return build
+
+
 def make_basis(rotation: str, bank: BasisBank, group: str, m: int, n: int, blocks: int = 1) -> Basis:
-    """The basis of an m×n layer for a config's ``rotation``: "both" sides, the "narrow" one (the
-    wide side, the larger of m and n, stays the identity), or "none" (MeProp)."""
-    if rotation == "both":
-        return RotatedBasis(bank, group, blocks)
-    if rotation == "narrow":
-        return InputRotatedBasis(bank, group, m, blocks) if m > n else OutputRotatedBasis(bank, group, n, blocks)
-    if rotation == "none":
-        return IdentityBasis()
-    raise ConfigError(f"rotation={rotation!r} is not known; use one of {list(ROTATIONS)}.")
+    """The basis of an m×n layer for a config's ``rotation`` (``BASES``)."""
+    if rotation not in BASES:
+        raise ConfigError(f"rotation={rotation!r} is not known; use one of {sorted(BASES)} (or register_basis() your own).")
+    return BASES[rotation](bank, group, m, n, blocks)
 
 
-__all__ = ["Basis", "IdentityBasis", "InputRotatedBasis", "OutputRotatedBasis", "RotatedBasis", "make_basis"]
+__all__ = ["BASES", "Basis", "IdentityBasis", "InputRotatedBasis", "OutputRotatedBasis", "RotatedBasis", "make_basis", "register_basis"]
