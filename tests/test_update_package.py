@@ -44,6 +44,8 @@ def test_a_toy_support_is_one_class_registered_by_name():
                 check(layer, gen, (2, 5))
     finally:
         SUPPORTS.pop("band")
+    with pytest.raises(ConfigError, match="band"):
+        SparseGradConfig(support="band")  # known only while registered
 
 
 class SeededBasis(RotatedBasis):
