@@ -16,6 +16,18 @@ from sparseft.update import BASES, SUPPORTS, FixedSupport, RotatedBasis, TorchKe
 from sparseft.update.kernels import SAMPLED
 
 
+def check_every_route(layer) -> None:
+    """Output, input gradient and values' gradient equal dense autograd in the layer's basis, by
+    every route the layer can take."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        layer.values.normal_(generator=gen)
+    for path in ("auto", SAMPLED, "activations", "weights"):
+        layer.compute_path = path
+        layer.values.grad = None
+        check(layer, gen, (2, 5))
+
+
 class BandSupport(FixedSupport):
     """A toy shape: the k entries of largest score inside a diagonal band of the block."""
 
@@ -35,13 +47,7 @@ def test_a_toy_support_is_one_class_registered_by_name():
             assert isinstance(layer.support, BandSupport)
             rows, cols = layer.block
             assert bool(((layer.rows * cols - layer.cols * rows).abs() <= 2 * max(rows, cols)).all())
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                layer.values.normal_(generator=gen)
-            for path in ("auto", SAMPLED, "activations", "weights"):  # every route equals dense autograd
-                layer.compute_path = path
-                layer.values.grad = None
-                check(layer, gen, (2, 5))
+            check_every_route(layer)
     finally:
         SUPPORTS.pop("band")
     with pytest.raises(ConfigError, match="band"):
@@ -74,13 +80,7 @@ def test_a_toy_basis_is_one_class_registered_by_name():
         assert not model.bases.groups  # nothing computed into the bank
         for layer in model.sparse_layers().values():
             assert isinstance(layer.basis, SeededBasis)
-            gen = torch.Generator().manual_seed(0)
-            with torch.no_grad():
-                layer.values.normal_(generator=gen)
-            for path in ("auto", SAMPLED, "activations", "weights"):  # every route equals dense autograd in P, Q
-                layer.compute_path = path
-                layer.values.grad = None
-                check(layer, gen, (2, 5))
+            check_every_route(layer)
     finally:
         BASES.pop("seeded")
     with pytest.raises(ConfigError, match="seeded"):

@@ -425,22 +425,30 @@ def _sparsegrad(selection: str, config_class: type = SparseGradConfig, **fixed) 
 #   suite-peft      the suite's peft regime (80 steps of 16): the rates its first runs chose
 #   suite-paper     the suite's paper regime, where attention, embeddings and head train too
 # Where they came from: docs/benchmark.md and docs/sparsegrad.md.
-LR_SETTINGS = ("classification", "causal-lm", "suite-peft", "suite-paper")
-LEARNING_RATES: dict[str, dict[str, float]] = {name: dict(zip(LR_SETTINGS, rates)) for name, rates in {
-    "full":                (5e-5, 2e-5, 4.5e-4, 4.5e-4),
-    "head":                (1e-3, 1e-4, 1e-3, 3e-4),
-    "lora-mlp":            (5e-4, 1e-3, 1.5e-3, 3e-4),
-    "lora-attn":           (5e-4, 1e-3, 5e-4, 3e-4),
-    "meprop":              (2e-4, 1e-3, 2e-4, 3e-4),
-    "sparsegrad-fixed":    (1e-3, 1e-3, 3e-3, 3e-4),
-    "sparsegrad-dynamic":  (3e-4, 1e-3, 2.7e-3, 3e-4),
-    "s2ft":                (2e-4, 1e-3, 2e-4, 3e-4),
-    "sparsegrad-random":   (3e-3, 1e-3, 9e-3, 3e-4),
-    "sparsegrad-onesided": (3e-3, 1e-3, 9e-3, 3e-4),
-    "meprop-fixed":        (1e-3, 1e-3, 3e-3, 3e-4),
-    "shira":               (3e-3, 1e-3, 9e-3, 3e-4),
-    "supertuning":         (1e-3, 1e-3, 9e-3, 3e-4),
-}.items()}
+
+
+def _rate_table(text: str) -> dict[str, dict[str, float]]:
+    """{method: {setting: rate}} from a whitespace-aligned table with a header row."""
+    (_, *settings), *rows = (line.split() for line in text.strip().splitlines())
+    return {name: dict(zip(settings, map(float, rates))) for name, *rates in rows}
+
+
+LEARNING_RATES: dict[str, dict[str, float]] = _rate_table("""
+    method                classification  causal-lm  suite-peft  suite-paper
+    full                  5e-5            2e-5       4.5e-4      4.5e-4
+    head                  1e-3            1e-4       1e-3        3e-4
+    lora-mlp              5e-4            1e-3       1.5e-3      3e-4
+    lora-attn             5e-4            1e-3       5e-4        3e-4
+    meprop                2e-4            1e-3       2e-4        3e-4
+    sparsegrad-fixed      1e-3            1e-3       3e-3        3e-4
+    sparsegrad-dynamic    3e-4            1e-3       2.7e-3      3e-4
+    s2ft                  2e-4            1e-3       2e-4        3e-4
+    sparsegrad-random     3e-3            1e-3       9e-3        3e-4
+    sparsegrad-onesided   3e-3            1e-3       9e-3        3e-4
+    meprop-fixed          1e-3            1e-3       3e-3        3e-4
+    shira                 3e-3            1e-3       9e-3        3e-4
+    supertuning           1e-3            1e-3       9e-3        3e-4
+""")
 # A method registered without a rate for a setting: the paper regime's common centre, else its
 # classification rate.
 _FALLBACK_LR = {"suite-paper": 3e-4}

@@ -1,25 +1,24 @@
 """``sparseft bench``: every method side by side on one model, data set, split, schedule and seeds.
 
-Protocol, per method:
+Protocol (:func:`sweep_and_finals`, per method):
 
 1. **Sweep** (skipped when ``--lr`` is given): each learning rate of the method's grid
-   (the task's default rate for the method ÷3, ×1, ×3) trains with the sweep seed and
-   is scored on the *validation* split (its first ``sweep_rows`` rows). The best rate there is
-   chosen; the test split is never looked at.
+   (the task's default rate for the method ÷3, ×1, ×3: ``sweep.SWEEP_FACTORS``) trains with the
+   sweep seed and is scored on the *validation* split (its first ``sweep_rows`` rows). The best
+   rate there is chosen (``sweep.choose_rate``, the suite's rule); the test split is never looked at.
 2. **Final**: the chosen rate trains once per seed and is scored on the *test* split.
 
 Budgets are matched: the sparse methods (MeProp, SparseGrad, S2FT) get the trainable count of
 LoRA at ``rank`` on the same MLP layers, and every record carries its method's actual count.
 
-Each method runs in its own subprocess (``python -m sparseft.app.bench --worker SPEC``), so the peak
-RSS of a method is its own; workers stream one JSON record per finished run to the parent,
-which shows progress and writes into the output directory:
+The runs go through the shared :class:`~sparseft.app.runner.Runner` (the suite's too): ``--jobs``
+worker processes, each run in a fresh one, so a run's peak RSS is its own. Every finished run is
+appended to ``records.jsonl`` as it arrives; the output directory gets:
 
 - ``results.json``: the final (test) runs, one record per run: the results contract
 - ``sweep.json``: the sweep (validation) runs
 - ``summary.json`` and ``benchmark.md``: one row per method (mean ± std over seeds)
 - ``accuracy_vs_params.png`` (metric vs trainable parameters), ``loss_curves.png``
-- ``logs/METHOD.log``: each worker's stderr
 
 A run goes through :func:`run_one` with a task name; a :class:`Task` says how to run it, which
 metric it reports and whether higher is better. Another task plugs in with :func:`register_task`.
@@ -29,10 +28,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -42,6 +39,7 @@ from typing import Any
 
 from ..methods import DEFAULT_LR, bench_methods, canonical, default_lrs
 from ..serialization import atomic_write_text
+from .runner import Runner
 from .sweep import SWEEP_FACTORS, choose_rate, rate_grid
 
 RECORD_PREFIX = "@@sparseft-record "
@@ -158,7 +156,7 @@ class BenchSettings:
     max_length: int = 64
     calibration_steps: int = 20
     threads: int | None = None
-    jobs: int = 1  # methods run at once, each in its own process
+    jobs: int = 1  # runs at once, each in a fresh worker process
     show_progress: bool = True
     smoke: bool = False  # --quick: tables and plots say it is a smoke run, not a result
 
@@ -192,113 +190,91 @@ def _run_safely(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         return {"method": spec["method"], "seed": spec["seed"], "lr": spec["lr"], TASKS[task].metric: float("nan"), "error": str(exc)}
 
 
+def _one(job: dict[str, Any]) -> dict[str, Any]:
+    """One run of a bench job: its record, tagged with the phase (sweep/final) and task."""
+    spec = job["spec"]
+    return _run_safely(job["task"], spec) | {"phase": job["phase"], "task": job["task"], "eval_rows": spec["eval_rows"],
+                                              **({"swept_rates": job["rates"]} if job["phase"] == "final" else {})}
+
+
+def sweep_and_finals(plans: dict[str, dict[str, Any]], run: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The protocol for every method of ``plans`` ({method: task, base spec, rates, sweep_seed,
+    sweep_rows, seeds, test_rows}); ``run(jobs)`` trains jobs and returns their records. The sweep's
+    records in method and rate order, then the finals' in method and seed order."""
+    sweep_jobs = [{"task": p["task"], "phase": "sweep", "spec": p["base"] | {"method": m, "lr": rate, "seed": p["sweep_seed"],
+                   "eval_split": "validation", "eval_rows": p["sweep_rows"]}}
+                  for m, p in plans.items() if len(p["rates"]) > 1 for rate in p["rates"]]
+    swept = run(sweep_jobs)
+    sweep, chosen = [], {}
+    for m, p in plans.items():
+        mine = sorted((r for r in swept if r["method"] == m), key=lambda r: p["rates"].index(r["lr"]))
+        sweep += mine
+        task = TASKS[p["task"]]
+        scores = {r["lr"]: r.get(task.metric, float("nan")) for r in mine}
+        rates = p["rates"]
+        chosen[m] = (choose_rate(scores, rates[len(rates) // 2], task.higher_is_better)[0] if mine else None) or rates[0]
+    final_jobs = [{"task": p["task"], "phase": "final", "rates": p["rates"], "spec": p["base"] | {"method": m, "lr": chosen[m],
+                   "seed": seed, "eval_split": "test", "eval_rows": p["test_rows"]}}
+                  for m, p in plans.items() for seed in p["seeds"]]
+    finals = run(final_jobs)
+    order = {(m, seed): i for i, (m, seed) in enumerate((m, seed) for m, p in plans.items() for seed in p["seeds"])}
+    return sweep, sorted(finals, key=lambda r: order.get((r["method"], r["seed"]), len(order)))
+
+
 def worker(spec: dict[str, Any]) -> None:
-    """Sweep (validation) then final runs (test) of one method, in this process."""
+    """One method's sweep then final runs, in this process, each record printed as it finishes
+    (``RECORD_PREFIX`` lines): ``python -m sparseft.app.bench --worker SPEC.json`` to look at one
+    method alone."""
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    task, base = spec["task"], spec["base"]
-    metric, higher = TASKS[task].metric, TASKS[task].higher_is_better
-    rates = spec["rates"]
-    lr = rates[0]
-    if len(rates) > 1:
-        scores = {}
-        for rate in rates:
-            rec = _run_safely(task, base | {"lr": rate, "seed": spec["sweep_seed"], "eval_split": "validation", "eval_rows": spec["sweep_rows"]})
-            rec |= {"phase": "sweep", "task": task, "eval_rows": spec["sweep_rows"]}
-            _emit(rec)
-            scores[rate] = rec[metric]
-        lr = choose_rate(scores, rates[len(rates) // 2], higher)[0] or lr  # (the grid's middle is the default rate)
-    for seed in spec["seeds"]:
-        rec = _run_safely(task, base | {"lr": lr, "seed": seed, "eval_split": "test", "eval_rows": spec["test_rows"]})
-        _emit(rec | {"phase": "final", "task": task, "eval_rows": spec["test_rows"], "swept_rates": rates})
+
+    def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for job in jobs:
+            out.append(_one(job))
+            _emit(out[-1])
+        return out
+
+    sweep_and_finals({spec["base"]["method"]: spec}, run)
 
 
 # --------------------------------------------------------------------------- parent
-def _launch(spec_path: Path, log_path: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])  # the sparseft the parent runs, first on the path
-    env["PYTHONPATH"] = os.pathsep.join([src] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return subprocess.Popen(
-        [sys.executable, "-m", "sparseft.app.bench", "--worker", str(spec_path)],
-        stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True, env=env,  # noqa: SIM115
-    )
-
-
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
-    """Run every method (one subprocess each, ``settings.jobs`` at a time), write the outputs,
-    return the summary."""
-    import queue
-    import threading
-
-    from tqdm.auto import tqdm
-
+    """Run every method's protocol through the shared runner (``settings.jobs`` processes), write
+    the outputs, return the summary."""
     methods = [canonical(m) for m in settings.methods]
     task = TASKS[settings.task]
     out = Path(settings.output_dir)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    per_method = {m: (len(settings.rates(m)) if len(settings.rates(m)) > 1 else 0) + len(settings.seeds) for m in methods}
-    bar = tqdm(total=sum(per_method.values()), desc="sparseft bench", unit="run", disable=not settings.show_progress, dynamic_ncols=True)
-    records: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}  # per method, in arrival order
-    failed: dict[str, str] = {}
-    events: queue.Queue = queue.Queue()  # (method, record) per finished run, (method, None) when a worker ends
+    out.mkdir(parents=True, exist_ok=True)
+    plans = {m: {"task": settings.task, "base": settings.base_spec(m), "rates": settings.rates(m), "sweep_seed": settings.sweep_seed,
+                 "sweep_rows": settings.sweep_rows, "seeds": settings.seeds, "test_rows": settings.test_rows} for m in methods}
+    total = sum((len(p["rates"]) if len(p["rates"]) > 1 else 0) + len(p["seeds"]) for p in plans.values())
+
+    def describe(rec: dict[str, Any]) -> str:
+        where = "validation" if rec.get("phase") == "sweep" else "test"
+        score = f"error: {rec['error']}" if task.metric not in rec else f"{where} {task.metric} {rec[task.metric]:.4f}"
+        return f"{rec.get('method', '?'):<18} {rec.get('phase', '?'):<5} lr={rec.get('lr', float('nan')):.1e} seed={rec.get('seed')} {score}" + \
+            (f" ({rec['wall_s']:.0f} s)" if "wall_s" in rec else "")
+
+    atomic_write_text(out / "records.jsonl", "")
+    runner = Runner(jobs=settings.jobs, threads=settings.threads or 1, log=out / "records.jsonl", describe=describe, label="bench",
+                    total=total, show_progress=settings.show_progress, fresh_processes=True)
     t0 = time.perf_counter()
-
-    def start(method: str) -> None:
-        spec = {
-            "task": settings.task, "base": settings.base_spec(method), "rates": settings.rates(method),
-            "sweep_seed": settings.sweep_seed, "sweep_rows": settings.sweep_rows, "seeds": settings.seeds,
-            "test_rows": settings.test_rows, "threads": settings.threads,
-        }
-        spec_path = out / "logs" / f"{method}.spec.json"
-        atomic_write_text(spec_path, json.dumps(spec, indent=2))
-        proc = _launch(spec_path, out / "logs" / f"{method}.log")
-
-        def pump() -> None:  # one reader thread per worker: the parent never blocks on one pipe
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.startswith(RECORD_PREFIX):
-                    events.put((method, json.loads(line[len(RECORD_PREFIX):])))
-            if proc.wait() != 0:
-                failed[method] = f"worker exited with status {proc.returncode}; see {out / 'logs' / (method + '.log')}"
-            events.put((method, None))
-
-        threading.Thread(target=pump, daemon=True).start()
-
-    def ordered(phase: str) -> list[dict[str, Any]]:  # method order, whatever order the runs finished in
-        return [r for m in methods for r in records[m] if r["phase"] == phase]
-
-    waiting, running = list(methods), 0
-    while waiting or running:
-        while waiting and running < max(1, settings.jobs):
-            start(waiting.pop(0))
-            running += 1
-        method, rec = events.get()
-        if rec is None:
-            running -= 1
-            if method in failed:
-                bar.write(f"{method}: FAILED ({failed[method]})", file=sys.stderr)
-                bar.update(per_method[method] - len(records[method]))
-            continue
-        records[method].append(rec)
-        bar.update(1)
-        where = "validation" if rec["phase"] == "sweep" else "test"
-        bar.write(f"[{time.perf_counter() - t0:6.0f} s] {method:<18} {rec['phase']:<5} lr={rec['lr']:.1e} seed={rec['seed']} "
-                  f"{where} {task.metric} {rec[task.metric]:.4f}" + (f"  ({rec.get('wall_s', 0):.0f} s)" if "wall_s" in rec else ""),
-                  file=sys.stderr)
-        atomic_write_text(out / "results.json", json.dumps(ordered("final"), indent=2))
-        atomic_write_text(out / "sweep.json", json.dumps(ordered("sweep"), indent=2))
-    bar.close()
-    finals = ordered("final")
+    try:
+        sweep, finals = sweep_and_finals(plans, lambda jobs: runner.run(_one, jobs))
+    finally:
+        runner.close()
+    # a run that raised (no metric at all); a diverged rate is a sweep result (its metric is NaN)
+    failed = {r["method"]: r["error"] for r in sweep + finals if "error" in r and task.metric not in r}
     summary = summarize(finals, settings.task, methods)
     summary_doc = {"settings": asdict(settings), "failed": failed, "wall_s": time.perf_counter() - t0, "methods": summary}
     atomic_write_text(out / "results.json", json.dumps(finals, indent=2))
-    atomic_write_text(out / "sweep.json", json.dumps(ordered("sweep"), indent=2))
+    atomic_write_text(out / "sweep.json", json.dumps(sweep, indent=2))
     atomic_write_text(out / "summary.json", json.dumps(summary_doc, indent=2))
     atomic_write_text(out / "benchmark.md", markdown_table(summary, settings.task, settings.smoke) + "\n")
     plot(finals, summary, settings.task, out, title=plot_title(settings))

@@ -418,7 +418,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(settings.output_dir)
     for method, why in doc["failed"].items():
         print(f"{method}: {why}", file=sys.stderr)
-    print(f"results: {out / 'results.json'} (test runs), {out / 'sweep.json'} (validation sweep), "
+    print(f"results: {out / 'results.json'} (test runs), {out / 'sweep.json'} (validation sweep), {out / 'records.jsonl'} (every run), "
           f"{out / 'benchmark.md'}, plots in {out}; wall {doc['wall_s']:.0f} s")
     return 1 if doc["failed"] else 0
 
@@ -493,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--test-rows", type=int, help="test rows scored in the final runs (default: all)")
     bench.add_argument("--quick", action="store_true", help="smoke run: every method, 4 steps, 1 seed, no sweep, 200 test rows "
                        "(with --suite: every task and method, 6 steps, 2 rates, 2 seeds)")
-    bench.add_argument("--jobs", type=_positive(int), help="methods run at once, one process each "
+    bench.add_argument("--jobs", type=_positive(int), help="runs at once, each in its own worker process "
                        "(default: CPU cores ÷ --threads; 1 for timings free of a neighbour)")
     bench.add_argument("--task", default="classification", choices=TASK_KINDS, help="default %(default)s")
     suite = bench.add_argument_group("suite (--suite): real tasks, paired seeds, 95%% CIs of each method's difference to lora-mlp")
@@ -515,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--prepare", action="store_true", help="report every offline source (present / missing / "
                        "mismatched, sizes; the table in sparseft/app/sources.py) and fetch what is missing; with --suite "
                        "it then runs")
-    bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, summary.json, benchmark.md, PNGs")
+    bench.add_argument("--output-dir", default="runs/bench", help="writes DIR/results.json, sweep.json, records.jsonl, summary.json, benchmark.md, PNGs")
     bench.set_defaults(func=cmd_bench)
     return parser
 

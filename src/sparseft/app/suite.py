@@ -27,9 +27,8 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor  # (the runner takes it from here: tests run jobs inline)
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..serialization import atomic_write_text
 from .stats import paired_difference
+from .runner import Runner
 from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid
 from .tasks import SUITE_TASKS
 
@@ -206,22 +206,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _safe_run(job: dict[str, Any]) -> dict[str, Any]:
-    try:
-        return run_job(job)
-    except Exception as exc:  # one diverged or broken run must not lose the others
-        return {"task": job["task"], "method": job["method"], "lr": job["lr"], "seed": job["seed"],
-                "error": f"{type(exc).__name__}: {exc}"}
-
-
-def _init_worker(threads: int) -> None:
-    import torch
-    import transformers
-
-    torch.set_num_threads(threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # one line per run from the parent instead
+def _job(job: dict[str, Any]) -> dict[str, Any]:
+    return run_job(job)  # (looked up at call time: tests put a fake run_job here)
 
 
 # ----------------------------------------------------------------------------- scheduling (parent side)
@@ -269,63 +255,17 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
     return out
 
 
-class _Runner:
-    """Submits jobs to the pool, streams finished records to records.jsonl, reports progress."""
+def _run(runner: Runner, jobs: list[dict[str, Any]], reused: dict[tuple, dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of ``jobs``: reused ones as they are, the others trained by ``runner``."""
+    kept = [reused[_job_key(job)] for job in jobs if _job_key(job) in reused]
+    runner.records += kept
+    runner.done += len(kept)
+    return kept + runner.run(_job, [{**job, "settings": base} for job in jobs if _job_key(job) not in reused])
 
-    def __init__(self, settings: SuiteSettings, out: Path, total_hint: int,
-                 reused: dict[tuple, dict[str, Any]] | None = None) -> None:
-        self.settings = settings
-        self.out = out
-        self.records: list[dict[str, Any]] = []
-        self.pool = ProcessPoolExecutor(max_workers=settings.jobs, initializer=_init_worker, initargs=(settings.threads,))
-        self.log = open(out / "records.jsonl", "a", encoding="utf-8")
-        self.t0 = time.perf_counter()
-        self.done = 0
-        self.total = total_hint
-        self.bar = None
-        if settings.show_progress and sys.stderr.isatty():
-            from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_hint, desc="suite runs", unit="run")
-        self.base = {**run_key(settings), "threads": settings.threads, "cache_dir": settings.cache_dir}
-        self.reused = reused or {}
-
-    def run(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        results = [self.reused[_job_key(job)] for job in jobs if _job_key(job) in self.reused]
-        self.records += results
-        self.done += len(results)
-        futures = {self.pool.submit(_safe_run, {**job, "settings": self.base}): job for job in jobs
-                   if _job_key(job) not in self.reused}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in finished:
-                rec = f.result()
-                results.append(rec)
-                self.records.append(rec)
-                self.log.write(json.dumps(rec) + "\n")
-                self.log.flush()
-                self.done += 1
-                self._report(rec)
-        return results
-
-    def _report(self, rec: dict[str, Any]) -> None:
-        what = f"{rec['task']} {rec['method']} lr={rec['lr']:g} seed={rec['seed']}"
-        score = f"error: {rec['error']}" if "error" in rec else f"val {rec['val_accuracy']:.4f} ({rec['wall_s']:.0f} s)"
-        if self.bar is not None:
-            self.total = max(self.total, self.done)
-            self.bar.total = self.total
-            self.bar.set_postfix_str(what)
-            self.bar.update(1)
-        else:  # piped output (CI, nohup, tee): one line per finished run, so progress is visible
-            elapsed = time.perf_counter() - self.t0
-            print(f"[suite {self.done}/{max(self.total, self.done)} {elapsed / 60:.1f} min] {what}: {score}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        self.pool.shutdown()
-        self.log.close()
-        if self.bar is not None:
-            self.bar.close()
+def _describe(rec: dict[str, Any]) -> str:
+    what = f"{rec['task']} {rec['method']} lr={rec['lr']:g} seed={rec['seed']}"
+    return what + (f": error: {rec['error']}" if "error" in rec else f": val {rec['val_accuracy']:.4f} ({rec['wall_s']:.0f} s)")
 
 
 def run_suite(settings: SuiteSettings) -> dict[str, Any]:
@@ -365,7 +305,10 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
     atomic_write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in reused.values()))
     atomic_write_text(out / "suite_settings.json", json.dumps(run_key(settings), indent=1))
     pairs = [(t, m) for t in settings.tasks for m in methods]
-    runner = _Runner(settings, out, len(pairs) * (len(settings.grid) + settings.seeds - 1), reused)
+    runner = Runner(jobs=settings.jobs, threads=settings.threads, log=out / "records.jsonl", describe=_describe, label="suite",
+                    total=len(pairs) * (len(settings.grid) + settings.seeds - 1), show_progress=settings.show_progress,
+                    executor=ProcessPoolExecutor)
+    base = {**run_key(settings), "threads": settings.threads, "cache_dir": settings.cache_dir}
     t0 = time.perf_counter()
     try:
         # 1. sweep on seed 0, growing the grid while the best rate is at its edge
@@ -375,7 +318,7 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
         for round_ in range(settings.max_extend + 1):
             jobs = [{"task": t, "method": m, "lr": rate_at(settings.centre(m), f), "seed": 0, "need_test": True}
                     for (t, m), f in todo]
-            for rec in runner.run(jobs):
+            for rec in _run(runner, jobs, reused, base):
                 tried[(rec["task"], rec["method"])][rec["lr"]] = rec
             todo = []
             if round_ == settings.max_extend:
@@ -396,7 +339,7 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
         # 2. the other seeds at the chosen rate
         jobs = [{"task": t, "method": m, "lr": chosen[(t, m)][0], "seed": s, "need_test": True}
                 for (t, m) in pairs if chosen[(t, m)][0] is not None for s in range(1, settings.seeds)]
-        runner.run(jobs)
+        _run(runner, jobs, reused, base)
     finally:
         runner.close()
     doc = summarize(runner.records, settings, chosen)
