@@ -271,7 +271,9 @@ def register_kernels(device_type: str, kernels: TorchKernels) -> None:
 
 def kernels_for(device: torch.device | str) -> TorchKernels:
     """The kernels registered for ``device``'s type, else the torch reference."""
-    return _BACKENDS.get(torch.device(device).type, REFERENCE)
+    if not _BACKENDS:  # (called twice per layer and step: no work when nothing is registered)
+        return REFERENCE
+    return _BACKENDS.get(device.type if isinstance(device, torch.device) else torch.device(device).type, REFERENCE)
 
 
 @contextmanager
