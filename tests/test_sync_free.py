@@ -1,0 +1,75 @@
+"""A training step waits for no device: no op of the adapted layers or of SparseAdamW reads a
+value back to the host or makes a shape out of data (``.item()``, ``nonzero``, ``masked_select``,
+``unique``, ...). Recorded with a TorchDispatchMode on a tiny LLaMA on the CPU: every aten op the
+step runs, against the same step of the plain model whose MLP weights train densely (what
+transformers itself does is the same in both)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import ARCHS, make_batch, make_batches
+from sparseft import SparseAdamW, SparseGradConfig, get_sparse_model
+from sparseft.targets import find_targets
+
+# ops whose result the host must wait for: a value read back, or a shape that depends on data
+SYNCING = {"item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_numpy", "masked_select",
+           "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "unique_dim_consecutive", "bincount",
+           "repeat_interleave", "allclose"}
+
+
+class _Record(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _syncs(step) -> Counter:
+    with _Record() as rec:
+        step()
+    return Counter({op: n for op, n in rec.ops.items() if op in SYNCING})
+
+
+def _plain_step() -> Counter:
+    """The baseline: the plain tiny LLaMA, its MLP weights trained densely (forward + backward)."""
+    model = ARCHS["llama"]().train()
+    names = {t.name for t in find_targets(model)}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[0] in names)
+    batch = make_batch("llama", 3)
+    model(**batch).loss.backward()  # warm-up
+    return _syncs(lambda: model(**batch).loss.backward())
+
+
+@pytest.mark.parametrize("case", ["default", "cached-merge", "dynamic-sparseadamw"])
+def test_a_training_step_waits_for_no_device(case):
+    config = {"default": SparseGradConfig(match_lora_rank=2),
+              "cached-merge": SparseGradConfig(match_lora_rank=2, cache_update=True),
+              "dynamic-sparseadamw": SparseGradConfig(match_lora_rank=2, selection="dynamic")}[case]
+    model = get_sparse_model(ARCHS["llama"](), config)
+    model.calibrate(make_batches("llama", 2), steps=2, show_progress=False)  # calibration may synchronise
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # torch's CPU AdamW reads its step counter back (its fused CUDA form does not): the fixed
+    # cases record forward and backward; SparseAdamW's whole step is recorded
+    optimizer = SparseAdamW(params, lr=1e-3) if case.startswith("dynamic") else None
+    batch = make_batch("llama", 3)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up: CSR patterns and index views are built once per support
+    step()
+    ours = _syncs(step) - _plain_step()
+    assert not ours, f"the {case} step adds ops that wait for the device: {dict(ours)}"
