@@ -159,6 +159,8 @@ class BenchSettings:
     jobs: int = 1  # runs at once, each in a fresh worker process
     show_progress: bool = True
     smoke: bool = False  # --quick: tables and plots say it is a smoke run, not a result
+    device: str = "auto"  # app.placement: each run's device and precision
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.methods is None:
@@ -172,7 +174,7 @@ class BenchSettings:
 
     def base_spec(self, method: str) -> dict[str, Any]:
         keys = ("model_dir", "data", "text_column", "label_column", "group_column", "steps", "rank", "density", "support_narrow",
-                "batch_size", "max_length", "calibration_steps")
+                "batch_size", "max_length", "calibration_steps", "device", "precision")
         # ~25 points per loss curve whatever the run length
         return {k: getattr(self, k) for k in keys} | {"method": method, "show_progress": False, "loss_every": max(1, self.steps // 25)}
 

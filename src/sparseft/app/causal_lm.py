@@ -27,6 +27,7 @@ from ..gradients import move_batch
 from .data import read_jsonl
 from ..errors import DataError
 from ..methods import canonical, default_lrs, prepare
+from .placement import Placement, placement_of, resolve
 from .train import RunRecord, fit
 
 Conversation = list[dict[str, str]]
@@ -167,8 +168,11 @@ def encode_chat(tokenizer, convs: list[Conversation], max_length: int) -> dict[s
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def answer_loss(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 16) -> float:
-    """Mean negative log-likelihood per answer token (labels ≠ -100) over ``data``."""
+def answer_loss(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 16,
+                placement: Placement | None = None) -> float:
+    """Mean negative log-likelihood per answer token (labels ≠ -100) over ``data``, on the
+    model's device (in ``placement``'s precision; the loss itself in float32)."""
+    placement = placement or placement_of(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -178,7 +182,8 @@ def answer_loss(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_siz
         batch = {k: v[start : start + batch_size] for k, v in data.items()}
         width = max(1, int(batch["attention_mask"].sum(1).max()))
         batch = move_batch({k: v[:, :width] for k, v in batch.items()}, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        with placement.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         target = batch["labels"][:, 1:]
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
         count += int((target != -100).sum())
@@ -187,8 +192,10 @@ def answer_loss(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_siz
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, convs: list[Conversation], max_new_tokens: int = 32) -> list[str]:
+def generate_answers(model, tokenizer, convs: list[Conversation], max_new_tokens: int = 32,
+                     placement: Placement | None = None) -> list[str]:
     """Greedy (deterministic) answers to the last user turn of each conversation."""
+    placement = placement or placement_of(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -197,10 +204,11 @@ def generate_answers(model, tokenizer, convs: list[Conversation], max_new_tokens
     for conv in convs:
         prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv
         ids = torch.tensor([_render(tokenizer, prompt, generation_prompt=True)], device=device)
-        out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=pad,
-        )
+        with placement.autocast():
+            out = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                do_sample=False, pad_token_id=pad,
+            )
         answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
@@ -228,6 +236,8 @@ class CausalLMSettings:
     generations: int = 3  # held-out prompts answered before/after
     max_new_tokens: int = 32
     show_progress: bool = True
+    device: str = "auto"  # app.placement: auto, cpu, cuda, cuda:N
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast)
     loss_every: int = 10
 
 
@@ -274,18 +284,19 @@ def run_causal_lm(
         if len(shown) < settings.generations and conv[-2]["content"] not in {c[-2]["content"] for c in shown}:
             shown.append(conv)
 
-    model = load_causal_lm(model_dir, settings.seed)
-    loss_before = answer_loss(model, evaluation, settings.eval_batch_size)
-    before = generate_answers(model, tokenizer, shown, settings.max_new_tokens) if shown else []
+    placement = resolve(settings.device, settings.precision)
+    model = load_causal_lm(model_dir, settings.seed).to(placement.device)
+    loss_before = answer_loss(model, evaluation, settings.eval_batch_size, placement)
+    before = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
     model = prepared.model
 
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
-               show_progress=settings.show_progress)
-    loss_after = answer_loss(model, evaluation, settings.eval_batch_size)
-    after = generate_answers(model, tokenizer, shown, settings.max_new_tokens) if shown else []
+               show_progress=settings.show_progress, placement=placement)
+    loss_after = answer_loss(model, evaluation, settings.eval_batch_size, placement)
+    after = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     generations = [
         {"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"], "before": b, "after": a}
         for c, b, a in zip(shown, before, after)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import SparseFTError
 from .provenance import run_metadata
+from .placement import DEVICE_HELP, PRECISIONS
 from .threads import RULE as THREADS_RULE
 
 # argument parsing loads no torch: `sparseft --help` and bad arguments answer at once; the kinds
@@ -92,6 +93,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE}, "
                    "or OMP_NUM_THREADS; calibration's float64 eigh always runs on one thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_placement(p)
+
+
+def _add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"where to run: {DEVICE_HELP} (default auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="fp32, or bf16/fp16 autocast (weights and trained "
+                   "values stay float32); auto: bf16 on a GPU that has it, else fp32")
+
+
+def _placement(args: argparse.Namespace):
+    """The resolved --device/--precision, printed once at the start of a job."""
+    from .placement import resolve
+
+    placement = resolve(args.device, args.precision)
+    print(f"device: {placement.describe()}", file=sys.stderr)
+    return placement
 
 
 def _load_splits(args: argparse.Namespace):
@@ -130,7 +147,7 @@ def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_ma
         "model_dir": model_dir, "method": canonical(args.method), "lr": args.lr, "steps": args.steps, "seed": seed,
         "batch_size": args.batch_size, "max_length": args.max_length or default_max_length, "rank": args.rank,
         "density": args.density, "support_narrow": args.support_narrow, "calibration_steps": args.calibration_steps,
-        "show_progress": not args.no_progress,
+        "show_progress": not args.no_progress, "device": args.device, "precision": args.precision,
     }
 
 
@@ -146,6 +163,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
         if value:
             raise SparseFTError(f"{flag} is not supported with --task causal-lm yet; for resumable decoder runs use "
                                 "transformers.Trainer (save_steps / resume_from_checkpoint, see docs/llm.md).")
+    placement = _placement(args)
     model_dir = _model_dir(args) if args.model else str(smollm2_dir())
     splits = load_chat_splits(args.data)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -158,7 +176,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     for seed in args.seeds:
         settings = CausalLMSettings(
-            **_run_options(args, model_dir, seed, default_max_length=128),
+            **(_run_options(args, model_dir, seed, default_max_length=128) | {"device": placement.device, "precision": placement.precision}),
             eval_examples=args.eval_examples,
             generations=args.generations,
         )
@@ -197,6 +215,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .train import RunSettings, run_classification
 
+    placement = _placement(args)
     model_dir = _model_dir(args)
     splits = _load_splits(args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -209,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for seed in args.seeds:
         settings = RunSettings(
-            **_run_options(args, model_dir, seed, default_max_length=64),
+            **(_run_options(args, model_dir, seed, default_max_length=64) | {"device": placement.device, "precision": placement.precision}),
             reselect_every=args.reselect_every,
             checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
             checkpoint_every=args.checkpoint_every or 0,
@@ -239,11 +258,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .data import encode, load_table, split_dataset
     from .train import accuracy, load_trained
 
+    placement = _placement(args)
     model, tokenizer, run = load_trained(args.adapter)
+    model.to(placement.device)
     if args.text:
         enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
-        with torch.no_grad():
-            probs = model(**enc).logits.softmax(-1)
+        with torch.no_grad(), placement.autocast():
+            probs = model(**enc.to(placement.device)).logits.float().softmax(-1).cpu()
         for text, p in zip(args.text, probs):
             print(json.dumps({"text": text, "label": run["label_names"][int(p.argmax())], "probability": round(float(p.max()), 4)}))
         return 0
@@ -259,7 +280,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise DataError(f"The data's labels {table.label_names} are not the model's {run['label_names']}: "
                         "pass the same --label-column / data the model was trained on.")
     data = split_dataset(table)[args.split] if args.split != "all" else table
-    acc = accuracy(model, encode(tokenizer, data, run["max_length"]))
+    acc = accuracy(model, encode(tokenizer, data, run["max_length"]), placement=placement)
     print(json.dumps({"accuracy": acc, "rows": len(data), "split": args.split, "method": run["method"],
                       "trained_accuracy": run["accuracy"], "trained_split": run["eval_split"]}))
     return 0
@@ -320,6 +341,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
     given["show_progress"] = not args.no_progress
     given["reuse"] = args.reuse
     given["compare_to"] = args.compare_to
+    placement = _placement(args)
+    given["device"], given["precision"] = placement.device, placement.precision
     if args.max_extend is not None:
         given["max_extend"] = args.max_extend
     if args.grid:
@@ -354,6 +377,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite or args.prepare:
         return cmd_suite(args)
 
+    placement = _placement(args)
     if args.task == "causal-lm":
         from .causal_lm import load_chat_splits
         from .resources import smollm2_dir
@@ -396,6 +420,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         jobs=jobs,
         show_progress=not args.no_progress,
         smoke=args.quick,
+        device=placement.device,
+        precision=placement.precision,
     )
     if methods:
         settings.methods = methods
@@ -470,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--split", choices=("train", "validation", "test", "all"), default="test",
                          help="which part of the data's fixed split to score (default test, as in training)")
     predict.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE})")
+    _add_placement(predict)
     predict.set_defaults(func=cmd_predict)
 
     bench = sub.add_parser("bench", help="every method side by side: LR sweep on validation, seeds on test, table + plots")

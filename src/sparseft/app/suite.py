@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import ConfigError, DataError
 from ..serialization import atomic_write_text
 from .stats import paired_difference
+from .placement import Placement
 from .runner import Runner
 from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid
 from .tasks import SUITE_TASKS
@@ -77,6 +78,8 @@ class SuiteSettings:
     compare_to: str | None = None  # a second reference: every method's paired difference to it as well
     cache_dir: str | None = None
     show_progress: bool = True
+    device: str = "cpu"  # app.placement, resolved by the CLI (the suite's records say where they ran)
+    precision: str = "fp32"
 
     @classmethod
     def quick(cls, **kwargs: Any) -> "SuiteSettings":
@@ -144,20 +147,25 @@ def _encoded(task: str, model_dir: str, settings: dict[str, Any]) -> dict[str, A
     return _WORKER_CACHE[key]
 
 
-def _predictions(model, data: dict[str, Any], batch_size: int = 128) -> list[int]:
-    """1 where the model's argmax is the label, per row."""
+def _predictions(model, data: dict[str, Any], batch_size: int = 128, placement: Any = None) -> list[int]:
+    """1 where the model's argmax is the label, per row (on the model's device, in ``placement``'s precision)."""
     import torch
 
     from .data import trim_padding
+    from .placement import placement_of
+
+    placement = placement or placement_of(model)
+    device = next(model.parameters()).device
 
     was_training = model.training
     model.eval()
     out: list[int] = []
     with torch.no_grad():
         for start in range(0, len(data["labels"]), batch_size):
-            batch = trim_padding({k: v[start:start + batch_size] for k, v in data.items()})
+            batch = {k: v.to(device) for k, v in trim_padding({k: v[start:start + batch_size] for k, v in data.items()}).items()}
             labels = batch.pop("labels")
-            out += (model(**batch).logits.argmax(-1) == labels).int().tolist()
+            with placement.autocast():
+                out += (model(**batch).logits.argmax(-1) == labels).int().tolist()
     model.train(was_training)
     return out
 
@@ -177,29 +185,30 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     data = _encoded(job["task"], model_dir, s)
     model = load_classifier(model_dir, data["num_labels"], job["seed"])
     prepared = prepare(job["method"], model, rank=s["rank"], regime=s["regime"])
+    placement = Placement(s["device"], s["precision"])
     steps = s["steps"]
     marks = sorted({max(1, round(steps * (i + 1) / s["curve_points"])) for i in range(s["curve_points"])})
     curve: list[tuple[int, float]] = []
 
     def on_step(step: int, model_: Any) -> None:
         if step in marks:
-            hits = _predictions(model_, data["curve"])
+            hits = _predictions(model_, data["curve"], placement=placement)
             curve.append((step, sum(hits) / len(hits)))
 
     loop = fit(prepared, data["train"], lr=job["lr"], method=job["method"], steps=steps, seed=job["seed"],
                batch_size=s["batch_size"], calibration_steps=s["calibration_steps"], warmup_fraction=s["warmup_fraction"],
-               loss_every=max(1, steps // 10), show_progress=False, on_step=on_step)
-    val = _predictions(prepared.model, data["validation"])
+               loss_every=max(1, steps // 10), show_progress=False, on_step=on_step, placement=placement)
+    val = _predictions(prepared.model, data["validation"], placement=placement)
     record = {
         "task": job["task"], "method": job["method"], "lr": job["lr"], "seed": job["seed"], "regime": s["regime"],
         "val_accuracy": sum(val) / len(val), "curve": curve,
         "trainable_params": prepared.trainable_params,
         "step_time_s": statistics.median(loop.times) if loop.times else 0.0,
         "calibration_s": loop.calibration_s, "final_loss": loop.curve[-1][1] if loop.curve else float("nan"),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(), **placement.record(),
     }
     if job["need_test"]:
-        test = _predictions(prepared.model, data["test"])
+        test = _predictions(prepared.model, data["test"], placement=placement)
         record["test_correct"] = test
         record["test_accuracy"] = sum(test) / len(test)
     record["wall_s"] = time.perf_counter() - t0
@@ -214,7 +223,8 @@ def _job(job: dict[str, Any]) -> dict[str, Any]:
 # Settings that change what a run computes; two runs with equal keys (and task, method, rate, seed)
 # give the same record, so a finished one can be reused (--reuse) instead of trained again.
 RUN_KEY_FIELDS = ("regime", "model", "steps", "batch_size", "max_length", "rank", "calibration_steps",
-                  "warmup_fraction", "val_rows", "test_rows", "curve_points", "curve_rows")
+                  "warmup_fraction", "val_rows", "test_rows", "curve_points", "curve_rows", "precision")
+_KEY_BEFORE = {"precision": "fp32"}  # what a run directory written before a field existed ran with
 
 
 def run_key(settings: SuiteSettings) -> dict[str, Any]:
@@ -240,6 +250,7 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
     else:
         raise ConfigError(f"--reuse {d}: no suite_settings.json or suite_run.json saying how its runs were made.")
     ours = run_key(settings)
+    theirs = {**_KEY_BEFORE, **theirs}
     differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
     if differ:
         raise ConfigError(f"--reuse {d}: its runs were made with other settings ({'; '.join(differ)}); "
@@ -308,7 +319,7 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
     runner = Runner(jobs=settings.jobs, threads=settings.threads, log=out / "records.jsonl", describe=_describe, label="suite",
                     total=len(pairs) * (len(settings.grid) + settings.seeds - 1), show_progress=settings.show_progress,
                     executor=ProcessPoolExecutor)
-    base = {**run_key(settings), "threads": settings.threads, "cache_dir": settings.cache_dir}
+    base = {**run_key(settings), "threads": settings.threads, "cache_dir": settings.cache_dir, "device": settings.device}
     t0 = time.perf_counter()
     try:
         # 1. sweep on seed 0, growing the grid while the best rate is at its edge

@@ -24,6 +24,7 @@ from ..gradients import move_batch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
 from ..errors import ConfigError
+from .placement import Placement, placement_of, resolve
 from ..methods import DEFAULT_LR, Prepared, canonical, method_spec, prepare, training_options
 from .metrics import peak_rss_bytes, state_bytes
 from ..progress import progress
@@ -53,6 +54,8 @@ class RunSettings:
     resume_dir: str | None = None  # continue from the latest checkpoint there (if any)
     save_dir: str | None = None  # save what was trained here (adapter, or the model for full/head)
     save_merged_dir: str | None = None  # and a plain merged model here
+    device: str = "auto"  # app.placement: auto, cpu, cuda, cuda:N
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast)
 
 
 @dataclass(kw_only=True)
@@ -73,6 +76,9 @@ class RunRecord:
     final_loss: float
     state_detail: dict[str, int] = field(default_factory=dict)
     loss_curve: list[tuple[int, float]] = field(default_factory=list)
+    device: str = "cpu"
+    device_name: str = "CPU"
+    precision: str = "fp32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,15 +97,20 @@ def load_classifier(model_dir: str | Path, num_labels: int, seed: int):
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128) -> float:
+def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128,
+             placement: Placement | None = None) -> float:
+    """The share of rows whose argmax is the label, on the model's device (in ``placement``'s
+    precision)."""
     model.eval()
     device = next(model.parameters()).device
+    placement = placement or placement_of(model)
     correct = 0
     n = len(data["labels"])
     for start in range(0, n, batch_size):
         batch = trim_padding({k: v[start : start + batch_size] for k, v in data.items() if k != "labels"})
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**batch).logits
+        with placement.autocast():
+            logits = model(**batch).logits
         correct += int((logits.argmax(-1).cpu() == data["labels"][start : start + batch_size]).sum())
     return correct / n
 
@@ -110,6 +121,7 @@ class LoopResult:
     curve: list[tuple[int, float]]
     detail: dict[str, int]
     calibration_s: float
+    placement: Placement
 
     def record(self, prepared: Prepared, t_start: float) -> dict[str, Any]:
         """The cost and curve fields of a run's results record (every task has them)."""
@@ -124,6 +136,7 @@ class LoopResult:
             "final_loss": self.curve[-1][1] if self.curve else float("nan"),
             "state_detail": self.detail,
             "loss_curve": self.curve,
+            **self.placement.record(),
         }
 
 
@@ -145,6 +158,7 @@ def fit(
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 0,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    placement: Placement | None = None,
 ) -> LoopResult:
     """The training loop shared by every task: calibrate if the method needs it, AdamW-style
     optimizer with linear warm-up/decay, ``steps`` shuffled batches of ``train`` (a dict of
@@ -152,8 +166,12 @@ def fit(
     runs after each step, outside the timed part (e.g. evaluations during training).
 
     A variant's training options (``method[calibration_steps=40;warmup_fraction=0.2]``) override
-    the arguments; ``reselect_every`` falls back to the method config's own."""
+    the arguments; ``reselect_every`` falls back to the method config's own. ``placement``: the
+    model moves to its device before calibration, and each step runs in its precision (default:
+    where the model is, fp32)."""
     model = prepared.model
+    placement = placement or placement_of(model)
+    model.to(placement.device)
     overrides = training_options(method)
     calibration_steps = overrides.get("calibration_steps", calibration_steps)
     warmup_fraction = overrides.get("warmup_fraction", warmup_fraction)
@@ -167,9 +185,10 @@ def fit(
     calibration_s = _calibrate(prepared, train, batch_size, seed, calibration_steps, show_progress) if calibrate else 0.0
     optimizer = prepared.make_optimizer(lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(warmup_fraction * steps), steps)
+    scaler = placement.grad_scaler()
     torch.manual_seed(seed)
     model.train()
-    device = next(model.parameters()).device
+    device = torch.device(placement.device)
     times: list[float] = []
     detail: dict[str, int] = {}
     start, running, seen, curve = _resume(resume, model, optimizer, scheduler, lr) if resume is not None else (0, 0.0, 0, [])
@@ -181,17 +200,19 @@ def fit(
     )
     for step, batch in enumerate(bar, start + 1):
         t0 = time.perf_counter()
-        loss = model(**move_batch(batch, device)).loss
-        loss.backward()
-        optimizer.step()
+        with placement.autocast():
+            loss = model(**move_batch(batch, device)).loss
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         if step == steps:
             detail = state_bytes(model, optimizer)  # gradients still allocated: the true peak state
         optimizer.zero_grad(set_to_none=True)
         if reselect_every and step % reselect_every == 0 and step < steps:
             prepared.sparse.reselect_support([next(reselect_batches)], optimizer=optimizer)
+        loss_value = loss.item()  # (waits for the device: the step's time is its work, not its launch)
         times.append(time.perf_counter() - t0)
-        loss_value = loss.item()
         running += loss_value
         seen += 1
         if step % loss_every == 0 or step == steps:
@@ -207,7 +228,7 @@ def fit(
         if on_step is not None:
             on_step(step, model)
 
-    return LoopResult(times, curve, detail, calibration_s)
+    return LoopResult(times, curve, detail, calibration_s, placement)
 
 
 def _calibrate(prepared: Prepared, train: Any, batch_size: int, seed: int, steps: int, show_progress: bool) -> float:
@@ -230,6 +251,7 @@ def _resume(resume: Path, model, optimizer, scheduler, lr: float) -> tuple[int, 
 def run_classification(settings: RunSettings, splits: dict[str, TextDataset], tokenizer=None) -> RunResult:
     """Fine-tune ``settings.model_dir`` on ``splits['train']``, report accuracy on the eval split."""
     t_start = time.perf_counter()
+    placement = resolve(settings.device, settings.precision)
     method = canonical(settings.method)
     lr = settings.lr if settings.lr is not None else DEFAULT_LR[method]
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(settings.model_dir)
@@ -248,8 +270,8 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
                show_progress=settings.show_progress, reselect_every=reselect, resume_dir=settings.resume_dir,
-               checkpoint_dir=settings.checkpoint_dir, checkpoint_every=settings.checkpoint_every)
-    acc = accuracy(prepared.model, evaluation, settings.eval_batch_size)
+               checkpoint_dir=settings.checkpoint_dir, checkpoint_every=settings.checkpoint_every, placement=placement)
+    acc = accuracy(prepared.model, evaluation, settings.eval_batch_size, placement)
     record = loop.record(prepared, t_start)
     if settings.save_dir or settings.save_merged_dir:
         run = {"model_dir": str(settings.model_dir), "method": method, "label_names": splits["train"].label_names,

@@ -1,0 +1,71 @@
+"""`--device` / `--precision`: resolved once, printed at the start, recorded in every result, and
+the run trains and evaluates there (on this CPU: fp32, and bf16 / fp16 autocast). A GPU is not
+here: what is checked is the plumbing and its errors; `benchmarks/gpu.sh` runs a CUDA job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_bench import tiny  # noqa: F401  (the tiny BERT checkpoint and CSV fixture)
+
+from sparseft import ConfigError
+from sparseft.app.cli import main
+from sparseft.app.placement import Placement, resolve
+
+
+def test_auto_is_this_machine_and_bad_choices_name_the_fix():
+    auto = resolve()
+    assert auto == (Placement("cuda:0", "bf16" if torch.cuda.is_bf16_supported() else "fp32") if torch.cuda.is_available()
+                    else Placement("cpu", "fp32"))
+    assert resolve("cpu", "bf16") == Placement("cpu", "bf16")
+    for device, precision, message in (("tpu", "auto", "--device 'tpu' is not known"), ("cuda:x", "auto", "is not known"),
+                                       ("cpu", "fp8", "--precision 'fp8'")):
+        with pytest.raises(ConfigError, match=message):
+            resolve(device, precision)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cpu"):
+            resolve("cuda")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_runs_where_it_is_told_and_says_so(tiny, tmp_path, capsys, precision):  # noqa: F811
+    model_dir, data = tiny
+    out = tmp_path / precision
+    assert main(["train", "--model", model_dir, "--data", data, "--steps", "3", "--batch-size", "8", "--calibration-steps", "2",
+                 "--rank", "2", "--no-progress", "--device", "cpu", "--precision", precision, "--output-dir", str(out)]) == 0
+    assert f"device: cpu (CPU), {precision}" in capsys.readouterr().err
+    (record,) = json.loads((out / "results.json").read_text())
+    assert (record["device"], record["precision"]) == ("cpu", precision)
+    assert 0.0 <= record["accuracy"] <= 1.0 and all(loss == loss for _, loss in record["loss_curve"])
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--device", "cpu",
+                 "--precision", precision]) == 0
+    printed = capsys.readouterr()
+    assert f"device: cpu (CPU), {precision}" in printed.err and json.loads(printed.out)["rows"] > 0
+
+
+def test_autocast_reaches_the_sparse_update():
+    """Under bf16 the adapted layers' products run in bf16 (autocast), the trained values stay float32."""
+    from conftest import ARCHS, make_batches
+    from sparseft import SparseGradConfig, get_sparse_model
+    from sparseft.update import SparseDelta
+
+    model = get_sparse_model(ARCHS["bert"](), SparseGradConfig(match_lora_rank=2))
+    model.calibrate(make_batches("bert", 2), steps=2, show_progress=False)
+    seen = []
+    forward = SparseDelta.forward
+
+    def spy(self, x, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return forward(self, x, *args, **kwargs)
+
+    SparseDelta.forward = spy
+    try:
+        with Placement("cpu", "bf16").autocast():
+            loss = model(**make_batches("bert", 1)[0]).loss
+        loss.backward()
+    finally:
+        SparseDelta.forward = forward
+    assert seen and all(seen)
+    assert all(layer.param.dtype == torch.float32 and layer.param.grad is not None for layer in model.sparse_layers().values())
