@@ -91,9 +91,11 @@ class RunResult(RunRecord):
 
 
 def load_classifier(model_dir: str | Path, num_labels: int, seed: int):
-    """A sequence classifier from a local checkpoint; the new head is initialised from ``seed``."""
+    """A sequence classifier from a local checkpoint, its weights in float32 whatever the file's
+    dtype (a half-precision checkpoint trains with float32 weights; ``--precision`` runs the math
+    in half); the new head is initialised from ``seed``."""
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels)
+    return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels, dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -320,7 +322,7 @@ def load_trained(path: str | Path):
     run = json.loads(run_file.read_text(encoding="utf-8"))
     labels = len(run["label_names"])
     if run["kind"] == "model":
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=labels)
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=labels, dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(str(folder)), run
     base = load_classifier(run["model_dir"], labels, run["seed"])
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))

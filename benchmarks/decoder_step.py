@@ -1,0 +1,159 @@
+"""Training-step time and peak memory of a real decoder, methods side by side, as users run it on a GPU.
+
+    PYTHONPATH=src python benchmarks/decoder_step.py [--shape tinyllama|tiny] [--device cuda] [--precision bf16]
+        [--tokens 8x512 4x2048] [--methods full,lora-mlp,shira,sparsegrad,sparsegrad-dynamic] [--rounds 10] [--out DIR]
+
+A LLaMA decoder at TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 22 blocks, 32 heads, 4 KV heads,
+vocabulary 32000; ``--shape tiny``: a 2-block toy for a CPU smoke run), random init (step time does
+not depend on the weights' values), weights in the precision's dtype, the step under autocast.
+Every method is prepared as the jobs prepare it (``methods.prepare``, LoRA-r8's budget on
+gate/up/down), calibrated on 4 batches where it needs it. Per token setting (rows × length):
+
+- step time: 3 warm-up steps each, then ``--rounds`` rounds, each timing one synchronised step
+  (forward, backward, optimizer step) of every method in turn, the order turning each round; the
+  ratio to LoRA-MLP is the median of the paired per-round ratios;
+- peak memory (CUDA): each method alone on the device, its peak allocated bytes over one step.
+
+Prints a table and writes ``decoder_step.json`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from step_time import fastest_ratio, paired_ratio, turned  # (benchmarks/ is the script's folder)
+
+from sparseft.app.placement import resolve
+from sparseft.methods import canonical, prepare, split_methods
+
+SHAPES = {
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                      num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build(shape: str, method: str, placement, length: int, rows: int):
+    """A fresh decoder on the device, prepared for ``method``, calibrated if it needs it; (model, optimizer, s)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(length, 128))
+    with torch.device(placement.device):
+        model = LlamaForCausalLM(config).to(DTYPES[placement.precision])
+    prepared = prepare(method, model, rank=8)
+    calibration_s = 0.0
+    if prepared.needs_calibration:
+        t0 = time.perf_counter()
+        prepared.sparse.calibrate([batch(config.vocab_size, rows, length, 100 + i, placement.device) for i in range(4)],
+                                  steps=4, show_progress=False)
+        sync(placement.device)
+        calibration_s = time.perf_counter() - t0
+    prepared.model.train()
+    return prepared.model, prepared.make_optimizer(1e-5), calibration_s, prepared.trainable_params
+
+
+def batch(vocab: int, rows: int, length: int, seed: int, device: str) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (rows, length), generator=gen).to(device)
+    return {"input_ids": ids, "labels": ids}
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def step(model, optimizer, data, placement) -> float:
+    sync(placement.device)
+    t0 = time.perf_counter()
+    with placement.autocast():
+        loss = model(**data).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(placement.device)
+    return time.perf_counter() - t0
+
+
+def peak_bytes(shape: str, method: str, placement, rows: int, length: int) -> int | None:
+    """Peak allocated bytes of one step with ``method`` alone on the device (None off CUDA)."""
+    if not placement.device.startswith("cuda"):
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    model, optimizer, _, _ = build(shape, method, placement, length, rows)
+    data = batch(model.config.vocab_size, rows, length, 0, placement.device)
+    step(model, optimizer, data, placement)  # optimizer state exists from here on
+    torch.cuda.reset_peak_memory_stats(placement.device)
+    step(model, optimizer, data, placement)
+    peak = torch.cuda.max_memory_allocated(placement.device)
+    del model, optimizer, data
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--tokens", nargs="+", default=["8x512", "4x2048"], help="rows x length per step")
+    ap.add_argument("--methods", default="full,lora-mlp,shira,sparsegrad,sparsegrad-dynamic")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    placement = resolve(args.device, args.precision)
+    methods = [canonical(m) for m in split_methods(args.methods)]
+    if "lora-mlp" not in methods:
+        methods.insert(0, "lora-mlp")
+    print(f"decoder_step: {args.shape}, {placement.describe()}, methods {', '.join(methods)}", flush=True)
+    results = {"settings": vars(args) | {"torch": torch.__version__, **placement.record()}, "tokens": {}}
+    for setting in args.tokens:
+        rows, length = map(int, setting.split("x"))
+        models = {}
+        for method in methods:
+            model, optimizer, calibration_s, trainable = build(args.shape, method, placement, length, rows)
+            models[method] = (model, optimizer)
+            results["tokens"].setdefault(setting, {"methods": {}})["methods"][method] = {"calibration_s": calibration_s,
+                                                                                     "trainable_params": trainable}
+        vocab = next(iter(models.values()))[0].config.vocab_size
+        data = batch(vocab, rows, length, 0, placement.device)
+        for method, (model, optimizer) in models.items():
+            for _ in range(args.warmup):
+                step(model, optimizer, data, placement)
+        times: dict[str, list[float]] = {m: [] for m in models}
+        for r in range(args.rounds):
+            for method in turned(list(models), r):
+                times[method].append(step(*models[method], data, placement))
+        del models
+        ratios, fastest = paired_ratio(times, "lora-mlp"), fastest_ratio(times, "lora-mlp")
+        entry = results["tokens"][setting]
+        print(f"\n{setting} tokens ({rows * length}), median of {args.rounds} steps")
+        print(f"{'method':24s} {'step s':>8s} {'vs LoRA':>8s} {'fastest':>8s} {'peak GiB':>9s} {'calib s':>8s}")
+        for method in methods:
+            peak = peak_bytes(args.shape, method, placement, rows, length)
+            row = entry["methods"][method] | {"median_step_s": statistics.median(times[method]), "vs_lora_mlp": ratios[method],
+                                             "fastest_vs_lora_mlp": fastest[method], "peak_bytes": peak, "times": times[method]}
+            entry["methods"][method] = row
+            gib = "-" if peak is None else f"{peak / 2**30:.1f}"
+            print(f"{method:24s} {row['median_step_s']:8.4f} {ratios[method]:8.2f} {fastest[method]:8.2f} {gib:>9s} "
+                  f"{row['calibration_s']:8.1f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decoder_step.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'decoder_step.json'}")
+
+
+if __name__ == "__main__":
+    main()
