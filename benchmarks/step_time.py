@@ -60,6 +60,9 @@ METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixe
                             "sparsegrad-fixed-1side-blocks4", "sparsegrad-fixed-1side-cached", "sparsegrad-dynamic-1side",
                             "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group32", "sparsegrad-fixed-1side-group64", "sparsegrad-fixed-1side-rowmajor",
                             "sparsegrad-fixed-1side-w0given")
+# "-triton": the same method with the Triton backend's sampled product (sparseft.update.triton_kernels);
+# by name only (--methods), and on a GPU: on a CPU it runs in Triton's interpreter
+BY_NAME_ONLY = ("sparsegrad-fixed-1side-triton",)
 
 
 class Block(nn.Module):
@@ -207,9 +210,13 @@ def time_methods(models: dict, x: torch.Tensor, w: torch.Tensor, rounds: int) ->
 
 def layout_kernels(method: str, device: str):
     """The reference kernels with one layout choice off for a "-rowmajor"/"@rowmajor" (no
-    column-major hand-off) or "-w0given"/"@w0given" (W0 not re-laid) variant, in force inside the
-    block; the registered kernels otherwise."""
+    column-major hand-off) or "-w0given"/"@w0given" (W0 not re-laid) variant, the Triton backend
+    for a "-triton" one, in force inside the block; the registered kernels otherwise."""
     device_type = torch.device(device).type
+    if method.endswith("-triton"):
+        from sparseft.update.triton_kernels import TritonKernels
+
+        return use_kernels(device_type, TritonKernels())
     if method.endswith("rowmajor"):
         return use_kernels(device_type, TorchKernels(hand_off_n_major=False))
     if method.endswith("w0given"):
@@ -436,10 +443,10 @@ def main() -> None:
     METHODS = METHODS[:4] + tuple(f"sparsegrad-fixed-narrow{L}" for L in args.narrow) + METHODS[4:]
     if args.methods:
         wanted = {"full", "lora", *args.methods.split(",")}
-        unknown = wanted - set(METHODS)
+        unknown = wanted - set(METHODS) - set(BY_NAME_ONLY)
         if unknown:
             ap.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-        METHODS = tuple(m for m in METHODS if m in wanted)
+        METHODS = tuple(m for m in (*METHODS, *BY_NAME_ONLY) if m in wanted)
         steps_only = True
     shapes = {k: v for k, v in SHAPES.items() if k.split()[0].split("-")[0] in args.shapes}
     if args.quick:
