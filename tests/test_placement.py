@@ -69,3 +69,23 @@ def test_autocast_reaches_the_sparse_update():
         SparseDelta.forward = forward
     assert seen and all(seen)
     assert all(layer.param.dtype == torch.float32 and layer.param.grad is not None for layer in model.sparse_layers().values())
+
+
+def test_a_half_precision_checkpoint_trains_with_float32_weights(tiny, tmp_path, capsys):  # noqa: F811
+    """A `.half()` checkpoint (what users load on GPUs) used to train into NaN within two steps
+    on the CPU; the jobs now load it with float32 weights, and the run and `predict` stay finite."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir, data = tiny
+    half = tmp_path / "half"
+    AutoModelForSequenceClassification.from_pretrained(model_dir).half().save_pretrained(half)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(half)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(half), "--data", data, "--steps", "5", "--batch-size", "8", "--calibration-steps", "2",
+                 "--rank", "2", "--no-progress", "--device", "cpu", "--output-dir", str(out)]) == 0
+    (record,) = json.loads((out / "results.json").read_text())
+    assert all(loss == loss and abs(loss) < 1e3 for _, loss in record["loss_curve"])
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--text", "a great movie", "--device", "cpu"]) == 0
+    probability = json.loads(capsys.readouterr().out.splitlines()[-1])["probability"]
+    assert 0.0 <= probability <= 1.0
