@@ -593,7 +593,11 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--max-extend {max_extend} is negative: give how many times the grid may grow (0 = never).")
     data = getattr(args, "data", None)
     if data and not Path(data).is_file():
-        raise DataError(f"--data {data}: no such file.")
+        from .tasks import SUITE_TASKS
+
+        if data not in SUITE_TASKS or getattr(args, "task", "classification") == "causal-lm":
+            raise DataError(f"--data {data}: no such file" + ("" if getattr(args, "task", "") == "causal-lm"
+                            else f", nor a task by name ({', '.join(SUITE_TASKS)})") + ".")
     model = getattr(args, "model", None)
     if model and model not in ("minilm", "mpnet"):
         config = Path(model) / "config.json"
@@ -630,6 +634,9 @@ def _main(argv: list[str] | None) -> int:
     except SparseFTError as exc:
         print(f"sparseft: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # training diverged: nothing was saved as a result
+        print(f"sparseft: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import io
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ class TextDataset:
 
 def _open_text(path: Path) -> io.TextIOBase:
     opener = {".bz2": bz2.open, ".gz": gzip.open}.get(path.suffix, open)
-    return opener(path, "rt", encoding="utf-8", newline="")
+    return opener(path, "rt", encoding="utf-8-sig", newline="")  # (-sig: a byte-order mark, as Excel writes, is not text)
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -79,12 +80,29 @@ def _read_rows(path: Path) -> list[dict]:
         raise DataError(f"Cannot read {path}: {exc}.") from exc
 
 
+MISSING_LABELS = {"nan", "none", "null", "na", "n/a"}  # how spreadsheets and pandas write an empty cell
+
+
 def _label_order(values: list[str]) -> list[str]:
     uniq = sorted(set(values))
     try:
         return sorted(uniq, key=float)
     except ValueError:
         return uniq
+
+
+def _numeric_labels(path: Path, labels: list[str]) -> list[str]:
+    """Numeric labels as one spelling per class ("1" and "1.0" are one class); a label with a
+    fractional part is a regression target, which a classifier cannot learn: refused."""
+    try:
+        values = [float(label) for label in labels]
+    except ValueError:
+        return labels  # class names
+    fractional = sorted({v for v in values if v != int(v)})
+    if fractional:
+        raise DataError(f"{path}: {len(fractional)} label values are not whole numbers (e.g. {fractional[:3]}); "
+                        "sparseft trains classifiers: give class names or integers in the label column.")
+    return [str(int(v)) for v in values]
 
 
 def load_table(
@@ -103,10 +121,11 @@ def load_table(
     if not rows:
         raise DataError(f"{path} has no rows.")
     columns = set().union(*(r.keys() for r in rows[:100]))
-    for col, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
-        if col not in columns:
+    for col, flag in ((text_column, "--text-column"), (label_column, "--label-column"), (group_column, "--group-column")):
+        if col is not None and col not in columns:
             raise DataError(f"{path} has no column {col!r} (columns: {sorted(columns)}); choose one with {flag}.")
     texts, labels, groups = [], [], []
+    no_label = no_text = 0
     for i, r in enumerate(rows, 1):
         text, label = r.get(text_column), r.get(label_column)
         if isinstance(text, (dict, list)) or isinstance(label, (dict, list)):
@@ -114,16 +133,24 @@ def load_table(
                 f"{path}: row {i} has a list/object in {text_column!r} or {label_column!r}; each must be "
                 "one string or number."
             )
-        if text is None or label is None or str(label).strip() == "" or str(label) in drop_labels:
+        if str(label) in drop_labels:
             continue
-        text = str(text).strip()
+        if label is None or str(label).strip() == "" or str(label).strip().lower() in MISSING_LABELS:
+            no_label += 1
+            continue
+        text = "" if text is None else str(text).strip()
         if not text:
+            no_text += 1
             continue
         texts.append(text)
         labels.append(str(label).strip())
         groups.append(str(r.get(group_column, text)) if group_column else text)
+    if no_label or no_text:  # said, not silent: the user counts their rows
+        print(f"{path}: {len(texts)} rows used; skipped {no_label} with no label (blank, NaN, None) and {no_text} with "
+              "no text", file=sys.stderr)
     if len(texts) < 2:
         raise DataError(f"{path} has {len(texts)} usable row(s) (non-empty text and label); at least a few dozen are needed.")
+    labels = _numeric_labels(path, labels)
     names = _label_order(labels)
     if len(names) < 2:
         raise DataError(f"{path}: every row has label {names[0]!r}; classification needs at least two classes.")

@@ -230,7 +230,24 @@ def fit(
         if on_step is not None:
             on_step(step, model)
 
+    if steps > start:  # the loss is checked before each update; the last update is checked here, before anything is saved or scored
+        _check_last_update(model, move_batch(batch, device), placement, f"after step {steps} ({method}, lr={lr:g})")
     return LoopResult(times, curve, detail, calibration_s, placement)
+
+
+@torch.no_grad()
+def _check_last_update(model: torch.nn.Module, batch: dict[str, Any], placement: Placement, when: str) -> None:
+    """The trained parameters and the loss on the last batch are finite, else FloatingPointError."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()) if trained else True
+    if finite:
+        was_training = model.training
+        model.eval()
+        with placement.autocast():
+            finite = bool(torch.isfinite(model(**batch).loss))
+        model.train(was_training)
+    if not finite:
+        raise FloatingPointError(f"The model is not finite {when}: the last update diverged; lower --lr.")
 
 
 def _calibrate(prepared: Prepared, train: Any, batch_size: int, seed: int, steps: int, show_progress: bool) -> float:
