@@ -4,6 +4,8 @@ the fix, and skipped rows are counted aloud."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_bench import tiny  # noqa: F401  (the tiny BERT checkpoint and CSV fixture)
 
@@ -60,3 +62,26 @@ def test_a_task_name_is_a_data_source_on_the_command_line():
     _validate(build_parser().parse_args(["train", "--data", "trec"]))  # a task by name: accepted
     with pytest.raises(DataError, match="nor a task by name"):
         _validate(build_parser().parse_args(["train", "--data", "no-such-file.csv"]))
+
+
+def test_predict_splits_the_training_file_as_training_did(tiny, tmp_path, capsys):  # noqa: F811
+    """`train --group-column` then `predict --data` on the same file: the run file records the
+    column, predict scores the same test split, and another group column is refused."""
+    from sparseft.app.cli import main
+
+    model_dir, _ = tiny
+    lines = ["text,label,movie"] + [f"the film {i % 7} was {'good' if i % 2 else 'bad'} {i},{i % 2},m{i % 40}" for i in range(160)]
+    data = tmp_path / "grouped.csv"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "--model", model_dir, "--data", str(data), "--group-column", "movie", "--steps", "2", "--batch-size", "8",
+                 "--calibration-steps", "2", "--rank", "2", "--no-progress", "--output-dir", str(out)]) == 0
+    (record,) = json.loads((out / "results.json").read_text())
+    run = json.loads((out / "adapters" / "seed-0" / "sparseft_run.json").read_text())
+    assert run["data"]["group_column"] == "movie"
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", str(data)]) == 0
+    scored = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert scored["accuracy"] == pytest.approx(record["accuracy"])  # the very test split training scored
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", str(data), "--group-column", "text"]) == 2
+    assert "--group-column movie" in capsys.readouterr().err

@@ -117,6 +117,12 @@ def _load_splits(args: argparse.Namespace):
     return load_splits(args.data, args.text_column, args.label_column, args.group_column)
 
 
+def _data_source(args: argparse.Namespace) -> dict[str, Any]:
+    """--data and its columns, as the run file records them (predict splits the same way)."""
+    data = args.data if not args.data or not Path(args.data).is_file() else str(Path(args.data).resolve())
+    return {"path": data, "text_column": args.text_column, "label_column": args.label_column, "group_column": args.group_column}
+
+
 def _model_dir(args: argparse.Namespace) -> str:
     from .resources import default_model_dir
 
@@ -235,6 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             resume_dir=str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,
             save_dir=None if args.no_save else str(out / "adapters" / f"seed-{seed}"),
             save_merged_dir=str(out / "merged" / f"seed-{seed}") if args.save_merged else None,
+            data=_data_source(args),
         )
         result = run_classification(settings, splits, tokenizer)
         records.append({**result.to_dict(), "run": run_metadata(args, model_dir=model_dir, batch_size=settings.batch_size,
@@ -249,6 +256,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"saved: {out / 'adapters'}/seed-S (load with `sparseft predict --adapter DIR`)"
               + (f", merged models in {out / 'merged'}/seed-S" if args.save_merged else ""))
     return 0
+
+
+def _predict_groups(args: argparse.Namespace, run: dict[str, Any]) -> str | None:
+    """The group column to split ``--data`` by: the training run's, when it is the same file, so
+    its test split holds no training row; a different one is refused."""
+    trained = run.get("data") or {}
+    if not args.data or trained.get("path") != str(Path(args.data).resolve()):
+        return args.group_column
+    if args.group_column is not None and args.group_column != trained.get("group_column"):
+        from ..errors import DataError
+
+        raise DataError(f"{args.data} was split for training with --group-column {trained.get('group_column')}; another split "
+                        "would put training rows in the scored split: pass the same --group-column (or none, to use it).")
+    return trained.get("group_column")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -269,7 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(json.dumps({"text": text, "label": run["label_names"][int(p.argmax())], "probability": round(float(p.max()), 4)}))
         return 0
     if args.data:
-        table = load_table(args.data, args.text_column, args.label_column, args.group_column)
+        table = load_table(args.data, args.text_column, args.label_column, _predict_groups(args, run))
     else:
         from .data import rotten_tomatoes
 

@@ -56,6 +56,7 @@ class RunSettings:
     save_merged_dir: str | None = None  # and a plain merged model here
     device: str = "auto"  # app.placement: auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast)
+    data: dict[str, Any] | None = None  # where the splits came from (--data and its columns): kept with what is saved
 
 
 @dataclass(kw_only=True)
@@ -294,7 +295,8 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     record = loop.record(prepared, t_start)
     if settings.save_dir or settings.save_merged_dir:
         run = {"model_dir": str(settings.model_dir), "method": method, "label_names": splits["train"].label_names,
-               "max_length": settings.max_length, "seed": settings.seed, "accuracy": acc, "eval_split": settings.eval_split}
+               "max_length": settings.max_length, "seed": settings.seed, "accuracy": acc, "eval_split": settings.eval_split,
+               "data": settings.data}
         save_trained(prepared.model, tokenizer, run, settings.save_dir, settings.save_merged_dir)
     return RunResult(method=method, seed=settings.seed, lr=lr, accuracy=acc, eval_split=settings.eval_split,
                      steps=settings.steps, **record)
