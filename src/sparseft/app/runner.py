@@ -80,13 +80,13 @@ class Runner:
                 self.report(record)
         return results
 
-    def report(self, record: Record, done: int = 1) -> None:
-        self.done += done
+    def report(self, record: Record) -> None:
+        self.done += 1
         self.total = max(self.total, self.done)
         if self.bar is not None:
             self.bar.total = self.total
             self.bar.set_postfix_str(self.describe(record))
-            self.bar.update(done)
+            self.bar.update(1)
         else:
             minutes = (time.perf_counter() - self.t0) / 60
             print(f"[{self.label} {self.done}/{self.total} {minutes:.1f} min] {self.describe(record)}", file=sys.stderr, flush=True)
