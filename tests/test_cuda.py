@@ -109,3 +109,45 @@ def test_gpu_triton_sampled_product_matches_the_formula(rotation, dtype):
     layer, gen = make_layer(96, 48, 300, "fixed", False, False, "sampled", seed=17, rotation=rotation)
     with use_kernels(torch.device(DEVICE).type, TritonKernels()):
         _assert_matches_on_device(layer, gen, dtype)
+
+
+@pytest.mark.parametrize("there,back", [(DEVICE, "cpu"), ("cpu", DEVICE)])
+@pytest.mark.parametrize("optimizer", ["AdamW", "SparseAdamW"])
+def test_a_checkpoint_resumes_on_the_other_device(tmp_path, there, back, optimizer):
+    """A checkpoint written with the model on one device resumes with it on the other: the next
+    step there equals the step the uninterrupted run takes."""
+    from conftest import tiny_bert
+
+    import sparseft
+    from sparseft import SparseGradConfig, get_sparse_model
+    from sparseft.app.checkpoint import load_checkpoint, save_checkpoint
+
+    make = getattr(torch.optim, optimizer, None) or getattr(sparseft, optimizer)
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 97, (4, 8), generator=gen), "labels": torch.tensor([0, 1, 0, 1])} for _ in range(3)]
+
+    def build(device):
+        torch.manual_seed(0)
+        return get_sparse_model(tiny_bert(), SparseGradConfig(density=0.05, modules_to_save=["classifier"])).to(device)
+
+    def step(model, opt, batch):
+        device = next(model.parameters()).device
+        model(**{k: v.to(device) for k, v in batch.items()}).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    first = build(there)
+    first.calibrate([{k: v.to(there) for k, v in batches[0].items()}], show_progress=False)
+    opt = make([p for p in first.parameters() if p.requires_grad], lr=1e-2)
+    for batch in batches[:2]:
+        step(first, opt, batch)
+    save_checkpoint(tmp_path, first, opt, step=2)
+    second = build(back)
+    opt2 = make([p for p in second.parameters() if p.requires_grad], lr=1e-2)
+    assert load_checkpoint(tmp_path, second, opt2)["step"] == 2
+    step(first, opt, batches[2])
+    step(second, opt2, batches[2])
+    ours = {n: p.detach().cpu() for n, p in second.named_parameters() if p.requires_grad}
+    for name, p in first.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[name], p.detach().cpu(), rtol=1e-4, atol=1e-5, msg=name)

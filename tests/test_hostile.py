@@ -7,6 +7,7 @@ from __future__ import annotations
 import bz2
 import json
 import math
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -299,6 +300,7 @@ def test_long_sequences_are_truncated(tiny_checkpoint: Path) -> None:
         (["--max-length", "64"], "longer than this model's 16 positions"),
         (["--batch-size", "0"], "must be > 0"),
         (["--lr", "-1"], "must be > 0"),
+        (["--lr", "nan"], "must be > 0"),
         (["--rank", "x"], "expected a int"),
         (["--method", "bogus"], "Unknown method"),
     ],
@@ -315,3 +317,288 @@ def test_cli_bad_arguments(tiny_checkpoint: Path, tmp_path: Path, capsys, extra,
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ careless runs
+# What a careless or hostile user did to the CLI and the library: each ran with exit 0 and a wrong
+# answer, lost work, or ended in a raw traceback before it was fixed.
+def _cli(tiny_checkpoint: Path, data: Path, out: Path, *extra: str, steps: int = 4) -> list[str]:
+    return ["train", "--model", str(tiny_checkpoint), "--data", str(data), "--steps", str(steps), "--calibration-steps", "1",
+            "--no-progress", "--max-length", "16", "--threads", "1", "--output-dir", str(out), *extra]
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    from sparseft.app.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(tiny_checkpoint: Path, tmp_path_factory) -> Path:
+    """The tiny BERT with every weight nudged: the same shapes, another base."""
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    out = tmp_path_factory.mktemp("otherbert")
+    model = BertForSequenceClassification.from_pretrained(tiny_checkpoint)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_checkpoint).save_pretrained(out)
+    return out
+
+
+def test_a_half_precision_model_trains_to_finite_weights() -> None:
+    """fp16 heads reached NaN at AdamW's second step: a half model's heads train in float32."""
+    from conftest import tiny_bert
+
+    from sparseft import SparseAdamW
+
+    for optimizer in (torch.optim.AdamW, SparseAdamW):
+        torch.manual_seed(0)
+        model = get_sparse_model(tiny_bert().half(), SparseGradConfig(density=0.05, modules_to_save=["classifier"]))
+        batch = {"input_ids": torch.randint(0, 97, (4, 8)), "labels": torch.tensor([0, 1, 0, 1])}
+        model.calibrate([batch], show_progress=False)
+        opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for _ in range(3):
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert all(torch.isfinite(p).all() for p in model.parameters()), optimizer.__name__
+        assert model.base_model.classifier.weight.dtype == torch.float32
+        assert model(**batch).logits.dtype == torch.float16  # the layers around the head see the model's dtype
+        plain = model.merge_and_unload()
+        assert {p.dtype for p in plain.parameters()} == {torch.float16} and not plain.classifier._forward_hooks
+
+
+@pytest.mark.parametrize("lr,message", [("1e4", "diverged"), ("1e38", "overflowed")])
+def test_a_diverged_run_is_an_error_and_saves_nothing(tiny_checkpoint: Path, tmp_path: Path, capsys, lr, message) -> None:
+    """lr=1e4 ended at finite losses of 5,709-66,165 and was saved and scored (exit 0); lr=1e38
+    raised torch's raw 'cannot be converted to type float without overflow'."""
+    data = _file(tmp_path, "d.csv", _rows(120))
+    code, err = _run(_cli(tiny_checkpoint, data, tmp_path / "out", "--method", "full", "--lr", lr, steps=5), capsys)
+    assert code == 1 and message in err and "lower --lr" in err
+    assert not (tmp_path / "out" / "adapters" / "seed-0" / "sparseft_run.json").exists()
+
+
+def test_a_non_finite_learning_rate_is_a_usage_error(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """--lr inf was taken, and training ran into NaN."""
+    code, err = _run(_cli(tiny_checkpoint, _file(tmp_path, "d.csv", _rows(120)), tmp_path / "out", "--lr", "inf"), capsys)
+    assert code == 2 and "finite" in err
+
+
+def test_resume_refuses_another_run_and_reports_a_finished_one(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """--resume went on silently with other data, another batch size or method variant, and
+    recorded --steps 10 for a model at step 20; a finished seed was re-reported with
+    step_time_s 0 and state_bytes 0; a corrupt newest checkpoint was not replaced by the older one."""
+    data = _file(tmp_path, "d.csv", _rows(120))
+    out = tmp_path / "out"
+    run = lambda *extra, steps=8: _run(_cli(tiny_checkpoint, data, out, "--checkpoint-every", "4", *extra, steps=steps), capsys)  # noqa: E731
+    assert run()[0] == 0
+    first = json.loads((out / "results.json").read_text())[0]
+    other = _file(tmp_path, "e.csv", _rows(120).replace("text number", "another text"))
+    for extra, steps, part in [(("--resume", str(out), "--batch-size", "8"), 8, "--batch-size 16 there, 8 now"),
+                               (("--resume", str(out)), 4, "--steps 8 there, 4 now"),
+                               (("--resume", str(out), "--method", "sparsegrad[support_group=8]"), 8, "support_group=8"),
+                               (("--resume", str(out), "--data", str(other)), 8, "the training data")]:
+        if "--data" in extra:
+            code, err = _run(_cli(tiny_checkpoint, other, out, "--checkpoint-every", "4", *extra[:2], steps=steps), capsys)
+        else:
+            code, err = run(*extra, steps=steps)
+        assert code == 2 and "belongs to another run" in err and part in err, err
+    code, _ = run("--resume", str(out))  # at its last step already: reported as it was
+    again = json.loads((out / "results.json").read_text())[0]
+    assert code == 0 and again["step_time_s"] > 0 and again["state_bytes"] == first["state_bytes"] > 0
+    assert again["accuracy"] == first["accuracy"]
+    newest = sorted((out / "checkpoints" / "seed-0").glob("checkpoint-*.safetensors"))[-1]
+    raw = bytearray(newest.read_bytes())
+    raw[-3] ^= 1
+    newest.write_bytes(bytes(raw))
+    code, err = run("--resume", str(out))
+    assert code == 0 and "fails its checksum" in err and "older checkpoint" in err
+
+
+def test_two_runs_into_one_output_dir(tiny_checkpoint: Path, tmp_path: Path, capsys) -> None:
+    """Both exited 0 and printed 'saved' while one's results and adapter were lost: the second is refused."""
+    from sparseft.app.outputs import claimed
+
+    data = _file(tmp_path, "d.csv", _rows(120))
+    with claimed(tmp_path / "out"):  # a run in progress
+        code, err = _run(_cli(tiny_checkpoint, data, tmp_path / "out"), capsys)
+    assert code == 2 and "Another sparseft run (pid" in err and "another --output-dir" in err
+    assert _run(_cli(tiny_checkpoint, data, tmp_path / "out"), capsys)[0] == 0  # the lock went with its holder
+
+
+def test_output_paths_are_checked_before_training(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """An --output-dir that is a file was found only after training."""
+    import sparseft.app.train as train
+
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("trained before the output path was checked"))
+    data = _file(tmp_path, "d.csv", _rows(120))
+    _file(tmp_path, "taken", "a file")
+    code, err = _run(_cli(tiny_checkpoint, data, tmp_path / "taken"), capsys)
+    assert code == 2 and "is a file" in err
+    (tmp_path / "out" / "adapters").mkdir(parents=True)
+    _file(tmp_path / "out" / "adapters", "seed-0", "a file")
+    code, err = _run(_cli(tiny_checkpoint, data, tmp_path / "out"), capsys)
+    assert code == 2 and "adapters/seed-0" in err and "is a file" in err
+
+
+@pytest.mark.parametrize("method,folder", [("lora-mlp", "adapters"), ("full", "adapters"), ("sparsegrad", "merged")])
+def test_saved_folders_are_sealed_against_changes_and_other_bases(
+        tiny_checkpoint: Path, other_checkpoint: Path, tmp_path: Path, capsys, method, folder) -> None:
+    """A flipped byte in a merged, full or lora-mlp folder moved predict from 0.5037 to 1.0 (exit
+    0); a LoRA adapter loaded onto another base of the same shape; a base that moved was a raw
+    OSError."""
+    data = _file(tmp_path, "d.csv", _rows(120))
+    out = tmp_path / "out"
+    assert _run(_cli(tiny_checkpoint, data, out, "--method", method, "--save-merged"), capsys)[0] == 0
+    saved = out / folder / "seed-0"
+    predict = ["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1"]
+    code, _ = _run(predict, capsys)
+    assert code == 0
+    if folder == "adapters" and method != "full":
+        code, err = _run([*predict, "--model", str(other_checkpoint)], capsys)
+        assert code == 2 and "not the base model this adapter was trained on" in err
+        run_file = saved / "sparseft_run.json"  # the base moved: name the fix, then take it
+        run_file.write_text(json.dumps(dict(json.loads(run_file.read_text()), model_dir=str(tmp_path / "gone"))))
+        from sparseft.app.artifacts import seal
+
+        seal(saved, json.loads((saved / "sparseft_manifest.json").read_text())["base_fingerprint"])
+        code, err = _run(predict, capsys)
+        assert code == 2 and "--model" in err and "gone" in err
+        assert _run([*predict, "--model", str(tiny_checkpoint)], capsys)[0] == 0
+    weights = max((p for p in saved.iterdir() if p.suffix == ".safetensors"), key=lambda p: p.stat().st_size)
+    raw = bytearray(weights.read_bytes())
+    raw[-7] ^= 1
+    weights.write_bytes(bytes(raw))
+    code, err = _run(predict, capsys)
+    assert code == 2 and "fails its checksum" in err
+
+
+@pytest.mark.parametrize("damage,part", [("run file missing", "holds no sparseft_run.json"),
+                                         ("run file broken", "not valid JSON"),
+                                         ("adapter_config.json missing", "is missing")])
+def test_a_damaged_folder_is_named(tiny_checkpoint: Path, tmp_path: Path, capsys, damage, part) -> None:
+    """A missing or broken adapter_config.json or sparseft_run.json was a raw FileNotFoundError,
+    JSONDecodeError or KeyError."""
+    data = _file(tmp_path, "d.csv", _rows(120))
+    out = tmp_path / "out"
+    assert _run(_cli(tiny_checkpoint, data, out), capsys)[0] == 0
+    saved = out / "adapters" / "seed-0"
+    (saved / "sparseft_manifest.json").unlink(missing_ok=True)  # (damage the manifest does not catch)
+    if damage == "run file missing":
+        (saved / "sparseft_run.json").unlink()
+    elif damage == "run file broken":
+        (saved / "sparseft_run.json").write_text("{not json")
+    else:
+        (saved / "adapter_config.json").unlink()
+    code, err = _run(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1"], capsys)
+    assert code == 2 and part in err, err
+
+
+def test_an_interrupt_says_what_is_kept(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ctrl-C printed a KeyboardInterrupt traceback."""
+    import sparseft.app.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    code, err = _run(_cli(tiny_checkpoint, _file(tmp_path, "d.csv", _rows(120)), tmp_path / "out", "--checkpoint-every", "2"), capsys)
+    assert code == 130 and "interrupted" in err and f"--resume {tmp_path / 'out'}" in err
+
+
+def _tiny_sparse(**config):
+    from conftest import tiny_bert
+
+    torch.manual_seed(0)
+    model = get_sparse_model(tiny_bert(), SparseGradConfig(density=0.05, modules_to_save=["classifier"], **config))
+    model.calibrate([{"input_ids": torch.randint(0, 97, (4, 8)), "labels": torch.tensor([0, 1, 0, 1])}], show_progress=False)
+    return model
+
+
+def test_merge_and_unload_leaves_the_base_frozen_and_nothing_to_save(tmp_path: Path) -> None:
+    """merge_and_unload() then training trained densely (834 → 23,490 trainable parameters);
+    save_pretrained then wrote 'values: 0', and loading that raised a raw KeyError."""
+    from sparseft import AdapterMismatchError, SparseModel
+
+    model = _tiny_sparse()
+    model.save_pretrained(tmp_path / "a")
+    plain = model.merge_and_unload()
+    assert {n for n, p in plain.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+    with pytest.raises(ConfigError, match="merged or unloaded"):
+        model.save_pretrained(tmp_path / "b")
+    with pytest.raises(ConfigError, match="merged or unloaded"):
+        model.export_lora(tmp_path / "c")
+    # an adapter file whose update tensors are missing: named, and the model is untouched
+    from sparseft.serialization import load_tensors, save_tensors
+
+    tensors, meta = load_tensors(tmp_path / "a" / "adapter_model.safetensors")
+    save_tensors(tmp_path / "a" / "adapter_model.safetensors", {k: v for k, v in tensors.items() if ".values" not in k}, meta)
+    from conftest import tiny_bert
+
+    with pytest.raises(AdapterMismatchError, match="lacks the update tensors"):
+        SparseModel.from_pretrained(tiny_bert(), tmp_path / "a")
+
+
+def test_export_lora_does_not_replace_an_adapter_or_write_over_a_file(tmp_path: Path) -> None:
+    """export_lora(d) into a folder holding a sparseft adapter replaced it silently; a path
+    that is a file was a raw FileExistsError."""
+    model = _tiny_sparse()
+    model.save_pretrained(tmp_path / "a")
+    before = (tmp_path / "a" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="holds a sparseft adapter"):
+        model.export_lora(tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == before
+    _file(tmp_path, "f", "a file")
+    with pytest.raises(ConfigError, match="is a file"):
+        model.export_lora(tmp_path / "f")
+    with pytest.raises(ConfigError, match="is a file"):
+        model.save_pretrained(tmp_path / "f")
+    model.export_lora(tmp_path / "a", overwrite=True)
+    assert "peft_type" in json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+
+
+def test_s2ft_adapters_load_only_on_their_base(tmp_path: Path) -> None:
+    """S2FT adapters loaded onto another base of the same shape and answered differently."""
+    from conftest import tiny_bert
+
+    from sparseft import AdapterMismatchError, S2FTConfig, S2FTModel, get_s2ft_model
+
+    torch.manual_seed(0)
+    get_s2ft_model(tiny_bert(), S2FTConfig(match_lora_rank=2)).save_pretrained(tmp_path / "a")
+    torch.manual_seed(1)
+    with pytest.raises(AdapterMismatchError, match="other base weights"):
+        S2FTModel.from_pretrained(tiny_bert(), tmp_path / "a")
+    torch.manual_seed(0)
+    S2FTModel.from_pretrained(tiny_bert(), tmp_path / "a")
+
+
+@pytest.mark.parametrize("batch,part", [({"input_ids": torch.zeros(0, 8, dtype=torch.long), "labels": torch.zeros(0, dtype=torch.long)}, "0 rows"),
+                                        ({"input_ids": torch.randint(0, 97, (4, 8)), "labels": torch.tensor([0, 1, 5, 1])}, "outside the model's [0, 2)")])
+def test_calibration_names_empty_batches_and_labels_out_of_range(batch, part) -> None:
+    """calibrate() with labels out of range or a 0-row batch raised a raw IndexError / RuntimeError."""
+    from conftest import tiny_bert
+
+    model = get_sparse_model(tiny_bert(), SparseGradConfig(density=0.05))
+    with pytest.raises(CalibrationError, match=re.escape(part)):
+        model.calibrate([batch], show_progress=False)
+
+
+def test_a_relative_model_path_still_loads_from_another_folder(tiny_checkpoint: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--model` given as a relative path, then `predict` run from another folder: a raw HF OSError."""
+    data = _file(tmp_path, "d.csv", _rows(120))
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    argv = _cli(tiny_checkpoint, data, tmp_path / "out")
+    argv[argv.index("--model") + 1] = tiny_checkpoint.name
+    assert _run(argv, capsys)[0] == 0
+    monkeypatch.chdir(tmp_path)
+    code, err = _run(["predict", "--adapter", str(tmp_path / "out" / "adapters" / "seed-0"), "--data", str(data), "--threads", "1"], capsys)
+    assert code == 0, err

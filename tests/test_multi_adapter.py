@@ -226,6 +226,7 @@ def test_a_bad_folder_fails_clearly_and_leaves_the_loaded_adapters_working(serve
     other_base = tmp_path / "other-base"
     _adapter("bert", "fixed", 4, base_seed=5).save_pretrained(other_base)
     other_head = tmp_path / "other-head"
+    torch.manual_seed(0)  # the same base weights (adapters are fingerprinted), another head
     get_s2ft_model(tiny_bert(num_labels=3), S2FTConfig(match_lora_rank=2)).save_pretrained(other_head)
     cases = [(corrupted, "checksum|corrupted"), (exported, "peft LoRA export"), (tmp_path / "missing", "No adapter file"),
              (other_base, "other base weights"), (other_head, "num_labels")]

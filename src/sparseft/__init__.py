@@ -18,6 +18,7 @@ _EXPORTS = {
     "AdapterMismatchError": ".errors",
     "CalibrationError": ".errors",
     "ConfigError": ".errors",
+    "CorruptFileError": ".errors",
     "DataError": ".errors",
     "InputError": ".errors",
     "NotCalibratedError": ".errors",

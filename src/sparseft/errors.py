@@ -26,6 +26,10 @@ class AdapterMismatchError(SparseFTError):
     """A saved adapter or bases file does not fit the base model it is loaded onto."""
 
 
+class CorruptFileError(AdapterMismatchError):
+    """A saved file fails its checksum or cannot be read: it changed after saving."""
+
+
 class InputError(SparseFTError):
     """A tensor or batch given to the model does not fit it (wrong feature size, not a dict)."""
 

@@ -61,6 +61,7 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | Non
             f"Calibration batches must be dicts of model inputs (got {type(batch).__name__}); "
             "yield e.g. {'input_ids': ..., 'attention_mask': ..., 'labels': ...}."
         )
+    _check_rows_and_labels(model, batch)
     try:
         outputs = model(**batch)
     except TypeError as exc:  # an input name the model's forward does not take
@@ -68,6 +69,9 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | Non
             f"The model rejected a calibration batch with keys {sorted(batch)} ({exc}): yield dicts whose keys "
             "are the model's forward arguments."
         ) from exc
+    except IndexError as exc:  # e.g. a token id past the embedding table
+        raise CalibrationError(f"A calibration batch indexes past the model's tables ({exc}): check its token ids "
+                               "and labels against the model's vocabulary and num_labels.") from exc
     if loss_fn is not None:
         loss = loss_fn(outputs, batch)
     else:
@@ -80,6 +84,26 @@ def batch_loss(model: nn.Module, batch: Mapping[str, Any], loss_fn: LossFn | Non
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise CalibrationError("The calibration loss must be a scalar tensor.")
     return loss
+
+
+def _check_rows_and_labels(model: nn.Module, batch: Mapping[str, Any]) -> None:
+    """A batch has rows, and integer labels lie in the model's range (one label per row:
+    ``num_labels``; one per token: the vocabulary; -100 is ignored), before a forward fails on
+    them with an IndexError (or, on a GPU, a device-side assert that ends the process)."""
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if any(t.shape[0] == 0 for t in tensors):
+        raise CalibrationError(f"A calibration batch has 0 rows (keys {sorted(batch)}): drop empty batches.")
+    labels = batch.get("labels")
+    config = getattr(model, "config", None)
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or config is None:
+        return
+    limit = getattr(config, "num_labels", None) if labels.dim() == 1 else getattr(config, "vocab_size", None)
+    valid = labels[labels != -100]
+    if isinstance(limit, int) and valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= limit):
+        what = "num_labels" if labels.dim() == 1 else "vocab_size"
+        raise CalibrationError(f"Calibration labels run from {int(valid.min())} to {int(valid.max())}, outside the model's "
+                               f"[0, {limit}) ({what} = {limit}): map the labels to 0..{limit - 1}, or load the model "
+                               f"with {what} to match.")
 
 
 def gradient_pass(

@@ -8,7 +8,6 @@ and fixed supports from a few gradient passes), dynamic selection with any optim
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping
@@ -24,6 +23,7 @@ from .update.bank import BasisBank
 from .calibration import DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, rotated_gradient_scores, score_chunks
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
+from .fingerprint import base_fingerprint
 from .layer import SparseLinear
 from .serialization import load_tensors, save_tensors
 from .targets import Target, find_targets, group_targets, weight_of
@@ -32,19 +32,6 @@ from .tuner import ADAPTER_FILE, CONFIG_FILE, BaseTuner, BaseTunerLayer  # noqa:
 BASES_FILE = "bases.safetensors"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def base_fingerprint(model: nn.Module, targets: list[Target]) -> str:
-    """A short hash of the base model's target layers (names, shapes, sampled weights): tells
-    apart another architecture, other targets, and other pretrained weights of the same shape."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for t in targets:
-        W = weight_of(model.get_submodule(t.name)).detach()
-        flat = W.reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu()
-        h.update(f"{t.name}:{t.m}x{t.n}".encode())
-        h.update(sample.numpy().round(5).tobytes())
-    return h.hexdigest()[:16]
 
 
 class SparseModel(BaseTuner):
@@ -366,6 +353,10 @@ class SparseModel(BaseTuner):
     @classmethod
     def config_from_meta(cls, meta: dict[str, Any]) -> SparseConfig:
         return SparseConfig.from_dict(meta["config"])
+
+    @classmethod
+    def _expected_tensors(cls, meta: dict[str, Any]) -> list[str]:
+        return [f"layers.{t[0]}.{part}" for t in meta.get("targets", []) for part in ("rows", "cols", "values")]
 
     @classmethod
     def _check_fit(cls, model: nn.Module, config: SparseConfig, meta: dict[str, Any],

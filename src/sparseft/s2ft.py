@@ -38,6 +38,7 @@ from torch import nn
 
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
 from .gradients import RngState, gradient_pass, require_dict
+from .fingerprint import base_fingerprint
 from .targets import Target, find_targets, weight_of
 from .tuner import BaseTuner, BaseTunerLayer
 
@@ -178,6 +179,7 @@ class S2FTModel(BaseTuner):
 
     def _setup(self, model: nn.Module) -> None:
         self.blocks = find_mlp_blocks(model, self.tuner_config.target_modules)
+        self.fingerprint = base_fingerprint(model, [t for b in self.blocks for t in b.inputs + b.outputs])
         self.calibrated = self.tuner_config.selection == "random"
 
     def _create_layers(self, model: nn.Module):
@@ -253,11 +255,16 @@ class S2FTModel(BaseTuner):
         tensors: dict[str, torch.Tensor] = {f"layers.{name}.delta": layer.delta for name, layer in self.s2ft_layers().items()}
         for block, channels in self.channels().items():
             tensors[f"blocks.{block}.channels"] = torch.tensor(channels, dtype=torch.int64)
-        return tensors, {"layers": {name: [layer.m, layer.n, layer.axis] for name, layer in self.s2ft_layers().items()}}
+        return tensors, {"layers": {name: [layer.m, layer.n, layer.axis] for name, layer in self.s2ft_layers().items()},
+                         "fingerprint": self.fingerprint}
 
     @classmethod
     def _wrong_kind(cls, path: Path, kind: Any) -> str:
         return f"{path} is not an S2FT adapter (kind {kind!r})."
+
+    @classmethod
+    def _expected_tensors(cls, meta: dict[str, Any]) -> list[str]:
+        return [f"layers.{name}.delta" for name in meta.get("layers", {})]
 
     @classmethod
     def _check_fit(cls, model: nn.Module, config: S2FTConfig, meta: dict[str, Any], **_: Any) -> None:
@@ -267,6 +274,12 @@ class S2FTModel(BaseTuner):
             ours.update({t.name: [t.m, t.n, "cols"] for t in b.outputs})
         if ours != meta["layers"]:
             raise AdapterMismatchError("The adapter's layers do not fit this model: it was saved for another architecture or size.")
+        blocks = find_mlp_blocks(model, config.target_modules)
+        ours_fingerprint = base_fingerprint(model, [t for b in blocks for t in b.inputs + b.outputs])
+        if meta.get("fingerprint", ours_fingerprint) != ours_fingerprint:  # (older files carry none)
+            raise AdapterMismatchError(
+                f"The adapter was trained on other base weights (fingerprint {meta['fingerprint']} ≠ {ours_fingerprint}): "
+                "load the base checkpoint it was trained on.")
 
     @torch.no_grad()
     def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], **_: Any) -> None:

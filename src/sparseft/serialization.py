@@ -20,9 +20,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import AdapterMismatchError
+from .errors import AdapterMismatchError, CorruptFileError
 
 META_KEY = "sparseft"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -35,6 +37,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide saved runs from the rest of a team
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -86,7 +89,7 @@ def load_tensors(path: str | os.PathLike, what: str = "adapter") -> tuple[dict[s
             raw = (f.metadata() or {}).get(META_KEY)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterMismatchError(
+        raise CorruptFileError(
             f"The {what} file {path} is truncated or corrupted ({exc}); save it again or restore a backup."
         ) from exc
     if raw is None:
@@ -94,11 +97,11 @@ def load_tensors(path: str | os.PathLike, what: str = "adapter") -> tuple[dict[s
     try:
         meta = json.loads(raw)
     except ValueError as exc:
-        raise AdapterMismatchError(f"The {what} file {path} has unreadable sparseft metadata ({exc}): it is corrupted.") from exc
+        raise CorruptFileError(f"The {what} file {path} has unreadable sparseft metadata ({exc}): it is corrupted.") from exc
     if not isinstance(meta, dict):
-        raise AdapterMismatchError(f"The {what} file {path} has sparseft metadata that is not a JSON object: it is corrupted.")
+        raise CorruptFileError(f"The {what} file {path} has sparseft metadata that is not a JSON object: it is corrupted.")
     if file_checksum(tensors, meta) != meta.get("sha256"):
-        raise AdapterMismatchError(
+        raise CorruptFileError(
             f"The {what} file {path} fails its checksum: it was modified or corrupted after saving. "
             "Save it again or restore a backup."
         )

@@ -28,6 +28,7 @@ from torch.func import functional_call
 
 from . import __version__
 from .errors import AdapterMismatchError, ConfigError, InputError
+from .half_heads import Float32Head
 from .serialization import atomic_write_text, load_tensors, save_tensors
 from .targets import find_heads, weight_of
 
@@ -234,6 +235,7 @@ class BaseTuner(nn.Module):
         self.heads: list[str] = find_heads(model, config.modules_to_save)
         self._setup(model, **kwargs)  # everything that can fail on bad input, before any change
         self._freeze_all_but_heads(model)
+        self._float32_heads = [Float32Head(model.get_submodule(head)) for head in self.heads]
         self._layer_names: list[str] = []
         for name, layer in self._create_layers(model):
             _replace(model, name, layer)
@@ -295,8 +297,7 @@ class BaseTuner(nn.Module):
         return _signature_class(cls, type(model))(model, config, **kwargs)
 
     def _freeze_all_but_heads(self, model: nn.Module) -> None:
-        """Freeze ``model`` except its heads; remember each parameter's ``requires_grad`` for unload."""
-        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        """Freeze ``model`` except its heads."""
         for p in model.parameters():
             p.requires_grad_(False)
         for head in self.heads:
@@ -609,13 +610,15 @@ class BaseTuner(nn.Module):
                 layer.unmerge()
             _replace(self.base_model, name, layer.release_base_layer())
         self._layer_names = []
-        for name, p in self.base_model.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, True))
+        for head in self._float32_heads:
+            head.restore()
         return self.base_model
 
     def merge_and_unload(self) -> nn.Module:
         """Fold every update into its base weight and return the base model (its own class,
-        plain nn.Linear / Conv1D layers, no sparseft module left)."""
+        plain nn.Linear / Conv1D layers, no sparseft module left). As in peft, what was frozen
+        stays frozen (only the heads train): training on densely would take a full fine-tune's
+        memory unasked. To train on sparsely, adapt the returned model again."""
         return self._restore_base(merge=True)
 
     def unload(self) -> nn.Module:
@@ -624,7 +627,7 @@ class BaseTuner(nn.Module):
 
     # ------------------------------------------------------------------ export to peft
     @torch.no_grad()
-    def export_lora(self, save_directory: str | os.PathLike, rank: int | None = None) -> dict[str, float]:
+    def export_lora(self, save_directory: str | os.PathLike, rank: int | None = None, overwrite: bool = False) -> dict[str, float]:
         """Write the updates as a standard ``peft`` LoRA adapter that ``PeftModel.from_pretrained``
         (and every tool built on peft's format) loads: ``adapter_config.json`` (``peft_type``
         LORA, per-layer ``rank_pattern``/``alpha_pattern`` with scaling 1, ``modules_to_save``
@@ -632,8 +635,13 @@ class BaseTuner(nn.Module):
         key names. Every update here is low rank (ΔW = P_R D Q_Cᵀ, or a row/column slice), so with
         ``rank=None`` the export is exact. With ``rank=r`` each layer is truncated to its best
         rank-r approximation (SVD); returns each layer's relative error ‖ΔW − ΔW_r‖_F / ‖ΔW‖_F
-        (0 where exact)."""
+        (0 where exact). A folder holding a sparseft adapter is not replaced unless ``overwrite``."""
         from .targets import is_transposed
+
+        out = self._check_output(save_directory, "export_lora")
+        if not overwrite and (out / CONFIG_FILE).is_file() and '"kind"' in (out / CONFIG_FILE).read_text(encoding="utf-8", errors="replace"):
+            raise ConfigError(f"export_lora: {out} holds a sparseft adapter, which the export would replace: export into "
+                              "another folder, or pass overwrite=True.")
 
         tensors: dict[str, torch.Tensor] = {}
         ranks: dict[str, int] = {}
@@ -667,7 +675,6 @@ class BaseTuner(nn.Module):
             "use_rslora": False, "use_dora": False, "init_lora_weights": True, "layers_to_transform": None,
             "layers_pattern": None,
         }
-        out = Path(save_directory)
         meta = {"format": "pt", "exported_by": f"sparseft {__version__}", "kind": self.adapter_kind}
         save_tensors(out / ADAPTER_FILE, {k: v.cpu() for k, v in tensors.items()}, meta)
         atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2))
@@ -685,6 +692,16 @@ class BaseTuner(nn.Module):
     def _check_ready_to_save(self) -> None:
         """Raise if there is nothing to save yet."""
 
+    def _check_output(self, save_directory: str | os.PathLike, what: str) -> Path:
+        """The folder to write ``what`` into, once there is an update to write and a folder to hold it."""
+        if not self._layer_names:
+            raise ConfigError(f"{what}: this model's updates were merged or unloaded (merge_and_unload / unload), so "
+                              "there is no adapter left; save the model those calls returned with its own save_pretrained().")
+        out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{what}: {out} is a file; pass a folder path.")
+        return out
+
     def _meta(self) -> dict[str, Any]:
         return {"kind": self.adapter_kind, "version": __version__, "config": self.tuner_config.to_dict(),
                 "base_model_class": type(self.base_model).__name__}
@@ -692,11 +709,11 @@ class BaseTuner(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Any:
         """Write the adapter only: ``adapter_model.safetensors`` (the updates and the dense heads)
         and ``adapter_config.json``, each atomically."""
+        out = self._check_output(save_directory, "save_pretrained")
         self._check_ready_to_save()
         tensors, extra = self._adapter_tensors(**kwargs)
         tensors.update(self._head_tensors())
         meta = {**self._meta(), **extra}
-        out = Path(save_directory)
         size = save_tensors(out / ADAPTER_FILE, tensors, meta)
         atomic_write_text(out / CONFIG_FILE, json.dumps(dict(meta, adapter_bytes=size), indent=2))
         return self._save_result(size, tensors)
@@ -735,6 +752,11 @@ class BaseTuner(nn.Module):
         return cls.config_class(**meta["config"])
 
     @classmethod
+    def _expected_tensors(cls, meta: dict[str, Any]) -> list[str]:
+        """The tensor names an adapter file with ``meta`` must hold."""
+        return []
+
+    @classmethod
     def _check_fit(cls, model: nn.Module, config: Any, meta: dict[str, Any], **kwargs: Any) -> None:
         """Raise AdapterMismatchError if the adapter cannot load onto ``model`` (called before
         the model is touched)."""
@@ -770,6 +792,10 @@ class BaseTuner(nn.Module):
             cls = tuner_for(save_directory)
         tensors, meta = cls.read_adapter(model, save_directory)
         config = cls.config_from_meta(meta)
+        missing = [key for key in cls._expected_tensors(meta) if key not in tensors]
+        if missing:
+            raise AdapterMismatchError(f"{save_directory} lacks the update tensors {missing[:3]} ({len(missing)} in all): "
+                                       "the adapter is incomplete; save it again.")
         cls._check_fit(model, config, meta, **kwargs)
         cls._check_heads(model, find_heads(model, config.modules_to_save), tensors)
         tuner = cls.wrap(model, config)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from ..errors import SparseFTError
+from .outputs import check_folders, claimed
 from .provenance import run_metadata
 from .placement import DEVICE_HELP, PRECISIONS
 from .threads import RULE as THREADS_RULE
@@ -64,8 +67,8 @@ def _positive(kind: type):
             value = kind(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from exc
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
         return value
 
     parse.__name__ = f"positive {kind.__name__}"
@@ -129,7 +132,7 @@ def _model_dir(args: argparse.Namespace) -> str:
     path = Path(args.model) if args.model else default_model_dir()
     if not (path / "config.json").is_file():
         raise SparseFTError(f"--model {path} is not a Hugging Face checkpoint directory (no config.json).")
-    return str(path)
+    return str(path.resolve())  # (the run file records it: predict may run from another folder)
 
 
 def _table(records: list[dict[str, Any]], title: str) -> None:
@@ -226,6 +229,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = _load_splits(args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(args.output_dir)
+    check_folders([(out / part / f"seed-{seed}", f"--output-dir {out}: {part}/seed-{seed}")
+                   for seed in args.seeds for part, used in (("adapters", not args.no_save), ("merged", args.save_merged),
+                                                             ("checkpoints", args.checkpoint_every)) if used])
     records: list[dict[str, Any]] = []
     print(
         f"train {len(splits['train'])} / validation {len(splits['validation'])} / test {len(splits['test'])} rows, "
@@ -280,7 +286,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .train import accuracy, load_trained
 
     placement = _placement(args)
-    model, tokenizer, run = load_trained(args.adapter)
+    model, tokenizer, run = load_trained(args.adapter, args.model)
     model.to(placement.device)
     if args.text:
         enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
@@ -509,6 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="load what `sparseft train` saved: score labelled data or label texts")
     predict.add_argument("--adapter", required=True, help="OUTPUT_DIR/adapters/seed-S (or a --save-merged folder)")
+    predict.add_argument("--model", help="the base model folder, when it moved since training (default: the one the run "
+                         "recorded; its fingerprint must match)")
     predict.add_argument("--text", action="append", help="a text to label (repeatable); prints JSON lines")
     predict.add_argument("--data", help="a labelled CSV/TSV/JSONL to score (default: the embedded Rotten Tomatoes)")
     predict.add_argument("--text-column", default="text")
@@ -643,6 +651,8 @@ def _main(argv: list[str] | None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    # peft's loader calls a transformers name deprecated in 5.x: a warning the user can do nothing about
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.func in (cmd_train, cmd_predict):  # one process does the work: choose its threads
         from .threads import choose
 
@@ -651,13 +661,40 @@ def _main(argv: list[str] | None) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        return args.func(args)
+        with claimed(out) if (out := _output_dir(args)) else contextlib.nullcontext():
+            return args.func(args)
     except SparseFTError as exc:
         print(f"sparseft: error: {exc}", file=sys.stderr)
         return 2
     except FloatingPointError as exc:  # training diverged: nothing was saved as a result
         print(f"sparseft: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\nsparseft: interrupted. {_what_is_kept(args)}", file=sys.stderr)
+        return 130
+
+
+def _output_dir(args: argparse.Namespace) -> str | None:
+    """The folder a command writes (held for the run, outputs.claimed), or None."""
+    if args.func is cmd_predict or (args.func is cmd_bench and args.prepare and not args.suite):
+        return None
+    if args.func is cmd_bench and args.suite and args.output_dir == "runs/bench":
+        return "runs/suite"
+    return args.output_dir
+
+
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves, and how to go on from it."""
+    out = _output_dir(args)
+    if args.func is cmd_train and getattr(args, "checkpoint_every", None):
+        return f"The newest checkpoints in {out}/checkpoints are kept: continue with --resume {out}."
+    if args.func is cmd_train:
+        return "The unfinished run saved nothing (add --checkpoint-every N to keep its progress)."
+    if args.func is cmd_bench and args.suite:
+        return f"Finished runs are kept in {out}/records.jsonl: continue with --reuse {out}."
+    if args.func is cmd_bench:
+        return f"Finished runs are kept in {out}/records.jsonl."
+    return "Nothing was written."
 
 
 if __name__ == "__main__":

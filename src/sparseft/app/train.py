@@ -7,10 +7,12 @@ contract needs: accuracy, trainable parameters, exact state bytes, peak RSS, ste
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,9 +23,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from ..gradients import move_batch
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
-from ..errors import ConfigError
+from ..errors import AdapterMismatchError, ConfigError, CorruptFileError, DataError
+from ..fingerprint import backbone_fingerprint
+from .artifacts import seal, verify
 from .placement import Placement, placement_of, resolve
 from ..methods import DEFAULT_LR, Prepared, canonical, method_spec, prepare, training_options
 from .metrics import peak_rss_bytes, state_bytes
@@ -162,6 +166,7 @@ def fit(
     checkpoint_every: int = 0,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     placement: Placement | None = None,
+    identity: dict[str, Any] | None = None,
 ) -> LoopResult:
     """The training loop shared by every task: calibrate if the method needs it, AdamW-style
     optimizer with linear warm-up/decay, ``steps`` shuffled batches of ``train`` (a dict of
@@ -171,7 +176,8 @@ def fit(
     A variant's training options (``method[calibration_steps=40;warmup_fraction=0.2]``) override
     the arguments; ``reselect_every`` falls back to the method config's own. ``placement``: the
     model moves to its device before calibration, and each step runs in its precision (default:
-    where the model is, fp32)."""
+    where the model is, fp32). ``identity``: what makes a run this run (settings, data and base
+    fingerprints); checkpoints keep it, and resuming with another is refused."""
     model = prepared.model
     placement = placement or placement_of(model)
     model.to(placement.device)
@@ -192,9 +198,10 @@ def fit(
     torch.manual_seed(seed)
     model.train()
     device = torch.device(placement.device)
-    times: list[float] = []
-    detail: dict[str, int] = {}
-    start, running, seen, curve = _resume(resume, model, optimizer, scheduler, lr) if resume is not None else (0, 0.0, 0, [])
+    identity = json.loads(json.dumps(identity or {}))  # as a checkpoint gives it back (tuples → lists)
+    run = _resume(resume_dir, model, optimizer, scheduler, lr, identity, steps) if resume is not None else Resumed()
+    start, running, seen, curve, times, detail, first_loss = (run.step, run.running, run.seen, run.curve, run.times,
+                                                              run.detail, run.first_loss)
     bar = progress(
         itertools.islice(batches(train, batch_size, seed=seed, steps=steps), start, None),
         desc=f"{method} lr={lr:g} seed={seed}",
@@ -206,7 +213,12 @@ def fit(
         with placement.autocast():
             loss = model(**move_batch(batch, device)).loss
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        try:
+            scaler.step(optimizer)
+        except RuntimeError as exc:  # e.g. lr/(1-β₁) past float32's range: torch names no fix
+            if "overflow" not in str(exc):
+                raise
+            raise FloatingPointError(f"The update overflowed at step {step} ({method}, lr={lr:g}): lower --lr.") from exc
         scaler.update()
         scheduler.step()
         if step == steps:
@@ -218,6 +230,7 @@ def fit(
         times.append(time.perf_counter() - t0)
         running += loss_value
         seen += 1
+        first_loss = loss_value if first_loss is None else first_loss
         if step % loss_every == 0 or step == steps:
             curve.append((step, running / seen))
             if hasattr(bar, "set_postfix"):
@@ -226,29 +239,42 @@ def fit(
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"Training loss became {loss_value} at step {step} ({method}, lr={lr:g}): lower --lr.")
         if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
-            extra = {"lr": lr, "running": running, "seen": seen, "curve": curve}
+            extra = {"lr": lr, "running": running, "seen": seen, "curve": curve, "times": times[-_KEPT_TIMES:],
+                     "detail": detail, "first_loss": first_loss, "identity": identity}
             save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step, extra=extra)
         if on_step is not None:
             on_step(step, model)
 
     if steps > start:  # the loss is checked before each update; the last update is checked here, before anything is saved or scored
-        _check_last_update(model, move_batch(batch, device), placement, f"after step {steps} ({method}, lr={lr:g})")
+        _check_last_update(model, move_batch(batch, device), placement, f"after step {steps} ({method}, lr={lr:g})", first_loss)
     return LoopResult(times, curve, detail, calibration_s, placement)
 
 
+# A fine-tuning run whose loss ends this many times above its first step's (+1, for losses near 0)
+# diverged: lr=1e4 ended at losses of 5,709-66,165, finite, and was saved and scored.
+DIVERGED = 10.0
+_KEPT_TIMES = 10_000  # step times a checkpoint keeps (the median of a resumed run spans both parts)
+
+
 @torch.no_grad()
-def _check_last_update(model: torch.nn.Module, batch: dict[str, Any], placement: Placement, when: str) -> None:
-    """The trained parameters and the loss on the last batch are finite, else FloatingPointError."""
+def _check_last_update(model: torch.nn.Module, batch: dict[str, Any], placement: Placement, when: str,
+                       first_loss: float | None = None) -> None:
+    """The trained parameters and the loss on the last batch are finite, and that loss is not
+    ``DIVERGED`` times the first step's, else FloatingPointError."""
     trained = [p for p in model.parameters() if p.requires_grad]
     finite = bool(torch.stack([torch.isfinite(p).all() for p in trained]).all()) if trained else True
     if finite:
         was_training = model.training
         model.eval()
         with placement.autocast():
-            finite = bool(torch.isfinite(model(**batch).loss))
+            loss = float(model(**batch).loss)
         model.train(was_training)
+        finite = math.isfinite(loss)
     if not finite:
         raise FloatingPointError(f"The model is not finite {when}: the last update diverged; lower --lr.")
+    if first_loss is not None and loss > DIVERGED * first_loss + 1:
+        raise FloatingPointError(f"The loss rose from {first_loss:.4g} at the first step to {loss:.4g} {when}: "
+                                 "training diverged; lower --lr.")
 
 
 def _calibrate(prepared: Prepared, train: Any, batch_size: int, seed: int, steps: int, show_progress: bool) -> float:
@@ -258,14 +284,54 @@ def _calibrate(prepared: Prepared, train: Any, batch_size: int, seed: int, steps
     return time.perf_counter() - t0
 
 
-def _resume(resume: Path, model, optimizer, scheduler, lr: float) -> tuple[int, float, int, list]:
-    """Weights, optimizer, scheduler and RNG from ``resume``; (step, running loss, its count,
-    curve) to go on from. The run skips the batches already seen."""
-    state = load_checkpoint(resume, model, optimizer, scheduler)
-    if state["extra"].get("lr") != lr:
-        raise ConfigError(f"{resume} was trained with lr={state['extra'].get('lr')}, not {lr:g}: resume with the same --lr.")
+@dataclass
+class Resumed:
+    """Where a resumed run goes on from (a fresh run: step 0)."""
+
+    step: int = 0
+    running: float = 0.0
+    seen: int = 0
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    detail: dict[str, int] = field(default_factory=dict)
+    first_loss: float | None = None
+
+
+def _resume(directory: str, model, optimizer, scheduler, lr: float, identity: dict[str, Any], steps: int) -> Resumed:
+    """Weights, optimizer, scheduler and RNG from the newest readable checkpoint in ``directory``
+    (a corrupt newest one is reported, and the older kept one used). The run skips the batches
+    already seen. A checkpoint of another run (other settings, data or base) is refused."""
+    found = checkpoints(directory)
+    newest = latest_checkpoint(directory)
+    candidates = [newest, *[p for p in reversed(found) if p != newest]]
+    for path in candidates:
+        if not path.is_file():
+            print(f"sparseft: {path} is missing. Trying the older checkpoint kept beside it.", file=sys.stderr)
+            continue
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler)  # verifies the file before changing anything
+            break
+        except CorruptFileError as exc:
+            print(f"sparseft: {exc} Trying the older checkpoint kept beside it.", file=sys.stderr)
+    else:
+        raise CorruptFileError(f"Every checkpoint in {directory} is damaged: start again without --resume.")
     extra = state["extra"]
-    return state["step"], extra["running"], extra["seen"], [tuple(point) for point in extra["curve"]]
+    if extra.get("lr") != lr:
+        raise ConfigError(f"{path} was trained with lr={extra.get('lr')}, not {lr:g}: resume with the same --lr.")
+    saved = extra.get("identity") or {}
+    differ = [f"{_flag(key)} {saved[key]!r} there, {value!r} now" for key, value in identity.items()
+              if key in saved and saved[key] != value]
+    if differ:
+        raise ConfigError(f"{path} belongs to another run ({'; '.join(differ)}): resume with the same settings, data and "
+                          "model, or train into a new --output-dir without --resume.")
+    if state["step"] > steps:
+        raise ConfigError(f"{path} is at step {state['step']}, past --steps {steps}: resume with --steps {state['step']} or more.")
+    return Resumed(state["step"], extra["running"], extra["seen"], [tuple(point) for point in extra["curve"]],
+                   list(extra.get("times", [])), dict(extra.get("detail", {})), extra.get("first_loss"))
+
+
+def _flag(key: str) -> str:
+    return {"data": "the training data (fingerprint)", "base": "the base model (fingerprint)"}.get(key, f"--{key.replace('_', '-')}")
 
 
 def run_classification(settings: RunSettings, splits: dict[str, TextDataset], tokenizer=None) -> RunResult:
@@ -284,20 +350,27 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {settings.max_length} is longer than this model's {positions} positions: use "
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
+    base = backbone_fingerprint(model)
+    identity = {"method": method, "steps": settings.steps, "seed": settings.seed, "batch_size": settings.batch_size,
+                "max_length": settings.max_length, "rank": settings.rank, "density": settings.density,
+                "support_narrow": settings.support_narrow, "calibration_steps": settings.calibration_steps,
+                "warmup_fraction": settings.warmup_fraction, "reselect_every": settings.reselect_every,
+                "data": data_fingerprint(train), "base": base}
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
     reselect = settings.reselect_every if method_spec(method).reselects else None
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
                show_progress=settings.show_progress, reselect_every=reselect, resume_dir=settings.resume_dir,
-               checkpoint_dir=settings.checkpoint_dir, checkpoint_every=settings.checkpoint_every, placement=placement)
+               checkpoint_dir=settings.checkpoint_dir, checkpoint_every=settings.checkpoint_every, placement=placement,
+               identity=identity)
     acc = accuracy(prepared.model, evaluation, settings.eval_batch_size, placement)
     record = loop.record(prepared, t_start)
     if settings.save_dir or settings.save_merged_dir:
         run = {"model_dir": str(settings.model_dir), "method": method, "label_names": splits["train"].label_names,
                "max_length": settings.max_length, "seed": settings.seed, "accuracy": acc, "eval_split": settings.eval_split,
                "data": settings.data}
-        save_trained(prepared.model, tokenizer, run, settings.save_dir, settings.save_merged_dir)
+        save_trained(prepared.model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base)
     return RunResult(method=method, seed=settings.seed, lr=lr, accuracy=acc, eval_split=settings.eval_split,
                      steps=settings.steps, **record)
 
@@ -305,11 +378,21 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
 RUN_FILE = "sparseft_run.json"
 
 
+def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
+    """A short SHA-256 of encoded rows (their token ids and labels)."""
+    h = hashlib.sha256()
+    for key in sorted(data):
+        h.update(key.encode())
+        h.update(data[key].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter_dir: str | None,
-                 merged_dir: str | None) -> None:
+                 merged_dir: str | None, base_fingerprint: str | None = None) -> None:
     """Save what a run trained: the adapter (sparseft's or peft's format; the whole model for
     full/head) with ``sparseft_run.json`` (base model, method, labels) so ``sparseft predict``
-    can load it back; and optionally a plain merged model (``from_pretrained`` as usual)."""
+    can load it back; and optionally a plain merged model (``from_pretrained`` as usual). Each
+    folder is sealed (``artifacts.seal``: every file's checksum, the base's fingerprint)."""
     from ..serialization import atomic_write_text
     from ..tuner import BaseTuner
 
@@ -321,30 +404,55 @@ def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter
         if whole:
             tokenizer.save_pretrained(out)
         atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model" if whole else "adapter"), indent=2))
+        seal(out, base_fingerprint)
     if merged_dir:
         out = Path(merged_dir)
         plain = model if whole else copy.deepcopy(model).merge_and_unload()
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
         atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model"), indent=2))
+        seal(out, base_fingerprint)
 
 
-def load_trained(path: str | Path):
-    """(model, tokenizer, run) from a folder ``save_trained`` wrote."""
-    from ..errors import DataError
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing: {what}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}): {what}") from exc
+    if not isinstance(value, dict):
+        raise DataError(f"{path} is not a JSON object: {what}")
+    return value
 
+
+def load_trained(path: str | Path, model_dir: str | Path | None = None):
+    """(model, tokenizer, run) from a folder ``save_trained`` wrote, its files verified first.
+    An adapter loads onto the base recorded at training, or ``model_dir`` (that base moved);
+    either must have the fingerprint the run recorded."""
     folder = Path(path)
-    run_file = folder / RUN_FILE
-    if not run_file.is_file():
-        raise DataError(f"{folder} holds no {RUN_FILE}: pass a folder written by `sparseft train` "
-                        "(OUTPUT_DIR/adapters/seed-S or the --save-merged folder).")
-    run = json.loads(run_file.read_text(encoding="utf-8"))
+    again = "pass a folder written by `sparseft train` (OUTPUT_DIR/adapters/seed-S or the --save-merged folder)."
+    if not (folder / RUN_FILE).is_file():
+        raise DataError(f"{folder} holds no {RUN_FILE}: {again}")
+    manifest = verify(folder)
+    run = _read_json(folder / RUN_FILE, again)
+    missing = [key for key in ("kind", "label_names", "max_length", "method", "model_dir", "seed") if key not in run]
+    if missing:
+        raise DataError(f"{folder / RUN_FILE} lacks {missing}: {again}")
     labels = len(run["label_names"])
     if run["kind"] == "model":
         model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=labels, dtype=torch.float32)
         return model.eval(), AutoTokenizer.from_pretrained(str(folder)), run
-    base = load_classifier(run["model_dir"], labels, run["seed"])
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    base_dir = Path(model_dir or run["model_dir"])
+    if not (base_dir / "config.json").is_file():
+        raise DataError(f"The base model {base_dir} {'given' if model_dir else 'recorded at training'} is not there (no "
+                        "config.json): pass --model DIR with the base this adapter was trained on (it is checked).")
+    base = load_classifier(base_dir, labels, run["seed"])
+    expected = manifest.get("base_fingerprint")
+    if expected and backbone_fingerprint(base) != expected:
+        raise AdapterMismatchError(f"{base_dir} is not the base model this adapter was trained on (fingerprint "
+                                   f"{backbone_fingerprint(base)} ≠ {expected}): pass --model with that base.")
+    config = _read_json(folder / "adapter_config.json", again)
     if "peft_type" in config:  # peft's format (LoRA, SHiRA, ...): peft reads its own kinds
         from peft import PeftModel
 
@@ -353,4 +461,4 @@ def load_trained(path: str | Path):
         from .. import BaseTuner
 
         model = BaseTuner.from_pretrained(base, folder)
-    return model.eval(), AutoTokenizer.from_pretrained(run["model_dir"]), run
+    return model.eval(), AutoTokenizer.from_pretrained(str(base_dir)), run
