@@ -602,3 +602,18 @@ def test_a_relative_model_path_still_loads_from_another_folder(tiny_checkpoint: 
     monkeypatch.chdir(tmp_path)
     code, err = _run(["predict", "--adapter", str(tmp_path / "out" / "adapters" / "seed-0"), "--data", str(data), "--threads", "1"], capsys)
     assert code == 0, err
+
+
+def test_a_non_finite_model_gives_no_score() -> None:
+    """predict printed `"probability": NaN` (not JSON) and scored a NaN model's argmax."""
+    from conftest import tiny_bert
+
+    from sparseft.app.train import accuracy
+
+    model = tiny_bert()
+    with torch.no_grad():
+        model.classifier.weight.fill_(math.nan)
+    data = {"input_ids": torch.randint(0, 97, (6, 8)), "attention_mask": torch.ones(6, 8, dtype=torch.long),
+            "labels": torch.zeros(6, dtype=torch.long)}
+    with pytest.raises(FloatingPointError, match="not finite"):
+        accuracy(model, data)

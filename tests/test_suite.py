@@ -180,7 +180,7 @@ class _InlineExecutor:
         pass
 
 
-def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch) -> None:
+def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys) -> None:
     """--reuse: a second run with one more method trains only that method's runs, and the summary
     equals one made from scratch; a directory made with other run settings is refused by name."""
     import sparseft.app.suite as S
@@ -221,6 +221,15 @@ def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch) -> None:
     S.run_suite(SuiteSettings(output_dir=str(tmp_path / "b"), methods=(REFERENCE, "sparsegrad-fixed", "full"),
                               reuse=str(tmp_path / "b"), **common))
     assert len(trained) == 1
+    # a record changed after its run fails its checksum: that run is trained again, not reused
+    lines = log.read_text().splitlines()
+    changed = json.loads(lines[0])
+    changed["test_accuracy"] = 0.99
+    log.write_text("\n".join([json.dumps(changed), *lines[1:]]) + "\n")
+    trained.clear()
+    S.run_suite(SuiteSettings(output_dir=str(tmp_path / "b"), methods=(REFERENCE, "sparsegrad-fixed", "full"),
+                              reuse=str(tmp_path / "b"), **common))
+    assert len(trained) == 1 and "fail their checksum" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="steps: 80 there, 40 here"):
         S.run_suite(SuiteSettings(output_dir=str(tmp_path / "c"), steps=40, reuse=str(tmp_path / "a"), **common))
 

@@ -64,4 +64,19 @@ def verify(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
-__all__ = ["MANIFEST", "file_sha256", "seal", "verify"]
+def _record_digest(record: dict[str, Any]) -> str:
+    body = json.dumps({k: v for k, v in record.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def sealed_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (a run's JSON record, as records.jsonl keeps it) with its own ``sha256``."""
+    return {**record, "sha256": _record_digest(record)}
+
+
+def record_intact(record: dict[str, Any]) -> bool:
+    """Whether a record read back is as it was sealed (records written before seals pass)."""
+    return "sha256" not in record or record["sha256"] == _record_digest(record)
+
+
+__all__ = ["MANIFEST", "file_sha256", "record_intact", "seal", "sealed_record", "verify"]

@@ -283,7 +283,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import torch
 
     from .data import encode, load_table, split_dataset
-    from .train import accuracy, load_trained
+    from .train import check_finite, accuracy, load_trained
 
     placement = _placement(args)
     model, tokenizer, run = load_trained(args.adapter, args.model)
@@ -291,7 +291,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.text:
         enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
         with torch.no_grad(), placement.autocast():
-            probs = model(**enc.to(placement.device)).logits.float().softmax(-1).cpu()
+            logits = model(**enc.to(placement.device)).logits.float()
+        check_finite(logits)
+        probs = logits.softmax(-1).cpu()
         for text, p in zip(args.text, probs):
             print(json.dumps({"text": text, "label": run["label_names"][int(p.argmax())], "probability": round(float(p.max()), 4)}))
         return 0

@@ -19,6 +19,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from .artifacts import sealed_record
+
 Record = dict[str, Any]
 
 
@@ -75,7 +77,7 @@ class Runner:
                 record = future.result()
                 results.append(record)
                 self.records.append(record)
-                self.log.write(json.dumps(record) + "\n")
+                self.log.write(json.dumps(sealed_record(record)) + "\n")  # (--reuse checks each line)
                 self.log.flush()
                 self.report(record)
         return results

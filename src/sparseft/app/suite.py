@@ -27,6 +27,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor  # (the runner takes it from here: tests run jobs inline)
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +36,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..serialization import atomic_write_text
+from .artifacts import record_intact, sealed_record
 from .stats import paired_difference
 from .placement import Placement
 from .runner import Runner
@@ -256,13 +258,21 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
         raise ConfigError(f"--reuse {d}: its runs were made with other settings ({'; '.join(differ)}); "
                           "run with the same settings or without --reuse.")
     out: dict[tuple, dict[str, Any]] = {}
+    damaged = 0
     for line in log.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:  # a run cut off mid-line by a crash
             continue
+        if not record_intact(rec):
+            damaged += 1
+            continue
+        rec.pop("sha256", None)
         if "error" not in rec and "test_correct" in rec:
             out[_job_key(rec)] = rec
+    if damaged:
+        print(f"--reuse {d}: {damaged} record(s) fail their checksum (changed after the run); they are trained again.",
+              file=sys.stderr)
     return out
 
 
@@ -313,7 +323,7 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
     reused = reusable_records(settings, settings.reuse) if settings.reuse else {}
     # The new records.jsonl starts with every reusable run (so resuming into the same directory
     # loses nothing if this run is cut off too), then streams this run's new ones.
-    atomic_write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in reused.values()))
+    atomic_write_text(out / "records.jsonl", "".join(json.dumps(sealed_record(r)) + "\n" for r in reused.values()))
     atomic_write_text(out / "suite_settings.json", json.dumps(run_key(settings), indent=1))
     pairs = [(t, m) for t in settings.tasks for m in methods]
     runner = Runner(jobs=settings.jobs, threads=settings.threads, log=out / "records.jsonl", describe=_describe, label="suite",

@@ -118,8 +118,16 @@ def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: 
         batch = {k: v.to(device) for k, v in batch.items()}
         with placement.autocast():
             logits = model(**batch).logits
+        check_finite(logits)
         correct += int((logits.argmax(-1).cpu() == data["labels"][start : start + batch_size]).sum())
     return correct / n
+
+
+def check_finite(outputs: torch.Tensor) -> None:
+    """A score or a label from non-finite outputs is no answer: FloatingPointError instead."""
+    if not bool(torch.isfinite(outputs).all()):
+        raise FloatingPointError("The model's outputs are not finite (NaN/inf): it diverged or its files are damaged; "
+                                 "train it again with a lower --lr.")
 
 
 @dataclass
