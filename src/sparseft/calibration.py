@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from .update.bank import block_eigenbasis
+from .update.support import seeded_scores
 from .config import SUPPORT_CRITERIA  # noqa: F401  (re-exported: the criteria support_scores knows)
 from .errors import CalibrationError
+from .quantized import compute_dtype
 from .gradients import LossFn, RngState, gradient_pass, require_dict
 from .layer import SparseLinear
 
@@ -139,7 +141,7 @@ def _fit_bases(model: nn.Module, layers: Mapping[str, SparseLinear], bank, cache
     rng.restore()
     gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)
     report.gram_seconds = time.perf_counter() - t0
-    dtype = next(iter(layers.values())).base_layer.weight.dtype
+    dtype = compute_dtype(next(iter(layers.values())).base_layer)
     for group, gram in grams.items():  # identical on every rank already
         t1 = time.perf_counter()
         found = {part: block_eigenbasis(g, blocks_of[group], float64_max).to(dtype) for part, g in gram.items()}
@@ -153,9 +155,8 @@ def _choose_supports(model: nn.Module, layers: Mapping[str, SparseLinear], cache
     """Each fixed support from ``criterion``'s scores: random ones need no gradient pass; gradient
     ones take one pass per chunk of layers, so only that chunk's scores are ever alive."""
     t0 = time.perf_counter()
-    if criterion == "random":  # one m×n of random scores at a time
-        for i, layer in enumerate(layers.values()):
-            layer.choose_support(_random_scores(layer, i))
+    if criterion == "random":
+        choose_random_supports(layers)
     else:
         per_layer = 2 if criterion == "snr" else 1
         chunks = score_chunks(layers, per_layer, max_score_bytes)
@@ -237,10 +238,16 @@ def support_scores(criterion: str, first: torch.Tensor, second: torch.Tensor) ->
     raise ValueError(f"unknown support criterion {criterion!r}")
 
 
-def _random_scores(layer: SparseLinear, index: int) -> torch.Tensor:
-    """Seeded uniform scores: a random support of the allowed block, the same on every rank."""
-    gen = torch.Generator().manual_seed(1_000_003 * (index + 1))
-    return torch.rand(layer.block, generator=gen).to(layer.base_layer.weight.device)
+def random_support_seed(index: int) -> int:
+    """The seed of the ``index``-th layer's random support: the same on every rank."""
+    return 1_000_003 * (index + 1)
+
+
+def choose_random_supports(layers: Mapping[str, SparseLinear]) -> None:
+    """Each layer's seeded random support (no gradient pass), one block of scores at a time."""
+    for i, layer in enumerate(layers.values()):
+        seed = random_support_seed(i)
+        layer.choose_support(seeded_scores(layer.block, seed).to(layer.base_layer.weight.device), seed)
 
 
 def _rotated_block(layer: SparseLinear, G: torch.Tensor) -> torch.Tensor:

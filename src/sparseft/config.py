@@ -103,6 +103,11 @@ class SparseConfig:
     # the paper's HOSVD of the group's stacked gradients), or False: one pair per layer, from
     # that layer's gradients alone (as many bases to store as layers).
     shared_bases: bool = True
+    # Where the bases come from: "gradients" (the paper's: the HOSVD of calibration gradients,
+    # one pair per layer group) or "weights" (each layer's own W0 = U S Vᵀ, as SVFT/PiSSA: no
+    # calibration pass, one pair per layer, not stored in adapter files; with rotation="both"
+    # the support keeps to the leading min(m, n) directions of each side, the span of W0).
+    basis_source: str = "gradients"
     # Block-diagonal bases: each rotated side's basis is block-diagonal with this many diagonal
     # blocks, each the eigenbasis of the matching diagonal block of the Gram. Rotating activations
     # then costs N·d²/blocks instead of N·d² (the one-sided default's largest extra cost over
@@ -201,6 +206,9 @@ class SparseConfig:
             if self.selection != "fixed" or self.rotation != "narrow" or self.identity_bases:
                 raise ConfigError("support_group groups a fixed support of one-sided SparseGrad: use it with "
                                   "selection='fixed' and rotation='narrow' (or leave it None).")
+        if self.basis_source not in ("gradients", "weights"):
+            raise ConfigError(f"basis_source={self.basis_source!r} is not known; use 'gradients' (calibrated HOSVD) or "
+                              "'weights' (each layer's SVD).")
         if not isinstance(self.shared_bases, bool):
             raise ConfigError(f"shared_bases must be True (one basis per layer group) or False (one per layer), got {self.shared_bases!r}.")
         if self.support_criterion not in SUPPORT_CRITERIA:
@@ -220,10 +228,18 @@ class SparseConfig:
             if v is not None and v != "auto" and int(v) < 1:
                 raise ConfigError(f"{name}={v} must be a positive number of leading directions, or None.")
 
+    @property
+    def groups_share_bases(self) -> bool:
+        """One basis pair per layer group (else per layer: ``shared_bases=False``, or bases from
+        each layer's own weights)."""
+        return self.shared_bases and self.basis_source == "gradients"
+
     def block(self, m: int, n: int) -> tuple[int, int]:
         """The leading rows × columns of an m×n layer's rotated space its support may use."""
         rows = min(m, self.support_rows or m)
         cols = min(n, self.support_cols or n)
+        if self.basis_source == "weights" and self.rotation == "both":  # thin bases: the span of W0
+            rows, cols = min(rows, m, n), min(cols, m, n)
         if self.support_narrow is not None:
             L = self.narrow_directions(m, n)
             if m <= n:

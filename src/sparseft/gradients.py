@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import CalibrationError, InputError
 from .progress import progress
+from .quantized import is_quantized
 from .targets import is_transposed
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
@@ -116,8 +117,13 @@ def gradient_pass(
     show_progress: bool,
 ) -> None:
     """Forward/backward each batch; call ``on_grad(name, layer, G)`` with each layer's m×n
-    weight gradient as it is produced, then free it. Parameters keep their .grad untouched."""
-    weights = {name: layer.base_layer.weight for name, layer in layers.items()}
+    weight gradient as it is produced, then free it. Parameters keep their .grad untouched.
+
+    A quantized base weight has no float gradient to hook: its G = gᵀx is formed from the
+    layer's input x and output gradient g instead, caught by a zero "probe" added to the layer's
+    output (its gradient is what makes autograd reach the layer at all when nothing before it trains)."""
+    weights = {name: layer.base_layer.weight for name, layer in layers.items() if not is_quantized(layer.base_layer)}
+    probes: list[torch.Tensor] = []
     saved = {name: (w.requires_grad, w.grad) for name, w in weights.items()}
     bad: list[str] = []
     step = {"i": 0}
@@ -142,13 +148,35 @@ def gradient_pass(
 
         return hook
 
+    def probe_for(name: str, layer: nn.Module):
+        def on_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0].detach()
+            probe = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+            probes.append(probe)
+            out = output + probe
+
+            def on_output_grad(g: torch.Tensor) -> None:
+                G = _mean_over_ranks(g.reshape(-1, layer.m).float().T @ x.reshape(-1, layer.n).float())
+                if not bool(torch.isfinite(G).all()):
+                    bad.append(f"{name} (step {step['i']})")
+                    return
+                on_grad(name, layer, G)
+
+            out.register_hook(on_output_grad)
+            return out
+
+        return on_output
+
     handles = []
-    device = next(iter(weights.values())).device
+    device = next(iter(layers.values())).base_layer.weight.device
     try:
         for name, w in weights.items():
             w.grad = None
             w.requires_grad_(True)
             handles.append(w.register_post_accumulate_grad_hook(hook_for(name, layers[name])))
+        for name, layer in layers.items():
+            if name not in weights:
+                handles.append(layer.base_layer.register_forward_hook(probe_for(name, layer)))
         for i, batch in enumerate(progress(batches, desc=desc, disable=not show_progress)):
             step["i"] = i
             loss = batch_loss(model, move_batch(batch, device), loss_fn)
@@ -157,7 +185,8 @@ def gradient_pass(
                     f"Calibration loss is {loss.item()} at step {i}: check the inputs and labels, use "
                     "float32 or bf16 instead of fp16, or calibrate on other batches."
                 )
-            loss.backward(inputs=list(weights.values()))
+            loss.backward(inputs=[*weights.values(), *probes])
+            probes.clear()
             if bad:
                 raise CalibrationError(
                     f"Non-finite (NaN/inf) gradients during calibration in {bad[:3]}: check the data "

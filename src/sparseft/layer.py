@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, NotCalibratedError
+from .quantized import compute_dtype, dequantized, is_quantized
 from .targets import is_transposed, pack_weight, store_weight, weight_of
+from .loaded import SparseFactors
 from .tuner import BaseTunerLayer
 from .update.bank import BasisBank
 from .update.basis import IdentityBasis, InputRotatedBasis, make_basis
@@ -58,7 +60,8 @@ class SparseLinear(BaseTunerLayer):
         support: str | None = None,
     ) -> None:
         super().__init__(base_layer)
-        W0 = weight_of(base_layer)
+        W0 = base_layer.weight
+        self.quantized = is_quantized(base_layer)  # W0 stays in its format: y = base(x) + update (sparseft.quantized)
         self.group, self.k = group, int(k)
         self.block = (min(self.m, block[0]), min(self.n, block[1]))
         object.__setattr__(self, "_bank", bank)  # shared, owned by the tuner: not a submodule
@@ -70,9 +73,11 @@ class SparseLinear(BaseTunerLayer):
         # W0 stored in the layout the fused merge writes the sum in (Basis.base_layout), so the
         # merge reads it as it lies; the values are untouched, and unload() packs W0 back.
         layout = basis.base_layout()
-        self._base_relaid = (kernels_for(W0.device).relay_base and layout is not None and self.support.selection == "fixed"
-                             and W0.dtype == torch.float32 and store_weight(base_layer, transposed=layout))
-        self.register_parameter(self.support.param_name, self.support.new_parameter(adapter_dtype or W0.dtype, W0.device))
+        self._base_relaid = (not self.quantized and kernels_for(W0.device).relay_base and layout is not None
+                             and self.support.selection == "fixed" and W0.dtype == torch.float32
+                             and store_weight(base_layer, transposed=layout))
+        self.register_parameter(self.support.param_name,
+                                self.support.new_parameter(adapter_dtype or compute_dtype(base_layer), W0.device))
         object.__setattr__(self, "update", SparseDelta(basis, self.support, self.m, self.n, compute_path, cache_update))
         # Nothing to calibrate: no bases to fill (MeProp's identity) and a support chosen every step.
         self.calibrated = not basis.rotated_parts and self.support.selection == "dynamic"
@@ -118,9 +123,12 @@ class SparseLinear(BaseTunerLayer):
         self.calibrated = True
 
     @torch.no_grad()
-    def choose_support(self, scores: torch.Tensor) -> None:
-        """Fixed selection: the k entries of the largest ``scores`` (shape = block)."""
+    def choose_support(self, scores: torch.Tensor, seed: int | None = None) -> None:
+        """Fixed selection: the k entries of the largest ``scores`` (shape = block); ``seed``:
+        the scores are ``seeded_scores(block, seed)`` (the adapter file then stores the seed)."""
         self.support.choose(scores)
+        if hasattr(self.support, "seed"):  # (a registered support of another kind may not keep one)
+            self.support.seed = seed
         self.calibrated = True
 
     def mask_grad_to_topk_(self) -> torch.Tensor | None:
@@ -139,6 +147,29 @@ class SparseLinear(BaseTunerLayer):
         if not self.calibrated:
             return torch.zeros(self.m, 0), torch.zeros(0, self.n)
         return self.update.lora_factors(self.param)
+
+    @torch.no_grad()
+    def inference_update(self, dtype: torch.dtype) -> nn.Module:
+        """The update in its own form for a loaded adapter: D's k entries, the basis columns its
+        support touches (views of the bases where they are leading runs), row/column indices on
+        an identity side (:class:`~sparseft.loaded.SparseFactors`)."""
+        if not self.calibrated:
+            return super().inference_update(dtype)
+        rows, cols = self.support.index()
+        if self.selection == "fixed":
+            D = self.support.csr(self.param.detach(), "Q")
+        else:
+            D, R, C = self.support.compact(self.param)
+            rows, cols = R, C
+        rotated = self.basis.rotated_parts
+        a, b = D.shape
+        side = {}
+        for part, idx, size, name in (("P", rows, self.m, "rows"), ("Q", cols, self.n, "cols")):
+            if part in rotated:
+                side[part] = self._bank.columns(self.group, part, idx)
+            elif not (isinstance(idx, slice) and (idx.stop or 0) - (idx.start or 0) == size):
+                side[name] = torch.arange(size, device=D.device)[idx] if isinstance(idx, slice) else idx
+        return SparseFactors(self.m, self.n, D, dtype=dtype, **side)
 
     def _merge_into(self, W0: torch.Tensor) -> torch.Tensor:
         return self.update.merge_into(W0, self.param)
@@ -183,6 +214,10 @@ class SparseLinear(BaseTunerLayer):
         param = self.param
         if torch.is_grad_enabled() and hasattr(self.support, "ensure_hook"):
             self.support.ensure_hook(param)
+        if self.quantized:  # the quantized kernel computes x W0ᵀ + b and its input gradient; the update beside it
+            if not (torch.is_grad_enabled() and (param.requires_grad or x.requires_grad)):
+                return self.base_layer(x) + self.update.forward(x, None, None, param, kernels_for(x.device))
+            return self.base_layer(x) + SparseUpdate.apply(x, param, None, None, self.update)
         if not self._fast_path_ok():
             W0 = weight_of(self.base_layer)
             return F.linear(x, W0 + self.delta_weight().to(W0.dtype), self.base_layer.bias)
@@ -243,7 +278,8 @@ class SparseLinear(BaseTunerLayer):
 def adapted_weight(layer: SparseLinear) -> torch.Tensor:
     """W0 + ΔW, the layer's effective m×n weight (for tests and inspection)."""
     with torch.no_grad():
-        return weight_of(layer.base_layer).float() + layer.delta_weight().float()
+        W0 = dequantized(layer.base_layer) if layer.quantized else weight_of(layer.base_layer)
+        return W0.float() + layer.delta_weight().float()
 
 
 __all__ = ["SparseLinear", "adapted_weight", "is_transposed", "lowrank_product", "grad_costs", "GRAD_PATHS"]

@@ -390,11 +390,10 @@ def _s2ft(model: nn.Module, budget: Budget) -> Prepared:
 
 def _sparse_prepared(sparse: SparseModel) -> Prepared:
     """AdamW for fixed supports (O(k) state anyway), SparseAdamW for dynamic ones; calibration
-    unless nothing needs it (identity bases with dynamic selection: MeProp)."""
-    config = sparse.sparse_config
-    fixed = config.selection == "fixed"
-    needs_calibration = fixed or not config.identity_bases
-    return Prepared(sparse, _adamw(sparse) if fixed else _sparse_adamw(sparse), needs_calibration,
+    unless nothing needs it (MeProp's identity bases with dynamic selection; bases from the
+    weights with a random or dynamic support)."""
+    fixed = sparse.sparse_config.selection == "fixed"
+    return Prepared(sparse, _adamw(sparse) if fixed else _sparse_adamw(sparse), not sparse.is_calibrated,
                     sparse.get_nb_trainable_parameters()[0], sparse)
 
 

@@ -20,10 +20,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import __version__
 from .update.bank import BasisBank
-from .calibration import DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, rotated_gradient_scores, score_chunks
+from .calibration import (DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, choose_random_supports,
+                          rotated_gradient_scores, score_chunks)
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .fingerprint import base_fingerprint
+from .quantized import compute_dtype, dequantized
+from .update.weight_bases import check_sample, weight_bases
+from .update.support import index_digest, seeded_scores
 from .layer import SparseLinear
 from .serialization import load_tensors, save_tensors
 from .targets import Target, find_targets, group_targets, weight_of
@@ -51,7 +55,8 @@ class SparseModel(BaseTuner):
         return self.tuner_config
 
     def _setup(self, model: nn.Module, bases: str | os.PathLike | None = None) -> None:
-        self.targets: list[Target] = find_targets(model, self.tuner_config.target_modules, self.tuner_config.shared_bases)
+        config = self.tuner_config
+        self.targets: list[Target] = find_targets(model, config.target_modules, config.groups_share_bases)
         self.fingerprint = base_fingerprint(model, self.targets)
         self._saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
         self.bases = BasisBank()
@@ -63,8 +68,9 @@ class SparseModel(BaseTuner):
         config = self.tuner_config
         for target in self.targets:
             base = model.get_submodule(target.name)
+            dtype = compute_dtype(base)
             adapter_dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype else (
-                torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+                torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
             )
             yield target.name, SparseLinear(
                 base,
@@ -87,8 +93,28 @@ class SparseModel(BaseTuner):
         if self._saved_bases is not None:
             self._fill_bases(self._saved_bases)
         self._saved_bases = None
+        if self.sparse_config.basis_source == "weights" and not self.sparse_config.identity_bases:
+            self._bases_from_weights()
         if self.tuner_config.selection == "dynamic" and not _DENSE_STATE_HOOK:
             _DENSE_STATE_HOOK.append(register_optimizer_step_post_hook(_warn_on_dense_state))
+
+    @torch.no_grad()
+    def _bases_from_weights(self) -> None:
+        """Each layer's bases from its own W0's SVD (``basis_source="weights"``); with a random
+        fixed support (or dynamic selection) the model is then ready to train, no calibration pass."""
+        layers = self.sparse_layers()
+        for layer in layers.values():
+            W0 = dequantized(layer.base_layer) if layer.quantized else weight_of(layer.base_layer)
+            U, V = weight_bases(W0)
+            dtype = compute_dtype(layer.base_layer)
+            parts = layer.basis.rotated_parts
+            self.bases.set(layer.group, U.to(dtype) if "P" in parts else None, V.to(dtype) if "Q" in parts else None)
+        config = self.sparse_config
+        if config.selection == "dynamic":
+            for layer in layers.values():
+                layer.calibrated = True
+        elif config.support_criterion == "random":
+            choose_random_supports(layers)
 
     def sparse_layers(self) -> dict[str, SparseLinear]:
         return self.adapted_layers()
@@ -294,9 +320,22 @@ class SparseModel(BaseTuner):
             )
         return tensors
 
+    def _own_bases(self) -> list[torch.Tensor]:
+        return self.bases.held()
+
+    def _check_weight_bases(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The bases recomputed from this base's W0 are the ones the adapter was trained in."""
+        for name, layer in self.sparse_layers().items():
+            for part in layer.basis.rotated_parts:
+                saved = tensors.get(f"basis_check.{name}.{part}")
+                if saved is not None and not torch.allclose(check_sample(self.bases.full(layer.group, part)), saved, atol=1e-3):
+                    raise AdapterMismatchError(
+                        f"The bases of {name} recomputed from its weights differ from those it was trained in (another "
+                        "solver, or weights changed since): load the adapter onto the exact base it was trained on.")
+
     def _fill_bases(self, tensors: dict[str, torch.Tensor]) -> None:
-        weight = next(iter(self.sparse_layers().values())).base_layer.weight
-        self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype, self._group_parts())
+        base = next(iter(self.sparse_layers().values())).base_layer
+        self.bases.load(tensors, self._group_shapes(), base.weight.device, compute_dtype(base), self._group_parts())
 
     # ------------------------------------------------------------------ adapter files
     def _meta(self) -> dict[str, Any]:
@@ -314,25 +353,38 @@ class SparseModel(BaseTuner):
         return super().save_pretrained(save_directory, save_bases=save_bases)
 
     def _adapter_tensors(self, save_bases: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Per layer its values and where they lie: a random support as its seed (with a digest
+        of the positions it gives), any other as one flat index per value (int32 where it fits:
+        row · block width + column), so the file is near the values' own size."""
         tensors: dict[str, torch.Tensor] = {}
+        seeds: dict[str, list] = {}
         used: dict[str, list[set[int]]] = {}
         for name, layer in self.sparse_layers().items():
             rows, cols, vals = layer.sparse_state()
-            index_dtype = torch.int32 if max(layer.m, layer.n) < 2**31 else torch.int64
-            tensors[f"layers.{name}.rows"] = rows.to(index_dtype)
-            tensors[f"layers.{name}.cols"] = cols.to(index_dtype)
+            seed = getattr(layer.support, "seed", None)
+            if seed is not None:
+                seeds[name] = [int(seed), index_digest(rows, cols)]
+            else:
+                width = layer.block[1]
+                flat = rows.long() * width + cols.long()
+                tensors[f"layers.{name}.index"] = flat.to(torch.int32 if layer.block[0] * width < 2**31 else torch.int64)
             tensors[f"layers.{name}.values"] = vals
             if layer.selection == "fixed":
                 u = used.setdefault(layer.group, [set(), set()])
                 u[0].update(layer.R.tolist())
                 u[1].update(layer.C.tolist())
-        bases_included = bool(save_bases and not self.sparse_config.identity_bases)
+        from_weights = self.sparse_config.basis_source == "weights"
+        bases_included = bool(save_bases and not self.sparse_config.identity_bases and not from_weights)
+        if from_weights:  # not stored: the base model gives them again; a corner of each checks that it did
+            for name, layer in self.sparse_layers().items():
+                for part in layer.basis.rotated_parts:
+                    tensors[f"basis_check.{name}.{part}"] = check_sample(self.bases.full(layer.group, part))
         if bases_included:
             cols = None
             if self.sparse_config.selection == "fixed":
                 cols = {g: tuple(torch.tensor(sorted(s), dtype=torch.long) for s in pair) for g, pair in used.items()}
             tensors.update(self.bases.export(cols))
-        return tensors, {"bases_included": bases_included}
+        return tensors, {"bases_included": bases_included, "seeded_supports": seeds}
 
     def _save_result(self, size: int, tensors: dict[str, torch.Tensor]) -> dict[str, int]:
         values = sum(v.numel() for k, v in tensors.items() if k.startswith("layers.") and k.endswith(".values"))
@@ -356,12 +408,14 @@ class SparseModel(BaseTuner):
 
     @classmethod
     def _expected_tensors(cls, meta: dict[str, Any]) -> list[str]:
-        return [f"layers.{t[0]}.{part}" for t in meta.get("targets", []) for part in ("rows", "cols", "values")]
+        seeded = meta.get("seeded_supports") or {}
+        return [f"layers.{t[0]}.values" for t in meta.get("targets", [])] + [
+            f"layers.{t[0]}.index" for t in meta.get("targets", []) if t[0] not in seeded and "seeded_supports" in meta]
 
     @classmethod
     def _check_fit(cls, model: nn.Module, config: SparseConfig, meta: dict[str, Any],
                    bases: str | os.PathLike | None = None) -> None:
-        targets = find_targets(model, config.target_modules, config.shared_bases)
+        targets = find_targets(model, config.target_modules, config.groups_share_bases)
         saved_targets = [tuple(t) for t in meta["targets"]]
         ours = [(t.name, t.group, t.m, t.n) for t in targets]
         if saved_targets != ours:
@@ -374,7 +428,7 @@ class SparseModel(BaseTuner):
                 "The adapter was trained on other base weights (fingerprint "
                 f"{meta['fingerprint']} ≠ {base_fingerprint(model, targets)}): load the base checkpoint it was trained on."
             )
-        if not meta.get("bases_included") and not config.identity_bases and bases is None:
+        if not meta.get("bases_included") and not config.identity_bases and bases is None and config.basis_source == "gradients":
             raise AdapterMismatchError("This adapter was saved without bases: pass bases='path/to/bases.safetensors'.")
 
     @classmethod
@@ -387,15 +441,33 @@ class SparseModel(BaseTuner):
 
     def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                               bases: str | os.PathLike | None = None) -> None:
-        weight = next(iter(self.sparse_layers().values())).base_layer.weight
+        base = next(iter(self.sparse_layers().values())).base_layer
         if meta.get("bases_included"):
-            self.bases.load(tensors, self._group_shapes(), weight.device, weight.dtype, self._group_parts())
+            self.bases.load(tensors, self._group_shapes(), base.weight.device, compute_dtype(base), self._group_parts())
+        elif self.sparse_config.basis_source == "weights":
+            self._check_weight_bases(tensors)
         elif not self.sparse_config.identity_bases:
             self.load_bases(bases)
+        seeded = meta.get("seeded_supports") or {}
         for name, layer in self.sparse_layers().items():
-            layer.load_sparse_state(
-                tensors[f"layers.{name}.rows"].long(), tensors[f"layers.{name}.cols"].long(), tensors[f"layers.{name}.values"]
-            )
+            values = tensors[f"layers.{name}.values"]
+            if name in seeded:  # the support from its seed, checked against the positions it gave when saved
+                seed, digest = seeded[name]
+                layer.choose_support(seeded_scores(layer.block, seed).to(values.device), seed)
+                rows, cols = layer.rows, layer.cols
+                if index_digest(rows, cols) != digest:
+                    raise AdapterMismatchError(
+                        f"The support of {name} rebuilt from its seed differs from the saved one (this torch's random "
+                        "generator draws differently): load the adapter with the torch version that saved it, and "
+                        "save it again with bases to keep.")
+            elif f"layers.{name}.index" in tensors:
+                flat = tensors[f"layers.{name}.index"].long()
+                rows, cols = flat // layer.block[1], flat % layer.block[1]
+            else:  # files before the compact index: rows and columns
+                rows, cols = tensors[f"layers.{name}.rows"].long(), tensors[f"layers.{name}.cols"].long()
+            layer.load_sparse_state(rows, cols, values)
+            if name in seeded:
+                layer.support.seed = seeded[name][0]  # (saved again, it stays a seed)
 
 
 _DENSE_STATE_HOOK: list[Any] = []

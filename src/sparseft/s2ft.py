@@ -39,6 +39,7 @@ from torch import nn
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
 from .gradients import RngState, gradient_pass, require_dict
 from .fingerprint import base_fingerprint
+from .quantized import is_quantized
 from .targets import Target, find_targets, weight_of
 from .tuner import BaseTuner, BaseTunerLayer
 
@@ -179,6 +180,10 @@ class S2FTModel(BaseTuner):
 
     def _setup(self, model: nn.Module) -> None:
         self.blocks = find_mlp_blocks(model, self.tuner_config.target_modules)
+        quantized = [t.name for b in self.blocks for t in b.inputs + b.outputs if is_quantized(model.get_submodule(t.name))]
+        if quantized:  # S2FT trains slices of W0 itself: there is no float W0 to train in a quantized layer
+            raise ConfigError(f"S2FT trains rows and columns of W0, which {quantized[0]} stores quantized: use sparsegrad "
+                              "(get_sparse_model) or peft's LoRA on a quantized base, or load the base in full precision.")
         self.fingerprint = base_fingerprint(model, [t for b in self.blocks for t in b.inputs + b.outputs])
         self.calibrated = self.tuner_config.selection == "random"
 

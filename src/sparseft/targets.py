@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import TargetError
+from .quantized import check_supported, is_quantized
 
 try:  # transformers' GPT-2 style layer: y = x @ W + b with W of shape (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -45,6 +46,15 @@ def is_transposed(module: nn.Module) -> bool:
 def weight_of(module: nn.Module) -> torch.Tensor:
     """The layer's weight as an (out=m, in=n) matrix, a view for Conv1D."""
     return module.weight.t() if is_transposed(module) else module.weight
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) = (m, n) of an adaptable layer, whatever its weight's storage (a 4-bit weight is
+    packed into a k×1 byte tensor)."""
+    if is_quantized(module):
+        return int(module.out_features), int(module.in_features)
+    m, n = weight_of(module).shape
+    return int(m), int(n)
 
 
 def store_weight(module: nn.Module, transposed: bool) -> bool:
@@ -98,6 +108,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None = None
         wanted = _matches(name, target_modules) if target_modules is not None else bool(_MLP_REGEX.fullmatch(name))
         if not wanted:
             continue
+        check_supported(name, module)
         if not is_adaptable(module):
             if target_modules is not None and not any(True for _ in module.children()):
                 raise TargetError(
@@ -105,7 +116,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str | None = None
                     "transformers Conv1D layers can be adapted. Narrow target_modules."
                 )
             continue
-        m, n = weight_of(module).shape
+        m, n = layer_shape(module)
         group = _group_of(name, m, n) if shared else f"{name}:{m}x{n}"
         found.append(Target(name=name, group=group, m=int(m), n=int(n)))
     if not found:

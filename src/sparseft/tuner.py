@@ -22,15 +22,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from . import __version__
 from .errors import AdapterMismatchError, ConfigError, InputError
 from .half_heads import Float32Head
+from .loaded import LowRankUpdate
 from .serialization import atomic_write_text, load_tensors, save_tensors
-from .targets import find_heads, weight_of
+from .quantized import compute_dtype, dequantized, is_quantized, requantize
+from .targets import find_heads, layer_shape, weight_of
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -38,30 +39,6 @@ DEFAULT_ADAPTER = "default"  # the adapter the model was built or loaded with (p
 BASE_ADAPTER = "__base__"  # in ``adapter_names``: that row runs the base layers (peft's name)
 
 RowGroups = dict[str, torch.Tensor]  # adapter name → indices of the batch rows that use it
-
-
-class LowRankUpdate(nn.Module):
-    """A loaded adapter's update of one layer, for inference: ΔW = B A (B: m×r, A: r×n) from the
-    layer's ``lora_factors()``, so ``y = x Aᵀ Bᵀ`` costs r(m+n) per token and r(m+n) numbers of
-    memory; where r(m+n) ≥ mn the dense ΔW is smaller and is kept instead (``A`` None). The
-    tensors are non-persistent buffers: they follow ``.to()`` but stay out of ``state_dict``."""
-
-    def __init__(self, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
-        super().__init__()
-        (m, r), n = B.shape, A.shape[1]
-        dense = r * (m + n) >= m * n
-        self.register_buffer("B", ((B @ A) if dense else B).to(dtype).contiguous(), persistent=False)
-        self.register_buffer("A", None if dense else A.to(dtype).contiguous(), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.B.dtype)
-        return F.linear(x if self.A is None else F.linear(x, self.A), self.B)
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.B if self.A is None else self.B @ self.A
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.B, self.A) if t is not None)
 
 
 class BaseTunerLayer(nn.Module):
@@ -80,8 +57,7 @@ class BaseTunerLayer(nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        W0 = weight_of(base_layer)
-        self.m, self.n = (int(s) for s in W0.shape)
+        self.m, self.n = layer_shape(base_layer)
         self.merged = False
         self.disabled = False
         self.active_adapter = DEFAULT_ADAPTER
@@ -107,6 +83,13 @@ class BaseTunerLayer(nn.Module):
         Default: the dense ΔW as B = ΔW, A = I (subclasses give their low-rank form)."""
         delta = self.delta_weight().detach()
         return delta, torch.eye(self.n, dtype=delta.dtype, device=delta.device)
+
+    @torch.no_grad()
+    def inference_update(self, dtype: torch.dtype) -> nn.Module:
+        """This layer's update as a loaded adapter keeps it (``x ΔWᵀ``): by default its exact
+        ``lora_factors()`` (:class:`~sparseft.loaded.LowRankUpdate`); methods with a compact form
+        of their own return that."""
+        return LowRankUpdate(*self.lora_factors(), dtype)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("base_layer.")]
@@ -154,10 +137,14 @@ class BaseTunerLayer(nn.Module):
 
     @torch.no_grad()
     def _fold(self, sign: float) -> None:
-        W = weight_of(self.base_layer)  # a view for Conv1D: writes go to its stored weight
         delta = self._delta_of(self.active_adapter)
-        if delta is not None:
-            W.copy_((W.float() + sign * delta.float()).to(W.dtype))
+        if delta is None:
+            return
+        if is_quantized(self.base_layer):
+            requantize(self.base_layer, dequantized(self.base_layer).float() + sign * delta.float())
+            return
+        W = weight_of(self.base_layer)  # a view for Conv1D: writes go to its stored weight
+        W.copy_((W.float() + sign * delta.float()).to(W.dtype))
 
     def merge(self) -> nn.Module:
         """Fold the active adapter's ΔW into the base weight (once); returns the base layer."""
@@ -352,15 +339,33 @@ class BaseTuner(nn.Module):
         cls._check_meta(self.base_model, path, meta)
         config = cls.config_from_meta(meta)
         updates, heads = self._build_detached(cls, config, tensors, meta, **kwargs)
+        self._share_bases(updates)
         for name, layer in self.adapted_layers().items():
             if name in updates:
                 layer.extra_updates[adapter_name] = updates[name]
             else:  # not adapted by that adapter: ΔW = 0 (rank 0)
-                W0 = weight_of(layer.base_layer)
-                zero = LowRankUpdate(W0.new_zeros(layer.m, 0), W0.new_zeros(0, layer.n), W0.dtype)
+                W0, dtype = layer.base_layer.weight, compute_dtype(layer.base_layer)
+                zero = LowRankUpdate(W0.new_zeros(layer.m, 0, dtype=dtype), W0.new_zeros(0, layer.n, dtype=dtype), dtype)
                 layer.extra_updates[adapter_name] = zero
         self._head_states[adapter_name] = heads
         self._adapters.append(adapter_name)
+
+    def _share_bases(self, updates: dict[str, nn.Module]) -> None:
+        """Bases equal to ones already held (another loaded adapter's, the model's own) are held
+        once: adapters with bases from the weights, or from one bases file, share them."""
+        known = {id(t): t for t in self._own_bases()}
+        for layer in self.adapted_layers().values():
+            for update in layer.extra_updates.values():
+                known.update({id(t): t for t in update.basis_tensors()})
+        seen = {t.untyped_storage().data_ptr() for t in known.values()}
+        for update in updates.values():
+            if hasattr(update, "share_bases"):
+                update.share_bases(list(known.values()), seen)
+                known.update({id(t): t for t in update.basis_tensors()})
+
+    def _own_bases(self) -> list[torch.Tensor]:
+        """The basis tensors of this model's own adapter (none for methods without bases)."""
+        return []
 
     def _build_detached(
         self, cls: type["BaseTuner"], config: Any, tensors: dict[str, torch.Tensor], meta: dict[str, Any], **kwargs: Any
@@ -389,8 +394,8 @@ class BaseTuner(nn.Module):
                                            "it on its own (from_pretrained), or adapt those layers in the default adapter too.")
             updates = {}
             for name, layer in built.items():
-                W0 = weight_of(layer.base_layer)
-                updates[name] = LowRankUpdate(*layer.lora_factors(), W0.dtype).to(W0.device)
+                W0 = layer.base_layer.weight
+                updates[name] = layer.inference_update(compute_dtype(layer.base_layer)).to(W0.device)
         finally:
             for name, module in list(model.named_modules()):
                 if isinstance(module, BaseTunerLayer):  # the temporary tuner's layers

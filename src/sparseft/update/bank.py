@@ -184,6 +184,11 @@ class BasisBank(nn.Module):
         parts = [self._buffers.get(_key(i, part)) for part in ("P", "Q", "P_cols", "Q_cols")]
         return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in parts)
 
+    def held(self) -> list[torch.Tensor]:
+        """Every basis tensor the bank holds (whole, or the columns of a partial one)."""
+        return [t for group in range(len(self.groups)) for part in ("P", "Q")
+                if (t := self._buffers.get(_key(group, part))) is not None]
+
     def is_partial(self, group: str) -> bool:
         i = self.groups.index(group)
         return _key(i, "P_cols") in self._buffers or _key(i, "Q_cols") in self._buffers

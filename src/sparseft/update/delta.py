@@ -123,21 +123,23 @@ class SparseDelta:
     # ----------------------------------------------------------------------------- compute
     def forward(self, x: torch.Tensor, W0: torch.Tensor, bias: torch.Tensor | None, param: torch.Tensor,
                 kn: TorchKernels, n_major: bool = False) -> torch.Tensor:
-        """x (W0 + ΔW)ᵀ + b (no gradient)."""
-        if self.merged_forward(x.numel() // self.n):
+        """x (W0 + ΔW)ᵀ + b (no gradient); with W0 None, x ΔWᵀ alone."""
+        if W0 is not None and self.merged_forward(x.numel() // self.n):
             return kn.linear(x, self.merged_weight(W0, param, kn), bias, n_major=n_major)
         D, R, C = self.factors(param)
-        return self.basis.add_update(kn.linear(x, W0, bias), x, D.detach().to(x.dtype), R, C, kn)
+        y0 = kn.linear(x, W0, bias) if W0 is not None else x.new_zeros(*x.shape[:-1], self.m)
+        return self.basis.add_update(y0, x, D.detach().to(x.dtype), R, C, kn)
 
     @torch.no_grad()
     def input_grad(self, g: torch.Tensor, W0: torch.Tensor, param: torch.Tensor, kn: TorchKernels,
                    n_major: bool = False) -> torch.Tensor:
-        """g (W0 + ΔW)."""
-        if self.merged_forward(g.numel() // self.m):
+        """g (W0 + ΔW); with W0 None, g ΔW alone."""
+        if W0 is not None and self.merged_forward(g.numel() // self.m):
             W = self.merged_weight(W0, param, kn)
             return kn.linear(g, W.T, None, n_major=True) if n_major else g @ W
         D, R, C = self.factors(param)
-        return self.basis.add_input_grad(g @ W0, g, D.detach().to(g.dtype), R, C, kn)
+        gx0 = g @ W0 if W0 is not None else g.new_zeros(*g.shape[:-1], self.n)
+        return self.basis.add_input_grad(gx0, g, D.detach().to(g.dtype), R, C, kn)
 
     @torch.no_grad()
     def value_grad(self, g: torch.Tensor, x: torch.Tensor, kn: TorchKernels) -> torch.Tensor:

@@ -11,7 +11,8 @@ from .kernels import is_n_major, kernels_for
 
 
 class SparseUpdate(torch.autograd.Function):
-    """``SparseUpdate.apply(x, param, W0, bias, delta)``: W0 and bias frozen, param trained."""
+    """``SparseUpdate.apply(x, param, W0, bias, delta)``: W0 and bias frozen, param trained; W0
+    None: the update's part alone (a quantized base computes its own)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, param: torch.Tensor, W0: torch.Tensor, bias: torch.Tensor | None,
@@ -36,7 +37,8 @@ class SparseUpdate(torch.autograd.Function):
                 return SparseUpdate._grads(ctx, grad_y, x, param)
         # Without autocast, compute in the widest of grad, input and weight dtypes (the engine
         # casts grad_x back to x's dtype).
-        dtype = torch.promote_types(torch.promote_types(grad_y.dtype, x.dtype), ctx.W0.dtype)
+        dtype = torch.promote_types(grad_y.dtype, x.dtype)
+        dtype = dtype if ctx.W0 is None else torch.promote_types(dtype, ctx.W0.dtype)
         return SparseUpdate._grads(ctx, grad_y.to(dtype), x.to(dtype), param)
 
     @staticmethod

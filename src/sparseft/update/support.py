@@ -23,6 +23,7 @@ picks one, :func:`make_support` builds it):
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -62,6 +63,19 @@ class Grouped(NamedTuple):
 _MAX_SEGMENTS = 8  # a support with more changes of count than this is no longer "grouped"
 
 
+def seeded_scores(block: tuple[int, int], seed: int) -> torch.Tensor:
+    """Uniform scores of a ``block`` from ``seed`` (CPU generator): their top-k is a random support
+    that the seed alone defines, so an adapter file stores the seed, not k indices."""
+    return torch.rand(block, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def index_digest(rows: torch.Tensor, cols: torch.Tensor) -> str:
+    """A short SHA-256 of a support's positions, in value order: a support rebuilt from its
+    seed must match it (a change of torch's generator would otherwise move the values silently)."""
+    flat = torch.stack([rows.long().cpu(), cols.long().cpu()]).contiguous()
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
+
+
 class FixedSupport:
     """k fixed positions of the ``block`` (rows × cols) of the rotated space.
 
@@ -77,6 +91,7 @@ class FixedSupport:
     def __init__(self, owner: nn.Module, k: int, block: tuple[int, int], device: torch.device | None = None) -> None:
         self.owner, self.k, self.block = owner, int(k), block
         self.generation = 0  # bumped whenever the support changes (for caches of the merged update)
+        self.seed: int | None = None  # while the support is seeded_scores(block, seed)'s choice (the layer sets it)
         empty = torch.zeros(0, dtype=torch.long, device=device)
         self._store(empty, empty)
 
@@ -136,6 +151,7 @@ class FixedSupport:
             raise ValueError("support lies outside the allowed block")
         device = self.R.device
         self._store(rows.to(device), cols.to(device))
+        self.seed = None
 
     @torch.no_grad()
     def choose(self, scores: torch.Tensor) -> None:

@@ -1,0 +1,119 @@
+"""The updates of adapters loaded for inference (``BaseTuner.load_adapter``), each layer's kept
+in a compact form that computes ``x ΔWᵀ``:
+
+- :class:`LowRankUpdate`: ΔW = B A, from any method's ``lora_factors()`` (S2FT, or a method
+  without a sparse form);
+- :class:`SparseFactors`: a SparseGrad/MeProp update in its own form, ``ΔW = P_R D Q_Cᵀ`` with D
+  the k trained entries (CSR: values and int32 indices) and P_R, Q_C references to the basis
+  columns, or row/column indices where a side is the identity. Kept as B·A, a one-sided update
+  of rank ~300 cost 38× a LoRA r=8 adapter's memory; in this form it costs its k values and
+  indices, plus bases that adapters sharing them (bases from the weights, or from one bases
+  file) hold once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class LowRankUpdate(nn.Module):
+    """A loaded adapter's update of one layer, for inference: ΔW = B A (B: m×r, A: r×n) from the
+    layer's ``lora_factors()``, so ``y = x Aᵀ Bᵀ`` costs r(m+n) per token and r(m+n) numbers of
+    memory; where r(m+n) ≥ mn the dense ΔW is smaller and is kept instead (``A`` None). The
+    tensors are non-persistent buffers: they follow ``.to()`` but stay out of ``state_dict``."""
+
+    def __init__(self, B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        (m, r), n = B.shape, A.shape[1]
+        dense = r * (m + n) >= m * n
+        self.register_buffer("B", ((B @ A) if dense else B).to(dtype).contiguous(), persistent=False)
+        self.register_buffer("A", None if dense else A.to(dtype).contiguous(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.B.dtype)
+        return F.linear(x if self.A is None else F.linear(x, self.A), self.B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.B if self.A is None else self.B @ self.A
+
+    def basis_tensors(self) -> list[torch.Tensor]:
+        return []
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.B, self.A) if t is not None)
+
+
+class SparseFactors(nn.Module):
+    """``ΔW = P_R D Q_Cᵀ`` of an m×n layer: D (a×b) as CSR (``crow``, ``col``, ``values``); the
+    input side ``Q`` (n×b columns of a basis) or, where it is the identity, the input columns
+    ``cols`` (None: all n); the output side ``P`` (m×a) or the output rows ``rows`` (None: all m).
+    ``y = x ΔWᵀ`` costs N·(n·b + k + a·m) (a rotated side) or N·k (an identity side)."""
+
+    def __init__(self, m: int, n: int, D: torch.Tensor, *, P: torch.Tensor | None = None, Q: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None, cols: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.m, self.n = m, n
+        D = D.detach().to(dtype).to_sparse_csr()
+        index = torch.int32 if max(D.shape) < 2**31 and D.values().numel() < 2**31 else torch.int64
+        self.shape = tuple(D.shape)
+        for name, value in (("crow", D.crow_indices().to(index)), ("col", D.col_indices().to(index)), ("values", D.values()),
+                            ("P", None if P is None else P.detach().to(dtype)), ("Q", None if Q is None else Q.detach().to(dtype)),
+                            ("rows", rows), ("cols", cols)):
+            self.register_buffer(name, value, persistent=False)
+        self.owned: set[str] = {"P", "Q"}  # the bases this adapter's memory count includes (see share_bases)
+
+    def _D(self) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, self.values, self.shape, check_invariants=False)  # (built from a valid CSR)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.n).to(self.values.dtype)
+        t = flat @ self.Q if self.Q is not None else (flat if self.cols is None else flat.index_select(1, self.cols))
+        u = torch.sparse.mm(self._D(), t.T).T  # N×a
+        if self.P is not None:
+            y = u @ self.P.T
+        elif self.rows is None:
+            y = u
+        else:
+            y = u.new_zeros(u.shape[0], self.m).index_add_(1, self.rows, u)
+        return y.reshape(*lead, self.m)
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        eye = torch.eye(self.n, dtype=self.values.dtype, device=self.values.device)
+        return self.forward(eye).T  # x ΔWᵀ at x = I
+
+    def basis_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.P, self.Q) if t is not None]
+
+    def share_bases(self, known: list[torch.Tensor], seen: set[int]) -> None:
+        """Hold an equal tensor of ``known`` (another adapter's, or the model's own bases) instead
+        of an own copy; the memory count includes a basis only where its storage is new to ``seen``."""
+        self.owned = set()
+        for name in ("P", "Q"):
+            mine = getattr(self, name)
+            if mine is None:
+                continue
+            for other in known:
+                same_kind = other.shape == mine.shape and other.dtype == mine.dtype and other.device == mine.device
+                if other is not mine and same_kind and torch.equal(other, mine):
+                    setattr(self, name, other)
+                    mine = other
+                    break
+            if _storage(mine) not in seen:
+                seen.add(_storage(mine))
+                self.owned.add(name)
+
+    def nbytes(self) -> int:
+        """Bytes this update adds: D, the index sides, and the bases it is first to hold."""
+        own = [self.crow, self.col, self.values, self.rows, self.cols] + [getattr(self, name) for name in self.owned]
+        return sum(t.numel() * t.element_size() for t in own if t is not None)
+
+
+__all__ = ["LowRankUpdate", "SparseFactors"]

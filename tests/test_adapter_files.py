@@ -1,0 +1,90 @@
+"""The adapter file near the values' own size: a random support is stored as its seed (and a
+digest of the positions it gives), any other support as one flat index per value; files of the
+earlier layout (rows and columns) still load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert
+
+from sparseft import AdapterMismatchError, SparseGradConfig, SparseModel, get_sparse_model
+from sparseft.serialization import load_tensors, save_tensors
+
+BATCH = {"input_ids": torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0)), "labels": torch.tensor([0, 1, 0, 1])}
+
+
+def _trained(**config) -> SparseModel:
+    torch.manual_seed(0)
+    model = get_sparse_model(tiny_bert(), SparseGradConfig(match_lora_rank=2, modules_to_save=["classifier"], **config))
+    model.calibrate([BATCH], steps=1, show_progress=False)
+    with torch.no_grad():
+        for layer in model.sparse_layers().values():
+            layer.param.normal_(0, 0.05)
+    return model.eval()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**BATCH).logits
+
+
+def _reload(folder) -> SparseModel:
+    torch.manual_seed(0)
+    return SparseModel.from_pretrained(tiny_bert(), folder).eval()
+
+
+def test_a_random_support_is_stored_as_its_seed(tmp_path) -> None:
+    model = _trained()  # the default: support_criterion "random"
+    model.save_pretrained(tmp_path / "a")
+    tensors, meta = load_tensors(tmp_path / "a" / "adapter_model.safetensors")
+    layers = model.sparse_layers()
+    assert set(meta["seeded_supports"]) == set(layers)
+    assert not [k for k in tensors if k.endswith((".index", ".rows", ".cols"))]
+    values = sum(v.nbytes for k, v in tensors.items() if k.endswith(".values"))
+    assert values == 4 * sum(layer.k for layer in layers.values())  # the values, and no index beside them
+    loaded = _reload(tmp_path / "a")
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
+    for name, layer in loaded.sparse_layers().items():
+        assert torch.equal(layer.rows, layers[name].rows) and torch.equal(layer.cols, layers[name].cols)
+    loaded.save_pretrained(tmp_path / "b")  # saved again, a loaded seeded support stays a seed
+    assert load_tensors(tmp_path / "b" / "adapter_model.safetensors")[1]["seeded_supports"] == meta["seeded_supports"]
+
+
+def test_a_support_rebuilt_differently_is_refused(tmp_path, monkeypatch) -> None:
+    """If the generator drew differently (another torch), the values would land elsewhere: refused."""
+    import sparseft.model as M
+
+    _trained().save_pretrained(tmp_path / "a")
+    monkeypatch.setattr(M, "seeded_scores", lambda block, seed: torch.rand(block, generator=torch.Generator().manual_seed(seed + 1)))
+    with pytest.raises(AdapterMismatchError, match="rebuilt from its seed differs"):
+        _reload(tmp_path / "a")
+
+
+@pytest.mark.parametrize("config", [dict(support_criterion="abs-sum"), dict(selection="dynamic")])
+def test_other_supports_store_one_flat_index_per_value(tmp_path, config) -> None:
+    model = _trained(**config)
+    if config.get("selection") == "dynamic":
+        with torch.no_grad():  # a dynamic delta holds what training touched: keep some entries
+            for layer in model.sparse_layers().values():
+                layer.param.view(-1)[torch.randperm(layer.param.numel())[layer.k:]] = 0
+    model.save_pretrained(tmp_path / "a")
+    tensors, meta = load_tensors(tmp_path / "a" / "adapter_model.safetensors")
+    assert meta["seeded_supports"] == {}
+    for name in model.sparse_layers():
+        index, values = tensors[f"layers.{name}.index"], tensors[f"layers.{name}.values"]
+        assert index.dtype == torch.int32 and index.shape == values.shape
+    torch.testing.assert_close(_logits(_reload(tmp_path / "a")), _logits(model), rtol=0, atol=0)
+
+
+def test_files_of_the_earlier_layout_still_load(tmp_path) -> None:
+    model = _trained()
+    model.save_pretrained(tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors, meta = load_tensors(file)
+    for name, layer in model.sparse_layers().items():  # as sparseft wrote it before: rows and columns, int32
+        rows, cols, _ = layer.sparse_state()
+        tensors[f"layers.{name}.rows"], tensors[f"layers.{name}.cols"] = rows.to(torch.int32), cols.to(torch.int32)
+    del meta["seeded_supports"], meta["sha256"]
+    save_tensors(file, tensors, meta)
+    torch.testing.assert_close(_logits(_reload(tmp_path / "a")), _logits(model), rtol=0, atol=0)

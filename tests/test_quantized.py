@@ -1,0 +1,194 @@
+"""Quantized base models (bitsandbytes 4-bit / 8-bit, as peft supports them), on the CPU: the
+frozen W0 stays quantized and the update is added beside the quantized kernel's output.
+
+A tiny LLaMA with 64-wide layers (bitsandbytes' CPU 4-bit kernel takes blocks of 64 inputs)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("bitsandbytes")
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from sparseft import ConfigError, S2FTConfig, SparseGradConfig, SparseModel, get_s2ft_model, get_sparse_model  # noqa: E402
+from sparseft.gradients import gradient_pass  # noqa: E402
+from sparseft.quantized import dequantized, is_quantized  # noqa: E402
+
+KINDS = {"4bit": dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), "8bit": dict(load_in_8bit=True)}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tinyllama64")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(out)
+    return out
+
+
+def _load(checkpoint: Path, kind: str | None):
+    if kind is None:
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(checkpoint, quantization_config=BitsAndBytesConfig(**KINDS[kind]), device_map="cpu")
+
+
+def _batches(count: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, 97, (4, 12), generator=gen) for _ in range(count)]
+    return [{"input_ids": i, "labels": i} for i in ids]
+
+
+def _adapted(checkpoint: Path, kind: str):
+    torch.manual_seed(0)
+    model = get_sparse_model(_load(checkpoint, kind), SparseGradConfig(match_lora_rank=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (bitsandbytes' 8-bit "inputs will be cast to float16")
+        model.calibrate(_batches(), show_progress=False)
+    return model
+
+
+def _losses(model, batch: dict[str, torch.Tensor], steps: int) -> list[float]:
+    """The loss of each of ``steps`` AdamW steps (lr 1e-2) on one batch, in training mode."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_layers_keep_their_shape_and_w0_stays_quantized(checkpoint, kind) -> None:
+    """The packed 4-bit weight (k×1 bytes) was read as the layer's shape: k larger than the layer."""
+    model = _adapted(checkpoint, kind)
+    layer = model.base_model.model.layers[0].mlp.down_proj
+    assert (layer.m, layer.n) == (64, 128) and layer.quantized and is_quantized(layer.base_layer)
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_value_and_input_gradients_equal_dense_autograd_through_the_dequantized_weight(checkpoint, kind) -> None:
+    model = _adapted(checkpoint, kind)
+    layer = model.base_model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.param.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, layer.n, generator=gen, requires_grad=True)
+    proj = torch.randn(6, layer.m, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (layer(x) * proj).sum().backward()
+    ours_values, ours_x = layer.param.grad.clone(), x.grad.clone()
+    layer.param.grad = None
+    x_ref = x.detach().clone().requires_grad_(True)
+    W = dequantized(layer.base_layer).float() + layer.delta_weight().float()  # differentiable in the values
+    (nn.functional.linear(x_ref, W) * proj).sum().backward()
+    # the value gradient needs only x and g: it equals the dense one to float rounding
+    torch.testing.assert_close(ours_values, layer.param.grad, rtol=1e-4, atol=1e-5)
+    # the input gradient goes through the quantized kernel (8-bit: in float16)
+    torch.testing.assert_close(ours_x, x_ref.grad, rtol=0, atol=2e-2 if kind == "8bit" else 1e-4)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_calibration_gradients_through_quantized_layers_match_the_dequantized_model(checkpoint, kind) -> None:
+    """Calibration forms each quantized layer's m×n gradient from its input and output gradient;
+    it equals the weight gradient of a float model holding the dequantized weights."""
+    base = _load(checkpoint, kind)
+    float_model = _load(checkpoint, None)
+    for name, module in base.named_modules():  # the float twin: every weight as the quantized model computes with it
+        if is_quantized(module):
+            with torch.no_grad():
+                float_model.get_submodule(name).weight.copy_(dequantized(module))
+    quantized = get_sparse_model(base, SparseGradConfig(match_lora_rank=4))
+    twin = get_sparse_model(float_model, SparseGradConfig(match_lora_rank=4))
+    grads = {}
+    for label, model in (("q", quantized), ("f", twin)):
+        layers = model.sparse_layers()
+        for layer in layers.values():
+            layer.bypass = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gradient_pass(model.base_model, layers, _batches(1), None, lambda n, _, G, label=label: grads.__setitem__((label, n), G.clone()),
+                          "", False)
+    for name in quantized.sparse_layers():
+        G, ref = grads[("q", name)], grads[("f", name)]
+        # measured: 0.42-0.56% (4-bit: bitsandbytes' kernel vs the dequantized product), 0.86-1.3% (8-bit, float16 inputs)
+        assert float((G - ref).norm() / ref.norm()) < (3e-2 if kind == "8bit" else 1e-2), name
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_loss_falls_and_the_adapter_round_trips(checkpoint, kind, tmp_path) -> None:
+    model = _adapted(checkpoint, kind)
+    batch = _batches(1, seed=3)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        losses = _losses(model, batch, 8)
+        assert losses[-1] < losses[0] - 0.05, losses
+        model.save_pretrained(tmp_path / "a")
+        loaded = SparseModel.from_pretrained(_load(checkpoint, kind), tmp_path / "a")
+        model.eval(), loaded.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_lora_export_is_exact_on_the_quantized_base_and_merging_says_what_it_does(checkpoint, tmp_path) -> None:
+    """export_lora's ΔW is exact: peft's LoRA on the same 4-bit base answers as the unmerged
+    adapter. merge_and_unload quantizes W0 + ΔW again, with a warning saying so."""
+    from peft import PeftModel
+
+    model = _adapted(checkpoint, "4bit")
+    for layer in model.sparse_layers().values():
+        with torch.no_grad():
+            layer.param.normal_(0, 0.02)
+    model.eval()
+    batch = _batches(1, seed=4)[0]
+    with torch.no_grad():
+        want = model(**batch).logits
+    model.export_lora(tmp_path / "lora")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = PeftModel.from_pretrained(_load(checkpoint, "4bit"), tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batch).logits, want, rtol=0, atol=1e-4)
+    with pytest.warns(UserWarning, match="quantized again"):
+        merged = copy.deepcopy(model).merge_and_unload()
+    assert type(merged.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+
+
+def test_unsupported_quantized_layers_name_the_fix(checkpoint) -> None:
+    class QuantLinear(nn.Module):  # what a GPTQ model's MLP layers look like to sparseft
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("qweight", torch.zeros(8, 64, dtype=torch.int32))
+
+    model = _load(checkpoint, None)
+    model.model.layers[0].mlp.up_proj = QuantLinear()
+    with pytest.raises(ConfigError, match="BitsAndBytesConfig"):
+        get_sparse_model(model, SparseGradConfig(match_lora_rank=4))
+    with pytest.raises(ConfigError, match="S2FT trains rows and columns of W0"):
+        get_s2ft_model(_load(checkpoint, "4bit"), S2FTConfig(match_lora_rank=4))
+
+
+def test_bases_from_the_weights_of_a_quantized_base(checkpoint) -> None:
+    """``basis_source="weights"`` on a 4-bit base: the SVD of W0 as the quantized layer computes with it."""
+    from sparseft.update.weight_bases import weight_bases
+
+    model = get_sparse_model(_load(checkpoint, "4bit"), SparseGradConfig(match_lora_rank=4, basis_source="weights"))
+    assert model.is_calibrated  # no calibration pass
+    layer = model.base_model.model.layers[0].mlp.up_proj
+    torch.testing.assert_close(model.bases.full(layer.group, "Q"), weight_bases(dequantized(layer.base_layer))[1])
+    losses = _losses(model, _batches(1, seed=5)[0], 6)
+    assert losses[-1] < losses[0] - 0.05, losses
