@@ -27,6 +27,7 @@ Writes ``serving.json`` and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -51,11 +52,12 @@ from sparseft.app.resources import smollm2_dir  # noqa: E402
 MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
-def make_sparseft_adapters(model_dir: Path, train, n: int, out: Path, narrow: int | None) -> list[Path]:
+def make_sparseft_adapters(model_dir: Path, train, n: int, out: Path, narrow: int | None, source: str) -> list[Path]:
     base = load_causal_lm(model_dir)
     dirs = []
     for i in range(n):
-        tuner = get_sparse_model(base, SparseGradConfig(selection="fixed", match_lora_rank=8, support_narrow=narrow))
+        tuner = get_sparse_model(base, SparseGradConfig(selection="fixed", match_lora_rank=8, support_narrow=narrow,
+                                                        basis_source=source))
         tuner.calibrate(batches(train, 4, seed=i, steps=2), steps=2, show_progress=False)
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--switch-calls", type=int, default=500)
     ap.add_argument("--support-narrow", type=int, default=None, help="SparseGradConfig.support_narrow (default: none)")
+    ap.add_argument("--basis-source", choices=("gradients", "weights"), default="gradients",
+                    help="SparseGradConfig.basis_source: gradient bases are each adapter's own; bases from the weights "
+                    "are the same for every adapter on the base, held once")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model_dir = smollm2_dir()
@@ -116,7 +121,7 @@ def main() -> None:
     mixed = [names[i % len(names)] for i in range(args.batch)]
 
     with tempfile.TemporaryDirectory() as tmp:
-        sdirs = make_sparseft_adapters(model_dir, train, args.adapters, Path(tmp), args.support_narrow)
+        sdirs = make_sparseft_adapters(model_dir, train, args.adapters, Path(tmp), args.support_narrow, args.basis_source)
         pdirs = make_peft_adapters(model_dir, args.adapters, Path(tmp))
         files = {"sparseft": [os.path.getsize(d / "adapter_model.safetensors") for d in sdirs],
                  "peft": [os.path.getsize(d / "adapter_model.safetensors") for d in pdirs]}
@@ -131,8 +136,11 @@ def main() -> None:
         "sparseft": [sum(layer.extra_updates[n].nbytes() for layer in sparse.adapted_layers().values()) for n in names[1:]],
         "peft": [sum(p.numel() * p.element_size() for k, p in lora.named_parameters() if f".{n}." in k) for n in names[1:]],
     }
-    ranks = [int(u.B.shape[1]) if u.A is not None else None
-             for layer in sparse.adapted_layers().values() for u in [layer.extra_updates[names[1]]]]
+    forms = collections.Counter(type(layer.extra_updates[names[1]]).__name__ for layer in sparse.adapted_layers().values())
+    bases_bytes = [sum(t.numel() * t.element_size() for layer in sparse.adapted_layers().values()
+                       for t in layer.extra_updates[n].basis_tensors() if t is not None and any(
+                           t is getattr(layer.extra_updates[n], side) for side in layer.extra_updates[n].owned))
+                   for n in names[1:]]
     budget = {"sparseft_k": sum(layer.k for layer in sparse.adapted_layers().values()),
               "peft_params": sum(p.numel() for k, p in lora.named_parameters() if ".default." in k)}
 
@@ -203,16 +211,13 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to float32)", "threads": torch.get_num_threads(),
         "adapters": args.adapters, "batch": args.batch, "new_tokens": args.new_tokens, "rounds": args.rounds,
         "prompt_tokens": int(prompts["input_ids"].shape[1]), "mixed_adapter_names": mixed,
-        "support_narrow": args.support_narrow,
+        "support_narrow": args.support_narrow, "basis_source": args.basis_source,
         "switch_seconds_median": switch, "switch_calls": args.switch_calls, "tokens_per_second": tok_s,
         "clock": "CPU time of the (single) working thread: the machine is shared, so wall time is not the work done",
         "generate_cpu_seconds": {f"{lib}/{mode}": t for (lib, mode), t in times.items()},
         "generate_wall_seconds_all_calls": list(wall.values()),
         "bytes_per_added_adapter": memory, "adapter_file_bytes": files, "trainable_budget": budget,
-        "sparseft_stored_ranks": {"min": min(r for r in ranks if r is not None) if any(r is not None for r in ranks) else None,
-                                  "max": max((r for r in ranks if r is not None), default=None),
-                                  "mean": statistics.mean(r for r in ranks if r is not None) if any(r is not None for r in ranks) else None,
-                                  "dense_layers": sum(r is None for r in ranks), "layers": len(ranks)},
+        "sparseft_loaded_forms": dict(forms), "sparseft_bases_bytes_per_added_adapter": bases_bytes,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,14 +242,14 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} thread, batch {args.batch} × {args.new_tokens} new tokens "
           f"(prompts {result['prompt_tokens']} tokens, left-padded), greedy; median of {args.rounds} rounds; "
           "tokens per CPU-second of the one working thread.\n")
-    narrow = f", support_narrow={args.support_narrow}" if args.support_narrow else ""
+    narrow = (f", support_narrow={args.support_narrow}" if args.support_narrow else "") + (
+        ", bases from the weights" if args.basis_source == "weights" else "")
     print(f"| | sparseft (SparseGrad, LoRA r=8 budget{narrow}) | peft (LoRA r=8) |")
     print("|---|---:|---:|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    r = result["sparseft_stored_ranks"]
-    print(f"\nsparseft stores each loaded layer as B A of rank {r['min']}–{r['max']} (mean {r['mean']:.0f}) "
-          f"or dense ({r['dense_layers']} of {r['layers']} layers).")
+    print(f"\nsparseft keeps each loaded layer as {dict(forms)}; of the memory per added adapter, bases: "
+          f"{mean(bases_bytes):,.0f} bytes (held once where adapters share them).")
 
 
 if __name__ == "__main__":

@@ -519,6 +519,7 @@ def rebuilding_twin(cached):
     fresh = copy.deepcopy(cached)
     fresh.cache_update = False
     fresh.update.merged_forward = lambda tokens: True
+    fresh._merge_pays = lambda tokens: True  # (inference too: not the sparse form beside W0)
     return fresh
 
 

@@ -75,10 +75,37 @@ def test_memory_is_the_values_and_their_index_and_shared_bases_are_held_once(tmp
             assert mine is theirs and any(mine is t for t in host.bases.held())  # one tensor for all three
         assert first.owned == second.owned == set()
         k = layer.k
-        assert second.nbytes() == 4 * k + 4 * k + 4 * (second.shape[0] + 1) + sum(
+        assert second.col.dtype == torch.int16  # a value and 2 bytes of column per entry, and a row pointer per row
+        assert second.nbytes() == 4 * k + 2 * k + 4 * (second.shape[0] + 1) + sum(
             t.numel() * t.element_size() for t in (second.rows, second.cols) if t is not None)
     torch.manual_seed(0)
     own = SparseModel.from_pretrained(tiny_bert(), tmp_path / "a1")
     for name, layer in own.sparse_layers().items():
         as_product = LowRankUpdate(*layer.lora_factors(), torch.float32).nbytes()
         assert host.base_model.get_submodule(name).extra_updates["second"].nbytes() < as_product
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_the_own_adapter_infers_through_its_sparse_form(name, tmp_path) -> None:
+    """Without gradients (generation, evaluation) a layer adds its update in the sparse form
+    beside the base layer when that costs less than merging (a few tokens), built once per state
+    of its values: the same outputs as the training-time forward."""
+    model = _saved(CONFIGS[name], tmp_path / "a")
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(4))  # one token, as a generation step
+    sparse_form = 0
+    for layer in model.sparse_layers().values():
+        xin = x[..., : layer.n].clone().requires_grad_(True)
+        want = layer(xin).detach()  # the training-time forward (gradients on)
+        with torch.no_grad():
+            got = layer(xin.detach())
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        if not layer._merge_pays(1):  # (a cached merge, or a free one for identity bases, is cheaper still)
+            sparse_form += 1
+            factors = layer.__dict__["_factors"][1]
+            with torch.no_grad():
+                layer(xin.detach())
+                assert layer.__dict__["_factors"][1] is factors  # built once
+                layer.param.mul_(2)  # a new state of the values: built again
+                layer(xin.detach())
+            assert layer.__dict__["_factors"][1] is not factors
+    assert sparse_form or name in ("dynamic", "MeProp (identity)")

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import CalibrationError, InputError
 from .progress import progress
-from .quantized import is_quantized
+from .quantized import is_quantized, unpack_for_training
 from .targets import is_transposed
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
@@ -169,6 +169,7 @@ def gradient_pass(
 
     handles = []
     device = next(iter(layers.values())).base_layer.weight.device
+    unpack_for_training(model)  # (bitsandbytes' CPU inference packing drops input gradients)
     try:
         for name, w in weights.items():
             w.grad = None

@@ -214,17 +214,51 @@ class SparseLinear(BaseTunerLayer):
         param = self.param
         if torch.is_grad_enabled() and hasattr(self.support, "ensure_hook"):
             self.support.ensure_hook(param)
+        inference = not (torch.is_grad_enabled() and (param.requires_grad or x.requires_grad))
+        if inference and self._fast_path_ok() and not self._merge_pays(x.numel() // self.n):
+            y = self.base_layer(x)  # x W0ᵀ + b, and the update in its sparse form beside it
+            return y + self._inference_factors()(x).to(y.dtype)
         if self.quantized:  # the quantized kernel computes x W0ᵀ + b and its input gradient; the update beside it
-            if not (torch.is_grad_enabled() and (param.requires_grad or x.requires_grad)):
+            if inference:
                 return self.base_layer(x) + self.update.forward(x, None, None, param, kernels_for(x.device))
             return self.base_layer(x) + SparseUpdate.apply(x, param, None, None, self.update)
         if not self._fast_path_ok():
             W0 = weight_of(self.base_layer)
             return F.linear(x, W0 + self.delta_weight().to(W0.dtype), self.base_layer.bias)
         W0, bias = weight_of(self.base_layer), self.base_layer.bias
-        if not (torch.is_grad_enabled() and (param.requires_grad or x.requires_grad)):
+        if inference:
             return self.update.forward(x, W0, bias, param, kernels_for(x.device))
         return SparseUpdate.apply(x, param, W0, bias, self.update)
+
+    def inference_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok() or self._merge_pays(x.numel() // self.n):
+            return None
+        return self._inference_factors()(x)
+
+    def _merge_pays(self, tokens: int) -> bool:
+        """Inference: whether merging W0 + ΔW for this call (or using the cached merge) costs less
+        than the update in its sparse form beside the base layer, N·(n·b + k + m·a) for rotated
+        sides (never for a quantized W0)."""
+        if self.quantized:
+            return False
+        if self.cache_update:
+            return True
+        a, b = self.support.shape()
+        rotated = self.basis.rotated_parts
+        sparse = tokens * (self.n * b * ("Q" in rotated) + self.k + self.m * a * ("P" in rotated))
+        return self.update.cost_model(tokens)["merge"] < sparse
+
+    def _inference_factors(self) -> SparseFactors:
+        """The update as a loaded adapter keeps it (:meth:`inference_update`), built once per
+        state of the values, support and bases: generation then costs N·(n·b + k) per layer
+        instead of the dense a×b product of the training-time factored path."""
+        param = self.param
+        key = (id(param), param._version, self.support.generation, self.basis.version(), param.device)
+        cached = self.__dict__.get("_factors")  # (not a submodule: never in state_dict or modules())
+        if cached is None or cached[0] != key:
+            self.__dict__["_factors"] = None
+            self.__dict__["_factors"] = cached = (key, self.inference_update(compute_dtype(self.base_layer)).to(param.device))
+        return cached[1]
 
     # ----------------------------------------------------------------------------- export
     @torch.no_grad()

@@ -4,7 +4,7 @@ in a compact form that computes ``x ΔWᵀ``:
 - :class:`LowRankUpdate`: ΔW = B A, from any method's ``lora_factors()`` (S2FT, or a method
   without a sparse form);
 - :class:`SparseFactors`: a SparseGrad/MeProp update in its own form, ``ΔW = P_R D Q_Cᵀ`` with D
-  the k trained entries (CSR: values and int32 indices) and P_R, Q_C references to the basis
+  the k trained entries (CSR: values, int16 column indices where they fit, row pointers) and P_R, Q_C references to the basis
   columns, or row/column indices where a side is the identity. Kept as B·A, a one-sided update
   of rank ~300 cost 38× a LoRA r=8 adapter's memory; in this form it costs its k values and
   indices, plus bases that adapters sharing them (bases from the weights, or from one bases
@@ -60,16 +60,21 @@ class SparseFactors(nn.Module):
         super().__init__()
         self.m, self.n = m, n
         D = D.detach().to(dtype).to_sparse_csr()
-        index = torch.int32 if max(D.shape) < 2**31 and D.values().numel() < 2**31 else torch.int64
+        self.index_dtype = torch.int32 if max(D.shape) < 2**31 and D.values().numel() < 2**31 else torch.int64
+        # a column index is below b (the model width for a one-sided update): int16 where it fits,
+        # widened per call (torch's CSR takes int32/int64), so an entry costs its value and 2 bytes
+        col_dtype = torch.int16 if D.shape[1] <= 2**15 else self.index_dtype
         self.shape = tuple(D.shape)
-        for name, value in (("crow", D.crow_indices().to(index)), ("col", D.col_indices().to(index)), ("values", D.values()),
+        for name, value in (("crow", D.crow_indices().to(self.index_dtype)), ("col", D.col_indices().to(col_dtype)),
+                            ("values", D.values()),
                             ("P", None if P is None else P.detach().to(dtype)), ("Q", None if Q is None else Q.detach().to(dtype)),
                             ("rows", rows), ("cols", cols)):
             self.register_buffer(name, value, persistent=False)
         self.owned: set[str] = {"P", "Q"}  # the bases this adapter's memory count includes (see share_bases)
 
     def _D(self) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow, self.col, self.values, self.shape, check_invariants=False)  # (built from a valid CSR)
+        return torch.sparse_csr_tensor(self.crow, self.col.to(self.index_dtype), self.values, self.shape,
+                                       check_invariants=False)  # (built from a valid CSR)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]

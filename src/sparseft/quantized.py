@@ -71,6 +71,52 @@ def requantize(module: nn.Module, W: torch.Tensor) -> None:
                   "merged model differs from the unmerged one by the format's rounding error.", stacklevel=3)
 
 
+@torch.no_grad()
+def unpack_for_training(model: nn.Module) -> int:
+    """Undo bitsandbytes' CPU inference repacking of 4-bit weights; returns how many layers were.
+
+    bitsandbytes 0.50.2, on a CPU with AVX512-BF16, repacks a ``Linear4bit`` weight for its
+    inference kernel on the first eval-mode forward without gradients, and uses that kernel from
+    then on: it has no backward, so the layer silently passes no gradient to its input, in
+    training too (every layer below it then trains on a wrong gradient). Measured here: an input
+    gradient of None after one eval forward. There is no public call to undo it; this uses the
+    one bitsandbytes itself calls before saving or moving such a weight."""
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if type(weight).__name__ == "Params4bit" and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            if hasattr(module, "quant_state"):
+                module.quant_state = weight.quant_state
+            count += 1
+    return count
+
+
+QUANTIZE = ("4bit", "8bit")
+HEADS = ("classifier", "score", "lm_head")  # task heads and output layers, never quantized
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype = torch.float32):
+    """transformers' ``BitsAndBytesConfig`` for a base loaded quantized (``kind`` "4bit": NF4 with
+    double quantization, as QLoRA; "8bit": LLM.int8())."""
+    if kind not in QUANTIZE:
+        raise ConfigError(f"quantize={kind!r} is not known; use one of {list(QUANTIZE)}.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError('A quantized base needs bitsandbytes: pip install "sparseft[quant]".') from exc
+    from transformers import BitsAndBytesConfig
+
+    keep = list(HEADS)  # the heads train densely: they stay in float
+    if kind == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep)
+
+
 # quantized layers that are not nn.Linear subclasses: named, with the fix (the layer's class name
 # is all a GPTQ/AWQ/EETQ model shows sparseft)
 _UNSUPPORTED = ("QuantLinear", "WQLinear", "EetqLinear", "QLinear", "Marlin")
@@ -85,4 +131,4 @@ def check_supported(name: str, module: nn.Module) -> None:
                           "load_in_8bit=True instead, or in full precision.")
 
 
-__all__ = ["check_supported", "compute_dtype", "dequantized", "is_quantized", "requantize"]
+__all__ = ["unpack_for_training", "QUANTIZE", "check_supported", "compute_dtype", "dequantized", "is_quantized", "quantization_config", "requantize"]

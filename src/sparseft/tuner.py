@@ -30,7 +30,7 @@ from .errors import AdapterMismatchError, ConfigError, InputError
 from .half_heads import Float32Head
 from .loaded import LowRankUpdate
 from .serialization import atomic_write_text, load_tensors, save_tensors
-from .quantized import compute_dtype, dequantized, is_quantized, requantize
+from .quantized import compute_dtype, dequantized, is_quantized, requantize, unpack_for_training
 from .targets import find_heads, layer_shape, weight_of
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -74,6 +74,11 @@ class BaseTunerLayer(nn.Module):
 
     def update_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def inference_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``x ΔWᵀ`` of the layer's own update alone, when it has a cheap way to compute it
+        without gradients (else None: the caller runs ``update_forward``)."""
+        return None
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters())
@@ -124,7 +129,12 @@ class BaseTunerLayer(nn.Module):
         for adapter, rows in groups.items():
             rows = rows.to(x.device)
             if adapter == DEFAULT_ADAPTER:
-                y = y.index_copy(0, rows, self.update_forward(x.index_select(0, rows)).to(y.dtype))
+                part = x.index_select(0, rows)
+                delta = self.inference_delta(part)  # the update alone, where the layer has it (no second base pass)
+                if delta is not None:
+                    y = y.index_add(0, rows, delta.to(y.dtype))
+                else:
+                    y = y.index_copy(0, rows, self.update_forward(part).to(y.dtype))
             elif adapter != BASE_ADAPTER:
                 y = y.index_add(0, rows, self.extra_updates[adapter](x.index_select(0, rows)).to(y.dtype))
         return y
@@ -283,8 +293,18 @@ class BaseTuner(nn.Module):
             raise ConfigError(f"sparseft adapts a torch nn.Module (e.g. a transformers model), got {type(model).__name__}.")
         return _signature_class(cls, type(model))(model, config, **kwargs)
 
+    def train(self, mode: bool = True) -> "BaseTuner":
+        super().train(mode)
+        if mode:
+            unpack_for_training(self.base_model)  # (bitsandbytes' CPU inference packing drops input gradients)
+        return self
+
     def _freeze_all_but_heads(self, model: nn.Module) -> None:
         """Freeze ``model`` except its heads."""
+        for head in self.heads:
+            if any(not p.is_floating_point() for p in model.get_submodule(head).parameters()):
+                raise ConfigError(f"The head {head!r} is stored quantized, so it cannot train: load the base with "
+                                  f"BitsAndBytesConfig(llm_int8_skip_modules=[{head.split('.')[-1]!r}]) to keep it in float.")
         for p in model.parameters():
             p.requires_grad_(False)
         for head in self.heads:

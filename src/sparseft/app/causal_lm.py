@@ -226,6 +226,7 @@ class CausalLMSettings:
     rank: int = 8
     density: float | None = None
     support_narrow: int | str | None = None  # SparseGrad: leading directions of each layer's narrow side
+    quantize: str | None = None  # the base's linear layers loaded quantized: "4bit" or "8bit" (bitsandbytes)
     model_dir: str | None = None
     batch_size: int = 8
     max_length: int = 128
@@ -253,11 +254,13 @@ class CausalLMResult(RunRecord):
     generations: list[dict[str, str]] = field(default_factory=list)
 
 
-def load_causal_lm(model_dir: str | Path, seed: int = 0):
+def load_causal_lm(model_dir: str | Path, seed: int = 0, quantize: str | None = None, placement: Placement | None = None):
+    """A causal LM from a local checkpoint: float32 weights, or its linear layers quantized
+    (``quantize`` "4bit"/"8bit", bitsandbytes, loaded onto ``placement``'s device)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), **(placement or Placement("cpu", "fp32")).load_options(quantize))
 
 
 def run_causal_lm(
@@ -285,7 +288,7 @@ def run_causal_lm(
             shown.append(conv)
 
     placement = resolve(settings.device, settings.precision)
-    model = load_causal_lm(model_dir, settings.seed).to(placement.device)
+    model = placement.move(load_causal_lm(model_dir, settings.seed, settings.quantize, placement))
     loss_before = answer_loss(model, evaluation, settings.eval_batch_size, placement)
     before = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)

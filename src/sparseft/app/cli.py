@@ -93,6 +93,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=_positive(int), default=64)
     p.add_argument("--calibration-steps", type=_positive(int), default=20)
     p.add_argument("--reselect-every", type=_positive(int), help="fixed-selection SparseGrad: re-choose 10%% of the support every N steps")
+    p.add_argument("--quantize", choices=("4bit", "8bit"), help="load the base model's linear layers quantized with "
+                   "bitsandbytes (4bit: NF4, as QLoRA; 8bit: LLM.int8) to fit a smaller GPU; the sparse/LoRA update "
+                   'trains beside them in float32 (pip install "sparseft[quant]")')
     p.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE}, "
                    "or OMP_NUM_THREADS; calibration's float64 eigh always runs on one thread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -157,6 +160,7 @@ def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_ma
         "batch_size": args.batch_size, "max_length": args.max_length or default_max_length, "rank": args.rank,
         "density": args.density, "support_narrow": args.support_narrow, "calibration_steps": args.calibration_steps,
         "show_progress": not args.no_progress, "device": args.device, "precision": args.precision,
+        "quantize": args.quantize,
     }
 
 
@@ -286,8 +290,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .train import check_finite, accuracy, load_trained
 
     placement = _placement(args)
-    model, tokenizer, run = load_trained(args.adapter, args.model)
-    model.to(placement.device)
+    model, tokenizer, run = load_trained(args.adapter, args.model, placement)
+    placement.move(model)
     if args.text:
         enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
         with torch.no_grad(), placement.autocast():
@@ -613,6 +617,22 @@ def _validate(args: argparse.Namespace) -> None:
     density = getattr(args, "density", None)
     if density is not None and not 0 < density <= 1:
         raise ConfigError(f"--density {density} must be in (0, 1]: the fraction of each layer's entries that train.")
+    if getattr(args, "quantize", None):
+        from ..methods import parse_method
+
+        name = parse_method(args.method)[0] if getattr(args, "method", None) else None
+        if name in ("full", "s2ft"):
+            raise ConfigError(f"--method {name} trains W0 itself, which --quantize stores quantized: use a sparse or LoRA "
+                              "method (sparsegrad, meprop, lora-mlp, shira, head) on a quantized base, or drop --quantize.")
+        if getattr(args, "save_merged", False):
+            raise ConfigError("--save-merged with --quantize would quantize W0 + ΔW again (rounding the update away in "
+                              "part): save the adapter (the default) and merge it into a full-precision base.")
+        if getattr(args, "func", None) is not cmd_train:
+            raise ConfigError("--quantize is a `sparseft train` option (predict reads it from the run).")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError('--quantize needs bitsandbytes: pip install "sparseft[quant]".') from None
     resume = getattr(args, "resume", None)
     if resume and not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no such directory; pass an earlier --output-dir (it holds checkpoints/).")

@@ -54,6 +54,31 @@ class Placement:
         how = "fp32" if self.precision == "fp32" else f"{self.precision} autocast (weights and trained values float32)"
         return f"{self.device} ({self.device_name()}), {how}"
 
+    def move(self, model: Any) -> Any:
+        """``model`` on this device; left alone where it already is (a quantized model loads onto
+        its device, and bitsandbytes models refuse some ``.to`` calls)."""
+        import torch
+
+        target = torch.device(self.device)
+        if any(p.device.type != target.type or (target.index is not None and p.device.index != target.index)
+               for p in model.parameters()):
+            model.to(target)
+        return model
+
+    def load_options(self, quantize: str | None = None) -> dict:
+        """``from_pretrained`` options for a base on this device: float32 weights, or quantized
+        with bitsandbytes (``quantize`` "4bit"/"8bit", computing in this placement's precision)
+        and placed on the device as it loads."""
+        import torch
+
+        if quantize is None:
+            return {"dtype": torch.float32}
+        from ..quantized import quantization_config
+
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        return {"dtype": torch.float32, "quantization_config": quantization_config(quantize, compute),
+                "device_map": {"": self.device}}
+
     def record(self) -> dict[str, str]:
         return {"device": self.device, "device_name": self.device_name(), "precision": self.precision}
 

@@ -27,6 +27,7 @@ from .checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_ch
 from .data import TextDataset, batches, encode, trim_padding
 from ..errors import AdapterMismatchError, ConfigError, CorruptFileError, DataError
 from ..fingerprint import backbone_fingerprint
+from ..quantized import unpack_for_training
 from .artifacts import seal, verify
 from .placement import Placement, placement_of, resolve
 from ..methods import DEFAULT_LR, Prepared, canonical, method_spec, prepare, training_options
@@ -60,6 +61,7 @@ class RunSettings:
     save_merged_dir: str | None = None  # and a plain merged model here
     device: str = "auto"  # app.placement: auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast)
+    quantize: str | None = None  # the base's linear layers loaded quantized: "4bit" or "8bit" (bitsandbytes)
     data: dict[str, Any] | None = None  # where the splits came from (--data and its columns): kept with what is saved
 
 
@@ -95,12 +97,15 @@ class RunResult(RunRecord):
     eval_split: str
 
 
-def load_classifier(model_dir: str | Path, num_labels: int, seed: int):
+def load_classifier(model_dir: str | Path, num_labels: int, seed: int, quantize: str | None = None,
+                    placement: Placement | None = None):
     """A sequence classifier from a local checkpoint, its weights in float32 whatever the file's
     dtype (a half-precision checkpoint trains with float32 weights; ``--precision`` runs the math
-    in half); the new head is initialised from ``seed``."""
+    in half), or its linear layers quantized (``quantize`` "4bit"/"8bit", bitsandbytes, loaded
+    onto ``placement``'s device); the new head is initialised from ``seed``."""
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels, dtype=torch.float32)
+    options = (placement or Placement("cpu", "fp32")).load_options(quantize)
+    return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels, **options)
 
 
 @torch.no_grad()
@@ -188,7 +193,7 @@ def fit(
     fingerprints); checkpoints keep it, and resuming with another is refused."""
     model = prepared.model
     placement = placement or placement_of(model)
-    model.to(placement.device)
+    placement.move(model)
     overrides = training_options(method)
     calibration_steps = overrides.get("calibration_steps", calibration_steps)
     warmup_fraction = overrides.get("warmup_fraction", warmup_fraction)
@@ -205,6 +210,7 @@ def fit(
     scaler = placement.grad_scaler()
     torch.manual_seed(seed)
     model.train()
+    unpack_for_training(model)  # any method on a quantized base (peft's LoRA too): see sparseft.quantized
     device = torch.device(placement.device)
     identity = json.loads(json.dumps(identity or {}))  # as a checkpoint gives it back (tuples → lists)
     run = _resume(resume_dir, model, optimizer, scheduler, lr, identity, steps) if resume is not None else Resumed()
@@ -351,7 +357,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(settings.model_dir)
     train = encode(tokenizer, splits["train"], settings.max_length)
     evaluation = encode(tokenizer, splits[settings.eval_split], settings.max_length)
-    model = load_classifier(settings.model_dir, len(splits["train"].label_names), settings.seed)
+    model = load_classifier(settings.model_dir, len(splits["train"].label_names), settings.seed, settings.quantize, placement)
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and settings.max_length > positions:
         raise ConfigError(
@@ -359,7 +365,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
     base = backbone_fingerprint(model)
-    identity = {"method": method, "steps": settings.steps, "seed": settings.seed, "batch_size": settings.batch_size,
+    identity = {"method": method, "quantize": settings.quantize, "steps": settings.steps, "seed": settings.seed, "batch_size": settings.batch_size,
                 "max_length": settings.max_length, "rank": settings.rank, "density": settings.density,
                 "support_narrow": settings.support_narrow, "calibration_steps": settings.calibration_steps,
                 "warmup_fraction": settings.warmup_fraction, "reselect_every": settings.reselect_every,
@@ -377,7 +383,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
     if settings.save_dir or settings.save_merged_dir:
         run = {"model_dir": str(settings.model_dir), "method": method, "label_names": splits["train"].label_names,
                "max_length": settings.max_length, "seed": settings.seed, "accuracy": acc, "eval_split": settings.eval_split,
-               "data": settings.data}
+               "data": settings.data, "quantize": settings.quantize}
         save_trained(prepared.model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base)
     return RunResult(method=method, seed=settings.seed, lr=lr, accuracy=acc, eval_split=settings.eval_split,
                      steps=settings.steps, **record)
@@ -434,7 +440,7 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
-def load_trained(path: str | Path, model_dir: str | Path | None = None):
+def load_trained(path: str | Path, model_dir: str | Path | None = None, placement: Placement | None = None):
     """(model, tokenizer, run) from a folder ``save_trained`` wrote, its files verified first.
     An adapter loads onto the base recorded at training, or ``model_dir`` (that base moved);
     either must have the fingerprint the run recorded."""
@@ -455,7 +461,7 @@ def load_trained(path: str | Path, model_dir: str | Path | None = None):
     if not (base_dir / "config.json").is_file():
         raise DataError(f"The base model {base_dir} {'given' if model_dir else 'recorded at training'} is not there (no "
                         "config.json): pass --model DIR with the base this adapter was trained on (it is checked).")
-    base = load_classifier(base_dir, labels, run["seed"])
+    base = load_classifier(base_dir, labels, run["seed"], run.get("quantize"), placement)
     expected = manifest.get("base_fingerprint")
     if expected and backbone_fingerprint(base) != expected:
         raise AdapterMismatchError(f"{base_dir} is not the base model this adapter was trained on (fingerprint "
