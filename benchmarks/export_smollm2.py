@@ -38,6 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--ranks", default="8,32,128")
+    parser.add_argument("--support-narrow", type=int, help="SparseGradConfig.support_narrow: the update then has rank "
+                        "at most this, so an export at that rank is exact (what a vLLM user trains with)")
     parser.add_argument("--out", default="benchmarks/results/export_smollm2.json")
     args = parser.parse_args()
 
@@ -48,7 +50,8 @@ def main() -> None:
     held = encode_chat(tokenizer, splits["test"][:8], 64)
     probe = {k: v for k, v in held.items() if k in ("input_ids", "attention_mask")}
 
-    tuner = get_sparse_model(load_causal_lm(model_dir), SparseGradConfig(selection="fixed", match_lora_rank=8))
+    tuner = get_sparse_model(load_causal_lm(model_dir), SparseGradConfig(selection="fixed", match_lora_rank=8,
+                                                                         support_narrow=args.support_narrow))
     tuner.calibrate(batches(train, 4, seed=0, steps=2), steps=2, show_progress=False)
     opt = torch.optim.AdamW([p for p in tuner.parameters() if p.requires_grad], lr=1e-3)
     tuner.train()

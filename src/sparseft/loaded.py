@@ -13,6 +13,8 @@ in a compact form that computes ``x ΔWᵀ``:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,7 +61,9 @@ class SparseFactors(nn.Module):
                  rows: torch.Tensor | None = None, cols: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.m, self.n = m, n
-        D = D.detach().to(dtype).to_sparse_csr()
+        with warnings.catch_warnings():  # ("Sparse CSR tensor support is in beta": the ops used here are tested)
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            D = D.detach().to(dtype).to_sparse_csr()
         self.index_dtype = torch.int32 if max(D.shape) < 2**31 and D.values().numel() < 2**31 else torch.int64
         # a column index is below b (the model width for a one-sided update): int16 where it fits,
         # widened per call (torch's CSR takes int32/int64), so an entry costs its value and 2 bytes
