@@ -76,5 +76,6 @@ def test_help_and_version_load_no_torch():
     import subprocess
     import sys
 
-    code = "import sys; from sparseft.app.cli import build_parser; build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = ("import sys; from sparseft.app.cli import build_parser, main; build_parser(); main(['train', '--steps', '-1']); "
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

@@ -663,6 +663,9 @@ def _validate(args: argparse.Namespace) -> None:
 def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .runner import quiet_optional_kernels
+
+    quiet_optional_kernels()
     args = build_parser().parse_args(argv)
     try:
         _validate(args)

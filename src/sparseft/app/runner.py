@@ -19,9 +19,16 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from .artifacts import sealed_record
-
 Record = dict[str, Any]
+
+
+def quiet_optional_kernels() -> None:
+    """bitsandbytes (imported by peft when installed) looks for an optional CPU kernel on the hub at
+    import and logs, offline, two warnings per process that concern nothing sparseft runs."""
+    import logging
+
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def init_worker(threads: int) -> None:
@@ -30,6 +37,7 @@ def init_worker(threads: int) -> None:
     import transformers
 
     torch.set_num_threads(threads)
+    quiet_optional_kernels()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.set_verbosity_error()
@@ -69,6 +77,8 @@ class Runner:
 
     def run(self, fn: Callable[[Record], Record], jobs: list[Record]) -> list[Record]:
         """The records of ``jobs``, in the order they finished."""
+        from .artifacts import sealed_record  # (torch: the command line imports this module before it needs it)
+
         pending = {self.pool.submit(guarded, fn, job) for job in jobs}
         results: list[Record] = []
         while pending:
