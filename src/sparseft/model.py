@@ -439,6 +439,7 @@ class SparseModel(BaseTuner):
         sparse = super().from_pretrained(model, save_directory, bases=bases)
         return sparse.to(next(iter(sparse.sparse_layers().values())).base_layer.weight.device)
 
+    @torch.no_grad()
     def _load_adapter_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                               bases: str | os.PathLike | None = None) -> None:
         base = next(iter(self.sparse_layers().values())).base_layer
@@ -454,20 +455,18 @@ class SparseModel(BaseTuner):
             if name in seeded:  # the support from its seed, checked against the positions it gave when saved
                 seed, digest = seeded[name]
                 layer.choose_support(seeded_scores(layer.block, seed).to(values.device), seed)
-                rows, cols = layer.rows, layer.cols
-                if index_digest(rows, cols) != digest:
+                if index_digest(layer.rows, layer.cols) != digest:
                     raise AdapterMismatchError(
                         f"The support of {name} rebuilt from its seed differs from the saved one (this torch's random "
-                        "generator draws differently): load the adapter with the torch version that saved it, and "
-                        "save it again with bases to keep.")
-            elif f"layers.{name}.index" in tensors:
+                        "generator draws differently): load the adapter with the torch version that saved it.")
+                layer.param.copy_(values.to(layer.param.dtype))
+                continue
+            if f"layers.{name}.index" in tensors:
                 flat = tensors[f"layers.{name}.index"].long()
                 rows, cols = flat // layer.block[1], flat % layer.block[1]
             else:  # files before the compact index: rows and columns
                 rows, cols = tensors[f"layers.{name}.rows"].long(), tensors[f"layers.{name}.cols"].long()
             layer.load_sparse_state(rows, cols, values)
-            if name in seeded:
-                layer.support.seed = seeded[name][0]  # (saved again, it stays a seed)
 
 
 _DENSE_STATE_HOOK: list[Any] = []

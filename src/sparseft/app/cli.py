@@ -151,7 +151,7 @@ def _table(records: list[dict[str, Any]], title: str) -> None:
     show_table(title, headers, rows, caption=STATE_NOTE)
 
 
-def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_max_length: int) -> dict[str, Any]:
+def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_max_length: int, placement: Any) -> dict[str, Any]:
     """The settings every `sparseft train` run takes from the command line, whatever the task."""
     from ..methods import canonical
 
@@ -159,7 +159,7 @@ def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_ma
         "model_dir": model_dir, "method": canonical(args.method), "lr": args.lr, "steps": args.steps, "seed": seed,
         "batch_size": args.batch_size, "max_length": args.max_length or default_max_length, "rank": args.rank,
         "density": args.density, "support_narrow": args.support_narrow, "calibration_steps": args.calibration_steps,
-        "show_progress": not args.no_progress, "device": args.device, "precision": args.precision,
+        "show_progress": not args.no_progress, "device": placement.device, "precision": placement.precision,
         "quantize": args.quantize,
     }
 
@@ -189,7 +189,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     for seed in args.seeds:
         settings = CausalLMSettings(
-            **(_run_options(args, model_dir, seed, default_max_length=128) | {"device": placement.device, "precision": placement.precision}),
+            **_run_options(args, model_dir, seed, 128, placement),
             eval_examples=args.eval_examples,
             generations=args.generations,
         )
@@ -244,7 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for seed in args.seeds:
         settings = RunSettings(
-            **(_run_options(args, model_dir, seed, default_max_length=64) | {"device": placement.device, "precision": placement.precision}),
+            **_run_options(args, model_dir, seed, 64, placement),
             reselect_every=args.reselect_every,
             checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
             checkpoint_every=args.checkpoint_every or 0,
@@ -629,10 +629,10 @@ def _validate(args: argparse.Namespace) -> None:
                               "part): save the adapter (the default) and merge it into a full-precision base.")
         if getattr(args, "func", None) is not cmd_train:
             raise ConfigError("--quantize is a `sparseft train` option (predict reads it from the run).")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError('--quantize needs bitsandbytes: pip install "sparseft[quant]".') from None
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:  # (found, not imported: it would load torch)
+            raise ConfigError('--quantize needs bitsandbytes: pip install "sparseft[quant]".')
     resume = getattr(args, "resume", None)
     if resume and not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no such directory; pass an earlier --output-dir (it holds checkpoints/).")

@@ -463,9 +463,10 @@ def load_trained(path: str | Path, model_dir: str | Path | None = None, placemen
                         "config.json): pass --model DIR with the base this adapter was trained on (it is checked).")
     base = load_classifier(base_dir, labels, run["seed"], run.get("quantize"), placement)
     expected = manifest.get("base_fingerprint")
-    if expected and backbone_fingerprint(base) != expected:
+    found = backbone_fingerprint(base) if expected else None
+    if found != expected:
         raise AdapterMismatchError(f"{base_dir} is not the base model this adapter was trained on (fingerprint "
-                                   f"{backbone_fingerprint(base)} ≠ {expected}): pass --model with that base.")
+                                   f"{found} ≠ {expected}): pass --model with that base.")
     config = _read_json(folder / "adapter_config.json", again)
     if "peft_type" in config:  # peft's format (LoRA, SHiRA, ...): peft reads its own kinds
         from peft import PeftModel
