@@ -664,7 +664,7 @@ class BaseTuner(nn.Module):
         from .targets import is_transposed
 
         out = self._check_output(save_directory, "export_lora")
-        if not overwrite and (out / CONFIG_FILE).is_file() and '"kind"' in (out / CONFIG_FILE).read_text(encoding="utf-8", errors="replace"):
+        if not overwrite and _holds_sparseft_adapter(out):
             raise ConfigError(f"export_lora: {out} holds a sparseft adapter, which the export would replace: export into "
                               "another folder, or pass overwrite=True.")
 
@@ -830,6 +830,15 @@ class BaseTuner(nn.Module):
             state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             tuner.base_model.get_submodule(head).load_state_dict(state)
         return tuner
+
+
+def _holds_sparseft_adapter(folder: Path) -> bool:
+    """Whether ``folder`` holds a sparseft adapter (its config names a ``kind``; a peft export's does not)."""
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "kind" in config
 
 
 def tuner_for(save_directory: str | os.PathLike) -> type[BaseTuner]:
