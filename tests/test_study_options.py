@@ -3,6 +3,8 @@ variant may set (``calibration_steps``, ``warmup_fraction``, the config's ``rese
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -78,6 +80,24 @@ def test_training_options_are_checked_and_kept_out_of_the_config() -> None:
         prepare("lora-mlp[calibration_steps=4;r=2]", tiny_bert(), rank=2)
 
 
+def test_a_variant_may_carry_its_own_default_rate() -> None:
+    """``lr`` in a variant sets its default rate (the suite's centre, `sparseft train`'s default);
+    without it a variant starts at its method's."""
+    from sparseft.app.suite import SuiteSettings
+    from sparseft.methods import DEFAULT_LR, variant_lr
+
+    random_identity = "meprop-fixed[support_criterion=random;lr=0.009]"
+    assert training_options(random_identity) == {"lr": 0.009}
+    assert variant_lr(random_identity, "suite-peft") == 0.009 == DEFAULT_LR[random_identity]
+    assert SuiteSettings(regime="paper").centre(random_identity) == 0.009
+    assert SuiteSettings().centre("meprop-fixed[support_criterion=random]") == variant_lr("meprop-fixed", "suite-peft") == 3e-3
+    prepared = prepare(random_identity, tiny_bert(), rank=2)  # the option stays out of the config
+    assert prepared.sparse.sparse_config.support_criterion == "random"
+    for bad in ("lr=0", "lr=-1e-3", "lr=inf", "lr=true", "lr=fast"):
+        with pytest.raises(ConfigError, match="lr must be"):
+            training_options(f"sparsegrad[{bad}]")
+
+
 def _train_data(rows: int = 32) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 97, (rows, 12), generator=g)
@@ -127,3 +147,19 @@ def test_the_registry_says_which_methods_reselect():
 
     assert {n for n, m in REGISTRY.items() if m.reselects} == {"sparsegrad-fixed", "sparsegrad-random", "sparsegrad-onesided"}
     assert method_spec("sparsegrad[support_narrow=8]").reselects and not method_spec("shira").reselects
+
+
+def test_identity_bases_with_a_random_support_need_no_calibration_pass(tmp_path) -> None:
+    """Identity × random (the study's cell beside peft's SHiRA) is ready at construction, with the
+    support a calibration pass would have drawn, and saves and loads like the rest."""
+    from sparseft import MePropConfig
+
+    config = dict(selection="fixed", support_criterion="random", match_lora_rank=2)
+    base = tiny_bert().eval()  # no dropout: the round trip compares outputs
+    ready = get_sparse_model(copy.deepcopy(base), MePropConfig(**config))
+    assert ready.is_calibrated and not prepare("meprop-fixed[support_criterion=random]", tiny_bert(), rank=2).needs_calibration
+    calibrated = get_sparse_model(tiny_bert(), MePropConfig(**config))
+    calibrated.calibrate(make_batches("bert", 2), steps=1, show_progress=False)
+    for (name, a), b in zip(ready.sparse_layers().items(), calibrated.sparse_layers().values()):
+        assert torch.equal(a.support.rows, b.support.rows) and torch.equal(a.support.cols, b.support.cols), name
+    assert_save_load_merge_round_trip(ready, base, tmp_path)

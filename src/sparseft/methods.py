@@ -12,6 +12,8 @@ at ``rank`` on the same layers (k = r·(m+n) per layer) unless ``density`` is gi
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -139,7 +141,7 @@ class _DefaultLR(Mapping):
         self.task = task
 
     def __getitem__(self, name: str) -> float:
-        return method_spec(name).default_lr(self.task)
+        return variant_lr(name, self.task)
 
     def __iter__(self) -> Iterator[str]:
         return iter(_listed())
@@ -206,7 +208,9 @@ def parse_method(method: str) -> tuple[str, dict]:
 
 # Variant options that set the training loop, not the method's config: the study varies them per
 # method inside one suite run ("sparsegrad[calibration_steps=40]", "sparsegrad[warmup_fraction=0.2]").
-TRAINING_OPTIONS = ("calibration_steps", "warmup_fraction")
+# ``lr`` is the variant's own default rate (a sweep's centre), for a variant whose kind of support
+# wants another rate than its method's ("meprop-fixed[support_criterion=random;lr=0.009]").
+TRAINING_OPTIONS = ("calibration_steps", "warmup_fraction", "lr")
 
 
 def training_options(method: str) -> dict:
@@ -218,7 +222,15 @@ def training_options(method: str) -> dict:
     warmup = options.get("warmup_fraction")
     if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not 0 <= warmup < 1):
         raise ConfigError(f"Method {method!r}: warmup_fraction must be a fraction of the steps in [0, 1), got {warmup!r}.")
+    lr = options.get("lr")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
+        raise ConfigError(f"Method {method!r}: lr must be a positive, finite learning rate, got {lr!r}.")
     return options
+
+
+def variant_lr(method: str, task: str = "classification") -> float:
+    """A method's default rate for a task kind or run setting; a variant's own ``lr`` option first."""
+    return training_options(method).get("lr") or method_spec(method).default_lr(task)
 
 
 def canonical(method: str) -> str:
@@ -492,5 +504,5 @@ register_method(Method("supertuning", "peft Super-Tuning: magnitude-chosen MLP e
                        LEARNING_RATES["supertuning"], in_default_bench=False))
 
 
-__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "TRAINING_OPTIONS", "bench_methods", "canonical", "method_spec", "parse_method", "split_methods", "training_options", "default_lrs",
+__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "TRAINING_OPTIONS", "bench_methods", "canonical", "method_spec", "parse_method", "split_methods", "training_options", "default_lrs", "variant_lr",
            "prepare", "register_method"]

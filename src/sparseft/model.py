@@ -93,15 +93,17 @@ class SparseModel(BaseTuner):
         if self._saved_bases is not None:
             self._fill_bases(self._saved_bases)
         self._saved_bases = None
-        if self.sparse_config.basis_source == "weights" and not self.sparse_config.identity_bases:
+        config = self.sparse_config
+        if config.basis_source == "weights" and not config.identity_bases:
             self._bases_from_weights()
+        if config.identity_bases or config.basis_source == "weights":
+            self._ready_without_calibration()
         if self.tuner_config.selection == "dynamic" and not _DENSE_STATE_HOOK:
             _DENSE_STATE_HOOK.append(register_optimizer_step_post_hook(_warn_on_dense_state))
 
     @torch.no_grad()
     def _bases_from_weights(self) -> None:
-        """Each layer's bases from its own W0's SVD (``basis_source="weights"``); with a random
-        fixed support (or dynamic selection) the model is then ready to train, no calibration pass."""
+        """Each layer's bases from its own W0's SVD (``basis_source="weights"``)."""
         layers = self.sparse_layers()
         for layer in layers.values():
             W0 = dequantized(layer.base_layer) if layer.quantized else weight_of(layer.base_layer)
@@ -109,6 +111,11 @@ class SparseModel(BaseTuner):
             dtype = compute_dtype(layer.base_layer)
             parts = layer.basis.rotated_parts
             self.bases.set(layer.group, U.to(dtype) if "P" in parts else None, V.to(dtype) if "Q" in parts else None)
+
+    def _ready_without_calibration(self) -> None:
+        """Bases that need no gradients (identity, or W0's): dynamic selection, or a random fixed
+        support, is then ready to train without a calibration pass."""
+        layers = self.sparse_layers()
         config = self.sparse_config
         if config.selection == "dynamic":
             for layer in layers.values():

@@ -92,12 +92,12 @@ class SuiteSettings:
 
     def centre(self, method: str) -> float:
         """The centre of ``method``'s sweep: the registry's rate for this regime (a variant
-        starts at its method's), unless overridden."""
-        from ..methods import method_spec
+        starts at its method's, or at its own ``lr`` option), unless overridden."""
+        from ..methods import variant_lr
 
         if method in self.lr_overrides:
             return self.lr_overrides[method]
-        return method_spec(method).default_lr(f"suite-{self.regime}")
+        return variant_lr(method, f"suite-{self.regime}")
 
 
 # ----------------------------------------------------------------------------- one run (worker side)
