@@ -109,3 +109,43 @@ def test_the_own_adapter_infers_through_its_sparse_form(name, tmp_path) -> None:
                 layer(xin.detach())
             assert layer.__dict__["_factors"][1] is not factors
     assert sparse_form or name in ("dynamic", "MeProp (identity)")
+
+
+def _alone(model, ids, names) -> torch.Tensor:
+    rows = []
+    for i, adapter in enumerate(names):
+        if adapter == "__base__":
+            with model.disable_adapter():
+                rows.append(model(input_ids=ids[i:i + 1]).logits)
+        else:
+            model.set_adapter(adapter)
+            rows.append(model(input_ids=ids[i:i + 1]).logits)
+    model.set_adapter("default")
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_a_mixed_batch_equals_each_row_alone_and_shared_bases_rotate_once(name, tmp_path, monkeypatch) -> None:
+    """Rows of the own adapter, two loaded ones (and the base) in one batch: each row as if alone.
+    Adapters holding the same basis (bases from the weights: all three) rotate their rows in one
+    product per layer side, not one per adapter."""
+    config = CONFIGS[name]
+    own = _saved(config, tmp_path / "own", seed=1)
+    for i in (2, 3):
+        _saved(config, tmp_path / f"a{i}", seed=i)
+    own.load_adapter(tmp_path / "a2", "a2")
+    own.load_adapter(tmp_path / "a3", "a3")
+    calls = {"in": 0, "out": 0}
+    into, out = SparseFactors._into, SparseFactors._out
+    monkeypatch.setattr(SparseFactors, "_into", lambda f, t: calls.__setitem__("in", calls["in"] + (f.Q is not None)) or into(f, t))
+    monkeypatch.setattr(SparseFactors, "_out", lambda f, u: calls.__setitem__("out", calls["out"] + (f.P is not None)) or out(f, u))
+    rotated = sum(len(layer.basis.rotated_parts) for layer in own.sparse_layers().values())
+    for names in (["default", "a2", "__base__", "a3", "a2", "default"], ["a3", "default", "a2", "a2"]):  # some rows, every row
+        ids = torch.randint(0, 97, (len(names), 8), generator=torch.Generator().manual_seed(len(names)))
+        with torch.no_grad():
+            alone = _alone(own, ids, names)
+            calls.update({"in": 0, "out": 0})
+            mixed = own(input_ids=ids, adapter_names=names).logits
+        torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
+        if name == "weights' bases":  # one rotation per rotated side of each layer for the three adapters
+            assert calls["in"] + calls["out"] == rotated

@@ -231,9 +231,13 @@ class SparseLinear(BaseTunerLayer):
         return SparseUpdate.apply(x, param, W0, bias, self.update)
 
     def inference_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok() or self._merge_pays(x.numel() // self.n):
+        factors = self.inference_factors(x.numel() // self.n)
+        return None if factors is None else factors(x)
+
+    def inference_factors(self, tokens: int) -> SparseFactors | None:
+        if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok() or self._merge_pays(tokens):
             return None
-        return self._inference_factors()(x)
+        return self._inference_factors()
 
     def _merge_pays(self, tokens: int) -> bool:
         """Inference: whether merging W0 + ΔW for this call (or using the cached merge) costs less

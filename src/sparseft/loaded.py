@@ -13,6 +13,7 @@ in a compact form that computes ``x ΔWᵀ``:
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -83,15 +84,31 @@ class SparseFactors(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.n).to(self.values.dtype)
-        t = flat @ self.Q if self.Q is not None else (flat if self.cols is None else flat.index_select(1, self.cols))
-        u = torch.sparse.mm(self._D(), t.T).T  # N×a
+        return self._out(self._product(self._into(flat))).reshape(*lead, self.m)
+
+    def _into(self, flat: torch.Tensor) -> torch.Tensor:
+        """The input side: x Q (N×b), or x's columns ``cols``."""
+        return flat @ self.Q if self.Q is not None else (flat if self.cols is None else flat.index_select(1, self.cols))
+
+    def _product(self, t: torch.Tensor) -> torch.Tensor:
+        """t Dᵀ (N×a): the k entries."""
+        return torch.sparse.mm(self._D(), t.T).T
+
+    def _out(self, u: torch.Tensor) -> torch.Tensor:
+        """The output side: u P_Rᵀ (N×m), or u scattered into the rows ``rows``."""
         if self.P is not None:
-            y = u @ self.P.T
-        elif self.rows is None:
-            y = u
-        else:
-            y = u.new_zeros(u.shape[0], self.m).index_add_(1, self.rows, u)
-        return y.reshape(*lead, self.m)
+            return u @ self.P.T
+        if self.rows is None:
+            return u
+        return u.new_zeros(u.shape[0], self.m).index_add_(1, self.rows, u)
+
+    def _side_key(self, side: str) -> tuple | None:
+        """What makes two updates' ``side`` ("in"/"out") the same map: the basis tensor itself (its
+        storage and view), or the index tensor; None where nothing is shared."""
+        t = self.Q if side == "in" else self.P
+        if t is None:
+            return None
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -125,4 +142,52 @@ class SparseFactors(nn.Module):
         return sum(t.numel() * t.element_size() for t in own if t is not None)
 
 
-__all__ = ["LowRankUpdate", "SparseFactors"]
+def mixed_delta(x: torch.Tensor, parts: list[tuple[torch.Tensor, SparseFactors]]) -> torch.Tensor:
+    """``x ΔW_aᵀ`` for the rows each adapter a has in a mixed batch (``parts``: (row indices,
+    update) pairs), as one N×…×m tensor (zero on rows no part names).
+
+    Adapters that hold the same basis (bases from the weights, or from one bases file) share its
+    rotation: the rows of all of them are rotated in one product (x Q), and their rotated outputs
+    leave through one (u Pᵀ), so a batch of A adapters pays one rotation per side, not A. Only
+    the sparse product (k entries each) runs per adapter."""
+    lead, n = x.shape[1:-1], x.shape[-1]
+    m, dtype = parts[0][1].m, parts[0][1].values.dtype
+    per_row = math.prod(lead)  # tokens per batch row
+    out = x.new_zeros(x.shape[0] * per_row, m, dtype=dtype)
+    tokens = torch.arange(per_row, device=x.device)
+    flat_rows = [((rows.to(x.device)[:, None] * per_row + tokens).reshape(-1), f) for rows, f in parts]
+    flat = x.reshape(-1, n).to(dtype)
+    # the input side: one product per distinct basis, over the rows of every adapter holding it
+    inputs: dict[int, torch.Tensor] = {}
+    for key, members in _grouped(flat_rows, "in").items():
+        if key is None:
+            inputs.update({i: f._into(flat.index_select(0, rows)) for i, (rows, f) in members})
+            continue
+        into = members[0][1][1]._into
+        rows = [r for _, (r, _) in members]
+        if sum(r.numel() for r in rows) == flat.shape[0]:  # every row (the parts are disjoint): rotate x as it is
+            rotated = into(flat)
+            inputs.update({i: rotated.index_select(0, r) for (i, _), r in zip(members, rows)})
+        else:
+            rotated = into(flat.index_select(0, torch.cat(rows))).split([r.numel() for r in rows])
+            inputs.update({i: t for (i, _), t in zip(members, rotated)})
+    u = {i: f._product(inputs[i]) for i, (_, f) in enumerate(flat_rows)}
+    # the output side: one product per distinct basis, over the rows of every adapter holding it
+    for key, members in _grouped(flat_rows, "out").items():
+        if key is None:
+            for i, (rows, f) in members:
+                out.index_add_(0, rows, f._out(u[i]))
+            continue
+        rows = torch.cat([r for _, (r, _) in members])
+        out.index_add_(0, rows, members[0][1][1]._out(torch.cat([u[i] for i, _ in members])))
+    return out.reshape(*x.shape[:-1], m)
+
+
+def _grouped(parts: list[tuple[torch.Tensor, SparseFactors]], side: str) -> dict[tuple | None, list]:
+    groups: dict[tuple | None, list] = {}
+    for i, part in enumerate(parts):
+        groups.setdefault(part[1]._side_key(side), []).append((i, part))
+    return groups
+
+
+__all__ = ["LowRankUpdate", "SparseFactors", "mixed_delta"]

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from . import __version__
 from .errors import AdapterMismatchError, ConfigError, InputError
 from .half_heads import Float32Head
-from .loaded import LowRankUpdate
+from .loaded import LowRankUpdate, SparseFactors, mixed_delta
 from .serialization import atomic_write_text, load_tensors, save_tensors
 from .quantized import compute_dtype, dequantized, is_quantized, requantize, unpack_for_training
 from .targets import find_heads, layer_shape, weight_of
@@ -126,6 +126,10 @@ class BaseTunerLayer(nn.Module):
         if len(groups) == 1:
             return self._adapter_forward(next(iter(groups)), x)
         y = self.base_layer(x)
+        sparse = {a: f for a, rows in groups.items() if (f := self._sparse_form(a, rows.numel() * (x.numel() // size))) is not None}
+        if len(sparse) > 1:  # together: adapters that share a basis rotate once (sparseft.loaded.mixed_delta)
+            y = y + mixed_delta(x, [(groups[a], f) for a, f in sparse.items()]).to(y.dtype)
+            groups = {a: rows for a, rows in groups.items() if a not in sparse}
         for adapter, rows in groups.items():
             rows = rows.to(x.device)
             if adapter == DEFAULT_ADAPTER:
@@ -138,6 +142,19 @@ class BaseTunerLayer(nn.Module):
             elif adapter != BASE_ADAPTER:
                 y = y.index_add(0, rows, self.extra_updates[adapter](x.index_select(0, rows)).to(y.dtype))
         return y
+
+    def _sparse_form(self, adapter: str, numel: int) -> SparseFactors | None:
+        """``adapter``'s update as :class:`~sparseft.loaded.SparseFactors` where it is kept so
+        (a loaded adapter) or infers so at ``numel`` input numbers (the own adapter); else None."""
+        if adapter == DEFAULT_ADAPTER:
+            return self.inference_factors(numel // self.n)
+        update = self.extra_updates[adapter] if adapter != BASE_ADAPTER else None
+        return update if isinstance(update, SparseFactors) else None
+
+    def inference_factors(self, tokens: int) -> SparseFactors | None:
+        """The layer's own update as :class:`~sparseft.loaded.SparseFactors`, when it infers in
+        that form at ``tokens`` rows (no gradients); None otherwise."""
+        return None
 
     def _delta_of(self, adapter: str) -> torch.Tensor | None:
         """ΔW of ``adapter`` (m×n), None while the layer's own update is not defined yet."""
