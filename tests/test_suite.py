@@ -155,8 +155,9 @@ def test_method_variants_by_name() -> None:
     prepared = prepare(name, tiny_bert(), rank=2)
     config = prepared.sparse.sparse_config
     assert (config.support_criterion, config.support_narrow, config.selection) == ("snr", 8, "fixed")
-    meprop_fixed = prepare("meprop[selection=fixed]", tiny_bert(), rank=2)
+    meprop_fixed = prepare("meprop[selection=fixed;support_criterion=abs-sum]", tiny_bert(), rank=2)
     assert meprop_fixed.needs_calibration and meprop_fixed.sparse.sparse_config.identity_bases
+    assert not prepare("meprop[selection=fixed]", tiny_bert(), rank=2).needs_calibration  # a random support: no pass
     for bad, why in [("lora-mlp[r=4]", "takes no"), ("sparsegrad[foo=1]", "foo"), ("sparsegrad[x]", "key=value"),
                      ("sparsegrad[x=1", r"name\[key=value")]:
         with pytest.raises(ConfigError, match=why):
