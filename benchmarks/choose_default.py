@@ -121,6 +121,9 @@ def main() -> None:
         for k, m in mean.items():
             pooled.setdefault(k, []).append(m)
     candidates = [k for k, ok in (reach_all or {}).items() if ok]
+    if not candidates:
+        print("chosen by the rule: none: no configuration is within reach of the best in every regime given")
+        return
     chosen = min(candidates, key=lambda k: (CELLS[k][2], -statistics.fmean(pooled[k])))
     basis, support, cost = CELLS[chosen]
     print(f"chosen by the rule: `{chosen[0]}[{chosen[1]}]` ({basis} × {support}, cost class {cost}); "

@@ -44,7 +44,7 @@ torch.set_num_threads(1)
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from sparseft import SparseGradConfig, SparseModel, get_sparse_model  # noqa: E402
+from sparseft import MePropConfig, SparseGradConfig, SparseModel, get_sparse_model  # noqa: E402
 from sparseft.app.causal_lm import encode_chat, load_causal_lm, load_chat_splits  # noqa: E402
 from sparseft.app.data import batches  # noqa: E402
 from sparseft.app.resources import smollm2_dir  # noqa: E402
@@ -56,9 +56,13 @@ def make_sparseft_adapters(model_dir: Path, train, n: int, out: Path, narrow: in
     base = load_causal_lm(model_dir)
     dirs = []
     for i in range(n):
-        tuner = get_sparse_model(base, SparseGradConfig(selection="fixed", match_lora_rank=8, support_narrow=narrow,
-                                                        basis_source=source))
-        tuner.calibrate(batches(train, 4, seed=i, steps=2), steps=2, show_progress=False)
+        if source == "none":  # the default method, sparse-random: identity bases, nothing to calibrate
+            config = MePropConfig(selection="fixed", support_criterion="random", match_lora_rank=8)
+        else:
+            config = SparseGradConfig(selection="fixed", match_lora_rank=8, support_narrow=narrow, basis_source=source)
+        tuner = get_sparse_model(base, config)
+        if not tuner.is_calibrated:
+            tuner.calibrate(batches(train, 4, seed=i, steps=2), steps=2, show_progress=False)
         gen = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for layer in tuner.sparse_layers().values():
@@ -103,9 +107,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--switch-calls", type=int, default=500)
     ap.add_argument("--support-narrow", type=int, default=None, help="SparseGradConfig.support_narrow (default: none)")
-    ap.add_argument("--basis-source", choices=("gradients", "weights"), default="gradients",
+    ap.add_argument("--basis-source", choices=("gradients", "weights", "none"), default="gradients",
                     help="SparseGradConfig.basis_source: gradient bases are each adapter's own; bases from the weights "
-                    "are the same for every adapter on the base, held once")
+                    "are the same for every adapter on the base, held once; none: the default method, sparse-random "
+                    "(no rotation)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     model_dir = smollm2_dir()
@@ -244,7 +249,8 @@ def main() -> None:
           "tokens per CPU-second of the one working thread.\n")
     narrow = (f", support_narrow={args.support_narrow}" if args.support_narrow else "") + (
         ", bases from the weights" if args.basis_source == "weights" else "")
-    print(f"| | sparseft (SparseGrad, LoRA r=8 budget{narrow}) | peft (LoRA r=8) |")
+    method = "sparse-random, no rotation" if args.basis_source == "none" else "SparseGrad"
+    print(f"| | sparseft ({method}, LoRA r=8 budget{narrow}) | peft (LoRA r=8) |")
     print("|---|---:|---:|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -163,3 +163,23 @@ def test_identity_bases_with_a_random_support_need_no_calibration_pass(tmp_path)
     for (name, a), b in zip(ready.sparse_layers().items(), calibrated.sparse_layers().values()):
         assert torch.equal(a.support.rows, b.support.rows) and torch.equal(a.support.cols, b.support.cols), name
     assert_save_load_merge_round_trip(ready, base, tmp_path)
+
+
+def test_sparse_random_is_the_studys_identity_random_cell_and_the_papers_method_is_one_name_away() -> None:
+    """`sparse-random` is exactly the cell the study ran (identity bases, a fixed random support,
+    no calibration pass), at the default's rate; `meprop-fixed` is the calibrated identity cell;
+    `sparsegrad-paper` is two-sided gradient bases with a top-k every step; the default is SparseGrad's."""
+    from sparseft.methods import DEFAULT_METHOD, DEFAULT_LR, canonical
+
+    assert canonical(DEFAULT_METHOD) == "sparsegrad-onesided" and DEFAULT_LR["sparse-random"] == DEFAULT_LR["sparsegrad"]
+    default = prepare("sparse-random", tiny_bert(), rank=2)
+    config = default.sparse.sparse_config
+    assert (config.identity_bases, config.selection, config.support_criterion) == (True, "fixed", "random")
+    assert not default.needs_calibration
+    studied = prepare("meprop-fixed[support_criterion=random;lr=0.009]", tiny_bert(), rank=2).sparse.sparse_config
+    assert studied.to_dict() == config.to_dict()
+    calibrated = prepare("meprop-fixed", tiny_bert(), rank=2)
+    assert calibrated.sparse.sparse_config.support_criterion == "abs-sum" and calibrated.needs_calibration
+    assert canonical("sparsegrad-paper") == "sparsegrad-dynamic"
+    paper = prepare("sparsegrad-paper", tiny_bert(), rank=2).sparse.sparse_config
+    assert (paper.rotation, paper.selection, paper.basis_source) == ("both", "dynamic", "gradients")

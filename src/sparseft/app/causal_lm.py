@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..gradients import move_batch
 from .data import read_jsonl
 from ..errors import DataError
-from ..methods import canonical, default_lrs, prepare
+from ..methods import DEFAULT_METHOD, canonical, default_lrs, prepare
 from .placement import Placement, placement_of, resolve
 from .train import RunRecord, fit
 
@@ -219,7 +219,7 @@ def generate_answers(model, tokenizer, convs: list[Conversation], max_new_tokens
 class CausalLMSettings:
     """One instruction-tuning run. ``model_dir`` None: the cached SmolLM2-135M-Instruct."""
 
-    method: str = "sparsegrad"
+    method: str = DEFAULT_METHOD
     lr: float | None = None
     steps: int = 100
     seed: int = 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparseFTError
+from ..methods import DEFAULT_METHOD
 from .outputs import check_folders, claimed
 from .provenance import run_metadata
 from .placement import DEVICE_HELP, PRECISIONS
@@ -490,9 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune with one method: a classifier (held-out accuracy) or, with --task causal-lm, a chat LM (held-out perplexity)")
     _add_common(train)
-    train.add_argument("--method", default="sparsegrad", help="full, head, lora-mlp, lora-attn, meprop, sparsegrad (= sparsegrad-onesided: "
-                       "a random support, the narrow side rotated), sparsegrad-random (both sides rotated), sparsegrad-fixed "
-                       "(calibrated support), sparsegrad-dynamic, "
+    train.add_argument("--method", default=DEFAULT_METHOD, help="full, head, lora-mlp, lora-attn, meprop, sparsegrad (the default, = sparsegrad-onesided: "
+                       "a random support, the narrow side rotated), sparse-random (the same with no rotation and no "
+                       "calibration pass), sparsegrad-random (both sides rotated), sparsegrad-fixed "
+                       "(calibrated support), sparsegrad-dynamic (= sparsegrad-paper), "
                        "s2ft, shira, supertuning; ablation meprop-fixed; variants of the sparse methods "
                        "with config fields: 'sparsegrad[support_narrow=auto]', 'sparsegrad[support_group=64]' (faster, "
                        "docs/sparsegrad.md), 'sparsegrad-fixed[support_criterion=snr]'")

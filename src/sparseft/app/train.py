@@ -30,7 +30,7 @@ from ..fingerprint import backbone_fingerprint
 from ..quantized import unpack_for_training
 from .artifacts import seal, verify
 from .placement import Placement, placement_of, resolve
-from ..methods import DEFAULT_LR, Prepared, canonical, method_spec, prepare, training_options
+from ..methods import DEFAULT_LR, DEFAULT_METHOD, Prepared, canonical, method_spec, prepare, training_options
 from .metrics import peak_rss_bytes, state_bytes
 from ..progress import progress
 
@@ -38,7 +38,7 @@ from ..progress import progress
 @dataclass
 class RunSettings:
     model_dir: str
-    method: str = "sparsegrad"
+    method: str = DEFAULT_METHOD
     lr: float | None = None
     steps: int = 400
     seed: int = 0
