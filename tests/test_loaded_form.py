@@ -149,3 +149,17 @@ def test_a_mixed_batch_equals_each_row_alone_and_shared_bases_rotate_once(name, 
         torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
         if name == "weights' bases":  # one rotation per rotated side of each layer for the three adapters
             assert calls["in"] + calls["out"] == rotated
+
+
+def test_in_a_mixed_batch_the_own_adapter_adds_its_sparse_form_beside_the_base_pass(tmp_path) -> None:
+    """The base layer has run over every row already: the own adapter's rows then get its sparse
+    form added (k per row without rotation), not a merged W0 + ΔW and a second dense pass, even
+    where a merge would be chosen for the adapter alone."""
+    own = _saved(CONFIGS["dynamic"], tmp_path / "own")  # dynamic selection caches its merged weight
+    with torch.no_grad():
+        for layer in own.sparse_layers().values():
+            assert layer.cache_update and layer.inference_factors(8) is None  # alone: the cached merge
+            assert isinstance(layer._sparse_form("default", 8 * layer.n), SparseFactors)  # beside the base pass
+    identity = _saved(CONFIGS["MeProp (identity)"], tmp_path / "identity")
+    with torch.no_grad():  # no rotation: k per row, never a merge (forming W0 + ΔW costs m·n)
+        assert all(isinstance(layer.inference_factors(1), SparseFactors) for layer in identity.sparse_layers().values())

@@ -234,23 +234,31 @@ class SparseLinear(BaseTunerLayer):
         factors = self.inference_factors(x.numel() // self.n)
         return None if factors is None else factors(x)
 
-    def inference_factors(self, tokens: int) -> SparseFactors | None:
-        if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok() or self._merge_pays(tokens):
+    def inference_factors(self, tokens: int, beside_base: bool = False) -> SparseFactors | None:
+        """``beside_base``: the base layer has run over these rows already (a mixed batch), so the
+        sparse form is weighed against a second dense pass over them, not against a merge."""
+        if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok():
+            return None
+        if self._sparse_cost(tokens) >= tokens * self.m * self.n if beside_base else self._merge_pays(tokens):
             return None
         return self._inference_factors()
 
+    def _sparse_cost(self, tokens: int) -> int:
+        """Multiply-adds of the update in its sparse form beside the base layer: N·(n·b + k + m·a)
+        with b, a counted on rotated sides only."""
+        a, b = self.support.shape()
+        rotated = self.basis.rotated_parts
+        return tokens * (self.n * b * ("Q" in rotated) + self.k + self.m * a * ("P" in rotated))
+
     def _merge_pays(self, tokens: int) -> bool:
-        """Inference: whether merging W0 + ΔW for this call (or using the cached merge) costs less
-        than the update in its sparse form beside the base layer, N·(n·b + k + m·a) for rotated
-        sides (never for a quantized W0)."""
+        """Inference: whether merging W0 + ΔW for this call (forming ΔW and adding it to a copy of
+        W0, m·n) or using the cached merge costs less than the update in its sparse form beside
+        the base layer (never for a quantized W0)."""
         if self.quantized:
             return False
         if self.cache_update:
             return True
-        a, b = self.support.shape()
-        rotated = self.basis.rotated_parts
-        sparse = tokens * (self.n * b * ("Q" in rotated) + self.k + self.m * a * ("P" in rotated))
-        return self.update.cost_model(tokens)["merge"] < sparse
+        return self.update.cost_model(tokens)["merge"] + self.m * self.n < self._sparse_cost(tokens)
 
     def _inference_factors(self) -> SparseFactors:
         """The update as a loaded adapter keeps it (:meth:`inference_update`), built once per

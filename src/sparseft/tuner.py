@@ -147,13 +147,14 @@ class BaseTunerLayer(nn.Module):
         """``adapter``'s update as :class:`~sparseft.loaded.SparseFactors` where it is kept so
         (a loaded adapter) or infers so at ``numel`` input numbers (the own adapter); else None."""
         if adapter == DEFAULT_ADAPTER:
-            return self.inference_factors(numel // self.n)
+            return self.inference_factors(numel // self.n, beside_base=True)
         update = self.extra_updates[adapter] if adapter != BASE_ADAPTER else None
         return update if isinstance(update, SparseFactors) else None
 
-    def inference_factors(self, tokens: int) -> SparseFactors | None:
+    def inference_factors(self, tokens: int, beside_base: bool = False) -> SparseFactors | None:
         """The layer's own update as :class:`~sparseft.loaded.SparseFactors`, when it infers in
-        that form at ``tokens`` rows (no gradients); None otherwise."""
+        that form at ``tokens`` rows (no gradients; ``beside_base``: next to a base pass already
+        made, as in a mixed batch); None otherwise."""
         return None
 
     def _delta_of(self, adapter: str) -> torch.Tensor | None:
