@@ -121,7 +121,7 @@ def test_train_accepts_every_method(tiny, tmp_path, method):
     # what SparseGrad holds besides its trainable state is reported, not hidden
     detail = record["state_detail"]
     assert (detail["bases_bytes"] > 0) == method.startswith("sparsegrad")
-    assert (detail["support_index_bytes"] > 0) == (method in ("sparsegrad-fixed", "sparsegrad-random", "sparsegrad-onesided"))
+    assert (detail["support_index_bytes"] > 0) == (method in ("sparsegrad-fixed", "sparsegrad-random", "sparsegrad-onesided", "sparse-random"))
 
 
 def test_eval_subsets_are_a_fixed_random_sample():

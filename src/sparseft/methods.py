@@ -505,7 +505,7 @@ register_method(Method("sparsegrad-onesided", "k MLP entries at random, the narr
 # regimes, with no calibration pass; peft's SHiRA trains the same kind of support through peft.
 register_method(Method("sparse-random", "k MLP entries at random, no rotation (no calibration pass)",
                        _sparsegrad("fixed", MePropConfig, support_criterion="random"), LEARNING_RATES["sparse-random"],
-                       takes_options=True))
+                       in_default_bench=False, takes_options=True))
 register_method(Method("meprop-fixed", "k MLP entries of largest calibration gradient, no rotation (ablation)",
                        _sparsegrad("fixed", MePropConfig, support_criterion="abs-sum"), LEARNING_RATES["meprop-fixed"],
                        in_default_bench=False, ablation=True, takes_options=True))
