@@ -230,10 +230,6 @@ class SparseLinear(BaseTunerLayer):
             return self.update.forward(x, W0, bias, param, kernels_for(x.device))
         return SparseUpdate.apply(x, param, W0, bias, self.update)
 
-    def inference_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        factors = self.inference_factors(x.numel() // self.n)
-        return None if factors is None else factors(x)
-
     def inference_factors(self, tokens: int, beside_base: bool = False) -> SparseFactors | None:
         """``beside_base``: the base layer has run over these rows already (a mixed batch), so the
         sparse form is weighed against a second dense pass over them, not against a merge."""

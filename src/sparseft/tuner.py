@@ -75,11 +75,6 @@ class BaseTunerLayer(nn.Module):
     def update_forward(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def inference_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``x ΔWᵀ`` of the layer's own update alone, when it has a cheap way to compute it
-        without gradients (else None: the caller runs ``update_forward``)."""
-        return None
-
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.adapter_parameters())
 
@@ -127,18 +122,14 @@ class BaseTunerLayer(nn.Module):
             return self._adapter_forward(next(iter(groups)), x)
         y = self.base_layer(x)
         sparse = {a: f for a, rows in groups.items() if (f := self._sparse_form(a, rows.numel() * (x.numel() // size))) is not None}
-        if len(sparse) > 1:  # together: adapters that share a basis rotate once (sparseft.loaded.mixed_delta)
+        if sparse:  # the updates alone beside the base pass; adapters that share a basis rotate once
             y = y + mixed_delta(x, [(groups[a], f) for a, f in sparse.items()]).to(y.dtype)
-            groups = {a: rows for a, rows in groups.items() if a not in sparse}
         for adapter, rows in groups.items():
+            if adapter in sparse:
+                continue
             rows = rows.to(x.device)
             if adapter == DEFAULT_ADAPTER:
-                part = x.index_select(0, rows)
-                delta = self.inference_delta(part)  # the update alone, where the layer has it (no second base pass)
-                if delta is not None:
-                    y = y.index_add(0, rows, delta.to(y.dtype))
-                else:
-                    y = y.index_copy(0, rows, self.update_forward(part).to(y.dtype))
+                y = y.index_copy(0, rows, self.update_forward(x.index_select(0, rows)).to(y.dtype))
             elif adapter != BASE_ADAPTER:
                 y = y.index_add(0, rows, self.extra_updates[adapter](x.index_select(0, rows)).to(y.dtype))
         return y
