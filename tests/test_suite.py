@@ -233,6 +233,12 @@ def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys) -> No
     assert len(trained) == 1 and "fail their checksum" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="steps: 80 there, 40 here"):
         S.run_suite(SuiteSettings(output_dir=str(tmp_path / "c"), steps=40, reuse=str(tmp_path / "a"), **common))
+    # a variant's lr option moves only its sweep's centre: the runs at rates already trained are reused, under its name
+    trained.clear()
+    third = S.run_suite(SuiteSettings(output_dir=str(tmp_path / "d"), methods=(REFERENCE, "sparsegrad-fixed[lr=0.003]"),
+                                      reuse=str(tmp_path / "a"), **common))
+    assert trained == [("rotten_tomatoes", "sparsegrad-fixed[lr=0.003]", 0.009, 0)]  # grid 1e-3, 3e-3, 9e-3; best 1e-3
+    assert {r["method"] for r in third["records"]} == {REFERENCE, "sparsegrad-fixed[lr=0.003]"}
 
 
 def test_grid_option_parses_factors_and_refuses_bad_ones():
