@@ -1,7 +1,8 @@
 """The study's rule for the default (docs/benchmark.md, "Which basis earns its cost"), applied to
-suite records: validation accuracy only, each configuration at its one centre rate.
+suite records: validation accuracy only, each configuration at its one centre rate, or (``--swept``)
+at the rate its suite sweep chose per task (suite.json's ``lr``).
 
-    python benchmarks/choose_default.py --suite runs/study4-peft [--suite runs/study4-paper] [--seeds 2]
+    python benchmarks/choose_default.py [--swept] --suite runs/study4-peft [--suite runs/study4-paper] [--seeds 2]
 
 Per regime: the best configuration (highest mean validation accuracy over the (task, seed)
 cells), every other's paired difference to it (mean, 95% t-interval over the cells), "within
@@ -50,11 +51,14 @@ def cell_key(method: str) -> tuple[str, str]:
     return name, rest
 
 
-def load(folder: Path, seeds: int) -> tuple[str, dict[tuple[str, str], dict[tuple[str, int], dict]]]:
-    """(regime, {configuration: {(task, seed): record}}) at each configuration's centre rate."""
+def load(folder: Path, seeds: int, swept: bool = False) -> tuple[str, dict[tuple[str, str], dict[tuple[str, int], dict]]]:
+    """(regime, {configuration: {(task, seed): record}}) at each configuration's centre rate, or
+    with ``swept`` at the rate the suite chose for it on that task."""
     settings = json.loads((folder / "suite_settings.json").read_text())
     regime = settings["regime"]
     centre = SuiteSettings(regime=regime).centre
+    chosen = {(row["task"], cell_key(row["method"])): row["lr"] for row in json.loads((folder / "suite.json").read_text())
+              if row["task"] != "pooled" and row.get("lr") is not None} if swept else {}
     runs: dict = {}
     for line in (folder / "records.jsonl").read_text().splitlines():
         r = json.loads(line)
@@ -63,7 +67,8 @@ def load(folder: Path, seeds: int) -> tuple[str, dict[tuple[str, str], dict[tupl
         key = cell_key(r["method"])
         if key not in CELLS and key not in REFERENCES:
             continue
-        if not math.isclose(r["lr"], centre(canonical(r["method"])), rel_tol=1e-6):
+        rate = chosen.get((r["task"], key)) if swept else centre(canonical(r["method"]))
+        if rate is None or not math.isclose(r["lr"], rate, rel_tol=1e-6):
             continue
         runs.setdefault(key, {})[(r["task"], r["seed"])] = r
     return regime, runs
@@ -77,17 +82,18 @@ def interval(diffs: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def regime_table(regime: str, runs: dict) -> tuple[list[str], dict[tuple[str, str], bool], dict[tuple[str, str], float]]:
+def regime_table(regime: str, runs: dict, swept: bool = False) -> tuple[list[str], dict[tuple[str, str], bool], dict[tuple[str, str], float]]:
     cells = sorted({c for r in runs.values() for c in r})
     tasks = sorted({t for t, _ in cells})
     complete = {k: v for k, v in runs.items() if set(v) == set(cells)}
     mean = {k: statistics.fmean(r["val_accuracy"] for r in v.values()) * 100 for k, v in complete.items()}
     best = max((k for k in complete if k in CELLS), key=mean.get)
     reach, lines = {}, [f"**{regime} regime** ({len(tasks)} tasks × {len(cells) // max(len(tasks), 1)} seeds; "
-                        f"validation %, each at its centre rate; best: `{best[0]}[{best[1]}]`)", "",
+                        f"validation %, each at {'its swept rate per task' if swept else 'its centre rate'}; "
+                        f"best: `{best[0]}[{best[1]}]`)", "",
                         "| basis | support | cost | " + " | ".join(tasks) + " | mean val % | Δ vs best, 95% t-interval | within reach |"
-                        " mean test % | step s | calibration s |",
-                        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|"]
+                        " mean test % | step s | calibration s |" + (" rate per task |" if swept else ""),
+                        "|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|---|---|" + ("---|" if swept else "")]
     order = sorted(complete, key=lambda k: (CELLS.get(k, ("", "", "z"))[2], -mean[k]))
     for k in order:
         v = complete[k]
@@ -100,7 +106,8 @@ def regime_table(regime: str, runs: dict) -> tuple[list[str], dict[tuple[str, st
         calib = statistics.median(r["calibration_s"] for r in v.values())
         lines.append(f"| {basis} | {support} | {cost} | " + " | ".join(f"{a:.2f}" for a in per_task)
                      + f" | {mean[k]:.2f} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] | {'yes' if reach[k] else ('—' if k not in CELLS else 'no')}"
-                     f" | {test:.2f} | {step:.3f} | {calib:.1f} |")
+                     f" | {test:.2f} | {step:.3f} | {calib:.1f} |"
+                     + (" " + ", ".join(f"{v[(t, 0)]['lr']:g}" for t in tasks) + " |" if swept else ""))
     missing = sorted(set(CELLS) - set(complete))
     if missing:
         lines += ["", "Not complete in this regime (left out): " + ", ".join(f"`{n}[{o}]`" for n, o in missing)]
@@ -111,11 +118,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", action="append", required=True, type=Path, help="a suite output folder (one per regime)")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--swept", action="store_true", help="each configuration at its suite-chosen rate per task")
     args = ap.parse_args()
     reach_all, pooled = None, {}
     for folder in args.suite:
-        regime, runs = load(folder, args.seeds)
-        lines, reach, mean = regime_table(regime, runs)
+        regime, runs = load(folder, args.seeds, args.swept)
+        lines, reach, mean = regime_table(regime, runs, args.swept)
         print("\n".join(lines), "\n")
         reach_all = reach if reach_all is None else {k: reach_all.get(k, False) and ok for k, ok in reach.items()}
         for k, m in mean.items():
