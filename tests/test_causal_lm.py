@@ -211,7 +211,7 @@ def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     from sparseft.app.cli import main
 
     settings = bench.BenchSettings("unused", task="causal-lm", sweep=False)
-    assert "head" not in settings.methods and len(settings.methods) == 7
+    assert "head" not in settings.methods and len(settings.methods) == 8
     assert settings.rates("full") == [DEFAULT_LR["full"]]
     out = tmp_path / "bench"
     code = main(["bench", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--methods", "full,sparsegrad-fixed",

@@ -168,10 +168,10 @@ def test_identity_bases_with_a_random_support_need_no_calibration_pass(tmp_path)
 def test_sparse_random_is_the_studys_identity_random_cell_and_the_papers_method_is_one_name_away() -> None:
     """`sparse-random` is exactly the cell the study ran (identity bases, a fixed random support,
     no calibration pass), at the default's rate; `meprop-fixed` is the calibrated identity cell;
-    `sparsegrad-paper` is two-sided gradient bases with a top-k every step; the default is SparseGrad's."""
+    `sparsegrad-paper` is two-sided gradient bases with a top-k every step; it is the product's default."""
     from sparseft.methods import DEFAULT_METHOD, DEFAULT_LR, canonical
 
-    assert canonical(DEFAULT_METHOD) == "sparsegrad-onesided" and DEFAULT_LR["sparse-random"] == DEFAULT_LR["sparsegrad"]
+    assert canonical(DEFAULT_METHOD) == "sparse-random" and DEFAULT_LR["sparse-random"] == DEFAULT_LR["sparsegrad"]
     default = prepare("sparse-random", tiny_bert(), rank=2)
     config = default.sparse.sparse_config
     assert (config.identity_bases, config.selection, config.support_criterion) == (True, "fixed", "random")

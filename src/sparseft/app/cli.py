@@ -491,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune with one method: a classifier (held-out accuracy) or, with --task causal-lm, a chat LM (held-out perplexity)")
     _add_common(train)
-    train.add_argument("--method", default=DEFAULT_METHOD, help="full, head, lora-mlp, lora-attn, meprop, sparsegrad (the default, = sparsegrad-onesided: "
-                       "a random support, the narrow side rotated), sparse-random (the same with no rotation and no "
-                       "calibration pass), sparsegrad-random (both sides rotated), sparsegrad-fixed "
+    train.add_argument("--method", default=DEFAULT_METHOD, help="full, head, lora-mlp, lora-attn, meprop, sparse-random (the default: k MLP entries "
+                       "at random, no rotation, no calibration pass), sparsegrad (= sparsegrad-onesided: the same support "
+                       "in a rotated basis, the narrow side rotated; SparseGradConfig()), sparsegrad-random (both sides rotated), sparsegrad-fixed "
                        "(calibrated support), sparsegrad-dynamic (= sparsegrad-paper), "
                        "s2ft, shira, supertuning; ablation meprop-fixed; variants of the sparse methods "
                        "with config fields: 'sparsegrad[support_narrow=auto]', 'sparsegrad[support_group=64]' (faster, "
