@@ -20,7 +20,7 @@ import statistics
 from pathlib import Path
 
 from sparseft.app.suite import SuiteSettings
-from sparseft.methods import canonical, parse_method
+from sparseft.methods import canonical, without_lr
 
 # two-sided 95% Student t quantiles by degrees of freedom (no scipy here)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 11: 2.201,
@@ -45,10 +45,7 @@ REFERENCES = {("lora-mlp", ""): "LoRA-MLP (reference)", ("shira", ""): "peft SHi
               ("sparsegrad-dynamic", ""): "two-sided gradient × dynamic (the paper's; reference)"}
 
 
-def cell_key(method: str) -> tuple[str, str]:
-    name, options = parse_method(method)
-    rest = ";".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "lr")
-    return name, rest
+cell_key = without_lr  # a configuration is its method and options, whatever rate it ran at
 
 
 def load(folder: Path, seeds: int, swept: bool = False) -> tuple[str, dict[tuple[str, str], dict[tuple[str, int], dict]]]:

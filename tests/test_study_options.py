@@ -166,9 +166,9 @@ def test_identity_bases_with_a_random_support_need_no_calibration_pass(tmp_path)
 
 
 def test_sparse_random_is_the_studys_identity_random_cell_and_the_papers_method_is_one_name_away() -> None:
-    """`sparse-random` is exactly the cell the study ran (identity bases, a fixed random support,
-    no calibration pass), at the default's rate; `meprop-fixed` is the calibrated identity cell;
-    `sparsegrad-paper` is two-sided gradient bases with a top-k every step; it is the product's default."""
+    """`sparse-random`, the product's default, is exactly the cell the study ran (identity bases, a
+    fixed random support, no calibration pass), at SparseGrad's rate; `meprop-fixed` is the
+    calibrated identity cell; `sparsegrad-paper` is two-sided gradient bases with a top-k every step."""
     from sparseft.methods import DEFAULT_METHOD, DEFAULT_LR, canonical
 
     assert canonical(DEFAULT_METHOD) == "sparse-random" and DEFAULT_LR["sparse-random"] == DEFAULT_LR["sparsegrad"]

@@ -235,7 +235,8 @@ class SparseLinear(BaseTunerLayer):
         sparse form is weighed against a second dense pass over them, not against a merge."""
         if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok():
             return None
-        if self._sparse_cost(tokens) >= tokens * self.m * self.n if beside_base else self._merge_pays(tokens):
+        dense_pays = self._sparse_cost(tokens) >= tokens * self.m * self.n if beside_base else self._merge_pays(tokens)
+        if dense_pays:
             return None
         return self._inference_factors()
 

@@ -246,6 +246,13 @@ def canonical(method: str) -> str:
     return f"{name}[{';'.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
 
 
+def without_lr(method: str) -> tuple[str, str]:
+    """(name, its other options as "k=v;k=v"): what a run computes at a given rate, since a
+    variant's ``lr`` option only sets where its rate starts."""
+    name, options = parse_method(method)
+    return name, ";".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "lr")
+
+
 def method_spec(method: str) -> Method:
     """The registry entry of a method name or variant."""
     return REGISTRY[parse_method(method)[0]]
@@ -516,5 +523,5 @@ register_method(Method("supertuning", "peft Super-Tuning: magnitude-chosen MLP e
                        LEARNING_RATES["supertuning"], in_default_bench=False))
 
 
-__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "DEFAULT_METHOD", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "TRAINING_OPTIONS", "bench_methods", "canonical", "method_spec", "parse_method", "split_methods", "training_options", "default_lrs", "variant_lr",
+__all__ = ["ALIASES", "Budget", "DEFAULT_LR", "DEFAULT_METHOD", "METHODS", "Method", "Prepared", "REGIMES", "REGISTRY", "TRAINING_OPTIONS", "bench_methods", "canonical", "method_spec", "parse_method", "split_methods", "training_options", "default_lrs", "variant_lr", "without_lr",
            "prepare", "register_method"]

@@ -236,11 +236,9 @@ def run_key(settings: SuiteSettings) -> dict[str, Any]:
 def _job_key(job: dict[str, Any]) -> tuple:
     """A run's identity. A variant's ``lr`` option only moves its sweep's centre, so ``m[lr=x]`` at
     rate r is the same run as ``m`` at rate r and may be reused under either name."""
-    from ..methods import parse_method
+    from ..methods import without_lr
 
-    name, options = parse_method(job["method"])
-    rest = ";".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "lr")
-    return job["task"], f"{name}[{rest}]", float(job["lr"]), int(job["seed"])
+    return job["task"], without_lr(job["method"]), float(job["lr"]), int(job["seed"])
 
 
 def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> dict[tuple, dict[str, Any]]:
@@ -284,10 +282,11 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
 
 def _run(runner: Runner, jobs: list[dict[str, Any]], reused: dict[tuple, dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
     """The records of ``jobs``: reused ones as they are, the others trained by ``runner``."""
-    kept = [{**reused[_job_key(job)], "method": job["method"]} for job in jobs if _job_key(job) in reused]
+    keyed = [(job, _job_key(job)) for job in jobs]
+    kept = [{**reused[key], "method": job["method"]} for job, key in keyed if key in reused]
     runner.records += kept
     runner.done += len(kept)
-    return kept + runner.run(_job, [{**job, "settings": base} for job in jobs if _job_key(job) not in reused])
+    return kept + runner.run(_job, [{**job, "settings": base} for job, key in keyed if key not in reused])
 
 
 def _describe(rec: dict[str, Any]) -> str:
