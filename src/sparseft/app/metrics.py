@@ -1,9 +1,11 @@
-"""Exact training-state bytes and process peak memory."""
+"""Exact training-state bytes and peak memory (per process, or per run where the OS can reset it)."""
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -47,7 +49,23 @@ def adapter_buffer_bytes(model: nn.Module) -> dict[str, int]:
     return out
 
 
+_STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window (Linux: ``5`` into /proc/self/clear_refs resets VmHWM), so that a
+    worker which runs several jobs reports each job's own peak. False where the OS cannot."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
+    """Peak resident set size of this process since it started or since ``reset_peak_rss()``."""
+    try:
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", _STATUS.read_text(), re.M).group(1)) * 1024  # type: ignore[union-attr]
+    except (OSError, AttributeError):  # (not Linux: getrusage has no reset)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak if sys.platform == "darwin" else peak * 1024)

@@ -177,11 +177,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from ..methods import prepare
-    from .metrics import peak_rss_bytes
+    from .metrics import peak_rss_bytes, reset_peak_rss
     from .train import fit, load_classifier
 
     s = job["settings"]
     torch.set_num_threads(s["threads"])
+    own_peak = reset_peak_rss()  # (a suite worker lives on across jobs; without a reset its peak is its lifetime's)
     t0 = time.perf_counter()
     model_dir = _model_dir(s["model"], s["cache_dir"])
     data = _encoded(job["task"], model_dir, s)
@@ -207,7 +208,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": prepared.trainable_params,
         "step_time_s": statistics.median(loop.times) if loop.times else 0.0,
         "calibration_s": loop.calibration_s, "final_loss": loop.curve[-1][1] if loop.curve else float("nan"),
-        "peak_rss_bytes": peak_rss_bytes(), **placement.record(),
+        "peak_rss_bytes": peak_rss_bytes() if own_peak else None, **placement.record(),
     }
     if job["need_test"]:
         test = _predictions(prepared.model, data["test"], placement=placement)
