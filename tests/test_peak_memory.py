@@ -28,7 +28,8 @@ def test_the_reset_starts_a_new_window():
 
 
 def test_the_peak_only_grows_within_a_window():
-    reset_peak_rss()
+    if not reset_peak_rss():  # (without a reset the lifetime peak may already exceed what this test adds)
+        pytest.skip("this OS cannot reset the peak RSS")
     before = peak_rss_bytes()
     block = _touch(100)
     after = peak_rss_bytes()
