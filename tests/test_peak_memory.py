@@ -36,3 +36,14 @@ def test_the_peak_only_grows_within_a_window():
     del block
     assert after >= before + 90 * MIB
     assert peak_rss_bytes() >= after - 4 * MIB  # (freed memory stays in the peak; the kernel's counters lag by a few pages)
+
+
+def test_an_earlier_job_kept_alive_only_by_a_cycle_is_not_in_the_next_window():
+    if not reset_peak_rss():
+        pytest.skip("this OS cannot reset the peak RSS")
+    job = {"weights": _touch(300)}
+    job["self"] = job  # (models often hold such cycles: hooks, closures; only the cycle collector frees them)
+    peak_with = peak_rss_bytes()
+    del job
+    assert reset_peak_rss()
+    assert peak_rss_bytes() < peak_with - 200 * MIB, "the window started with the earlier job still resident"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import re
 import resource
 import sys
@@ -52,9 +54,21 @@ def adapter_buffer_bytes(model: nn.Module) -> dict[str, int]:
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
 
+def _release_freed_memory() -> None:
+    # The window starts at the current RSS: an earlier job's model kept alive by a reference cycle,
+    # or heap pages malloc has not handed back, would count in the next job's peak.
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # (not glibc)
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Start a new peak-RSS window (Linux: ``5`` into /proc/self/clear_refs resets VmHWM), so that a
-    worker which runs several jobs reports each job's own peak. False where the OS cannot."""
+    worker which runs several jobs reports each job's own peak: what is garbage is freed first, so
+    the window starts from what the process really holds. False where the OS cannot."""
+    _release_freed_memory()
     try:
         _CLEAR_REFS.write_text("5")
         return True
