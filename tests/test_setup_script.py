@@ -23,4 +23,3 @@ def test_a_disk_too_small_stops_set_up_before_anything_is_written(tmp_path):
     assert out.returncode == 1
     assert "GiB free on the disk holding" in out.stderr and "pip cache purge" in out.stderr
     assert not (tmp_path / ".venv").exists()
-
