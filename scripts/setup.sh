@@ -13,7 +13,7 @@ fail() { echo "scripts/setup.sh: $1" >&2; exit 1; }
 # A first install writes about 4 GiB (.venv 3.3 GiB, the offline sources 1.1 GiB in the cache);
 # a full disk fails pip half-way with a bare OSError, so say it up front.
 NEED_GIB=${SPARSEFT_SETUP_MIN_FREE_GIB:-4}
-if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" 2>/dev/null; then
   FREE_GIB=$("$PYTHON" -c 'import shutil; print(shutil.disk_usage(".").free // 2**30)') || fail "cannot run $PYTHON"
   [ "$FREE_GIB" -ge "$NEED_GIB" ] || fail "only $FREE_GIB GiB free on the disk holding $(pwd); a first set-up needs about $NEED_GIB GiB (.venv and the offline sources). Free space (old clones and virtual environments, \`pip cache purge\`) and rerun"
 fi
