@@ -3,10 +3,12 @@
 #   1. the CUDA-marked tests (tests/test_cuda.py: every compute path of the layer on the GPU,
 #      float32 and bfloat16, against the formula; the cached merge under fused AdamW);
 #   2. a real decoder (benchmarks/decoder_step.py: TinyLlama-1.1B shape, bf16, full / LoRA-MLP /
-#      SHiRA / the default / dynamic at 8x512 and 4x2048 tokens): step time vs LoRA and peak memory;
+#      SHiRA / sparse-random, the default / sparsegrad, the narrow side rotated / dynamic at 8x512 and
+#      4x2048 tokens): step time vs LoRA and peak memory;
 #   3. one MLP block per method (benchmarks/step_time.py --device cuda --dtype bfloat16): LLaMA-7B
-#      4096x11008 and BERT-base 768x3072 at N = 2048, 8192 and 32768; the default beside itself on
-#      the Triton backend's sampled product (-triton), which keeps the sampled path in bf16;
+#      4096x11008 and BERT-base 768x3072 at N = 2048, 8192 and 32768; the default (sparse-random)
+#      and the one-sided rotation (sparsegrad-fixed-1side), each beside itself on the Triton
+#      backend's sampled product (-triton), which keeps the sampled path in bf16;
 #   4. `sparseft train --device cuda` end to end on MiniLM / Rotten Tomatoes (the embedded default),
 #      when the payload is here: `python scripts/gpu_payload.py` makes .gpu/ (46 MB); carry it.
 #      Its CPU reference on the same inputs: the command in scripts/gpu_payload.py's docstring.
@@ -24,12 +26,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')" | tee -a "$out/gpu.txt"
 status=0
 timeout 80 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
-timeout 110 "$py" benchmarks/decoder_step.py --shape tinyllama --device cuda --precision bf16 --tokens 8x512 4x2048 --rounds 10 \
+timeout 120 "$py" benchmarks/decoder_step.py --shape tinyllama --device cuda --precision bf16 --tokens 8x512 4x2048 --rounds 10 \
   --out "$out" 2>&1 | grep -v Warning | tee "$out/decoder_step.log" || status=1
 timeout 100 "$py" benchmarks/step_time.py --device cuda --dtype bfloat16 --shapes llama7b bert --tokens 2048 8192 32768 --rounds 5 \
-  --methods sparsegrad-fixed-1side,sparsegrad-fixed-1side-triton,sparsegrad-dynamic-1side,meprop-fixed,shira --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
+  --methods sparse-random,sparse-random-triton,sparsegrad-fixed-1side,sparsegrad-fixed-1side-triton,sparsegrad-dynamic-1side,shira --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
 if [ -f .gpu/minilm/config.json ]; then
-  timeout 60 "$py" -m sparseft.app.cli train --model .gpu/minilm --data .gpu/rotten_tomatoes.csv --group-column group \
+  timeout 50 "$py" -m sparseft.app.cli train --model .gpu/minilm --data .gpu/rotten_tomatoes.csv --group-column group \
     --device cuda --no-save --no-progress --output-dir "$out/train" 2>&1 | tail -n 25 | tee "$out/train.log" || status=1
 else
   echo "sparseft train --device cuda: skipped (no .gpu payload; run scripts/gpu_payload.py here and carry .gpu)" | tee "$out/train.log"

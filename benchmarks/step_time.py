@@ -61,8 +61,18 @@ METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixe
                             "sparsegrad-fixed-1side-group16", "sparsegrad-fixed-1side-group32", "sparsegrad-fixed-1side-group64", "sparsegrad-fixed-1side-rowmajor",
                             "sparsegrad-fixed-1side-w0given")
 # "-triton": the same method with the Triton backend's sampled product (sparseft.update.triton_kernels);
-# by name only (--methods), and on a GPU: on a CPU it runs in Triton's interpreter
-BY_NAME_ONLY = ("sparsegrad-fixed-1side-triton",)
+# by name only (--methods), and on a GPU: on a CPU it runs in Triton's interpreter.
+# "sparse-random", the product's default (methods.DEFAULT_METHOD), is meprop-fixed's arithmetic
+# exactly (MePropConfig, fixed, a random support); by name only, so that gpu.sh's table says which
+# row is the default.
+BY_NAME_ONLY = ("sparsegrad-fixed-1side-triton", "sparse-random", "sparse-random-triton")
+SAME_BUILD = {"sparse-random": "meprop-fixed"}
+
+
+def as_built(method: str) -> str:
+    """The name ``build`` reads: a by-name alias resolved, its "-triton" suffix kept."""
+    stem, triton = (method[: -len("-triton")], "-triton") if method.endswith("-triton") else (method, "")
+    return SAME_BUILD.get(stem, stem) + triton
 
 
 class Block(nn.Module):
@@ -86,6 +96,7 @@ def block_orthogonal(size: int, blocks: int, gen: torch.Generator) -> torch.Tens
 def build(method: str, base: Block, rank: int, seed: int):
     """(model, optimizer) for ``method`` on a copy of ``base``; ``sparsegrad-fixed-narrowL``
     restricts each layer's support to the leading L directions of its narrow side."""
+    method = as_built(method)
     blocks = int(method.rsplit("-blocks", 1)[1]) if "-blocks" in method else 1
     group = int(method.rsplit("-group", 1)[1]) if "-group" in method else None
     tag = method.rsplit("narrow", 1)[1] if "narrow" in method else ""
@@ -414,7 +425,7 @@ def flop_model(d: int, h: int, tokens: int, rank: int, narrow: list[int]) -> dic
     out["sparsegrad-dynamic-1side"] = dyn
     out["meprop"] = out["full"]
     # fixed random support in the original basis: the SDDMM gradient, N·k per layer
-    out["meprop-fixed"] = out["shira"] = base + sum(tokens * rank * (m + n) for m, n in layers)
+    out["meprop-fixed"] = out["shira"] = out["sparse-random"] = base + sum(tokens * rank * (m + n) for m, n in layers)
     return {name: v / out["full"] for name, v in out.items()}
 
 
@@ -469,7 +480,7 @@ def main() -> None:
             rounds = time_methods(models, x, w, args.rounds)
             seconds = {m: statistics.median(t) for m, t in rounds.items()}
             spread = {}
-            for name in (m for m in METHODS if "-fixed" in m):
+            for name in (m for m in METHODS if "-fixed" in as_built(m)):
                 spread[name] = {ln: [int(l.R.numel()), int(l.C.numel())] for ln, l in models[name][0].sparse_layers().items()}
             results["step_time"][shape][str(tokens)] = {
                 "seconds": seconds,
