@@ -99,14 +99,14 @@ def test_gpu_cached_merge_follows_optimizer_steps(selection):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rotation", ["narrow", "both"])
-def test_gpu_triton_sampled_product_matches_the_formula(rotation, dtype):
+@pytest.mark.parametrize("rotation,identity", [("narrow", False), ("both", False), ("both", True)])  # identity: the default's layer
+def test_gpu_triton_sampled_product_matches_the_formula(rotation, identity, dtype):
     """The Triton backend's sampled product (sparseft.update.triton_kernels) on the device."""
     pytest.importorskip("triton")
     from sparseft.update.kernels import use_kernels
     from sparseft.update.triton_kernels import TritonKernels
 
-    layer, gen = make_layer(96, 48, 300, "fixed", False, False, "sampled", seed=17, rotation=rotation)
+    layer, gen = make_layer(96, 48, 300, "fixed", identity, False, "sampled", seed=17, rotation=rotation)
     with use_kernels(torch.device(DEVICE).type, TritonKernels()):
         _assert_matches_on_device(layer, gen, dtype)
 
