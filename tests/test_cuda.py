@@ -46,7 +46,7 @@ def _assert_matches_on_device(layer, gen, dtype, n_major=False):
     xg.requires_grad_(True)
     y = gpu(xg)
     y.backward(grad_y.to(DEVICE, dtype))
-    tol = 1e-3 if dtype == torch.float32 else 6e-2
+    tol = 1e-3 if dtype == torch.float32 else 3e-2  # bf16: 2% passed on the CPU; a 10% error fails
     for got, want in ((y, y_ref), (xg.grad, gx_ref), (gpu.param.grad, gp_ref)):
         scale = 1 + float(want.abs().max())
         torch.testing.assert_close(got.float().cpu(), want, atol=tol * scale, rtol=tol)
