@@ -1,6 +1,6 @@
 """Training-step time of whole real models, methods side by side (interleaved round by round).
 
-    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparsegrad,sparsegrad@rowmajor,sparsegrad@w0given,...]
+    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparse-random,sparsegrad,sparsegrad@rowmajor,...]
                                                    [--regime peft|paper] [--rounds 12] [--threads 1]
 
 Each method gets its own copy of the model, prepared as the suite prepares it (`methods.prepare`,
@@ -44,7 +44,8 @@ def split_variant(method: str) -> tuple[str, str]:
     return method, ""
 
 
-DEFAULT_METHODS = "lora-mlp,sparsegrad-random,sparsegrad-random[rotation=narrow],sparsegrad-random[rotation=narrow;support_narrow=auto],shira,full"
+# the product's default (sparse-random), SparseGradConfig() (sparsegrad: the narrow side rotated) and the baselines
+DEFAULT_METHODS = "lora-mlp,sparse-random,sparsegrad,shira,full"
 
 
 def batch(vocab: int, rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:

@@ -181,9 +181,9 @@ class _InlineExecutor:
         pass
 
 
-def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys) -> None:
-    """--reuse: a second run with one more method trains only that method's runs, and the summary
-    equals one made from scratch; a directory made with other run settings is refused by name."""
+def _fake_suite(monkeypatch) -> list[tuple]:
+    """The suite with its runs faked in this process: the list the (task, method, lr, seed) of
+    every trained run is appended to."""
     import sparseft.app.suite as S
     import sparseft.app.tasks as T
 
@@ -193,7 +193,7 @@ def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys) -> No
         trained.append((job["task"], job["method"], job["lr"], job["seed"]))
         good = 0.8 if job["method"] != REFERENCE else 0.7
         correct = [1] * int(100 * good) + [0] * (100 - int(100 * good))
-        return {"task": job["task"], "method": job["method"], "lr": job["lr"], "seed": job["seed"], "regime": "peft",
+        return {"task": job["task"], "method": job["method"], "lr": job["lr"], "seed": job["seed"], "regime": job["settings"]["regime"],
                 "val_accuracy": good - abs(job["lr"] - 1e-3), "curve": [[4, good]], "trainable_params": 10,
                 "step_time_s": 0.1, "calibration_s": 0.0, "final_loss": 0.5, "test_correct": correct,
                 "test_accuracy": good, "wall_s": 0.0}
@@ -202,8 +202,20 @@ def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys) -> No
     monkeypatch.setattr(S, "run_job", fake_run_job)
     monkeypatch.setattr(S, "_model_dir", lambda *a: "model")
     monkeypatch.setattr(T, "load_task", lambda *a, **k: None)
-    common = dict(tasks=("rotten_tomatoes",), seeds=2, grid=(1 / 3, 1.0, 3.0), max_extend=0, show_progress=False,
-                  lr_overrides={REFERENCE: 1e-3, "sparsegrad-fixed": 1e-3, "full": 1e-3})
+    return trained
+
+
+_COMMON = dict(tasks=("rotten_tomatoes",), seeds=2, grid=(1 / 3, 1.0, 3.0), max_extend=0, show_progress=False,
+               lr_overrides={REFERENCE: 1e-3, "sparsegrad-fixed": 1e-3, "full": 1e-3})
+
+
+def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys) -> None:
+    """--reuse: a second run with one more method trains only that method's runs, and the summary
+    equals one made from scratch; a directory made with other run settings is refused by name."""
+    import sparseft.app.suite as S
+
+    trained = _fake_suite(monkeypatch)
+    common = _COMMON
     first = S.run_suite(SuiteSettings(output_dir=str(tmp_path / "a"), methods=(REFERENCE, "sparsegrad-fixed"), **common))
     assert len(trained) == 2 * (3 + 1)
     trained.clear()
@@ -241,6 +253,31 @@ def test_reuse_trains_only_the_missing_runs(tmp_path, monkeypatch, capsys) -> No
     assert {r["method"] for r in third["records"]} == {REFERENCE, "sparsegrad-fixed[lr=0.003]"}
 
 
+def test_reuse_takes_full_fine_tuning_across_regimes(tmp_path, monkeypatch, capsys) -> None:
+    """A directory of the other regime gives only full fine-tuning's runs (every parameter trains
+    in either regime); several directories combine; other settings are still refused."""
+    import sparseft.app.suite as S
+
+    trained = _fake_suite(monkeypatch)
+    both = (REFERENCE, "full")
+    S.run_suite(SuiteSettings(output_dir=str(tmp_path / "peft"), methods=both, **_COMMON))
+    assert len(trained) == 2 * 4
+    trained.clear()
+    S.run_suite(SuiteSettings(output_dir=str(tmp_path / "paper"), regime="paper", methods=(REFERENCE,), **_COMMON))
+    trained.clear()
+    S.run_suite(SuiteSettings(output_dir=str(tmp_path / "paper-full"), regime="paper", methods=both,
+                              reuse=(str(tmp_path / "paper"), str(tmp_path / "peft")), **_COMMON))
+    assert trained == []  # the paper regime's reference from one directory, full fine-tuning from the other
+    assert len((tmp_path / "paper-full" / "records.jsonl").read_text().splitlines()) == 8
+    assert "made in the peft regime; 4 run(s) of full taken" in capsys.readouterr().err
+    S.run_suite(SuiteSettings(output_dir=str(tmp_path / "paper-only"), regime="paper", methods=both,
+                              reuse=str(tmp_path / "peft"), **_COMMON))
+    assert {m for _, m, _, _ in trained} == {REFERENCE} and len(trained) == 4  # LoRA differs between regimes
+    with pytest.raises(ConfigError, match="steps: 80 there, 40 here"):
+        S.run_suite(SuiteSettings(output_dir=str(tmp_path / "x"), regime="paper", steps=40, methods=both,
+                                  reuse=str(tmp_path / "peft"), **_COMMON))
+
+
 def test_grid_option_parses_factors_and_refuses_bad_ones():
     from sparseft.app.cli import _grid
 
@@ -250,6 +287,17 @@ def test_grid_option_parses_factors_and_refuses_bad_ones():
             _grid(bad)
     # one rate is no sweep: the chosen rate is reported at the grid's edge
     assert _choose({1e-3: {"val_accuracy": 0.7, "final_loss": 0.5}}, [1.0], 1e-3) == (1e-3, "high")
+
+
+def test_reuse_repeats_and_each_directory_is_checked(tmp_path):
+    from sparseft.app.cli import _validate, build_parser
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "records.jsonl").write_text("")
+    args = build_parser().parse_args(["bench", "--suite", "--reuse", str(tmp_path / "a"), "--reuse", str(tmp_path / "b")])
+    assert args.reuse == [str(tmp_path / "a"), str(tmp_path / "b")]
+    with pytest.raises(ConfigError, match=f"--reuse {tmp_path / 'b'}: no records.jsonl there"):
+        _validate(args)
 
 
 def test_compare_to_is_checked_before_anything_runs():

@@ -273,6 +273,9 @@ def split_methods(text: str) -> list[str]:
 
 
 REGIMES = ("peft", "paper")
+# methods prepared the same in either regime (every parameter trains): a run of one is the same
+# run in both, so the suite may reuse it across regimes
+REGIME_FREE = frozenset({"full"})
 
 
 def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None = None,
@@ -291,7 +294,7 @@ def prepare(method: str, model: nn.Module, rank: int = 8, density: float | None 
     options = {k: v for k, v in options.items() if k not in TRAINING_OPTIONS}
     mlp = {id(p) for t in find_targets(model) for p in model.get_submodule(t.name).parameters()}
     prepared = REGISTRY[name].build(model, Budget(rank, density, support_narrow, options))
-    if regime == "paper" and name != "full":
+    if regime == "paper" and name not in REGIME_FREE:
         _train_all_but_mlp(prepared.model, mlp)
         prepared.trainable_params = _trainable_count(prepared)
     return prepared

@@ -373,7 +373,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
     given["regime"] = args.regime
     given["model"] = args.model or "minilm"
     given["show_progress"] = not args.no_progress
-    given["reuse"] = args.reuse
+    given["reuse"] = tuple(args.reuse) if args.reuse else None
     given["compare_to"] = args.compare_to
     placement = _placement(args)
     given["device"], given["precision"] = placement.device, placement.precision
@@ -567,9 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default); paper: attention, embeddings, LayerNorms and head train fully, only the MLP treatment differs")
     suite.add_argument("--tasks", help="comma list of suite tasks: rotten_tomatoes, sarcasm, "
                        "trec, newsgroups (default: all four)")
-    suite.add_argument("--reuse", metavar="DIR", help="take finished runs from an earlier suite output directory made "
-                       "with the same run settings (resume a cut-off run: --reuse OUTPUT_DIR; or add methods next to a "
-                       "finished run) instead of training them again")
+    suite.add_argument("--reuse", metavar="DIR", action="append", help="take finished runs from an earlier suite output "
+                       "directory made with the same run settings (resume a cut-off run: --reuse OUTPUT_DIR; or add methods "
+                       "next to a finished run) instead of training them again; repeat it for several; a directory of the "
+                       "other --regime gives its full fine-tuning runs only (the same in either regime)")
     suite.add_argument("--compare-to", metavar="METHOD", help="a second reference: each method's paired difference "
                        "(95%% CI) to METHOD as well as to lora-mlp, e.g. a variant against the default sparsegrad "
                        "(added to --methods if missing)")
@@ -638,9 +639,9 @@ def _validate(args: argparse.Namespace) -> None:
     resume = getattr(args, "resume", None)
     if resume and not Path(resume).is_dir():
         raise ConfigError(f"--resume {resume}: no such directory; pass an earlier --output-dir (it holds checkpoints/).")
-    reuse = getattr(args, "reuse", None)
-    if reuse and not (Path(reuse) / "records.jsonl").is_file():
-        raise ConfigError(f"--reuse {reuse}: no records.jsonl there; pass the --output-dir of an earlier suite run.")
+    for reuse in getattr(args, "reuse", None) or ():
+        if not (Path(reuse) / "records.jsonl").is_file():
+            raise ConfigError(f"--reuse {reuse}: no records.jsonl there; pass the --output-dir of an earlier suite run.")
     max_extend = getattr(args, "max_extend", None)
     if max_extend is not None and max_extend < 0:
         raise ConfigError(f"--max-extend {max_extend} is negative: give how many times the grid may grow (0 = never).")

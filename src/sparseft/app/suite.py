@@ -76,7 +76,8 @@ class SuiteSettings:
     jobs: int = 2
     threads: int = 1
     lr_overrides: dict[str, float] = field(default_factory=dict)  # method -> sweep centre
-    reuse: str | None = None  # an earlier run's output directory: its finished runs are not trained again
+    # earlier runs' output directories (one or several): their finished runs are not trained again
+    reuse: str | tuple[str, ...] | None = None
     compare_to: str | None = None  # a second reference: every method's paired difference to it as well
     cache_dir: str | None = None
     show_progress: bool = True
@@ -245,7 +246,9 @@ def _job_key(job: dict[str, Any]) -> tuple:
 def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> dict[tuple, dict[str, Any]]:
     """Finished runs in ``directory`` (an earlier or interrupted suite run) that this run may take as
     they are: same run settings, no error. A directory run with other settings is an error that
-    names the fields, not a silent mix."""
+    names the fields, not a silent mix; one that differs in the regime only gives the runs of the
+    methods prepared the same in either (``methods.REGIME_FREE``: full fine-tuning)."""
+    from ..methods import REGIME_FREE, parse_method
     d = Path(directory)
     log = d / "records.jsonl"
     if not log.is_file():
@@ -258,7 +261,8 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
         raise ConfigError(f"--reuse {d}: no suite_settings.json or suite_run.json saying how its runs were made.")
     ours = run_key(settings)
     theirs = {**_KEY_BEFORE, **theirs}
-    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v]
+    other_regime = theirs.get("regime") != settings.regime
+    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in ours.items() if theirs.get(k) != v and k != "regime"]
     if differ:
         raise ConfigError(f"--reuse {d}: its runs were made with other settings ({'; '.join(differ)}); "
                           "run with the same settings or without --reuse.")
@@ -273,12 +277,24 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
             damaged += 1
             continue
         rec.pop("sha256", None)
+        if other_regime and parse_method(rec["method"])[0] not in REGIME_FREE:
+            continue
         if "error" not in rec and "test_correct" in rec:
             out[_job_key(rec)] = rec
+    if other_regime:
+        print(f"--reuse {d}: made in the {theirs.get('regime')} regime; {len(out)} run(s) of {', '.join(sorted(REGIME_FREE))} "
+              "taken (the same in either regime), the others trained here.", file=sys.stderr)
     if damaged:
         print(f"--reuse {d}: {damaged} record(s) fail their checksum (changed after the run); they are trained again.",
               file=sys.stderr)
     return out
+
+
+def reuse_dirs(settings: SuiteSettings) -> tuple[str, ...]:
+    """``settings.reuse`` as a tuple of directories (one given as a plain string, or none)."""
+    if not settings.reuse:
+        return ()
+    return (settings.reuse,) if isinstance(settings.reuse, str) else tuple(settings.reuse)
 
 
 def _run(runner: Runner, jobs: list[dict[str, Any]], reused: dict[tuple, dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
@@ -326,7 +342,9 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
         load_task(task, cache_dir=settings.cache_dir)
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reused = reusable_records(settings, settings.reuse) if settings.reuse else {}
+    reused: dict[tuple, dict[str, Any]] = {}
+    for directory in reuse_dirs(settings):
+        reused = {**reusable_records(settings, directory), **reused}  # (equal keys: the same run)
     # The new records.jsonl starts with every reusable run (so resuming into the same directory
     # loses nothing if this run is cut off too), then streams this run's new ones.
     atomic_write_text(out / "records.jsonl", "".join(json.dumps(sealed_record(r)) + "\n" for r in reused.values()))
