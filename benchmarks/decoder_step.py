@@ -121,6 +121,8 @@ def main() -> None:
         methods.insert(0, "lora-mlp")
     print(f"decoder_step: {args.shape}, {placement.describe()}, methods {', '.join(methods)}", flush=True)
     results = {"settings": vars(args) | {"torch": torch.__version__, **placement.record()}, "tokens": {}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for setting in args.tokens:
         rows, length = map(int, setting.split("x"))
         models = {}
@@ -153,8 +155,6 @@ def main() -> None:
             print(f"{label:24s} {row['median_step_s']:8.4f} {ratios[method]:8.2f} {fastest[method]:8.2f} {gib:>9s} "
                   f"{row['calibration_s']:8.1f}", flush=True)
         # after every setting: a time limit that stops the next one keeps this one's numbers
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "decoder_step.json", json.dumps(results, indent=1))
         print(f"wrote {out / 'decoder_step.json'}")
 

@@ -66,13 +66,7 @@ METHODS: tuple[str, ...] = ("full", "lora", "sparsegrad-fixed", "sparsegrad-fixe
 # exactly (MePropConfig, fixed, a random support); by name only, so that gpu.sh's table says which
 # row is the default.
 BY_NAME_ONLY = ("sparsegrad-fixed-1side-triton", "sparse-random", "sparse-random-triton")
-SAME_BUILD = {"sparse-random": "meprop-fixed"}
-
-
-def as_built(method: str) -> str:
-    """The name ``build`` reads: a by-name alias resolved, its "-triton" suffix kept."""
-    stem, triton = (method[: -len("-triton")], "-triton") if method.endswith("-triton") else (method, "")
-    return SAME_BUILD.get(stem, stem) + triton
+SAME_BUILD = {"sparse-random": "meprop-fixed", "sparse-random-triton": "meprop-fixed-triton"}  # (what build reads)
 
 
 class Block(nn.Module):
@@ -96,7 +90,7 @@ def block_orthogonal(size: int, blocks: int, gen: torch.Generator) -> torch.Tens
 def build(method: str, base: Block, rank: int, seed: int):
     """(model, optimizer) for ``method`` on a copy of ``base``; ``sparsegrad-fixed-narrowL``
     restricts each layer's support to the leading L directions of its narrow side."""
-    method = as_built(method)
+    method = SAME_BUILD.get(method, method)
     blocks = int(method.rsplit("-blocks", 1)[1]) if "-blocks" in method else 1
     group = int(method.rsplit("-group", 1)[1]) if "-group" in method else None
     tag = method.rsplit("narrow", 1)[1] if "narrow" in method else ""
@@ -480,7 +474,7 @@ def main() -> None:
             rounds = time_methods(models, x, w, args.rounds)
             seconds = {m: statistics.median(t) for m, t in rounds.items()}
             spread = {}
-            for name in (m for m in METHODS if "-fixed" in as_built(m)):
+            for name in (m for m in METHODS if "-fixed" in SAME_BUILD.get(m, m)):
                 spread[name] = {ln: [int(l.R.numel()), int(l.C.numel())] for ln, l in models[name][0].sparse_layers().items()}
             results["step_time"][shape][str(tokens)] = {
                 "seconds": seconds,

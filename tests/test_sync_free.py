@@ -12,7 +12,8 @@ import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ARCHS, make_batch, make_batches
-from sparseft import MePropConfig, SparseAdamW, SparseGradConfig, get_sparse_model
+from sparseft import SparseAdamW, SparseGradConfig, get_sparse_model
+from sparseft.methods import DEFAULT_METHOD, prepare
 from sparseft.targets import find_targets
 
 # ops whose result the host must wait for: a value read back, or a shape that depends on data
@@ -48,14 +49,16 @@ def _plain_step() -> Counter:
     return _syncs(lambda: model(**batch).loss.backward())
 
 
-@pytest.mark.parametrize("case", ["sparse-random", "sparsegrad", "cached-merge", "dynamic-sparseadamw"])
+@pytest.mark.parametrize("case", ["default", "sparsegrad", "cached-merge", "dynamic-sparseadamw"])
 def test_a_training_step_waits_for_no_device(case):
-    # sparse-random: the product's default (methods.DEFAULT_METHOD), no rotation; sparsegrad: SparseGradConfig()
-    config = {"sparse-random": MePropConfig(selection="fixed", support_criterion="random", match_lora_rank=2),
-              "sparsegrad": SparseGradConfig(match_lora_rank=2),
-              "cached-merge": SparseGradConfig(match_lora_rank=2, cache_update=True),
-              "dynamic-sparseadamw": SparseGradConfig(match_lora_rank=2, selection="dynamic")}[case]
-    model = get_sparse_model(ARCHS["llama"](), config)
+    # default: the product's default method (sparse-random: no rotation) as the jobs prepare it; sparsegrad: SparseGradConfig()
+    if case == "default":
+        model = prepare(DEFAULT_METHOD, ARCHS["llama"](), rank=2).sparse
+    else:
+        config = {"sparsegrad": SparseGradConfig(match_lora_rank=2),
+                  "cached-merge": SparseGradConfig(match_lora_rank=2, cache_update=True),
+                  "dynamic-sparseadamw": SparseGradConfig(match_lora_rank=2, selection="dynamic")}[case]
+        model = get_sparse_model(ARCHS["llama"](), config)
     model.calibrate(make_batches("llama", 2), steps=2, show_progress=False)  # calibration may synchronise
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -290,13 +290,6 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
     return out
 
 
-def reuse_dirs(settings: SuiteSettings) -> tuple[str, ...]:
-    """``settings.reuse`` as a tuple of directories (one given as a plain string, or none)."""
-    if not settings.reuse:
-        return ()
-    return (settings.reuse,) if isinstance(settings.reuse, str) else tuple(settings.reuse)
-
-
 def _run(runner: Runner, jobs: list[dict[str, Any]], reused: dict[tuple, dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
     """The records of ``jobs``: reused ones as they are, the others trained by ``runner``."""
     keyed = [(job, _job_key(job)) for job in jobs]
@@ -343,8 +336,8 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     reused: dict[tuple, dict[str, Any]] = {}
-    for directory in reuse_dirs(settings):
-        reused = {**reusable_records(settings, directory), **reused}  # (equal keys: the same run)
+    for directory in (settings.reuse,) if isinstance(settings.reuse, str) else settings.reuse or ():
+        reused.update(reusable_records(settings, directory))  # (equal keys: the same run)
     # The new records.jsonl starts with every reusable run (so resuming into the same directory
     # loses nothing if this run is cut off too), then streams this run's new ones.
     atomic_write_text(out / "records.jsonl", "".join(json.dumps(sealed_record(r)) + "\n" for r in reused.values()))
