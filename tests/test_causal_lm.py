@@ -165,7 +165,7 @@ def test_answer_loss_is_the_models_own_loss(tiny_dir, tokenizer, corpus):
 
 # ----------------------------------------------------------------------------- runs
 @REAL
-@pytest.mark.parametrize("method", ["full", "lora-mlp", "lora-attn", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic"])
+@pytest.mark.parametrize("method", ["full", "lora-mlp", "lora-attn", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic", "sparse-random", "shira"])
 def test_run_causal_lm_record(tiny_dir, tokenizer, corpus, method):
     settings = CausalLMSettings(
         method=method, steps=3, model_dir=str(tiny_dir), batch_size=4, max_length=64, calibration_steps=2,
@@ -211,7 +211,7 @@ def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
     from sparseft.app.cli import main
 
     settings = bench.BenchSettings("unused", task="causal-lm", sweep=False)
-    assert "head" not in settings.methods and len(settings.methods) == 8
+    assert "head" not in settings.methods and len(settings.methods) == 9 and {"sparse-random", "shira"} <= set(settings.methods)
     assert settings.rates("full") == [DEFAULT_LR["full"]]
     out = tmp_path / "bench"
     code = main(["bench", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--methods", "full,sparsegrad-fixed",

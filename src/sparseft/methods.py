@@ -521,7 +521,7 @@ register_method(Method("meprop-fixed", "k MLP entries of largest calibration gra
                        in_default_bench=False, ablation=True, takes_options=True))
 # peft's own sparse adapters at the same budget, through peft exactly as LoRA is.
 register_method(Method("shira", "peft SHiRA: r·(m+n) random MLP entries, original basis", _shira,
-                       LEARNING_RATES["shira"], in_default_bench=False))
+                       LEARNING_RATES["shira"]))
 register_method(Method("supertuning", "peft Super-Tuning: magnitude-chosen MLP entries", _supertuning,
                        LEARNING_RATES["supertuning"], in_default_bench=False))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SparseFTError
-from ..methods import DEFAULT_METHOD
+from ..methods import DEFAULT_METHOD, METHODS, bench_methods
 from .outputs import check_folders, claimed
 from .provenance import run_metadata
 from .placement import DEVICE_HELP, PRECISIONS
@@ -320,7 +320,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-# `sparseft bench` defaults, sized for a 2-core CPU machine: 8 methods × (3 sweep runs scored on
+# `sparseft bench` defaults, sized for a 2-core CPU machine: 10 methods (`methods.bench_methods`) × (3 sweep runs scored on
 # 512 validation rows + 3 seed runs scored on the whole test split), 150 steps each (enough for
 # every method to leave the majority-class floor), one torch thread per worker, two workers at
 # once. A causal-LM step costs far more than a MiniLM step (docs/benchmark.md), so its default is
@@ -549,7 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in bench._actions:
         if action.dest == "threads":
             action.help = f"torch CPU threads per worker (default 1; with --jobs 1: {THREADS_RULE})"
-    bench.add_argument("--methods", help="comma list (default: every method the task supports; head is classification only): full,head,lora-mlp,lora-attn,meprop,sparsegrad-onesided,sparsegrad-dynamic,s2ft; sparsegrad-random, sparsegrad-fixed, shira, supertuning by name")
+    others = [m for m in METHODS if m not in bench_methods()]
+    bench.add_argument("--methods", help=f"comma list (default: {','.join(bench_methods())}; head is classification only); "
+                                         f"{', '.join(others)} by name")
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
     bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")
