@@ -389,9 +389,9 @@ def cmd_suite(args: argparse.Namespace) -> int:
         given["jobs"] = max(1, (os.cpu_count() or 1) // (args.threads or 1))
     settings = SuiteSettings.quick(**given) if args.quick else SuiteSettings(**given)
     print(f"suite: {settings.regime} regime, model {settings.model}, tasks {', '.join(settings.tasks)}; "
-          f"{len(settings.methods)} methods, {settings.steps} steps, {settings.seeds} seeds, lr grid ×{settings.grid} "
+          f"{len(settings.methods)} methods, {settings.steps} steps, {settings.seeds} seeds, lr grid ×{', '.join(f'{g:.3g}' for g in settings.grid)} "
           f"(+{settings.max_extend} at an edge), {settings.val_rows} validation / {settings.test_rows} test rows per task, "
-          f"{settings.jobs} workers", file=sys.stderr)
+          f"{settings.jobs} worker{'s' if settings.jobs != 1 else ''}", file=sys.stderr)
     doc = run_suite(settings)
     print_table(doc["records"], settings)
     for failure in doc["failures"]:
