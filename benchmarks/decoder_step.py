@@ -36,6 +36,8 @@ from sparseft.serialization import atomic_write_text
 SHAPES = {
     "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                       num_key_value_heads=4, vocab_size=32000),
+    "tinyllama-2": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=32,
+                        num_key_value_heads=4, vocab_size=32000),  # TinyLlama's widths, 2 blocks: CPU comparisons
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=512),
 }

@@ -64,3 +64,41 @@ def test_backward_without_autocast_is_unchanged_float32() -> None:
     with recorder:
         loss.backward()
     assert set(recorder.dtypes) == {torch.float32}
+
+
+class LargeTensors(TorchDispatchMode):
+    """Counts the new memory blocks of at least ``numel`` elements that ops allocate (views and
+    in-place results share their input's block and are not counted)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.blocks = numel, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() >= self.numel:
+                self.blocks.add(t.untyped_storage().data_ptr())
+        return out
+
+
+@pytest.mark.parametrize("config", [MePropConfig(density=0.05, selection="fixed", support_criterion="random"), SparseGradConfig(density=0.05),
+                                    SparseGradConfig(density=0.05, rotation="both")], ids=["default", "narrow-rotated", "both-rotated"])
+def test_the_merge_under_autocast_is_the_float32_merge(config) -> None:
+    """Under autocast the merged weight is computed as without it: float32, by the basis' own
+    route (one m×n copy of W0 for the default, with its k values scattered in), not as a dense ΔW
+    in the autocast dtype."""
+    model = get_sparse_model(tiny_llama(), config)
+    model.calibrate([make_batch("llama", i) for i in range(2)], steps=2, show_progress=False)
+    torch.manual_seed(0)
+    for layer in model.sparse_layers().values():
+        W0, param = layer.base_layer.weight, layer.param
+        with torch.no_grad():
+            param.normal_(0, 0.1)
+        plain = layer.update.merge_into(W0, param)
+        with torch.autocast("cpu", dtype=torch.bfloat16), LargeTensors(W0.numel()) as made:
+            merged = layer.update.merge_into(W0, param)
+        assert merged.dtype == torch.float32 and torch.allclose(merged, plain, rtol=0, atol=1e-6)
+        assert not torch.equal(merged, W0)
+        if isinstance(config, MePropConfig):
+            assert len(made.blocks) == 1, f"one merge made {len(made.blocks)} blocks of W's size (the route: one copy of W0)"

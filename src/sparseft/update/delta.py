@@ -71,12 +71,15 @@ class SparseDelta:
     @torch.no_grad()
     def merge_into(self, W0: torch.Tensor, param: torch.Tensor, kn: TorchKernels | None = None) -> torch.Tensor:
         """W0 + ΔW by the cheapest route (not differentiable; possibly a transposed view): a fixed
-        support's k values go in as a sparse D (m·k + m·b·n at best instead of m·a·b + m·b·n),
-        the addition fused where the basis can. Under autocast (torch's sparse kernels have no
-        half-precision CPU version) and for a dense support, ΔW is formed in W0's layout."""
-        if self.support.selection != "fixed" or torch.is_autocast_enabled(param.device.type):
+        support's k values go in as a sparse D (m·k + m·b·n at best instead of m·a·b + m·b·n), or
+        scattered into a copy of W0 (no rotation), the addition fused where the basis can. The
+        merge runs outside autocast, in W0's and the bases' own dtypes: autocast would cast its
+        products to half precision, which torch's CPU sparse kernels lack, and the layer's linear
+        casts the merged weight anyway. A dense support's ΔW is formed in W0's layout."""
+        if self.support.selection != "fixed":
             return W0 + self.delta_weight(param, column_major=is_n_major(W0)).detach().to(W0.dtype)
-        return self.basis.merge_into(W0, self.support, param.detach(), kn or kernels_for(W0.device))
+        with torch.autocast(param.device.type, enabled=False):
+            return self.basis.merge_into(W0, self.support, param.detach(), kn or kernels_for(W0.device))
 
     @torch.no_grad()
     def merged_weight(self, W0: torch.Tensor, param: torch.Tensor, kn: TorchKernels) -> torch.Tensor:
