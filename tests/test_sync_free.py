@@ -3,7 +3,8 @@ value back to the host or makes a shape out of data (``.item()``, ``nonzero``, `
 ``unique``, ...). Recorded with a TorchDispatchMode on a tiny LLaMA on the CPU: every aten op the
 step runs, against the same step of the plain model whose MLP weights train densely (what
 transformers itself does is the same in both). In float32 and under bfloat16 autocast, the
-precision a GPU run takes, where the products take other routes (a dense ΔW, no SDDMM)."""
+precision a GPU run takes, where the products take other routes (no SDDMM; a dense support's
+ΔW)."""
 
 from __future__ import annotations
 
