@@ -549,9 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     for action in bench._actions:
         if action.dest == "threads":
             action.help = f"torch CPU threads per worker (default 1; with --jobs 1: {THREADS_RULE})"
-    others = [m for m in METHODS if m not in bench_methods()]
-    bench.add_argument("--methods", help=f"comma list (default: {','.join(bench_methods())}; head is classification only); "
-                                         f"{', '.join(others)} by name")
+    default_set = bench_methods()
+    bench.add_argument("--methods", help=f"comma list (default: {','.join(default_set)}; head is classification only); "
+                                         f"{', '.join(m for m in METHODS if m not in default_set)} by name")
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
     bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")
