@@ -72,6 +72,45 @@ def test_lower_is_better_task_and_diverged_rates(capsys, monkeypatch):
     assert records[2]["error"] and records[-1]["phase"] == "final" and records[-1]["lr"] == 1.0
 
 
+def _grow(capsys, monkeypatch, validation, max_extend):
+    """The bench's sweep on a fake task scoring ``validation(lr)``, grid 1, 3, 9: (the sweep's
+    rates in the order they ran, the final records)."""
+    def task(spec):
+        score = validation(spec["lr"]) if spec["eval_split"] == "validation" else 0.5
+        return {"method": spec["method"], "seed": spec["seed"], "lr": spec["lr"], "accuracy": score}
+
+    monkeypatch.setitem(bench.TASKS, "grow", bench.Task("accuracy", True, task))
+    bench.worker({"task": "grow", "base": {"method": "full"}, "rates": [1.0, 3.0, 9.0], "sweep_seed": 0, "sweep_rows": None,
+                  "seeds": [0, 1], "test_rows": None, "max_extend": max_extend})
+    records = [json.loads(line[len(bench.RECORD_PREFIX):]) for line in capsys.readouterr().out.splitlines()]
+    return [r["lr"] for r in records if r["phase"] == "sweep"], [r for r in records if r["phase"] == "final"]
+
+
+@pytest.mark.parametrize("validation, max_extend, tried, chosen, edge", [
+    (lambda lr: lr, 2, [1.0, 3.0, 9.0, 27.0, 81.0], 81.0, True),          # still rising after two steps: at the edge
+    (lambda lr: -abs(lr - 27.0), 2, [1.0, 3.0, 9.0, 27.0, 81.0], 27.0, False),  # peak found past the first grid
+    (lambda lr: -lr, 2, [1.0, 3.0, 9.0, 0.333, 0.111], 0.111, True),       # grows downwards, rates to 3 digits
+    (lambda lr: -abs(lr - 3.0), 2, [1.0, 3.0, 9.0], 3.0, False),           # interior at once: nothing added
+    (lambda lr: lr, 0, [1.0, 3.0, 9.0], 9.0, True),                        # --max-extend 0: the plain grid
+])
+def test_sweep_grows_past_an_edge(capsys, monkeypatch, validation, max_extend, tried, chosen, edge):
+    """While the best validation rate is at an end of the grid the grid grows a ×3 step past it
+    (up to max_extend times); the finals train the chosen rate and say whether it is still at an end."""
+    swept, finals = _grow(capsys, monkeypatch, validation, max_extend)
+    assert swept == tried
+    assert [r["lr"] for r in finals] == [chosen, chosen] and all(r["lr_at_grid_edge"] is edge for r in finals)
+    assert finals[0]["swept_rates"] == sorted(tried)
+
+
+def test_the_table_marks_a_rate_at_the_edge():
+    rec = {"method": "full", "seed": 0, "lr": 9e-3, "accuracy": 0.8, "trainable_params": 1, "state_bytes": 4, "peak_rss_bytes": 1,
+           "step_time_s": 0.1, "calibration_s": 0.0}
+    at_edge = bench.markdown_table(bench.summarize([rec | {"lr_at_grid_edge": True}], "classification"), "classification")
+    inside = bench.markdown_table(bench.summarize([rec | {"lr_at_grid_edge": False}], "classification"), "classification")
+    assert "(edge)" in at_edge and bench.EDGE_NOTE in at_edge
+    assert "(edge)" not in inside and bench.EDGE_NOTE not in inside
+
+
 def test_summary_mean_std_and_ratio_to_full():
     recs = []
     for method, accs, step in (("full", [0.8, 0.9], 1.0), ("s2ft", [0.7, 0.7], 0.25)):
@@ -91,12 +130,18 @@ def test_bench_end_to_end(tiny, tmp_path, capsys):
     model_dir, data = tiny
     out = tmp_path / "bench"
     code = main(["bench", "--model", model_dir, "--data", data, "--methods", "head,s2ft", "--steps", "3", "--seeds", "2",
-                 "--batch-size", "8", "--jobs", "2", "--no-progress", "--output-dir", str(out)])
+                 "--batch-size", "8", "--jobs", "2", "--max-extend", "1", "--no-progress", "--output-dir", str(out)])
     assert code == 0
     sweep = json.loads((out / "sweep.json").read_text())
     results = json.loads((out / "results.json").read_text())
-    assert len(sweep) == 6 and {r["eval_split"] for r in sweep} == {"validation"}
-    assert len(results) == 4 and {r["eval_split"] for r in results} == {"test"}
+    assert {r["eval_split"] for r in sweep} == {"validation"} and {r["eval_split"] for r in results} == {"test"}
+    assert len(results) == 4
+    for method in ("head", "s2ft"):  # 3 rates, and one more where the best was at an end (--max-extend 1)
+        rates = sorted(r["lr"] for r in sweep if r["method"] == method)
+        final = next(r for r in results if r["method"] == method)
+        assert final["swept_rates"] == rates and len(rates) in (3, 4) and final["lr"] in rates
+        assert all(2.9 < b / a < 3.1 for a, b in zip(rates, rates[1:]))  # a grown grid keeps its ×3 spacing
+        assert final["lr_at_grid_edge"] == (final["lr"] in (rates[0], rates[-1]))
     # two workers ran at once; the files list runs in method order whichever finished first
     assert [(r["method"], r["seed"]) for r in results] == [("head", 0), ("head", 1), ("s2ft", 0), ("s2ft", 1)]
     for r in results:

@@ -4,8 +4,10 @@ Protocol (:func:`sweep_and_finals`, per method):
 
 1. **Sweep** (skipped when ``--lr`` is given): each learning rate of the method's grid
    (the task's default rate for the method ÷3, ×1, ×3: ``sweep.SWEEP_FACTORS``) trains with the
-   sweep seed and is scored on the *validation* split (its first ``sweep_rows`` rows). The best
-   rate there is chosen (``sweep.choose_rate``, the suite's rule); the test split is never looked at.
+   sweep seed and is scored on the *validation* split (a fixed sample of ``sweep_rows`` rows). The
+   best rate there is chosen (``sweep.choose_rate``, the suite's rule); while it is the lowest or
+   highest rate tried, the grid grows a ×3 step past it, up to ``max_extend`` times. The test
+   split is never looked at.
 2. **Final**: the chosen rate trains once per seed and is scored on the *test* split.
 
 Budgets are matched: the sparse methods (MeProp, SparseGrad, S2FT) get the trainable count of
@@ -40,7 +42,7 @@ from typing import Any
 from ..methods import DEFAULT_LR, bench_methods, canonical, default_lrs
 from ..serialization import atomic_write_text
 from .runner import Runner
-from .sweep import SWEEP_FACTORS, choose_rate, rate_grid
+from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid, step_past
 
 RECORD_PREFIX = "@@sparseft-record "
 
@@ -146,6 +148,7 @@ class BenchSettings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     lr: float | None = None  # one rate for every method: no sweep
     sweep: bool = True
+    max_extend: int = 2  # times a method's lr grid may grow past an end where its best rate sits
     sweep_seed: int = 0
     sweep_rows: int | None = 512  # validation rows scored in the sweep (None: all)
     test_rows: int | None = None  # test rows scored in the final runs (None: all)
@@ -196,32 +199,57 @@ def _one(job: dict[str, Any]) -> dict[str, Any]:
     """One run of a bench job: its record, tagged with the phase (sweep/final) and task."""
     spec = job["spec"]
     return _run_safely(job["task"], spec) | {"phase": job["phase"], "task": job["task"], "eval_rows": spec["eval_rows"],
-                                              **({"swept_rates": job["rates"]} if job["phase"] == "final" else {})}
+                                              **({"swept_rates": job["rates"], "lr_at_grid_edge": job["lr_at_grid_edge"]} if job["phase"] == "final" else {})}
 
 
 def sweep_and_finals(plans: dict[str, dict[str, Any]], run: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The protocol for every method of ``plans`` ({method: task, base spec, rates, sweep_seed,
-    sweep_rows, seeds, test_rows}); ``run(jobs)`` trains jobs and returns their records. The sweep's
-    records in method and rate order, then the finals' in method and seed order."""
-    sweep_jobs = [{"task": p["task"], "phase": "sweep", "spec": p["base"] | {"method": m, "lr": rate, "seed": p["sweep_seed"],
-                   "eval_split": "validation", "eval_rows": p["sweep_rows"]}}
-                  for m, p in plans.items() if len(p["rates"]) > 1 for rate in p["rates"]]
-    swept = run(sweep_jobs)
+    sweep_rows, seeds, test_rows, max_extend}); ``run(jobs)`` trains jobs and returns their records.
+
+    While a method's best validation rate is the lowest or highest tried, its grid grows one ×3
+    step past that end (``sweep.step_past``), up to ``max_extend`` times (the suite's rule); a
+    rate still at an end then is recorded ``lr_at_grid_edge``. Returns the sweep's records in
+    method and rate order, then the finals' in method and seed order."""
+    grids = {m: sorted(p["rates"]) for m, p in plans.items()}
+    centres = {m: p["rates"][len(p["rates"]) // 2] for m, p in plans.items()}
+    swept: dict[str, list[dict[str, Any]]] = {m: [] for m in plans}
+    todo = {m: grids[m] for m in plans if len(grids[m]) > 1}
+    for round_ in range(max((p.get("max_extend", 0) for p in plans.values()), default=0) + 1):
+        jobs = [{"task": plans[m]["task"], "phase": "sweep", "round": round_,
+                 "spec": plans[m]["base"] | {"method": m, "lr": rate, "seed": plans[m]["sweep_seed"], "eval_split": "validation",
+                                             "eval_rows": plans[m]["sweep_rows"]}}
+                for m, rates in todo.items() for rate in rates]
+        for r in run(jobs):
+            swept[r["method"]].append(r)
+        todo = {}
+        for m in plans:
+            edge = _choice(swept[m], plans[m], centres[m])[1]
+            if edge and round_ < plans[m].get("max_extend", 0):
+                todo[m] = [rate_at(step_past(grids[m], edge), 1.0)]
+                grids[m] = sorted([*grids[m], *todo[m]])
+        if not todo:
+            break
     sweep, chosen = [], {}
     for m, p in plans.items():
-        mine = sorted((r for r in swept if r["method"] == m), key=lambda r: p["rates"].index(r["lr"]))
-        sweep += mine
-        task = TASKS[p["task"]]
-        scores = {r["lr"]: r.get(task.metric, float("nan")) for r in mine}
-        rates = p["rates"]
-        chosen[m] = (choose_rate(scores, rates[len(rates) // 2], task.higher_is_better)[0] if mine else None) or rates[0]
-    final_jobs = [{"task": p["task"], "phase": "final", "rates": p["rates"], "spec": p["base"] | {"method": m, "lr": chosen[m],
-                   "seed": seed, "eval_split": "test", "eval_rows": p["test_rows"]}}
+        sweep += sorted(swept[m], key=lambda r: r["lr"])
+        best, edge = _choice(swept[m], p, centres[m])
+        chosen[m] = (best or p["rates"][0], edge)
+    final_jobs = [{"task": p["task"], "phase": "final", "rates": grids[m], "lr_at_grid_edge": chosen[m][1] is not None,
+                   "spec": p["base"] | {"method": m, "lr": chosen[m][0], "seed": seed, "eval_split": "test", "eval_rows": p["test_rows"]}}
                   for m, p in plans.items() for seed in p["seeds"]]
     finals = run(final_jobs)
     order = {(m, seed): i for i, (m, seed) in enumerate((m, seed) for m, p in plans.items() for seed in p["seeds"])}
     return sweep, sorted(finals, key=lambda r: order.get((r["method"], r["seed"]), len(order)))
+
+
+def _choice(records: list[dict[str, Any]], plan: dict[str, Any], centre: float) -> tuple[float | None, str | None]:
+    """(the best rate of a method's sweep records, the end of its grid it sits at); (None, None)
+    without a sweep."""
+    if not records:
+        return None, None
+    task = TASKS[plan["task"]]
+    return choose_rate({r["lr"]: r.get(task.metric, float("nan")) for r in records}, centre, task.higher_is_better)
 
 
 def worker(spec: dict[str, Any]) -> None:
@@ -254,7 +282,8 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     plans = {m: {"task": settings.task, "base": settings.base_spec(m), "rates": settings.rates(m), "sweep_seed": settings.sweep_seed,
-                 "sweep_rows": settings.sweep_rows, "seeds": settings.seeds, "test_rows": settings.test_rows} for m in methods}
+                 "sweep_rows": settings.sweep_rows, "seeds": settings.seeds, "test_rows": settings.test_rows,
+                 "max_extend": settings.max_extend} for m in methods}
     total = sum((len(p["rates"]) if len(p["rates"]) > 1 else 0) + len(p["seeds"]) for p in plans.values())
 
     def describe(rec: dict[str, Any]) -> str:
@@ -268,7 +297,11 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
                     total=total, show_progress=settings.show_progress, fresh_processes=True)
     t0 = time.perf_counter()
     try:
-        sweep, finals = sweep_and_finals(plans, lambda jobs: runner.run(_one, jobs))
+        def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            runner.total += sum(j.get("round", 0) > 0 for j in jobs)  # a grown grid's rates were not in the count
+            return runner.run(_one, jobs)
+
+        sweep, finals = sweep_and_finals(plans, run)
     finally:
         runner.close()
     # a run that raised (no metric at all); a diverged rate is a sweep result (its metric is NaN)
@@ -300,6 +333,7 @@ def summarize(records: list[dict[str, Any]], task: str, methods: list[str] | Non
             "method": method,
             "runs": len(runs),
             "lr": runs[0]["lr"],
+            "lr_at_grid_edge": any(r.get("lr_at_grid_edge", False) for r in runs),
             "trainable_params": runs[0]["trainable_params"],
             f"{metric}_mean": statistics.fmean(values),
             f"{metric}_std": statistics.stdev(values) if len(values) > 1 else 0.0,
@@ -320,6 +354,8 @@ def summarize(records: list[dict[str, Any]], task: str, methods: list[str] | Non
 
 
 SMOKE_NOTE = "smoke run"
+EDGE_NOTE = ("lr (edge): the best validation rate was still the lowest or highest of the grid after it grew "
+             "(--max-extend): the method may do better past it.")
 
 
 def _runs(summary: list[dict[str, Any]]) -> int | None:
@@ -344,7 +380,7 @@ def _cells(row: dict[str, Any], metric: str, smoke: bool = False, runs: int | No
         row["method"],
         f"{row['trainable_params']:,d}",
         _metric_cell(row, metric, smoke, runs),
-        rate(row["lr"]),
+        rate(row["lr"]) + (" (edge)" if row.get("lr_at_grid_edge") else ""),
         mib(row.get("state_with_bases_bytes", row["state_bytes"])),
         mib(row["peak_rss_bytes"], 0),
         f"{row['step_time_s']:.3f}",
@@ -377,6 +413,8 @@ def markdown_table(summary: list[dict[str, Any]], task: str, smoke: bool = False
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     notes = [STATE_NOTE + "."]
+    if any(r.get("lr_at_grid_edge") for r in summary):
+        notes.append(EDGE_NOTE)
     if smoke:
         notes.insert(0, "**Smoke run** (`--quick`: a few steps, one seed, no sweep, a sample of the test rows): it checks "
                      "that every method runs; its numbers are not results.")

@@ -440,6 +440,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seeds=chosen["seeds"],
         lr=args.lr,
         sweep=(chosen.get("sweep", True) or args.sweep) and not args.no_sweep,
+        **({"max_extend": args.max_extend} if args.max_extend is not None else {}),
         sweep_rows=args.sweep_rows if args.sweep_rows is not None else chosen["sweep_rows"],
         test_rows=args.test_rows if args.test_rows is not None else chosen.get("test_rows"),
         rank=args.rank,
@@ -462,7 +463,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if settings.lr is not None:
         rates = f"lr {settings.lr:g}"
     elif settings.sweep:
-        rates = f"lr sweep on {settings.sweep_rows or 'all'} validation rows"
+        rates = f"lr sweep on {settings.sweep_rows or 'all'} validation rows (+{settings.max_extend} at an edge)"
     else:
         rates = "default lr"
     print(
@@ -555,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
     bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")
+    bench.add_argument("--max-extend", type=int, help="times a method's lr grid may grow (a ×3 step) past the end where "
+                       "its best validation rate sits (default 2; 0 = never); a rate still there is marked (edge)")
     bench.add_argument("--sweep-rows", type=int, help=f"validation rows scored in the sweep (default {BENCH_DEFAULTS['classification']['sweep_rows']}; 0 = all)")
     bench.add_argument("--test-rows", type=int, help="test rows scored in the final runs (default: all)")
     bench.add_argument("--quick", action="store_true", help="smoke run: every method, 4 steps, 1 seed, no sweep, 200 test rows "
@@ -576,7 +579,6 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--compare-to", metavar="METHOD", help="a second reference: each method's paired difference "
                        "(95%% CI) to METHOD as well as to lora-mlp, e.g. a variant against the default sparsegrad "
                        "(added to --methods if missing)")
-    suite.add_argument("--max-extend", type=int, help="times the lr grid may grow past an edge (default 2)")
     suite.add_argument("--grid", metavar="F,F,..", help="learning-rate factors around each method's centre (default "
                        "0.333,1,3; '1' runs the centre only, no sweep: every rate is then reported at the grid's edge)")
     suite.add_argument("--prepare", action="store_true", help="report every offline source (present / missing / "

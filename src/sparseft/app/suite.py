@@ -40,7 +40,7 @@ from .artifacts import record_intact, sealed_record
 from .stats import paired_difference
 from .placement import Placement
 from .runner import Runner
-from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid
+from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid, step_past
 from .tasks import SUITE_TASKS
 
 REFERENCE = "lora-mlp"
@@ -364,7 +364,7 @@ def run_suite(settings: SuiteSettings) -> dict[str, Any]:
             for p in pairs:
                 best, edge = _choose(tried[p], factors[p], settings.centre(p[1]))
                 if edge is not None:
-                    f = factors[p][0] / 3 if edge == "low" else factors[p][-1] * 3
+                    f = step_past(factors[p], edge)
                     factors[p] = sorted([*factors[p], f])
                     todo.append((p, f))
                     runner.total += 1

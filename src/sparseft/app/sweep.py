@@ -1,13 +1,14 @@
 """The learning-rate sweep's rule, one for `sparseft bench` and the suite: rates on a grid of
 factors around a method's default (``methods.LEARNING_RATES``), the best by validation score,
-and whether it sits at an end of the grid (the suite then extends the grid past it)."""
+and whether it sits at an end of the grid (then the grid grows past it, a ×3 step at a time, up
+to ``max_extend`` times)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
 
-SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around each default rate (the suite grows it past an edge)
+SWEEP_FACTORS = (1 / 3, 1.0, 3.0)  # the grid around each default rate (grown past an edge: step_past)
 
 
 def rate_at(centre: float, factor: float) -> float:
@@ -34,4 +35,11 @@ def choose_rate(scores: Mapping[float, float], centre: float, higher_is_better: 
     return best, "low" if best == rates[0] else "high" if best == rates[-1] else None
 
 
-__all__ = ["SWEEP_FACTORS", "choose_rate", "rate_at", "rate_grid"]
+def step_past(grid: Iterable[float], edge: str) -> float:
+    """The next value of a grid of factors or rates past its ``edge`` ("low"/"high"): one more
+    ×3 step, so an extended grid keeps its spacing."""
+    values = sorted(grid)
+    return values[0] / 3 if edge == "low" else values[-1] * 3
+
+
+__all__ = ["SWEEP_FACTORS", "choose_rate", "rate_at", "rate_grid", "step_past"]
