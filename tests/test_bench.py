@@ -245,3 +245,18 @@ def test_the_cli_offers_the_task_kinds_the_bench_runs():
     from sparseft.app.cli import TASK_KINDS
 
     assert set(TASK_KINDS) == set(bench.TASKS)
+
+
+def test_workers_are_quiet_about_what_the_user_cannot_fix():
+    """Every worker process (``init_worker``) drops peft's deprecated-name FutureWarning, which
+    otherwise printed once per run of a bench; other warnings still show."""
+    import warnings
+
+    from sparseft.app.runner import quiet_dependencies
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_dependencies()
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning)
+        warnings.warn("something else", FutureWarning)
+    assert [str(w.message) for w in seen] == ["something else"]

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -670,9 +669,9 @@ def _validate(args: argparse.Namespace) -> None:
 def _main(argv: list[str] | None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub: everything is local
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from .runner import quiet_optional_kernels
+    from .runner import quiet_dependencies
 
-    quiet_optional_kernels()
+    quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
         _validate(args)
@@ -683,8 +682,6 @@ def _main(argv: list[str] | None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    # peft's loader calls a transformers name deprecated in 5.x: a warning the user can do nothing about
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.func in (cmd_train, cmd_predict):  # one process does the work: choose its threads
         from .threads import choose
 

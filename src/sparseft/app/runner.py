@@ -22,13 +22,17 @@ from typing import Any
 Record = dict[str, Any]
 
 
-def quiet_optional_kernels() -> None:
-    """bitsandbytes (imported by peft when installed) looks for an optional CPU kernel on the hub at
-    import and logs, offline, two warnings per process that concern nothing sparseft runs."""
+def quiet_dependencies() -> None:
+    """Silence what the libraries print that the user can do nothing about, in every process:
+    bitsandbytes (imported by peft when installed) looks for an optional CPU kernel on the hub at
+    import and logs, offline, two warnings that concern nothing sparseft runs; peft's loader calls
+    a transformers name deprecated in 5.x (a FutureWarning per model load)."""
     import logging
+    import warnings
 
     for name in ("bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def init_worker(threads: int) -> None:
@@ -37,7 +41,7 @@ def init_worker(threads: int) -> None:
     import transformers
 
     torch.set_num_threads(threads)
-    quiet_optional_kernels()
+    quiet_dependencies()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     transformers.logging.set_verbosity_error()
