@@ -26,13 +26,15 @@ def quiet_dependencies() -> None:
     """Silence what the libraries print that the user can do nothing about, in every process:
     bitsandbytes (imported by peft when installed) looks for an optional CPU kernel on the hub at
     import and logs, offline, two warnings that concern nothing sparseft runs; peft's loader calls
-    a transformers name deprecated in 5.x (a FutureWarning per model load)."""
+    a transformers name deprecated in 5.x (a FutureWarning per model load); peft's SHiRA builds its
+    sparse tensor without saying whether torch should check it (a UserWarning per run)."""
     import logging
     import warnings
 
     for name in ("bitsandbytes", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
 
 
 def init_worker(threads: int) -> None:
