@@ -225,6 +225,25 @@ def test_cli_bench_task_causal_lm(tiny_dir, chat_file, tmp_path, capsys):
 
 
 @REAL
+def test_cli_bench_causal_lm_sweep_scores_validation(tiny_dir, chat_file, tmp_path, capsys):
+    """The decoder sweep chooses on the validation part carved from train, and its records say
+    so; only the final run scores the test part."""
+    from sparseft.app.cli import main
+
+    out = tmp_path / "bench"
+    code = main(["bench", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--methods", "full",
+                 "--sweep", "--max-extend", "0", "--steps", "2", "--batch-size", "4", "--no-progress",
+                 "--output-dir", str(out)])
+    assert code == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    final = json.loads((out / "results.json").read_text())
+    assert len(sweep) == 3 and {r["eval_split"] for r in sweep} == {"validation"}
+    assert [r["eval_split"] for r in final] == ["test"]
+    assert {r["eval_loss_before"] for r in sweep}.isdisjoint({r["eval_loss_before"] for r in final})  # other conversations
+    capsys.readouterr()
+
+
+@REAL
 def test_cli_causal_lm_bad_data_is_a_clear_error(tiny_dir, tmp_path, capsys):
     from sparseft.app.cli import main
 

@@ -112,7 +112,7 @@ def _causal_lm(spec: dict[str, Any]) -> dict[str, Any]:
     settings = CausalLMSettings(**{k: v for k, v in spec.items() if k in names})
     settings.eval_examples = spec.get("eval_rows")
     settings.generations = 0 if spec["eval_split"] == "validation" else settings.generations
-    return run_causal_lm(settings, {"train": parts["train"], "test": parts[spec["eval_split"]]}, tokenizer)
+    return run_causal_lm(settings, parts, tokenizer)
 
 
 TASKS: dict[str, Task] = {

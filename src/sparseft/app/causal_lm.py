@@ -233,6 +233,7 @@ class CausalLMSettings:
     calibration_steps: int = 10
     warmup_fraction: float = 0.06
     eval_examples: int | None = 200  # held-out conversations scored (None: all)
+    eval_split: str = "test"  # which of ``splits`` is scored: the bench's sweep scores "validation"
     eval_batch_size: int = 16
     generations: int = 3  # held-out prompts answered before/after
     max_new_tokens: int = 32
@@ -279,7 +280,8 @@ def run_causal_lm(
     model_dir = settings.model_dir or str(smollm2_dir())
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
     splits = splits or load_chat_splits()
-    held = splits["test"][: settings.eval_examples] if settings.eval_examples else splits["test"]
+    scored = splits[settings.eval_split]
+    held = scored[: settings.eval_examples] if settings.eval_examples else scored
     train = encode_chat(tokenizer, splits["train"], settings.max_length)
     evaluation = encode_chat(tokenizer, held, settings.max_length)
     shown: list[Conversation] = []  # held-out conversations to answer, one per distinct prompt
@@ -314,6 +316,7 @@ def run_causal_lm(
         perplexity_before=math.exp(loss_before),
         steps=settings.steps,
         eval_examples=int(evaluation["input_ids"].shape[0]),
+        eval_split=settings.eval_split,
         generations=generations,
         **loop.record(prepared, t_start),
     ).to_dict()
