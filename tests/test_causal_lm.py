@@ -243,6 +243,27 @@ def test_cli_bench_causal_lm_sweep_scores_validation(tiny_dir, chat_file, tmp_pa
     capsys.readouterr()
 
 
+def _first_questions(convs):
+    return {next(m["content"] for m in c if m["role"] == "user").strip().lower() for c in convs}
+
+
+def test_validation_is_carved_group_disjoint():
+    """The sweep's validation part shares no first question with what trains (chatterbot repeats
+    a question with several answers: a random carve leaked them), nor with the test part."""
+    from sparseft.app.causal_lm import carve_validation, split_conversations
+
+    convs = [[{"role": "user", "content": f"Question {i % 60}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+             for i in range(600)]
+    parts = carve_validation(split_conversations(convs))
+    assert set(parts) == {"train", "validation", "test"} and sum(map(len, parts.values())) == 600
+    assert 0 < len(parts["validation"]) < len(parts["train"])
+    train, val, test = (_first_questions(parts[p]) for p in ("train", "validation", "test"))
+    assert train.isdisjoint(val) and train.isdisjoint(test) and val.isdisjoint(test)
+    assert carve_validation(split_conversations(convs)) == parts  # fixed
+    with pytest.raises(DataError, match="validation split is empty"):
+        carve_validation({"train": convs[:1], "test": convs[1:2]})
+
+
 @REAL
 def test_cli_causal_lm_bad_data_is_a_clear_error(tiny_dir, tmp_path, capsys):
     from sparseft.app.cli import main

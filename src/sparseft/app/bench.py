@@ -92,20 +92,15 @@ def sample_rows(n: int, rows: int, seed: int = 0) -> list[int]:
 
 def _causal_lm(spec: dict[str, Any]) -> dict[str, Any]:
     """One instruction-tuning run (:func:`sparseft.app.causal_lm.run_causal_lm`). The sweep is scored
-    on a validation part carved from train (10%, fixed), never on the held-out test part."""
+    on a validation part carved from train (:func:`~sparseft.app.causal_lm.carve_validation`),
+    never on the held-out test part."""
     from transformers import AutoTokenizer
 
-    from .causal_lm import CausalLMSettings, load_chat_splits, run_causal_lm
+    from .causal_lm import CausalLMSettings, carve_validation, load_chat_splits, run_causal_lm
 
     key = ("causal-lm", spec["model_dir"], spec.get("data"))
     if key not in _CACHE:
-        splits = load_chat_splits(spec.get("data"))
-        held = set(sample_rows(len(splits["train"]), max(1, len(splits["train"]) // 10), seed=1))
-        parts = {
-            "train": [c for i, c in enumerate(splits["train"]) if i not in held],
-            "validation": [c for i, c in enumerate(splits["train"]) if i in held],
-            "test": splits["test"],
-        }
+        parts = carve_validation(load_chat_splits(spec.get("data")))
         _CACHE[key] = (parts, AutoTokenizer.from_pretrained(spec["model_dir"]))
     parts, tokenizer = _CACHE[key]
     names = CausalLMSettings.__dataclass_fields__

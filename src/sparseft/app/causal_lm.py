@@ -102,13 +102,14 @@ def load_chat_jsonl(path: str | Path) -> list[Conversation]:
     return out
 
 
-def split_conversations(convs: list[Conversation], held_out: float = 0.15, salt: str = "sparseft-chat") -> dict[str, list[Conversation]]:
-    """Fixed, group-disjoint split into train / test by a hash of the first user message."""
-    parts: dict[str, list[Conversation]] = {"train": [], "test": []}
+def split_conversations(convs: list[Conversation], held_out: float = 0.15, salt: str = "sparseft-chat",
+                        held_name: str = "test") -> dict[str, list[Conversation]]:
+    """Fixed, group-disjoint split into train / ``held_name`` by a hash of the first user message."""
+    parts: dict[str, list[Conversation]] = {"train": [], held_name: []}
     for conv in convs:
         first = next((m["content"] for m in conv if m["role"] == "user"), conv[0]["content"])
         u = int(hashlib.sha256(f"{salt}:{first.strip().lower()}".encode()).hexdigest()[:12], 16) / 16**12
-        parts["test" if u < held_out else "train"].append(conv)
+        parts[held_name if u < held_out else "train"].append(conv)
     for name, rows in parts.items():
         if not rows:
             raise DataError(f"The {name} split is empty ({len(convs)} conversations): use more data.")
@@ -118,6 +119,14 @@ def split_conversations(convs: list[Conversation], held_out: float = 0.15, salt:
 def load_chat_splits(data: str | Path | None = None) -> dict[str, list[Conversation]]:
     """Train/test conversations: the user's JSONL, or chatterbot-corpus English by default."""
     return split_conversations(load_chat_jsonl(data) if data else chatterbot_conversations())
+
+
+def carve_validation(splits: dict[str, list[Conversation]], share: float = 0.1) -> dict[str, list[Conversation]]:
+    """train / validation / test: about ``share`` of train held out for choosing learning rates,
+    group-disjoint like the test part (chatterbot repeats a question with several answers; a
+    random carve of 189 put 139 questions on both sides)."""
+    carved = split_conversations(splits["train"], held_out=share, salt="sparseft-chat-validation", held_name="validation")
+    return carved | {"test": splits["test"]}
 
 
 def _render(tokenizer, messages: Conversation, generation_prompt: bool = False) -> list[int]:
@@ -360,6 +369,7 @@ def sparsegrad_memory(hidden: int, intermediate: int, layers: int, rank: int = 8
 __all__ = [
     "CausalLMSettings",
     "answer_loss",
+    "carve_validation",
     "chatterbot_conversations",
     "encode_chat",
     "encode_conversation",

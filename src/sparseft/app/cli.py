@@ -412,12 +412,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     placement = _placement(args)
     if args.task == "causal-lm":
-        from .causal_lm import load_chat_splits
+        from .causal_lm import carve_validation, load_chat_splits
         from .resources import smollm2_dir
 
         model_dir = _model_dir(args) if args.model else str(smollm2_dir())
-        chats = load_chat_splits(args.data)
-        splits = {"train": chats["train"], "validation": chats["train"][: len(chats["train"]) // 10], "test": chats["test"]}
+        splits = carve_validation(load_chat_splits(args.data))
     else:
         model_dir = _model_dir(args)
         splits = _load_splits(args)  # fail fast on a bad --data, and say what the split is
