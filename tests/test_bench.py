@@ -262,3 +262,22 @@ def test_workers_are_quiet_about_what_the_user_cannot_fix():
         warnings.warn("Sparse invariant checks are implicitly disabled. Memory errors ...", UserWarning)
         warnings.warn("something else", FutureWarning)
     assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_the_bench_sweeps_the_grid_it_is_given(tiny, monkeypatch, capsys):
+    """--grid sets the plain bench's factors around each default rate, as it does the suite's."""
+    from sparseft.app.cli import main
+
+    class Ran(Exception):
+        pass
+
+    def run_bench(settings):
+        raise Ran(settings.rates("full"), settings.rates("lora-mlp"))
+
+    monkeypatch.setattr(bench, "run_bench", run_bench)
+    model, data = tiny
+    with pytest.raises(Ran) as ran:
+        main(["bench", "--model", model, "--data", data, "--grid", "0.5,1,2", "--no-progress"])
+    full, lora = bench.DEFAULT_LR["full"], bench.DEFAULT_LR["lora-mlp"]
+    assert ran.value.args == ([full / 2, full, full * 2], [lora / 2, lora, lora * 2])
+    assert "lr sweep ×0.5, 1, 2" in capsys.readouterr().err

@@ -303,7 +303,10 @@ def test_reuse_repeats_and_each_directory_is_checked(tmp_path):
 def test_compare_to_is_checked_before_anything_runs():
     from sparseft.app.cli import _validate, build_parser
 
-    for argv, message in ((["bench", "--compare-to", "sparsegrad"], "--compare-to is a suite option"),
+    for argv, message in ((["bench", "--compare-to", "sparsegrad"], "--compare-to is a suite option: add --suite"),
+                          (["bench", "--regime", "paper", "--tasks", "trec"], "--regime, --tasks are suite options"),
+                          (["bench", "--reuse", "runs/x"], "--reuse is a suite option"),
                           (["bench", "--suite", "--compare-to", "nonsense"], "Unknown method")):
         with pytest.raises(ConfigError, match=message):
             _validate(build_parser().parse_args(argv))
+    _validate(build_parser().parse_args(["bench", "--grid", "0.5,1,2"]))  # the plain bench sweeps a grid too

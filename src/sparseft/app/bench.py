@@ -144,6 +144,7 @@ class BenchSettings:
     lr: float | None = None  # one rate for every method: no sweep
     sweep: bool = True
     max_extend: int = 2  # times a method's lr grid may grow past an end where its best rate sits
+    grid: tuple[float, ...] = SWEEP_FACTORS  # factors around each method's default rate
     sweep_seed: int = 0
     sweep_rows: int | None = 512  # validation rows scored in the sweep (None: all)
     test_rows: int | None = None  # test rows scored in the final runs (None: all)
@@ -168,7 +169,7 @@ class BenchSettings:
         if self.lr is not None:
             return [self.lr]
         lr = TASKS[self.task].default_lr[method]
-        return rate_grid(lr, SWEEP_FACTORS) if self.sweep else [lr]
+        return rate_grid(lr, self.grid) if self.sweep else [lr]
 
     def base_spec(self, method: str) -> dict[str, Any]:
         keys = ("model_dir", "data", "text_column", "label_column", "group_column", "steps", "rank", "density", "support_narrow",

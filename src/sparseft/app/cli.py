@@ -369,7 +369,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
              "test_rows": args.test_rows, "val_rows": args.sweep_rows, "jobs": args.jobs, "threads": args.threads}
     given = {k: v for k, v in given.items() if v is not None}
     given["output_dir"] = args.output_dir if args.output_dir != "runs/bench" else "runs/suite"
-    given["regime"] = args.regime
+    given["regime"] = args.regime or "peft"
     given["model"] = args.model or "minilm"
     given["show_progress"] = not args.no_progress
     given["reuse"] = tuple(args.reuse) if args.reuse else None
@@ -439,6 +439,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lr=args.lr,
         sweep=(chosen.get("sweep", True) or args.sweep) and not args.no_sweep,
         **({"max_extend": args.max_extend} if args.max_extend is not None else {}),
+        **({"grid": _grid(args.grid)} if args.grid else {}),
         sweep_rows=args.sweep_rows if args.sweep_rows is not None else chosen["sweep_rows"],
         test_rows=args.test_rows if args.test_rows is not None else chosen.get("test_rows"),
         rank=args.rank,
@@ -461,7 +462,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if settings.lr is not None:
         rates = f"lr {settings.lr:g}"
     elif settings.sweep:
-        rates = f"lr sweep on {settings.sweep_rows or 'all'} validation rows (+{settings.max_extend} at an edge)"
+        rates = (f"lr sweep ×{', '.join(f'{g:.3g}' for g in settings.grid)} on {settings.sweep_rows or 'all'} validation rows "
+                 f"(+{settings.max_extend} at an edge)")
     else:
         rates = "default lr"
     print(
@@ -554,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
     bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")
+    bench.add_argument("--grid", metavar="F,F,..", help="learning-rate factors around each method's default rate "
+                       "(default 0.333,1,3; '1' runs the default rate only: with --suite every rate is then reported at "
+                       "the grid's edge)")
     bench.add_argument("--max-extend", type=int, help="times a method's lr grid may grow (a ×3 step) past the end where "
                        "its best validation rate sits (default 2; 0 = never); a rate still there is marked (edge)")
     bench.add_argument("--sweep-rows", type=int, help=f"validation rows scored in the sweep (default {BENCH_DEFAULTS['classification']['sweep_rows']}; 0 = all)")
@@ -566,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     suite = bench.add_argument_group("suite (--suite): real tasks, paired seeds, 95%% CIs of each method's difference to lora-mlp")
     suite.add_argument("--suite", action="store_true", help="run the benchmark suite (rotten_tomatoes, sarcasm, trec, "
                        "newsgroups; writes OUTPUT_DIR/suite.json, suite.md, suite_ci.png); default output runs/suite")
-    suite.add_argument("--regime", choices=("peft", "paper"), default="peft", help="peft: only adapters and head train "
+    suite.add_argument("--regime", choices=("peft", "paper"), help="peft: only adapters and head train "
                        "(default); paper: attention, embeddings, LayerNorms and head train fully, only the MLP treatment differs")
     suite.add_argument("--tasks", help="comma list of suite tasks: rotten_tomatoes, sarcasm, "
                        "trec, newsgroups (default: all four)")
@@ -577,8 +582,6 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("--compare-to", metavar="METHOD", help="a second reference: each method's paired difference "
                        "(95%% CI) to METHOD as well as to lora-mlp, e.g. a variant against the default sparsegrad "
                        "(added to --methods if missing)")
-    suite.add_argument("--grid", metavar="F,F,..", help="learning-rate factors around each method's centre (default "
-                       "0.333,1,3; '1' runs the centre only, no sweep: every rate is then reported at the grid's edge)")
     suite.add_argument("--prepare", action="store_true", help="report every offline source (present / missing / "
                        "mismatched, sizes; the table in sparseft/app/sources.py) and fetch what is missing; with --suite "
                        "it then runs")
@@ -614,8 +617,12 @@ def _validate(args: argparse.Namespace) -> None:
             canonical(m)
     if getattr(args, "compare_to", None):
         canonical(args.compare_to)
-        if not args.suite:
-            raise ConfigError("--compare-to is a suite option: add --suite.")
+    if getattr(args, "func", None) is cmd_bench and not args.suite:
+        suite_only = [flag for flag, value in (("--regime", args.regime), ("--tasks", args.tasks), ("--reuse", args.reuse),
+                                               ("--compare-to", args.compare_to)) if value]
+        if suite_only:
+            raise ConfigError(f"{', '.join(suite_only)} {'is a suite option' if len(suite_only) == 1 else 'are suite options'}"
+                              ": add --suite.")
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 0:
         raise ConfigError(f"--steps {steps} is negative: give a number of optimizer steps (0 evaluates the untrained model).")
