@@ -281,3 +281,30 @@ def test_the_bench_sweeps_the_grid_it_is_given(tiny, monkeypatch, capsys):
     full, lora = bench.DEFAULT_LR["full"], bench.DEFAULT_LR["lora-mlp"]
     assert ran.value.args == ([full / 2, full, full * 2], [lora / 2, lora, lora * 2])
     assert "lr sweep ×0.5, 1, 2" in capsys.readouterr().err
+
+
+def test_reuse_takes_finished_runs_and_trains_the_rest(tiny, tmp_path, capsys):
+    """--reuse: a cut-off or finished bench's runs are taken as they are (same settings, same
+    key), only what is missing trains; other settings are an error that names them."""
+    model_dir, data = tiny
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["bench", "--model", model_dir, "--data", data, "--methods", "head", "--steps", "2", "--batch-size", "8",
+              "--max-extend", "0", "--no-progress"]
+    assert main([*common, "--seeds", "1", "--output-dir", str(first)]) == 0
+    capsys.readouterr()
+    assert main([*common, "--seeds", "2", "--reuse", str(first), "--output-dir", str(second)]) == 0
+    err = capsys.readouterr().err
+    assert "--reuse: 4 finished run(s) taken" in err
+    trained = [line for line in err.splitlines() if line.startswith("[bench")]
+    assert len(trained) == 1 and "final lr=" in trained[0] and "seed=1" in trained[0]  # only the new seed trained
+    before = {(r["phase"], r["lr"], r["seed"]): r for r in json.loads((first / "sweep.json").read_text())
+              + json.loads((first / "results.json").read_text())}
+    after = json.loads((second / "sweep.json").read_text()) + json.loads((second / "results.json").read_text())
+    assert len(after) == 5
+    for r in after:
+        if (r["phase"], r["lr"], r["seed"]) in before:
+            assert r["accuracy"] == before[r["phase"], r["lr"], r["seed"]]["accuracy"]
+            assert r["step_time_s"] == before[r["phase"], r["lr"], r["seed"]]["step_time_s"]  # taken, not trained again
+    assert len((second / "records.jsonl").read_text().splitlines()) == 5
+    assert main([*common, "--steps", "3", "--reuse", str(first), "--output-dir", str(tmp_path / "third")]) == 2
+    assert "steps: 2 there, 3 here" in capsys.readouterr().err

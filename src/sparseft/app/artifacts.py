@@ -79,4 +79,21 @@ def record_intact(record: dict[str, Any]) -> bool:
     return "sha256" not in record or record["sha256"] == _record_digest(record)
 
 
-__all__ = ["MANIFEST", "file_sha256", "record_intact", "seal", "sealed_record", "verify"]
+def read_sealed(log: Path) -> tuple[list[dict[str, Any]], int]:
+    """The intact records of a run log (records.jsonl; their seals removed) and the count that
+    fail their checksum (changed after the run). A line cut off by a crash is skipped."""
+    records, damaged = [], 0
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record_intact(rec):
+            rec.pop("sha256", None)
+            records.append(rec)
+        else:
+            damaged += 1
+    return records, damaged
+
+
+__all__ = ["MANIFEST", "file_sha256", "read_sealed", "record_intact", "seal", "sealed_record", "verify"]

@@ -41,6 +41,8 @@ from typing import Any
 
 from ..methods import DEFAULT_LR, bench_methods, canonical, default_lrs
 from ..serialization import atomic_write_text
+from ..errors import ConfigError
+from .artifacts import read_sealed, sealed_record
 from .runner import Runner
 from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid, step_past
 
@@ -160,6 +162,7 @@ class BenchSettings:
     smoke: bool = False  # --quick: tables and plots say it is a smoke run, not a result
     device: str = "auto"  # app.placement: each run's device and precision
     precision: str = "auto"
+    reuse: tuple[str, ...] = ()  # earlier (or cut-off) bench output directories whose finished runs are taken
 
     def __post_init__(self) -> None:
         if self.methods is None:
@@ -191,10 +194,11 @@ def _run_safely(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         return {"method": spec["method"], "seed": spec["seed"], "lr": spec["lr"], TASKS[task].metric: float("nan"), "error": str(exc)}
 
 
-def _one(job: dict[str, Any]) -> dict[str, Any]:
-    """One run of a bench job: its record, tagged with the phase (sweep/final) and task."""
+def _one(job: dict[str, Any], record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run of a bench job (or ``record``, the same run taken from an earlier output): its
+    record, tagged with the phase (sweep/final), the task and, for a final, the grid it chose from."""
     spec = job["spec"]
-    return _run_safely(job["task"], spec) | {"phase": job["phase"], "task": job["task"], "eval_rows": spec["eval_rows"],
+    return (record or _run_safely(job["task"], spec)) | {"phase": job["phase"], "task": job["task"], "eval_rows": spec["eval_rows"],
                                               **({"swept_rates": job["rates"], "lr_at_grid_edge": job["lr_at_grid_edge"]} if job["phase"] == "final" else {})}
 
 
@@ -269,6 +273,44 @@ def worker(spec: dict[str, Any]) -> None:
     sweep_and_finals({spec["base"]["method"]: spec}, run)
 
 
+# --------------------------------------------------------------------------- reuse
+# Settings that change what a run computes: runs of two bench outputs with equal keys and equal
+# (method, lr, seed, phase) are the same run (training is deterministic), so --reuse takes them.
+RUN_KEY_FIELDS = ("task", "model_dir", "data", "text_column", "label_column", "group_column", "steps", "sweep_seed", "sweep_rows",
+                  "test_rows", "rank", "density", "support_narrow", "batch_size", "max_length", "calibration_steps", "precision")
+SETTINGS_FILE = "bench_settings.json"
+
+
+def run_key(settings: BenchSettings) -> dict[str, Any]:
+    return {k: getattr(settings, k) for k in RUN_KEY_FIELDS}
+
+
+def _key(job_or_record: dict[str, Any]) -> tuple:
+    r = job_or_record.get("spec", job_or_record)
+    return r["method"], float(r["lr"]), int(r["seed"]), job_or_record["phase"]
+
+
+def reusable_runs(settings: BenchSettings, directory: str | Path) -> dict[tuple, dict[str, Any]]:
+    """The finished runs of ``directory`` (an earlier or cut-off bench output) that this bench may
+    take as they are: made with the same run settings, no error. Other settings are an error that
+    names them, never a silent mix."""
+    d = Path(directory)
+    if not (d / "records.jsonl").is_file() or not (d / SETTINGS_FILE).is_file():
+        raise ConfigError(f"--reuse {d}: no records.jsonl and {SETTINGS_FILE} there; give the output directory of an "
+                          "earlier `sparseft bench` run.")
+    theirs = json.loads((d / SETTINGS_FILE).read_text(encoding="utf-8"))
+    differ = [f"{k}: {theirs.get(k)!r} there, {v!r} here" for k, v in run_key(settings).items() if theirs.get(k) != v]
+    if differ:
+        raise ConfigError(f"--reuse {d}: its runs were made with other settings ({'; '.join(differ)}); "
+                          "run with the same settings or without --reuse.")
+    records, damaged = read_sealed(d / "records.jsonl")
+    if damaged:
+        print(f"--reuse {d}: {damaged} record(s) fail their checksum (changed after the run); they are trained again.",
+              file=sys.stderr)
+    metric = TASKS[settings.task].metric
+    return {_key(r): r for r in records if "error" not in r and metric in r and "phase" in r}
+
+
 # --------------------------------------------------------------------------- parent
 def run_bench(settings: BenchSettings) -> dict[str, Any]:
     """Run every method's protocol through the shared runner (``settings.jobs`` processes), write
@@ -288,14 +330,22 @@ def run_bench(settings: BenchSettings) -> dict[str, Any]:
         return f"{rec.get('method', '?'):<18} {rec.get('phase', '?'):<5} lr={rec.get('lr', float('nan')):.1e} seed={rec.get('seed')} {score}" + \
             (f" ({rec['wall_s']:.0f} s)" if "wall_s" in rec else "")
 
-    atomic_write_text(out / "records.jsonl", "")
+    reused: dict[tuple, dict[str, Any]] = {}
+    for directory in settings.reuse:
+        reused.update(reusable_runs(settings, directory))
+    if settings.reuse:
+        print(f"--reuse: {len(reused)} finished run(s) taken from {', '.join(map(str, settings.reuse))}", file=sys.stderr)
+    atomic_write_text(out / SETTINGS_FILE, json.dumps(run_key(settings), indent=2))
+    atomic_write_text(out / "records.jsonl", "".join(json.dumps(sealed_record(r)) + "\n" for r in reused.values()))
     runner = Runner(jobs=settings.jobs, threads=settings.threads or 1, log=out / "records.jsonl", describe=describe, label="bench",
                     total=total, show_progress=settings.show_progress, fresh_processes=True)
     t0 = time.perf_counter()
     try:
         def run(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             runner.total += sum(j.get("round", 0) > 0 for j in jobs)  # a grown grid's rates were not in the count
-            return runner.run(_one, jobs)
+            kept = [_one(job, reused[_key(job)]) for job in jobs if _key(job) in reused]
+            runner.done += len(kept)
+            return kept + runner.run(_one, [job for job in jobs if _key(job) not in reused])
 
         sweep, finals = sweep_and_finals(plans, run)
     finally:

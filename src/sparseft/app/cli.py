@@ -440,6 +440,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sweep=(chosen.get("sweep", True) or args.sweep) and not args.no_sweep,
         **({"max_extend": args.max_extend} if args.max_extend is not None else {}),
         **({"grid": _grid(args.grid)} if args.grid else {}),
+        reuse=tuple(args.reuse or ()),
         sweep_rows=args.sweep_rows if args.sweep_rows is not None else chosen["sweep_rows"],
         test_rows=args.test_rows if args.test_rows is not None else chosen.get("test_rows"),
         rank=args.rank,
@@ -556,6 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lr", type=float, help="one learning rate for every method (skips the sweep)")
     bench.add_argument("--no-sweep", action="store_true", help="use each method's default learning rate, no sweep")
     bench.add_argument("--sweep", action="store_true", help="sweep the learning rate where the task's default does not (causal-lm)")
+    bench.add_argument("--reuse", metavar="DIR", action="append", help="take the finished runs of an earlier output directory "
+                       "made with the same run settings instead of training them again: resume a cut-off run (--reuse "
+                       "OUTPUT_DIR) or add methods, seeds or rates next to a finished one; repeat it for several; with --suite, a "
+                       "directory of the other --regime gives its full fine-tuning runs only (the same in either regime)")
     bench.add_argument("--grid", metavar="F,F,..", help="learning-rate factors around each method's default rate "
                        "(default 0.333,1,3; '1' runs the default rate only: with --suite every rate is then reported at "
                        "the grid's edge)")
@@ -575,10 +580,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default); paper: attention, embeddings, LayerNorms and head train fully, only the MLP treatment differs")
     suite.add_argument("--tasks", help="comma list of suite tasks: rotten_tomatoes, sarcasm, "
                        "trec, newsgroups (default: all four)")
-    suite.add_argument("--reuse", metavar="DIR", action="append", help="take finished runs from an earlier suite output "
-                       "directory made with the same run settings (resume a cut-off run: --reuse OUTPUT_DIR; or add methods "
-                       "next to a finished run) instead of training them again; repeat it for several; a directory of the "
-                       "other --regime gives its full fine-tuning runs only (the same in either regime)")
     suite.add_argument("--compare-to", metavar="METHOD", help="a second reference: each method's paired difference "
                        "(95%% CI) to METHOD as well as to lora-mlp, e.g. a variant against the default sparsegrad "
                        "(added to --methods if missing)")
@@ -618,8 +619,8 @@ def _validate(args: argparse.Namespace) -> None:
     if getattr(args, "compare_to", None):
         canonical(args.compare_to)
     if getattr(args, "func", None) is cmd_bench and not args.suite:
-        suite_only = [flag for flag, value in (("--regime", args.regime), ("--tasks", args.tasks), ("--reuse", args.reuse),
-                                               ("--compare-to", args.compare_to)) if value]
+        suite_only = [flag for flag, value in (("--regime", args.regime), ("--tasks", args.tasks), ("--compare-to", args.compare_to))
+                      if value]
         if suite_only:
             raise ConfigError(f"{', '.join(suite_only)} {'is a suite option' if len(suite_only) == 1 else 'are suite options'}"
                               ": add --suite.")
@@ -650,7 +651,7 @@ def _validate(args: argparse.Namespace) -> None:
         raise ConfigError(f"--resume {resume}: no such directory; pass an earlier --output-dir (it holds checkpoints/).")
     for reuse in getattr(args, "reuse", None) or ():
         if not (Path(reuse) / "records.jsonl").is_file():
-            raise ConfigError(f"--reuse {reuse}: no records.jsonl there; pass the --output-dir of an earlier suite run.")
+            raise ConfigError(f"--reuse {reuse}: no records.jsonl there; pass the --output-dir of an earlier bench or suite run.")
     max_extend = getattr(args, "max_extend", None)
     if max_extend is not None and max_extend < 0:
         raise ConfigError(f"--max-extend {max_extend} is negative: give how many times the grid may grow (0 = never).")

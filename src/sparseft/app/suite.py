@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import ConfigError, DataError
 from ..serialization import atomic_write_text
-from .artifacts import record_intact, sealed_record
+from .artifacts import read_sealed, sealed_record
 from .stats import paired_difference
 from .placement import Placement
 from .runner import Runner
@@ -267,16 +267,8 @@ def reusable_records(settings: SuiteSettings, directory: str | os.PathLike) -> d
         raise ConfigError(f"--reuse {d}: its runs were made with other settings ({'; '.join(differ)}); "
                           "run with the same settings or without --reuse.")
     out: dict[tuple, dict[str, Any]] = {}
-    damaged = 0
-    for line in log.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # a run cut off mid-line by a crash
-            continue
-        if not record_intact(rec):
-            damaged += 1
-            continue
-        rec.pop("sha256", None)
+    records, damaged = read_sealed(log)
+    for rec in records:
         if other_regime and parse_method(rec["method"])[0] not in REGIME_FREE:
             continue
         if "error" not in rec and "test_correct" in rec:
