@@ -345,3 +345,12 @@ def test_bf16_llama_calibrates_with_float32_eigh_and_bf16_bases():
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_the_python_default_batch_is_the_command_lines():
+    """CausalLMSettings and `sparseft train/bench --task causal-lm` train at the same batch (the
+    decoder rates were tuned at it)."""
+    from sparseft.app.cli import build_parser
+
+    for command in ("train", "bench"):
+        assert build_parser().parse_args([command, "--task", "causal-lm"]).batch_size == CausalLMSettings().batch_size

@@ -447,7 +447,7 @@ def _sparsegrad(selection: str, config_class: type = SparseGradConfig, **fixed) 
 # Default learning rates, the one table: each method's starting rate per run setting, which the
 # sweeps centre on.
 #   classification  `sparseft train` (MiniLM, Rotten Tomatoes, 400 steps of 16)
-#   causal-lm       short instruction tuning of a small LLaMA (SmolLM2-135M, batch 8)
+#   causal-lm       short instruction tuning of a small LLaMA (SmolLM2-135M, batch 16)
 #   suite-peft      the suite's peft regime (80 steps of 16): the rates its first runs chose
 #   suite-paper     the suite's paper regime, where attention, embeddings and head train too
 # Where they came from: docs/benchmark.md and docs/sparsegrad.md.

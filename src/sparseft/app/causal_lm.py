@@ -32,7 +32,7 @@ from .train import RunRecord, fit
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
-# Learning rates for short instruction-tuning runs of a small LLaMA (SmolLM2-135M, batch 8): the
+# Learning rates for short instruction-tuning runs of a small LLaMA (SmolLM2-135M, batch 16): the
 # registry's "causal-lm" rates.
 DEFAULT_LR = default_lrs("causal-lm")
 
@@ -237,7 +237,7 @@ class CausalLMSettings:
     support_narrow: int | str | None = None  # SparseGrad: leading directions of each layer's narrow side
     quantize: str | None = None  # the base's linear layers loaded quantized: "4bit" or "8bit" (bitsandbytes)
     model_dir: str | None = None
-    batch_size: int = 8
+    batch_size: int = 16  # the command line's --batch-size default, which every measured decoder run used
     max_length: int = 128
     calibration_steps: int = 10
     warmup_fraction: float = 0.06
