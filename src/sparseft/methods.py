@@ -447,7 +447,9 @@ def _sparsegrad(selection: str, config_class: type = SparseGradConfig, **fixed) 
 # Default learning rates, the one table: each method's starting rate per run setting, which the
 # sweeps centre on.
 #   classification  `sparseft train` (MiniLM, Rotten Tomatoes, 400 steps of 16)
-#   causal-lm       short instruction tuning of a small LLaMA (SmolLM2-135M, batch 16)
+#   causal-lm       short instruction tuning of a small LLaMA (SmolLM2-135M, batch 16): the rates the
+#                   decoder bench's sweep chose (25 steps, 2026-12-07; docs/llm.md); sparsegrad-fixed,
+#                   sparsegrad-random, meprop-fixed and supertuning, not swept, take their kin's 9e-3
 #   suite-peft      the suite's peft regime (80 steps of 16): the rates its first runs chose
 #   suite-paper     the suite's paper regime, where attention, embeddings and head train too
 # Where they came from: docs/benchmark.md and docs/sparsegrad.md.
@@ -461,20 +463,20 @@ def _rate_table(text: str) -> dict[str, dict[str, float]]:
 
 LEARNING_RATES: dict[str, dict[str, float]] = _rate_table("""
     method                classification  causal-lm  suite-peft  suite-paper
-    full                  5e-5            2e-5       4.5e-4      4.5e-4
+    full                  5e-5            1.8e-4     4.5e-4      4.5e-4
     head                  1e-3            1e-4       1e-3        3e-4
-    lora-mlp              5e-4            1e-3       1.5e-3      3e-4
-    lora-attn             5e-4            1e-3       5e-4        3e-4
+    lora-mlp              5e-4            3e-3       1.5e-3      3e-4
+    lora-attn             5e-4            9e-3       5e-4        3e-4
     meprop                2e-4            1e-3       2e-4        3e-4
-    sparsegrad-fixed      1e-3            1e-3       3e-3        3e-4
+    sparsegrad-fixed      1e-3            9e-3       3e-3        3e-4
     sparsegrad-dynamic    3e-4            1e-3       2.7e-3      3e-4
-    s2ft                  2e-4            1e-3       2e-4        3e-4
-    sparsegrad-random     3e-3            1e-3       9e-3        3e-4
-    sparsegrad-onesided   3e-3            1e-3       9e-3        3e-4
-    sparse-random         3e-3            1e-3       9e-3        3e-4
-    meprop-fixed          1e-3            1e-3       3e-3        3e-4
-    shira                 3e-3            1e-3       9e-3        3e-4
-    supertuning           1e-3            1e-3       9e-3        3e-4
+    s2ft                  2e-4            9e-3       2e-4        3e-4
+    sparsegrad-random     3e-3            9e-3       9e-3        3e-4
+    sparsegrad-onesided   3e-3            9e-3       9e-3        3e-4
+    sparse-random         3e-3            9e-3       9e-3        3e-4
+    meprop-fixed          1e-3            9e-3       3e-3        3e-4
+    shira                 3e-3            9e-3       9e-3        3e-4
+    supertuning           1e-3            9e-3       9e-3        3e-4
 """)
 # A method registered without a rate for a setting: the paper regime's common centre, else its
 # classification rate.
