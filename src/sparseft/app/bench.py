@@ -39,9 +39,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..methods import DEFAULT_LR, bench_methods, canonical, default_lrs
 from ..serialization import atomic_write_text
-from ..errors import ConfigError
 from .artifacts import read_sealed, sealed_record
 from .runner import Runner
 from .sweep import SWEEP_FACTORS, choose_rate, rate_at, rate_grid, step_past
