@@ -369,7 +369,8 @@ def cmd_suite(args: argparse.Namespace) -> int:
              "test_rows": args.test_rows, "val_rows": args.sweep_rows, "jobs": args.jobs, "threads": args.threads}
     given = {k: v for k, v in given.items() if v is not None}
     given["output_dir"] = args.output_dir if args.output_dir != "runs/bench" else "runs/suite"
-    given["regime"] = args.regime or "peft"
+    if args.regime:  # (otherwise SuiteSettings' default)
+        given["regime"] = args.regime
     given["model"] = args.model or "minilm"
     given["show_progress"] = not args.no_progress
     given["reuse"] = tuple(args.reuse) if args.reuse else None
