@@ -354,3 +354,17 @@ def test_the_python_default_batch_is_the_command_lines():
 
     for command in ("train", "bench"):
         assert build_parser().parse_args([command, "--task", "causal-lm"]).batch_size == CausalLMSettings().batch_size
+
+
+def test_train_runs_as_long_as_the_settings_default_per_task():
+    """`sparseft train` takes its steps and lengths from the task (a decoder run on chatterbot
+    memorises past a few epochs), and the Python settings default the same; --steps still rules."""
+    from sparseft.app.cli import _run_options, build_parser
+    from sparseft.app.placement import Placement
+    from sparseft.app.train import RunSettings
+
+    for task, settings in (("classification", RunSettings), ("causal-lm", CausalLMSettings)):
+        options = _run_options(build_parser().parse_args(["train", "--task", task]), "m", 0, Placement("cpu", "fp32"))
+        assert (options["steps"], options["max_length"]) == (settings.steps, settings.max_length), task
+        assert _run_options(build_parser().parse_args(["train", "--task", task, "--steps", "7"]), "m", 0,
+                            Placement("cpu", "fp32"))["steps"] == 7

@@ -230,7 +230,7 @@ class CausalLMSettings:
 
     method: str = DEFAULT_METHOD
     lr: float | None = None
-    steps: int = 100
+    steps: int = 100  # `sparseft train --task causal-lm`'s default (cli.TRAIN_DEFAULTS): longer memorises chatterbot
     seed: int = 0
     rank: int = 8
     density: float | None = None

@@ -151,13 +151,21 @@ def _table(records: list[dict[str, Any]], title: str) -> None:
     show_table(title, headers, rows, caption=STATE_NOTE)
 
 
-def _run_options(args: argparse.Namespace, model_dir: str, seed: int, default_max_length: int, placement: Any) -> dict[str, Any]:
+# `sparseft train`'s defaults by task (RunSettings / CausalLMSettings default the same; a test pins it).
+# causal-lm: 100 steps of batch 16 (about one epoch of chatterbot) scored best on validation; 400 memorised
+# it (held-out loss worse than untrained; docs/llm.md, benchmarks/causal_lm_steps.py).
+TRAIN_DEFAULTS = {"classification": {"steps": 400, "max_length": 64}, "causal-lm": {"steps": 100, "max_length": 128}}
+
+
+def _run_options(args: argparse.Namespace, model_dir: str, seed: int, placement: Any) -> dict[str, Any]:
     """The settings every `sparseft train` run takes from the command line, whatever the task."""
     from ..methods import canonical
 
+    default = TRAIN_DEFAULTS[getattr(args, "task", "classification")]
     return {
-        "model_dir": model_dir, "method": canonical(args.method), "lr": args.lr, "steps": args.steps, "seed": seed,
-        "batch_size": args.batch_size, "max_length": args.max_length or default_max_length, "rank": args.rank,
+        "model_dir": model_dir, "method": canonical(args.method), "lr": args.lr, "seed": seed,
+        "steps": default["steps"] if args.steps is None else args.steps,
+        "batch_size": args.batch_size, "max_length": args.max_length or default["max_length"], "rank": args.rank,
         "density": args.density, "support_narrow": args.support_narrow, "calibration_steps": args.calibration_steps,
         "show_progress": not args.no_progress, "device": placement.device, "precision": placement.precision,
         "quantize": args.quantize,
@@ -189,7 +197,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     for seed in args.seeds:
         settings = CausalLMSettings(
-            **_run_options(args, model_dir, seed, 128, placement),
+            **_run_options(args, model_dir, seed, placement),
             eval_examples=args.eval_examples,
             generations=args.generations,
         )
@@ -244,7 +252,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for seed in args.seeds:
         settings = RunSettings(
-            **_run_options(args, model_dir, seed, 64, placement),
+            **_run_options(args, model_dir, seed, placement),
             reselect_every=args.reselect_every,
             checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
             checkpoint_every=args.checkpoint_every or 0,
@@ -448,7 +456,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         density=args.density,
         support_narrow=args.support_narrow,
         batch_size=args.batch_size,
-        max_length=args.max_length or (128 if args.task == "causal-lm" else 64),
+        max_length=args.max_length or TRAIN_DEFAULTS[args.task]["max_length"],
         calibration_steps=chosen["calibration_steps"],
         # one thread per worker when workers run side by side (stable timings on a shared
         # machine); a single worker takes the idle cores (sparseft.app.threads)
@@ -516,8 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--eval-examples", type=int, default=200, help="causal-lm: held-out conversations scored (default 200)")
     train.add_argument("--generations", type=int, default=3, help="causal-lm: held-out prompts answered before/after (default 3)")
-    # --max-length default depends on the task: 64 tokens (classification), 128 (causal-lm)
-    train.set_defaults(max_length=None)
+    train.set_defaults(steps=None, max_length=None)  # by task: TRAIN_DEFAULTS
+    for action in train._actions:
+        if action.dest in ("steps", "max_length"):
+            defaults = ", ".join(f"{task} {d[action.dest]}" for task, d in TRAIN_DEFAULTS.items())
+            action.help = {"steps": f"optimizer steps per run (default: {defaults}; 0: evaluate the untrained model)",
+                           "max_length": f"tokens per example (default: {defaults})"}[action.dest]
     train.add_argument("--no-save", action="store_true", help="do not save what was trained (default: the adapter of "
                        "each seed in OUTPUT_DIR/adapters/seed-S; full/head: the whole model)")
     train.add_argument("--save-merged", action="store_true", help="also save a plain merged model per seed in "
