@@ -368,3 +368,17 @@ def test_train_runs_as_long_as_the_settings_default_per_task():
         assert (options["steps"], options["max_length"]) == (settings.steps, settings.max_length), task
         assert _run_options(build_parser().parse_args(["train", "--task", task, "--steps", "7"]), "m", 0,
                             Placement("cpu", "fp32"))["steps"] == 7
+
+
+@pytest.mark.parametrize("flag", [["--checkpoint-every", "5"], ["--resume", "DIR"], ["--reselect-every", "5"], ["--save-merged"]])
+def test_decoder_flags_it_cannot_honour_are_errors_before_training(flag, tmp_path, capsys):
+    """A flag `sparseft train --task causal-lm` would ignore (it keeps no model, resumes nothing)
+    stops the run at once, naming the flag and the Trainer route."""
+    from sparseft.app.cli import main
+
+    (tmp_path / "m").mkdir()  # a folder with no weights: a missing check fails at once, on loading
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert main(["train", "--task", "causal-lm", "--model", str(tmp_path / "m"),
+                 *(str(tmp_path) if a == "DIR" else a for a in flag)]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag[0]} is not supported with --task causal-lm" in err and "transformers.Trainer" in err

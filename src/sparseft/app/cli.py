@@ -184,6 +184,10 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
         if value:
             raise SparseFTError(f"{flag} is not supported with --task causal-lm yet; for resumable decoder runs use "
                                 "transformers.Trainer (save_steps / resume_from_checkpoint, see docs/llm.md).")
+    if args.save_merged:
+        raise SparseFTError("--save-merged is not supported with --task causal-lm yet: the decoder run reports held-out loss "
+                            "and answers and keeps no model; to keep one, train with transformers.Trainer and "
+                            "SparseGradCallback (docs/llm.md, 'Inside transformers.Trainer').")
     placement = _placement(args)
     model_dir = _model_dir(args) if args.model else str(smollm2_dir())
     splits = load_chat_splits(args.data)
@@ -191,7 +195,8 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     print(
         f"train {len(splits['train'])} / held-out {len(splits['test'])} conversations "
-        f"({args.data or 'embedded chatterbot-corpus English'}), model {model_dir}",
+        f"({args.data or 'embedded chatterbot-corpus English'}), model {model_dir}; the trained model is not saved "
+        "(--task causal-lm reports results only)",
         file=sys.stderr,
     )
     records: list[dict[str, Any]] = []
