@@ -370,15 +370,66 @@ def test_train_runs_as_long_as_the_settings_default_per_task():
                             Placement("cpu", "fp32"))["steps"] == 7
 
 
-@pytest.mark.parametrize("flag", [["--checkpoint-every", "5"], ["--resume", "DIR"], ["--reselect-every", "5"], ["--save-merged"]])
-def test_decoder_flags_it_cannot_honour_are_errors_before_training(flag, tmp_path, capsys):
-    """A flag `sparseft train --task causal-lm` would ignore (it keeps no model, resumes nothing)
-    stops the run at once, naming the flag and the Trainer route."""
+@REAL
+@pytest.mark.parametrize("method", ["sparse-random", "lora-mlp", "full"])
+def test_decoder_run_saves_and_predict_reloads_it(tiny_dir, chat_file, tmp_path, capsys, method):
+    """`sparseft train --task causal-lm` keeps what it trained (the adapter, or the model for full;
+    a plain merged model with --save-merged); `sparseft predict` loads either back to the same
+    held-out answer loss and answers prompts with it."""
+    from transformers import AutoModelForCausalLM
+
     from sparseft.app.cli import main
 
-    (tmp_path / "m").mkdir()  # a folder with no weights: a missing check fails at once, on loading
-    (tmp_path / "m" / "config.json").write_text("{}")
-    assert main(["train", "--task", "causal-lm", "--model", str(tmp_path / "m"),
-                 *(str(tmp_path) if a == "DIR" else a for a in flag)]) == 2
-    err = capsys.readouterr().err
-    assert f"{flag[0]} is not supported with --task causal-lm" in err and "transformers.Trainer" in err
+    out = tmp_path / "run"
+    assert main(["train", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--method", method,
+                 "--steps", "3", "--batch-size", "4", "--calibration-steps", "2", "--lr", "0.01", "--save-merged",
+                 "--generations", "0", "--no-progress", "--output-dir", str(out)]) == 0
+    (record,) = json.loads((out / "results.json").read_text())
+    assert "sparseft predict" in capsys.readouterr().out and record["run"]["settings"]["steps"] == 3
+    assert record["eval_loss"] != pytest.approx(record["eval_loss_before"], abs=1e-4)  # it trained
+    for folder in (out / "adapters" / "seed-0", out / "merged" / "seed-0"):
+        assert main(["predict", "--adapter", str(folder)]) == 0  # default: the data it trained on, its test part
+        scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert scored["conversations"] == record["eval_examples"] == scored["trained_eval_examples"]
+        assert scored["eval_loss"] == pytest.approx(record["eval_loss"], rel=1e-5), folder
+        assert scored["perplexity"] == pytest.approx(math.exp(record["eval_loss"]), rel=1e-5)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged" / "seed-0")  # a plain transformers model
+    assert not any("lora" in n or "sparse" in n for n, _ in merged.named_parameters())
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--text", "What is 3 plus one?",
+                 "--text", "Hello", "--max-new-tokens", "4"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["prompt"] for line in lines] == ["What is 3 plus one?", "Hello"] and all("answer" in line for line in lines)
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--split", "validation"]) == 2
+    assert "train and test only" in capsys.readouterr().err
+
+
+@REAL
+def test_decoder_resume_equals_uninterrupted(tiny_dir, chat_file, tmp_path, capsys):
+    """A decoder run that lost everything after its step-2 checkpoint goes on with --resume to the
+    same weights, loss curve and held-out loss as the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from sparseft.app.cli import main
+
+    base = ["train", "--task", "causal-lm", "--model", str(tiny_dir), "--data", str(chat_file), "--method", "sparse-random",
+            "--steps", "4", "--batch-size", "4", "--calibration-steps", "2", "--lr", "0.01", "--generations", "0",
+            "--no-progress", "--no-save", "--checkpoint-every", "2"]
+    assert main(base + ["--output-dir", str(tmp_path / "a")]) == 0
+    crashed = tmp_path / "b" / "checkpoints" / "seed-0"
+    crashed.mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "checkpoints" / "seed-0" / "checkpoint-00000002.safetensors", crashed)
+    before = (crashed / "checkpoint-00000002.safetensors").stat().st_mtime_ns
+    assert main(base + ["--output-dir", str(tmp_path / "b"), "--resume", str(tmp_path / "b")]) == 0
+    a = load_file(tmp_path / "a" / "checkpoints" / "seed-0" / "checkpoint-00000004.safetensors")
+    b = load_file(crashed / "checkpoint-00000004.safetensors")
+    params = [k for k in a if k.startswith("param.")]
+    assert params and all(torch.equal(a[k], b[k]) for k in params)
+    ra, rb = (json.loads((tmp_path / d / "results.json").read_text())[0] for d in "ab")
+    assert (ra["eval_loss"], ra["loss_curve"]) == (rb["eval_loss"], rb["loss_curve"])
+    # it resumed (step 2 not redone) rather than starting over
+    assert (crashed / "checkpoint-00000002.safetensors").stat().st_mtime_ns == before
+    # another run's checkpoints are refused, naming what differs
+    assert main([*base[:-1], "3", "--lr", "0.02", "--output-dir", str(tmp_path / "c"), "--resume", str(tmp_path / "a")]) == 2
+    assert "lr=0.01" in capsys.readouterr().err

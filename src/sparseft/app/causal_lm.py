@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from ..gradients import move_batch
 from .data import read_jsonl
 from ..errors import DataError
-from ..methods import DEFAULT_METHOD, canonical, default_lrs, prepare
+from ..methods import DEFAULT_METHOD, canonical, default_lrs, method_spec, prepare
 from .placement import Placement, placement_of, resolve
-from .train import RunRecord, fit
+from ..fingerprint import backbone_fingerprint
+from .train import RunRecord, fit, run_identity, save_trained
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -250,6 +251,13 @@ class CausalLMSettings:
     device: str = "auto"  # app.placement: auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast)
     loss_every: int = 10
+    reselect_every: int | None = None  # fixed-selection SparseGrad: re-choose 10% of the support every N steps
+    checkpoint_dir: str | None = None  # save a training checkpoint here every `checkpoint_every` steps
+    checkpoint_every: int = 0
+    resume_dir: str | None = None  # continue from the latest checkpoint there (if any)
+    save_dir: str | None = None  # save what was trained here (adapter, or the model for full)
+    save_merged_dir: str | None = None  # and a plain merged model here
+    data: dict[str, Any] | None = None  # where the conversations came from: kept with what is saved
 
 
 @dataclass(kw_only=True)
@@ -300,6 +308,7 @@ def run_causal_lm(
 
     placement = resolve(settings.device, settings.precision)
     model = placement.move(load_causal_lm(model_dir, settings.seed, settings.quantize, placement))
+    base = backbone_fingerprint(model)
     loss_before = answer_loss(model, evaluation, settings.eval_batch_size, placement)
     before = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
@@ -308,8 +317,16 @@ def run_causal_lm(
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
                batch_size=settings.batch_size, calibration_steps=settings.calibration_steps,
                warmup_fraction=settings.warmup_fraction, loss_every=settings.loss_every,
-               show_progress=settings.show_progress, placement=placement)
+               show_progress=settings.show_progress, placement=placement,
+               reselect_every=settings.reselect_every if method_spec(method).reselects else None,
+               resume_dir=settings.resume_dir, checkpoint_dir=settings.checkpoint_dir,
+               checkpoint_every=settings.checkpoint_every, identity=run_identity(settings, method, train, base))
     loss_after = answer_loss(model, evaluation, settings.eval_batch_size, placement)
+    if settings.save_dir or settings.save_merged_dir:
+        run = {"task": "causal-lm", "model_dir": str(model_dir), "method": method, "max_length": settings.max_length,
+               "seed": settings.seed, "eval_loss": loss_after, "eval_examples": int(evaluation["input_ids"].shape[0]),
+               "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize}
+        save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base)
     after = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     generations = [
         {"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"], "before": b, "after": a}

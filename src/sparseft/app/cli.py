@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -124,8 +125,10 @@ def _load_splits(args: argparse.Namespace):
 
 
 def _data_source(args: argparse.Namespace) -> dict[str, Any]:
-    """--data and its columns, as the run file records them (predict splits the same way)."""
+    """--data (and a table's columns), as the run file records them (predict splits the same way)."""
     data = args.data if not args.data or not Path(args.data).is_file() else str(Path(args.data).resolve())
+    if getattr(args, "task", "classification") == "causal-lm":
+        return {"path": data}
     return {"path": data, "text_column": args.text_column, "label_column": args.label_column, "group_column": args.group_column}
 
 
@@ -158,18 +161,42 @@ TRAIN_DEFAULTS = {"classification": {"steps": 400, "max_length": 64}, "causal-lm
 
 
 def _run_options(args: argparse.Namespace, model_dir: str, seed: int, placement: Any) -> dict[str, Any]:
-    """The settings every `sparseft train` run takes from the command line, whatever the task."""
+    """The settings every `sparseft train` run takes from the command line, whatever the task:
+    what it trains, and where it keeps checkpoints and what it trained (OUTPUT_DIR/<part>/seed-S)."""
     from ..methods import canonical
 
     default = TRAIN_DEFAULTS[getattr(args, "task", "classification")]
+    out = Path(args.output_dir)
     return {
         "model_dir": model_dir, "method": canonical(args.method), "lr": args.lr, "seed": seed,
         "steps": default["steps"] if args.steps is None else args.steps,
         "batch_size": args.batch_size, "max_length": args.max_length or default["max_length"], "rank": args.rank,
         "density": args.density, "support_narrow": args.support_narrow, "calibration_steps": args.calibration_steps,
         "show_progress": not args.no_progress, "device": placement.device, "precision": placement.precision,
-        "quantize": args.quantize,
+        "quantize": args.quantize, "reselect_every": args.reselect_every,
+        "checkpoint_dir": str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
+        "checkpoint_every": args.checkpoint_every or 0,
+        "resume_dir": str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,
+        "save_dir": None if args.no_save else str(out / "adapters" / f"seed-{seed}"),
+        "save_merged_dir": str(out / "merged" / f"seed-{seed}") if args.save_merged else None,
+        "data": _data_source(args),
     }
+
+
+def _check_train_folders(args: argparse.Namespace) -> None:
+    """Every folder `sparseft train` will write, checked before anything loads."""
+    out = Path(args.output_dir)
+    check_folders([(out / part / f"seed-{seed}", f"--output-dir {out}: {part}/seed-{seed}")
+                   for seed in args.seeds for part, used in (("adapters", not args.no_save), ("merged", args.save_merged),
+                                                             ("checkpoints", args.checkpoint_every)) if used])
+
+
+def _print_saved(args: argparse.Namespace) -> None:
+    out = Path(args.output_dir)
+    print(f"results: {out / 'results.json'}")
+    if not args.no_save:
+        print(f"saved: {out / 'adapters'}/seed-S (load with `sparseft predict --adapter DIR`)"
+              + (f", merged models in {out / 'merged'}/seed-S" if args.save_merged else ""))
 
 
 def cmd_train_causal_lm(args: argparse.Namespace) -> int:
@@ -180,14 +207,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     from .causal_lm import CausalLMSettings, load_chat_splits, run_causal_lm
     from .resources import smollm2_dir
 
-    for flag, value in (("--checkpoint-every", args.checkpoint_every), ("--resume", args.resume), ("--reselect-every", args.reselect_every)):
-        if value:
-            raise SparseFTError(f"{flag} is not supported with --task causal-lm yet; for resumable decoder runs use "
-                                "transformers.Trainer (save_steps / resume_from_checkpoint, see docs/llm.md).")
-    if args.save_merged:
-        raise SparseFTError("--save-merged is not supported with --task causal-lm yet: the decoder run reports held-out loss "
-                            "and answers and keeps no model; to keep one, train with transformers.Trainer and "
-                            "SparseGradCallback (docs/llm.md, 'Inside transformers.Trainer').")
+    _check_train_folders(args)
     placement = _placement(args)
     model_dir = _model_dir(args) if args.model else str(smollm2_dir())
     splits = load_chat_splits(args.data)
@@ -195,8 +215,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     print(
         f"train {len(splits['train'])} / held-out {len(splits['test'])} conversations "
-        f"({args.data or 'embedded chatterbot-corpus English'}), model {model_dir}; the trained model is not saved "
-        "(--task causal-lm reports results only)",
+        f"({args.data or 'embedded chatterbot-corpus English'}), model {model_dir}",
         file=sys.stderr,
     )
     records: list[dict[str, Any]] = []
@@ -206,7 +225,9 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
             eval_examples=args.eval_examples,
             generations=args.generations,
         )
-        records.append(run_causal_lm(settings, splits, tokenizer))
+        record = run_causal_lm(settings, splits, tokenizer)
+        records.append({**record, "run": run_metadata(args, model_dir=model_dir, steps=settings.steps, batch_size=settings.batch_size,
+                                                      max_length=settings.max_length, rank=settings.rank)})
         atomic_write_text(out / "results.json", json.dumps(records, indent=2))
     _causal_lm_table(records, f"sparseft train --task causal-lm: {records[0]['method']}")
     for r in records:
@@ -215,7 +236,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
               f"trainable params {r['trainable_params']:,d}, wall {r['wall_s']:.1f} s")
         for g in r["generations"]:
             print(f"  Q: {g['prompt']}\n    reference: {g['reference']}\n    before:    {g['before']}\n    after:     {g['after']}")
-    print(f"results: {out / 'results.json'}")
+    _print_saved(args)
     return 0
 
 
@@ -246,9 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = _load_splits(args)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     out = Path(args.output_dir)
-    check_folders([(out / part / f"seed-{seed}", f"--output-dir {out}: {part}/seed-{seed}")
-                   for seed in args.seeds for part, used in (("adapters", not args.no_save), ("merged", args.save_merged),
-                                                             ("checkpoints", args.checkpoint_every)) if used])
+    _check_train_folders(args)
     records: list[dict[str, Any]] = []
     print(
         f"train {len(splits['train'])} / validation {len(splits['validation'])} / test {len(splits['test'])} rows, "
@@ -256,28 +275,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     for seed in args.seeds:
-        settings = RunSettings(
-            **_run_options(args, model_dir, seed, placement),
-            reselect_every=args.reselect_every,
-            checkpoint_dir=str(out / "checkpoints" / f"seed-{seed}") if args.checkpoint_every else None,
-            checkpoint_every=args.checkpoint_every or 0,
-            resume_dir=str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,
-            save_dir=None if args.no_save else str(out / "adapters" / f"seed-{seed}"),
-            save_merged_dir=str(out / "merged" / f"seed-{seed}") if args.save_merged else None,
-            data=_data_source(args),
-        )
+        settings = RunSettings(**_run_options(args, model_dir, seed, placement))
         result = run_classification(settings, splits, tokenizer)
-        records.append({**result.to_dict(), "run": run_metadata(args, model_dir=model_dir, batch_size=settings.batch_size,
-                                                              max_length=settings.max_length, rank=settings.rank)})
+        records.append({**result.to_dict(), "run": run_metadata(args, model_dir=model_dir, steps=settings.steps,
+                                                              batch_size=settings.batch_size, max_length=settings.max_length,
+                                                              rank=settings.rank)})
         atomic_write_text(out / "results.json", json.dumps(records, indent=2))
     _table(records, f"sparseft train: {records[0]['method']} on {'embedded Rotten Tomatoes' if not args.data else args.data}")
     for r in records:
         print(f"{r['method']} seed {r['seed']}: accuracy {r['accuracy']:.4f} ({r['eval_split']}), "
               f"trainable params {r['trainable_params']:,d}, wall {r['wall_s']:.1f} s")
-    print(f"results: {out / 'results.json'}")
-    if not args.no_save:
-        print(f"saved: {out / 'adapters'}/seed-S (load with `sparseft predict --adapter DIR`)"
-              + (f", merged models in {out / 'merged'}/seed-S" if args.save_merged else ""))
+    _print_saved(args)
     return 0
 
 
@@ -305,6 +313,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     placement = _placement(args)
     model, tokenizer, run = load_trained(args.adapter, args.model, placement)
     placement.move(model)
+    if run.get("task") == "causal-lm":
+        return _predict_causal_lm(args, model, tokenizer, run, placement)
     if args.text:
         enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
         with torch.no_grad(), placement.autocast():
@@ -329,6 +339,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     acc = accuracy(model, encode(tokenizer, data, run["max_length"]), placement=placement)
     print(json.dumps({"accuracy": acc, "rows": len(data), "split": args.split, "method": run["method"],
                       "trained_accuracy": run["accuracy"], "trained_split": run["eval_split"]}))
+    return 0
+
+
+def _predict_causal_lm(args: argparse.Namespace, model, tokenizer, run: dict[str, Any], placement) -> int:
+    """A decoder run: answer each --text (greedy, as a user turn), or score the held-out answer
+    loss of chat data (the run's own data by default, split as at training)."""
+    import torch
+
+    from ..errors import ConfigError
+    from .causal_lm import answer_loss, encode_chat, generate_answers, load_chat_splits
+    from .train import check_finite
+
+    if args.text:
+        convs = [[{"role": "user", "content": text}] for text in args.text]
+        for text, answer in zip(args.text, generate_answers(model, tokenizer, convs, args.max_new_tokens, placement)):
+            print(json.dumps({"prompt": text, "answer": answer}))
+        return 0
+    if args.split == "validation":
+        raise ConfigError("A --task causal-lm run splits its data into train and test only: pass --split test, train or all.")
+    data = args.data or (run.get("data") or {}).get("path")
+    splits = load_chat_splits(data)
+    convs = splits["train"] + splits["test"] if args.split == "all" else splits[args.split]
+    loss = answer_loss(model, encode_chat(tokenizer, convs, run["max_length"]), placement=placement)
+    check_finite(torch.tensor(loss))
+    print(json.dumps({"eval_loss": loss, "perplexity": math.exp(loss), "conversations": len(convs), "split": args.split,
+                      "data": data or "chatterbot-corpus English", "method": run["method"],
+                      "trained_eval_loss": run.get("eval_loss"), "trained_eval_examples": run.get("eval_examples")}))
     return 0
 
 
@@ -541,17 +578,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "OUTPUT_DIR/merged/seed-S (loads with from_pretrained, no sparseft needed)")
     train.set_defaults(func=cmd_train)
 
-    predict = sub.add_parser("predict", help="load what `sparseft train` saved: score labelled data or label texts")
+    predict = sub.add_parser("predict", help="load what `sparseft train` saved: score labelled data or label texts "
+                             "(a decoder run: answer prompts or score chat data)")
     predict.add_argument("--adapter", required=True, help="OUTPUT_DIR/adapters/seed-S (or a --save-merged folder)")
     predict.add_argument("--model", help="the base model folder, when it moved since training (default: the one the run "
                          "recorded; its fingerprint must match)")
-    predict.add_argument("--text", action="append", help="a text to label (repeatable); prints JSON lines")
-    predict.add_argument("--data", help="a labelled CSV/TSV/JSONL to score (default: the embedded Rotten Tomatoes)")
+    predict.add_argument("--text", action="append", help="a text to label, or a prompt a decoder run answers (repeatable); "
+                         "prints JSON lines")
+    predict.add_argument("--data", help="a labelled CSV/TSV/JSONL to score (default: the embedded Rotten Tomatoes); a decoder "
+                         "run: chat JSONL, scored by answer loss (default: the data it trained on)")
     predict.add_argument("--text-column", default="text")
     predict.add_argument("--label-column", default="label")
     predict.add_argument("--group-column")
     predict.add_argument("--split", choices=("train", "validation", "test", "all"), default="test",
                          help="which part of the data's fixed split to score (default test, as in training)")
+    predict.add_argument("--max-new-tokens", type=_positive(int), default=64,
+                         help="a decoder run's --text: tokens answered at most (greedy; default 64)")
     predict.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE})")
     _add_placement(predict)
     predict.set_defaults(func=cmd_predict)

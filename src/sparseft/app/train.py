@@ -365,11 +365,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
     base = backbone_fingerprint(model)
-    identity = {"method": method, "quantize": settings.quantize, "steps": settings.steps, "seed": settings.seed, "batch_size": settings.batch_size,
-                "max_length": settings.max_length, "rank": settings.rank, "density": settings.density,
-                "support_narrow": settings.support_narrow, "calibration_steps": settings.calibration_steps,
-                "warmup_fraction": settings.warmup_fraction, "reselect_every": settings.reselect_every,
-                "data": data_fingerprint(train), "base": base}
+    identity = run_identity(settings, method, train, base)
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
     reselect = settings.reselect_every if method_spec(method).reselects else None
     loop = fit(prepared, train, lr=lr, method=method, steps=settings.steps, seed=settings.seed,
@@ -390,6 +386,18 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
 
 
 RUN_FILE = "sparseft_run.json"
+# what `sparseft predict` needs from a run file, by task (a run file without "task" is a classifier's)
+RUN_KEYS = {"classification": ("kind", "label_names", "max_length", "method", "model_dir", "seed"),
+            "causal-lm": ("kind", "max_length", "method", "model_dir", "seed")}
+
+
+def run_identity(settings: Any, method: str, train: dict[str, torch.Tensor], base: str) -> dict[str, Any]:
+    """What makes a run this run, for any task's settings (RunSettings, CausalLMSettings): the
+    options that change what it trains, and fingerprints of its encoded data and its base.
+    Checkpoints keep it; resuming with another is refused."""
+    keys = ("quantize", "steps", "seed", "batch_size", "max_length", "rank", "density", "support_narrow",
+            "calibration_steps", "warmup_fraction", "reselect_every")
+    return {"method": method, **{key: getattr(settings, key) for key in keys}, "data": data_fingerprint(train), "base": base}
 
 
 def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
@@ -450,18 +458,29 @@ def load_trained(path: str | Path, model_dir: str | Path | None = None, placemen
         raise DataError(f"{folder} holds no {RUN_FILE}: {again}")
     manifest = verify(folder)
     run = _read_json(folder / RUN_FILE, again)
-    missing = [key for key in ("kind", "label_names", "max_length", "method", "model_dir", "seed") if key not in run]
+    task = run.get("task", "classification")
+    if task not in RUN_KEYS:
+        raise DataError(f"{folder / RUN_FILE} is a {task!r} run, which this sparseft cannot load ({', '.join(RUN_KEYS)}): "
+                        "upgrade sparseft.")
+    missing = [key for key in RUN_KEYS[task] if key not in run]
     if missing:
         raise DataError(f"{folder / RUN_FILE} lacks {missing}: {again}")
-    labels = len(run["label_names"])
+    if task == "causal-lm":
+        from transformers import AutoModelForCausalLM
+
+        from .causal_lm import load_causal_lm
+
+        auto, head, load_base = AutoModelForCausalLM, {}, load_causal_lm
+    else:
+        auto, head, load_base = AutoModelForSequenceClassification, {"num_labels": len(run["label_names"])}, load_classifier
     if run["kind"] == "model":
-        model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=labels, dtype=torch.float32)
+        model = auto.from_pretrained(str(folder), dtype=torch.float32, **head)
         return model.eval(), AutoTokenizer.from_pretrained(str(folder)), run
     base_dir = Path(model_dir or run["model_dir"])
     if not (base_dir / "config.json").is_file():
         raise DataError(f"The base model {base_dir} {'given' if model_dir else 'recorded at training'} is not there (no "
                         "config.json): pass --model DIR with the base this adapter was trained on (it is checked).")
-    base = load_classifier(base_dir, labels, run["seed"], run.get("quantize"), placement)
+    base = load_base(base_dir, **head, seed=run["seed"], quantize=run.get("quantize"), placement=placement)
     expected = manifest.get("base_fingerprint")
     found = backbone_fingerprint(base) if expected else None
     if found != expected:
