@@ -153,6 +153,38 @@ def test_loss_falls_and_the_adapter_round_trips(checkpoint, kind, tmp_path) -> N
             torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+def test_an_adapter_made_after_an_inference_forward_loads_onto_its_base(checkpoint, tmp_path) -> None:
+    """A 4-bit base scored before the adapter is made (the decoder run scores the untrained model)
+    had its weights repacked by bitsandbytes' CPU kernel; the adapter's base fingerprint then
+    sampled the repacked codes, and loading onto the same base from disk was refused."""
+    base = _load(checkpoint, "4bit").eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        base(**_batches(1)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_sparse_model(base, SparseGradConfig(match_lora_rank=4))
+        model.calibrate(_batches(), show_progress=False)
+    model.save_pretrained(tmp_path / "a")
+    SparseModel.from_pretrained(_load(checkpoint, "4bit"), tmp_path / "a")  # (raised AdapterMismatchError)
+
+
+def test_the_command_lines_4bit_base_is_never_repacked_for_cpu_inference(checkpoint) -> None:
+    """Undoing bitsandbytes' CPU repacking re-quantizes the nested absmax (the weights drift), so
+    the command line's loader keeps the storage layout: an eval forward changes no stored number."""
+    from sparseft.app.placement import Placement
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = Placement("cpu", "fp32").load_pretrained(AutoModelForCausalLM, checkpoint, "4bit").eval()
+        layer = model.model.layers[0].mlp.up_proj
+        codes, absmax = layer.weight.data.clone(), layer.weight.quant_state.absmax.clone()
+        with torch.no_grad():
+            model(**_batches(1)[0])
+    assert torch.equal(layer.weight.data, codes) and torch.equal(layer.weight.quant_state.absmax, absmax)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+
+
 def test_lora_export_is_exact_on_the_quantized_base_and_merging_says_what_it_does(checkpoint, tmp_path) -> None:
     """export_lora's ΔW is exact: peft's LoRA on the same 4-bit base answers as the unmerged
     adapter. merge_and_unload quantizes W0 + ΔW again, with a warning saying so."""

@@ -25,7 +25,7 @@ from .calibration import (DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibr
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .fingerprint import base_fingerprint
-from .quantized import compute_dtype, dequantized
+from .quantized import compute_dtype, dequantized, unpack_for_training
 from .update.weight_bases import check_sample, weight_bases
 from .update.support import index_digest, seeded_scores
 from .layer import SparseLinear
@@ -57,6 +57,9 @@ class SparseModel(BaseTuner):
     def _setup(self, model: nn.Module, bases: str | os.PathLike | None = None) -> None:
         config = self.tuner_config
         self.targets: list[Target] = find_targets(model, config.target_modules, config.groups_share_bases)
+        # the fingerprint samples a 4-bit layer's stored codes: in bitsandbytes' layout, not its CPU inference repacking
+        # (an eval forward before this, e.g. scoring the untrained model, made the adapter unloadable onto its own base)
+        unpack_for_training(model)
         self.fingerprint = base_fingerprint(model, self.targets)
         self._saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
         self.bases = BasisBank()
@@ -430,6 +433,7 @@ class SparseModel(BaseTuner):
                 "The adapter's layers do not fit this model (names/shapes differ, e.g. "
                 f"{saved_targets[:1]} vs {ours[:1]}): it was saved for another architecture or size."
             )
+        unpack_for_training(model)  # (as at training: the codes in bitsandbytes' own layout)
         if meta["fingerprint"] != base_fingerprint(model, targets):
             raise AdapterMismatchError(
                 "The adapter was trained on other base weights (fingerprint "

@@ -278,7 +278,7 @@ def load_causal_lm(model_dir: str | Path, seed: int = 0, quantize: str | None = 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), **(placement or Placement("cpu", "fp32")).load_options(quantize))
+    return (placement or Placement("cpu", "fp32")).load_pretrained(AutoModelForCausalLM, model_dir, quantize)
 
 
 def run_causal_lm(

@@ -65,19 +65,22 @@ class Placement:
             model.to(target)
         return model
 
-    def load_options(self, quantize: str | None = None) -> dict:
-        """``from_pretrained`` options for a base on this device: float32 weights, or quantized
-        with bitsandbytes (``quantize`` "4bit"/"8bit", computing in this placement's precision)
-        and placed on the device as it loads."""
+    def load_pretrained(self, auto_class: Any, model_dir: Any, quantize: str | None = None, **options: Any) -> Any:
+        """``auto_class.from_pretrained(model_dir)`` for a base on this device: float32 weights, or
+        quantized with bitsandbytes (``quantize`` "4bit"/"8bit", computing in this placement's
+        precision, placed on the device as it loads, its 4-bit weights never repacked for
+        bitsandbytes' CPU inference kernel: ``quantized.keep_storage_layout``)."""
         import torch
 
         if quantize is None:
-            return {"dtype": torch.float32}
-        from ..quantized import quantization_config
+            return auto_class.from_pretrained(str(model_dir), dtype=torch.float32, **options)
+        from ..quantized import keep_storage_layout, quantization_config
 
         compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        return {"dtype": torch.float32, "quantization_config": quantization_config(quantize, compute),
-                "device_map": {"": self.device}}
+        model = auto_class.from_pretrained(str(model_dir), dtype=torch.float32, device_map={"": self.device},
+                                           quantization_config=quantization_config(quantize, compute), **options)
+        keep_storage_layout(model)
+        return model
 
     def record(self) -> dict[str, str]:
         return {"device": self.device, "device_name": self.device_name(), "precision": self.precision}

@@ -104,8 +104,8 @@ def load_classifier(model_dir: str | Path, num_labels: int, seed: int, quantize:
     in half), or its linear layers quantized (``quantize`` "4bit"/"8bit", bitsandbytes, loaded
     onto ``placement``'s device); the new head is initialised from ``seed``."""
     torch.manual_seed(seed)
-    options = (placement or Placement("cpu", "fp32")).load_options(quantize)
-    return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=num_labels, **options)
+    return (placement or Placement("cpu", "fp32")).load_pretrained(AutoModelForSequenceClassification, model_dir, quantize,
+                                                                   num_labels=num_labels)
 
 
 @torch.no_grad()
