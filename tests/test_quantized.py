@@ -153,6 +153,16 @@ def test_loss_falls_and_the_adapter_round_trips(checkpoint, kind, tmp_path) -> N
             torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
 
 
+def _repacks_for_cpu_inference() -> bool:
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+REPACKS = pytest.mark.skipif(not _repacks_for_cpu_inference(), reason="bitsandbytes repacks 4-bit weights on CPUs with AVX512-BF16 only")
+
+
+@REPACKS
 def test_an_adapter_made_after_an_inference_forward_loads_onto_its_base(checkpoint, tmp_path) -> None:
     """A 4-bit base scored before the adapter is made (the decoder run scores the untrained model)
     had its weights repacked by bitsandbytes' CPU kernel; the adapter's base fingerprint then
@@ -169,6 +179,7 @@ def test_an_adapter_made_after_an_inference_forward_loads_onto_its_base(checkpoi
     SparseModel.from_pretrained(_load(checkpoint, "4bit"), tmp_path / "a")  # (raised AdapterMismatchError)
 
 
+@REPACKS
 def test_the_command_lines_4bit_base_is_never_repacked_for_cpu_inference(checkpoint) -> None:
     """Undoing bitsandbytes' CPU repacking re-quantizes the nested absmax (the weights drift), so
     the command line's loader keeps the storage layout: an eval forward changes no stored number."""
