@@ -401,6 +401,8 @@ def test_decoder_run_saves_and_predict_reloads_it(tiny_dir, chat_file, tmp_path,
     assert [line["prompt"] for line in lines] == ["What is 3 plus one?", "Hello"] and all("answer" in line for line in lines)
     assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--split", "validation"]) == 2
     assert "train and test only" in capsys.readouterr().err
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--label-column", "stars"]) == 2
+    assert "--label-column: a decoder run reads chat JSONL" in capsys.readouterr().err
 
 
 @REAL

@@ -358,6 +358,11 @@ def _predict_causal_lm(args: argparse.Namespace, model, tokenizer, run: dict[str
         return 0
     if args.split == "validation":
         raise ConfigError("A --task causal-lm run splits its data into train and test only: pass --split test, train or all.")
+    tabular = [flag for flag, given in (("--text-column", args.text_column != "text"), ("--label-column", args.label_column != "label"),
+                                        ("--group-column", args.group_column is not None)) if given]
+    if tabular:
+        raise ConfigError(f"{', '.join(tabular)}: a decoder run reads chat JSONL (prompt/response or messages), which has no "
+                          "columns to choose; drop the flag.")
     data = args.data or (run.get("data") or {}).get("path")
     splits = load_chat_splits(data)
     convs = splits["train"] + splits["test"] if args.split == "all" else splits[args.split]
