@@ -29,7 +29,7 @@ from ..errors import DataError
 from ..methods import DEFAULT_METHOD, canonical, default_lrs, method_spec, prepare
 from .placement import Placement, placement_of, resolve
 from ..fingerprint import backbone_fingerprint
-from .train import RunRecord, fit, run_identity, save_trained
+from .train import RunRecord, fit, run_identity, save_run
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -322,11 +322,8 @@ def run_causal_lm(
                resume_dir=settings.resume_dir, checkpoint_dir=settings.checkpoint_dir,
                checkpoint_every=settings.checkpoint_every, identity=run_identity(settings, method, train, base))
     loss_after = answer_loss(model, evaluation, settings.eval_batch_size, placement)
-    if settings.save_dir or settings.save_merged_dir:
-        run = {"task": "causal-lm", "model_dir": str(model_dir), "method": method, "max_length": settings.max_length,
-               "seed": settings.seed, "eval_loss": loss_after, "eval_examples": int(evaluation["input_ids"].shape[0]),
-               "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize}
-        save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base)
+    save_run(model, tokenizer, settings, base, model_dir, task="causal-lm", method=method, eval_loss=loss_after,
+             eval_examples=int(evaluation["input_ids"].shape[0]))
     after = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     generations = [
         {"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"], "before": b, "after": a}

@@ -191,6 +191,12 @@ def _check_train_folders(args: argparse.Namespace) -> None:
                                                              ("checkpoints", args.checkpoint_every)) if used])
 
 
+def _with_run(record: dict[str, Any], args: argparse.Namespace, settings: Any) -> dict[str, Any]:
+    """A `sparseft train` record with what reproduces it: the command line, resolved as the run saw it."""
+    return {**record, "run": run_metadata(args, model_dir=settings.model_dir, steps=settings.steps, batch_size=settings.batch_size,
+                                          max_length=settings.max_length, rank=settings.rank)}
+
+
 def _print_saved(args: argparse.Namespace) -> None:
     out = Path(args.output_dir)
     print(f"results: {out / 'results.json'}")
@@ -225,9 +231,7 @@ def cmd_train_causal_lm(args: argparse.Namespace) -> int:
             eval_examples=args.eval_examples,
             generations=args.generations,
         )
-        record = run_causal_lm(settings, splits, tokenizer)
-        records.append({**record, "run": run_metadata(args, model_dir=model_dir, steps=settings.steps, batch_size=settings.batch_size,
-                                                      max_length=settings.max_length, rank=settings.rank)})
+        records.append(_with_run(run_causal_lm(settings, splits, tokenizer), args, settings))
         atomic_write_text(out / "results.json", json.dumps(records, indent=2))
     _causal_lm_table(records, f"sparseft train --task causal-lm: {records[0]['method']}")
     for r in records:
@@ -276,10 +280,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     for seed in args.seeds:
         settings = RunSettings(**_run_options(args, model_dir, seed, placement))
-        result = run_classification(settings, splits, tokenizer)
-        records.append({**result.to_dict(), "run": run_metadata(args, model_dir=model_dir, steps=settings.steps,
-                                                              batch_size=settings.batch_size, max_length=settings.max_length,
-                                                              rank=settings.rank)})
+        records.append(_with_run(run_classification(settings, splits, tokenizer).to_dict(), args, settings))
         atomic_write_text(out / "results.json", json.dumps(records, indent=2))
     _table(records, f"sparseft train: {records[0]['method']} on {'embedded Rotten Tomatoes' if not args.data else args.data}")
     for r in records:

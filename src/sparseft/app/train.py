@@ -376,11 +376,8 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
                identity=identity)
     acc = accuracy(prepared.model, evaluation, settings.eval_batch_size, placement)
     record = loop.record(prepared, t_start)
-    if settings.save_dir or settings.save_merged_dir:
-        run = {"model_dir": str(settings.model_dir), "method": method, "label_names": splits["train"].label_names,
-               "max_length": settings.max_length, "seed": settings.seed, "accuracy": acc, "eval_split": settings.eval_split,
-               "data": settings.data, "quantize": settings.quantize}
-        save_trained(prepared.model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base)
+    save_run(prepared.model, tokenizer, settings, base, settings.model_dir, method=method,
+             label_names=splits["train"].label_names, accuracy=acc)
     return RunResult(method=method, seed=settings.seed, lr=lr, accuracy=acc, eval_split=settings.eval_split,
                      steps=settings.steps, **record)
 
@@ -398,6 +395,16 @@ def run_identity(settings: Any, method: str, train: dict[str, torch.Tensor], bas
     keys = ("quantize", "steps", "seed", "batch_size", "max_length", "rank", "density", "support_narrow",
             "calibration_steps", "warmup_fraction", "reselect_every")
     return {"method": method, **{key: getattr(settings, key) for key in keys}, "data": data_fingerprint(train), "base": base}
+
+
+def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint: str, model_dir: str | Path,
+             **fields: Any) -> None:
+    """``save_trained`` into the settings' save folders (if any), with the run file every task
+    writes (base, length, seed, split, data, quantization) and the task's own ``fields``."""
+    if settings.save_dir or settings.save_merged_dir:
+        run = {"model_dir": str(model_dir), "max_length": settings.max_length, "seed": settings.seed,
+               "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize, **fields}
+        save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint)
 
 
 def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
