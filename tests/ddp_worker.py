@@ -11,6 +11,8 @@ batches (``calibration_batches``).
 
 from __future__ import annotations
 
+import faulthandler
+import gc
 import json
 import os
 import sys
@@ -167,6 +169,10 @@ def main() -> None:
     out = OUT = Path(sys.argv[1])
     launcher = sys.argv[2] if len(sys.argv) > 2 else "torch"
     torch.set_num_threads(1)
+    # a rare SIGABRT in a rank (CI, 2026-12-07) printed only "terminate called without an active
+    # exception": name the Python and C++ frames if it comes again
+    faulthandler.enable(all_threads=True)
+    torch._C._set_print_stack_traces_on_fatal_signal(True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and launcher in ("torch", "fsdp2"):
         torch.distributed.init_process_group("gloo")
@@ -181,6 +187,9 @@ def main() -> None:
                 train("dynamic-sparseadamw" if variant == "dynamic-hook" else variant, rank, world, launcher)
             except ConfigError as exc:
                 (out / f"{variant}.error.rank{rank}.txt").write_text(str(exc))
+            # a sharded model sits in reference cycles (FSDP2's hooks): free it while its process
+            # group lives, not at some later collection or at interpreter exit
+            gc.collect()
             continue
         if variant == "dynamic-hook" and world > 1:
             # per-backward masking would cut local gradients before the all-reduce: refused
@@ -203,8 +212,14 @@ def main() -> None:
     if world > 1:
         if rank == 0:
             (out / "backend.txt").write_text(torch.distributed.get_backend())
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+        # everything is written: leave without static destructors, where an exit-time
+        # std::terminate of a joinable thread is the likeliest source of that rare SIGABRT
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
