@@ -30,10 +30,11 @@ def main() -> None:
     ap.add_argument("--out", help="the record as JSON (default: print only)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from sparseft.app.causal_lm import CausalLMSettings, carve_validation, load_chat_splits, run_causal_lm
     from sparseft.app.runner import quiet_dependencies
 
-    quiet_dependencies()  # (as the command line: bitsandbytes' offline hub warnings, peft's deprecation notes)
+    # before the import below, which imports bitsandbytes: it logs its offline hub warnings then
+    quiet_dependencies()
+    from sparseft.app.causal_lm import CausalLMSettings, carve_validation, load_chat_splits, run_causal_lm
 
     settings = CausalLMSettings(method=args.method, lr=args.lr, steps=args.steps, seed=args.seed, eval_split="validation", eval_examples=None,
                                 show_progress=False, device="cpu", precision="fp32")
