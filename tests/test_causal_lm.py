@@ -372,7 +372,7 @@ def test_train_runs_as_long_as_the_settings_default_per_task():
 
 @REAL
 @pytest.mark.parametrize("method", ["sparse-random", "lora-mlp", "full"])
-def test_decoder_run_saves_and_predict_reloads_it(tiny_dir, chat_file, tmp_path, capsys, method):
+def test_decoder_run_saves_and_predict_reloads_it(tiny_dir, chat_file, tmp_path, capsys, monkeypatch, method):
     """`sparseft train --task causal-lm` keeps what it trained (the adapter, or the model for full;
     a plain merged model with --save-merged); `sparseft predict` loads either back to the same
     held-out answer loss and answers prompts with it."""
@@ -399,10 +399,17 @@ def test_decoder_run_saves_and_predict_reloads_it(tiny_dir, chat_file, tmp_path,
                  "--text", "Hello", "--max-new-tokens", "4"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["prompt"] for line in lines] == ["What is 3 plus one?", "Hello"] and all("answer" in line for line in lines)
+    # a wrong flag or file is named before the model loads
+    import sparseft.app.train
+
+    monkeypatch.setattr(sparseft.app.train, "load_trained", lambda *a, **k: pytest.fail("the model loaded"))
     assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--split", "validation"]) == 2
     assert "train and test only" in capsys.readouterr().err
     assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--label-column", "stars"]) == 2
     assert "--label-column: a decoder run reads chat JSONL" in capsys.readouterr().err
+    (tmp_path / "not-chat.jsonl").write_text('{"text": "no turns"}\n')
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", str(tmp_path / "not-chat.jsonl")]) == 2
+    assert "not-chat.jsonl" in capsys.readouterr().err
 
 
 @REAL

@@ -12,7 +12,7 @@ from test_bench import tiny  # noqa: F401  (the tiny checkpoint + CSV fixture)
 
 
 @pytest.mark.parametrize("method", ["sparsegrad-fixed", "sparsegrad-dynamic", "lora-mlp", "s2ft", "head"])
-def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, method):  # noqa: F811
+def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypatch, method):  # noqa: F811
     model_dir, data = tiny
     out = tmp_path / "run"
     assert main(["train", "--model", model_dir, "--data", data, "--method", method, "--steps", "6", "--batch-size", "8",
@@ -34,6 +34,12 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, method):
                  "--text", "bad"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert len(lines) == 2 and all(line["label"] in ("neg", "pos") for line in lines)
+    # a wrong column or label set is named before the model loads
+    import sparseft.app.train
+
+    monkeypatch.setattr(sparseft.app.train, "load_trained", lambda *a, **k: pytest.fail("the model loaded"))
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--label-column", "stars"]) == 2
+    assert "stars" in capsys.readouterr().err
 
 
 def test_predict_names_the_fix_for_a_wrong_folder(tmp_path, capsys):

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -305,18 +306,29 @@ def _predict_groups(args: argparse.Namespace, run: dict[str, Any]) -> str | None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Load what `sparseft train` saved; score a labelled file (accuracy) or label texts."""
+    """Load what `sparseft train` saved; score a labelled file (accuracy) or label texts. The run
+    file is read, and the arguments and data checked against it, before the model loads."""
+    from .train import load_trained, read_trained
+
+    saved = read_trained(args.adapter)
+    prepare = _predict_causal_lm if saved[0].get("task") == "causal-lm" else _predict_classification
+    predict = prepare(args, saved[0])  # flags checked, data read: a wrong one is named before the model loads
+    placement = _placement(args)
+    model, tokenizer, _ = load_trained(args.adapter, args.model, placement, saved=saved)
+    placement.move(model)
+    return predict(model, tokenizer, placement)
+
+
+def _predict_classification(args: argparse.Namespace, run: dict[str, Any]) -> Callable[..., int]:
+    """A classifier run: label each --text, or score the accuracy of labelled data (the default
+    data's test part unless --data/--split say otherwise); the data is read and its labels
+    checked now, the returned function runs the model."""
     import torch
 
     from .data import encode, load_table, split_dataset
-    from .train import check_finite, accuracy, load_trained
+    from .train import accuracy, check_finite
 
-    placement = _placement(args)
-    model, tokenizer, run = load_trained(args.adapter, args.model, placement)
-    placement.move(model)
-    if run.get("task") == "causal-lm":
-        return _predict_causal_lm(args, model, tokenizer, run, placement)
-    if args.text:
+    def label_texts(model, tokenizer, placement) -> int:
         enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
         with torch.no_grad(), placement.autocast():
             logits = model(**enc.to(placement.device)).logits.float()
@@ -325,6 +337,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for text, p in zip(args.text, probs):
             print(json.dumps({"text": text, "label": run["label_names"][int(p.argmax())], "probability": round(float(p.max()), 4)}))
         return 0
+
+    if args.text:
+        return label_texts
     if args.data:
         table = load_table(args.data, args.text_column, args.label_column, _predict_groups(args, run))
     else:
@@ -337,26 +352,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise DataError(f"The data's labels {table.label_names} are not the model's {run['label_names']}: "
                         "pass the same --label-column / data the model was trained on.")
     data = split_dataset(table)[args.split] if args.split != "all" else table
-    acc = accuracy(model, encode(tokenizer, data, run["max_length"]), placement=placement)
-    print(json.dumps({"accuracy": acc, "rows": len(data), "split": args.split, "method": run["method"],
-                      "trained_accuracy": run["accuracy"], "trained_split": run["eval_split"]}))
-    return 0
+
+    def score(model, tokenizer, placement) -> int:
+        acc = accuracy(model, encode(tokenizer, data, run["max_length"]), placement=placement)
+        print(json.dumps({"accuracy": acc, "rows": len(data), "split": args.split, "method": run["method"],
+                          "trained_accuracy": run["accuracy"], "trained_split": run["eval_split"]}))
+        return 0
+
+    return score
 
 
-def _predict_causal_lm(args: argparse.Namespace, model, tokenizer, run: dict[str, Any], placement) -> int:
+def _predict_causal_lm(args: argparse.Namespace, run: dict[str, Any]) -> Callable[..., int]:
     """A decoder run: answer each --text (greedy, as a user turn), or score the held-out answer
-    loss of chat data (the run's own data by default, split as at training)."""
+    loss of chat data (the run's own data by default, split as at training); the flags are
+    checked and the data read now, the returned function runs the model."""
     import torch
 
     from ..errors import ConfigError
     from .causal_lm import answer_loss, encode_chat, generate_answers, load_chat_splits
     from .train import check_finite
 
-    if args.text:
+    def answer(model, tokenizer, placement) -> int:
         convs = [[{"role": "user", "content": text}] for text in args.text]
-        for text, answer in zip(args.text, generate_answers(model, tokenizer, convs, args.max_new_tokens, placement)):
-            print(json.dumps({"prompt": text, "answer": answer}))
+        for text, reply in zip(args.text, generate_answers(model, tokenizer, convs, args.max_new_tokens, placement)):
+            print(json.dumps({"prompt": text, "answer": reply}))
         return 0
+
+    if args.text:
+        return answer
     if args.split == "validation":
         raise ConfigError("A --task causal-lm run splits its data into train and test only: pass --split test, train or all.")
     tabular = [flag for flag, given in (("--text-column", args.text_column != "text"), ("--label-column", args.label_column != "label"),
@@ -367,12 +390,16 @@ def _predict_causal_lm(args: argparse.Namespace, model, tokenizer, run: dict[str
     data = args.data or (run.get("data") or {}).get("path")
     splits = load_chat_splits(data)
     convs = splits["train"] + splits["test"] if args.split == "all" else splits[args.split]
-    loss = answer_loss(model, encode_chat(tokenizer, convs, run["max_length"]), placement=placement)
-    check_finite(torch.tensor(loss))
-    print(json.dumps({"eval_loss": loss, "perplexity": math.exp(loss), "conversations": len(convs), "split": args.split,
-                      "data": data or "chatterbot-corpus English", "method": run["method"],
-                      "trained_eval_loss": run.get("eval_loss"), "trained_eval_examples": run.get("eval_examples")}))
-    return 0
+
+    def score(model, tokenizer, placement) -> int:
+        loss = answer_loss(model, encode_chat(tokenizer, convs, run["max_length"]), placement=placement)
+        check_finite(torch.tensor(loss))
+        print(json.dumps({"eval_loss": loss, "perplexity": math.exp(loss), "conversations": len(convs), "split": args.split,
+                          "data": data or "chatterbot-corpus English", "method": run["method"],
+                          "trained_eval_loss": run.get("eval_loss"), "trained_eval_examples": run.get("eval_examples")}))
+        return 0
+
+    return score
 
 
 # `sparseft bench` defaults, sized for a 2-core CPU machine: 10 methods (`methods.bench_methods`) × (3 sweep runs scored on

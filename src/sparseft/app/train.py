@@ -455,24 +455,36 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return value
 
 
-def load_trained(path: str | Path, model_dir: str | Path | None = None, placement: Placement | None = None):
-    """(model, tokenizer, run) from a folder ``save_trained`` wrote, its files verified first.
-    An adapter loads onto the base recorded at training, or ``model_dir`` (that base moved);
-    either must have the fingerprint the run recorded."""
+AGAIN = "pass a folder written by `sparseft train` (OUTPUT_DIR/adapters/seed-S or the --save-merged folder)."
+
+
+def read_trained(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run, manifest) of a folder ``save_trained`` wrote, its files verified: what a caller can
+    check its own arguments against before any model loads."""
     folder = Path(path)
-    again = "pass a folder written by `sparseft train` (OUTPUT_DIR/adapters/seed-S or the --save-merged folder)."
     if not (folder / RUN_FILE).is_file():
-        raise DataError(f"{folder} holds no {RUN_FILE}: {again}")
+        raise DataError(f"{folder} holds no {RUN_FILE}: {AGAIN}")
     manifest = verify(folder)
-    run = _read_json(folder / RUN_FILE, again)
+    run = _read_json(folder / RUN_FILE, AGAIN)
     task = run.get("task", "classification")
     if task not in RUN_KEYS:
         raise DataError(f"{folder / RUN_FILE} is a {task!r} run, which this sparseft cannot load ({', '.join(RUN_KEYS)}): "
                         "upgrade sparseft.")
     missing = [key for key in RUN_KEYS[task] if key not in run]
     if missing:
-        raise DataError(f"{folder / RUN_FILE} lacks {missing}: {again}")
-    if task == "causal-lm":
+        raise DataError(f"{folder / RUN_FILE} lacks {missing}: {AGAIN}")
+    return run, manifest
+
+
+def load_trained(path: str | Path, model_dir: str | Path | None = None, placement: Placement | None = None,
+                 saved: tuple[dict[str, Any], dict[str, Any]] | None = None):
+    """(model, tokenizer, run) from a folder ``save_trained`` wrote, its files verified first
+    (``saved``: what ``read_trained`` already returned for it). An adapter loads onto the base
+    recorded at training, or ``model_dir`` (that base moved); either must have the fingerprint
+    the run recorded."""
+    folder = Path(path)
+    run, manifest = saved or read_trained(folder)
+    if run.get("task", "classification") == "causal-lm":
         from transformers import AutoModelForCausalLM
 
         from .causal_lm import load_causal_lm
@@ -493,7 +505,7 @@ def load_trained(path: str | Path, model_dir: str | Path | None = None, placemen
     if found != expected:
         raise AdapterMismatchError(f"{base_dir} is not the base model this adapter was trained on (fingerprint "
                                    f"{found} ≠ {expected}): pass --model with that base.")
-    config = _read_json(folder / "adapter_config.json", again)
+    config = _read_json(folder / "adapter_config.json", AGAIN)
     if "peft_type" in config:  # peft's format (LoRA, SHiRA, ...): peft reads its own kinds
         from peft import PeftModel
 
