@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,9 +32,16 @@ LAUNCHERS = {
 }
 
 
+def _free_port() -> int:
+    """A port nothing listens on now (the OS picks it), so no two launches share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _launch(launcher: str, out: Path) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_PORT=str(29400 + os.getpid() % 500))
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_PORT=str(_free_port()))
     cmd = LAUNCHERS[launcher] + (["--master-port", env["MASTER_PORT"]] if launcher != "accelerate" else
                                  ["--main_process_port", env["MASTER_PORT"]]) + [WORKER, str(out), launcher]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
