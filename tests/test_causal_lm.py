@@ -410,6 +410,8 @@ def test_decoder_run_saves_and_predict_reloads_it(tiny_dir, chat_file, tmp_path,
     (tmp_path / "not-chat.jsonl").write_text('{"text": "no turns"}\n')
     assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", str(tmp_path / "not-chat.jsonl")]) == 2
     assert "not-chat.jsonl" in capsys.readouterr().err
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--max-new-tokens", "4"]) == 2
+    assert "--max-new-tokens bounds the answers to --text" in capsys.readouterr().err
 
 
 @REAL

@@ -40,6 +40,8 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypa
     monkeypatch.setattr(sparseft.app.train, "load_trained", lambda *a, **k: pytest.fail("the model loaded"))
     assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--label-column", "stars"]) == 2
     assert "stars" in capsys.readouterr().err
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--text", "good", "--max-new-tokens", "4"]) == 2
+    assert "--max-new-tokens: a classifier run" in capsys.readouterr().err
 
 
 def test_predict_names_the_fix_for_a_wrong_folder(tmp_path, capsys):

@@ -325,8 +325,12 @@ def _predict_classification(args: argparse.Namespace, run: dict[str, Any]) -> Ca
     checked now, the returned function runs the model."""
     import torch
 
+    from ..errors import ConfigError
     from .data import encode, load_table, split_dataset
     from .train import accuracy, check_finite
+
+    if args.max_new_tokens is not None:
+        raise ConfigError("--max-new-tokens: a classifier run labels texts and generates none; drop the flag.")
 
     def label_texts(model, tokenizer, placement) -> int:
         enc = tokenizer(args.text, truncation=True, max_length=run["max_length"], padding=True, return_tensors="pt")
@@ -362,6 +366,9 @@ def _predict_classification(args: argparse.Namespace, run: dict[str, Any]) -> Ca
     return score
 
 
+MAX_NEW_TOKENS = 64  # a decoder run's --text answers, at most (greedy)
+
+
 def _predict_causal_lm(args: argparse.Namespace, run: dict[str, Any]) -> Callable[..., int]:
     """A decoder run: answer each --text (greedy, as a user turn), or score the held-out answer
     loss of chat data (the run's own data by default, split as at training); the flags are
@@ -374,7 +381,8 @@ def _predict_causal_lm(args: argparse.Namespace, run: dict[str, Any]) -> Callabl
 
     def answer(model, tokenizer, placement) -> int:
         convs = [[{"role": "user", "content": text}] for text in args.text]
-        for text, reply in zip(args.text, generate_answers(model, tokenizer, convs, args.max_new_tokens, placement)):
+        for text, reply in zip(args.text, generate_answers(model, tokenizer, convs, args.max_new_tokens or MAX_NEW_TOKENS,
+                                                           placement)):
             print(json.dumps({"prompt": text, "answer": reply}))
         return 0
 
@@ -387,6 +395,9 @@ def _predict_causal_lm(args: argparse.Namespace, run: dict[str, Any]) -> Callabl
     if tabular:
         raise ConfigError(f"{', '.join(tabular)}: a decoder run reads chat JSONL (prompt/response or messages), which has no "
                           "columns to choose; drop the flag.")
+    if args.max_new_tokens is not None:
+        raise ConfigError("--max-new-tokens bounds the answers to --text; scoring chat data generates none: pass --text, or "
+                          "drop the flag.")
     data = args.data or (run.get("data") or {}).get("path")
     splits = load_chat_splits(data)
     convs = splits["train"] + splits["test"] if args.split == "all" else splits[args.split]
@@ -625,8 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--group-column")
     predict.add_argument("--split", choices=("train", "validation", "test", "all"), default="test",
                          help="which part of the data's fixed split to score (default test, as in training)")
-    predict.add_argument("--max-new-tokens", type=_positive(int), default=64,
-                         help="a decoder run's --text: tokens answered at most (greedy; default 64)")
+    predict.add_argument("--max-new-tokens", type=_positive(int),
+                         help=f"a decoder run's --text: tokens answered at most (greedy; default {MAX_NEW_TOKENS})")
     predict.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE})")
     _add_placement(predict)
     predict.set_defaults(func=cmd_predict)
