@@ -13,6 +13,9 @@
 #      when the payload is here: `python scripts/gpu_payload.py` makes .gpu/ (46 MB); carry it.
 #      Its CPU reference on the same inputs: the command in scripts/gpu_payload.py's docstring.
 # Writes JSON and logs to $OUT (the device tool's folder) or benchmarks/results/gpu.
+# GPU_SH_SMOKE=1 runs the same steps on this CPU at toy sizes, Triton in its interpreter, so the
+# script a lent GPU runs has run here first (tests/test_gpu_script.py); GPU_PAYLOAD: the payload's
+# folder (default .gpu).
 # Needs python3 with torch (CUDA), transformers, peft, pytest, hypothesis, rich, matplotlib, tqdm;
 # uses the repository's src/ directly (no install).
 #   bash benchmarks/gpu.sh
@@ -24,17 +27,25 @@ py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')" | tee -a "$out/gpu.txt"
+payload="${GPU_PAYLOAD:-.gpu}"
+if [ "${GPU_SH_SMOKE:-0}" = 1 ]; then
+  device=cpu decoder=(--shape tiny --tokens 2x64 --rounds 1 --warmup 1) block=(--shapes bert --tokens 64 --rounds 1)
+  train=(--steps 3 --max-length 32) ; export TRITON_INTERPRET=1
+else
+  device=cuda decoder=(--shape tinyllama --tokens 8x512 4x2048 --rounds 10) block=(--shapes llama7b bert --tokens 2048 8192 32768 --rounds 5)
+  train=()
+fi
 status=0
 timeout 80 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
-timeout 120 "$py" benchmarks/decoder_step.py --shape tinyllama --device cuda --precision bf16 --tokens 8x512 4x2048 --rounds 10 \
+timeout 120 "$py" benchmarks/decoder_step.py "${decoder[@]}" --device "$device" --precision bf16 \
   --out "$out" 2>&1 | grep -v Warning | tee "$out/decoder_step.log" || status=1
-timeout 100 "$py" benchmarks/step_time.py --device cuda --dtype bfloat16 --shapes llama7b bert --tokens 2048 8192 32768 --rounds 5 \
+timeout 100 "$py" benchmarks/step_time.py --device "$device" --dtype bfloat16 "${block[@]}" \
   --methods sparse-random,sparse-random-triton,sparsegrad-fixed-1side,sparsegrad-fixed-1side-triton,sparsegrad-dynamic-1side,shira --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
-if [ -f .gpu/minilm/config.json ]; then
-  timeout 50 "$py" -m sparseft.app.cli train --model .gpu/minilm --data .gpu/rotten_tomatoes.csv --group-column group \
-    --device cuda --no-save --no-progress --output-dir "$out/train" 2>&1 | tail -n 25 | tee "$out/train.log" || status=1
+if [ -f "$payload/minilm/config.json" ]; then
+  timeout 50 "$py" -m sparseft.app.cli train --model "$payload/minilm" --data "$payload/rotten_tomatoes.csv" --group-column group \
+    --device "$device" "${train[@]}" --no-save --no-progress --output-dir "$out/train" 2>&1 | tail -n 25 | tee "$out/train.log" || status=1
 else
-  echo "sparseft train --device cuda: skipped (no .gpu payload; run scripts/gpu_payload.py here and carry .gpu)" | tee "$out/train.log"
+  echo "sparseft train --device $device: skipped (no $payload payload; run scripts/gpu_payload.py here and carry .gpu)" | tee "$out/train.log"
 fi
 echo "gpu.sh: tests and benchmarks done (status $status); results in $out"
 exit $status

@@ -1,0 +1,40 @@
+"""`benchmarks/gpu.sh`, the one command a lent GPU runs, run here first: its smoke mode
+(``GPU_SH_SMOKE=1``) takes every step of it on this CPU at toy sizes, with the payload that
+`scripts/gpu_payload.py` writes, so a flag or script that rotted fails here and not in the few
+minutes of a GPU loan."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_gpu_sh_runs_every_step_and_writes_its_results(tmp_path):
+    payload, out = tmp_path / "payload", tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    made = subprocess.run([sys.executable, "scripts/gpu_payload.py", "--out", str(payload)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    run = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**env, "GPU_SH_SMOKE": "1", "GPU_PAYLOAD": str(payload), "OUT": str(out), "PYTHON": sys.executable})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    assert "gpu.sh: tests and benchmarks done (status 0)" in run.stdout
+
+    assert "skipped" in (out / "cuda_tests.log").read_text()  # (no CUDA here: collected, every one skipped)
+    decoder = json.loads((out / "decoder_step.json").read_text())
+    timed = decoder["tokens"]["2x64"]["methods"]
+    assert {"full", "lora-mlp", "shira", "sparse-random", "sparsegrad-onesided", "sparsegrad-dynamic"} <= set(timed)
+    assert all(m["median_step_s"] > 0 for m in timed.values())
+    block = json.loads((out / "step_time.json").read_text())["step_time"]["bert-base 768x3072"]["64"]["vs_lora"]
+    assert {"sparse-random", "sparse-random-triton", "sparsegrad-fixed-1side-triton", "shira"} <= set(block)
+    (record,) = json.loads((out / "train" / "results.json").read_text())
+    assert (record["method"], record["device"], record["steps"]) == ("sparse-random", "cpu", 3)
+    assert 0 < record["accuracy"] <= 1
