@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's GPU check, as users see it: one command, under 6 minutes on one H100/H200-class GPU.
 #   1. the CUDA-marked tests (tests/test_cuda.py: every compute path of the layer on the GPU,
-#      float32 and bfloat16, against the formula; the cached merge under fused AdamW);
+#      float32 and bfloat16, against the formula; the cached merge under fused AdamW;
+#      tests/test_compile.py: a torch.compile'd bf16 step against the eager one);
 #   2. a real decoder (benchmarks/decoder_step.py: TinyLlama-1.1B shape, bf16, full / LoRA-MLP /
 #      SHiRA / sparse-random, the default / sparsegrad, the narrow side rotated / dynamic at 8x512 and
 #      4x2048 tokens): step time vs LoRA and peak memory;
@@ -36,10 +37,10 @@ else
   train=()
 fi
 status=0
-timeout 80 "$py" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 90 "$py" -m pytest -q -m cuda tests/test_cuda.py tests/test_compile.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
 timeout 120 "$py" benchmarks/decoder_step.py "${decoder[@]}" --device "$device" --precision bf16 \
   --out "$out" 2>&1 | grep -v Warning | tee "$out/decoder_step.log" || status=1
-timeout 100 "$py" benchmarks/step_time.py --device "$device" --dtype bfloat16 "${block[@]}" \
+timeout 90 "$py" benchmarks/step_time.py --device "$device" --dtype bfloat16 "${block[@]}" \
   --methods sparse-random,sparse-random-triton,sparsegrad-fixed-1side,sparsegrad-fixed-1side-triton,sparsegrad-dynamic-1side,shira --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
 if [ -f "$payload/minilm/config.json" ]; then
   timeout 50 "$py" -m sparseft.app.cli train --model "$payload/minilm" --data "$payload/rotten_tomatoes.csv" --group-column group \

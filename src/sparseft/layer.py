@@ -11,7 +11,7 @@ support touches matter (D = Δ̃[R, C], a = |R|, b = |C|).
 ``SparseLinear`` composes the parts of :mod:`sparseft.update` and adds no case analysis of its
 own: a basis and a support (picked once, by ``make_basis`` and ``make_support``), the
 :class:`~sparseft.update.delta.SparseDelta` that computes with them, and the autograd function
-``SparseUpdate``. It owns the module side: the trainable parameter, the state dict, calibration
+``SparseUpdate`` (under ``torch.compile``, the operator ``compiled_update`` calls). It owns the module side: the trainable parameter, the state dict, calibration
 state and export.
 """
 
@@ -29,7 +29,7 @@ from .tuner import BaseTunerLayer
 from .update.bank import BasisBank
 from .update.basis import IdentityBasis, InputRotatedBasis, make_basis
 from .update.delta import SparseDelta
-from .update.function import SparseUpdate
+from .update.function import SparseUpdate, compiled_update
 from .update.kernels import GRAD_PATHS, grad_costs, kernels_for, lowrank_product
 from .update.support import make_support
 
@@ -215,6 +215,10 @@ class SparseLinear(BaseTunerLayer):
         if torch.is_grad_enabled() and hasattr(self.support, "ensure_hook"):
             self.support.ensure_hook(param)
         inference = not (torch.is_grad_enabled() and (param.requires_grad or x.requires_grad))
+        if torch.compiler.is_compiling() and self._fast_path_ok():  # one opaque node of the graph: no graph break
+            if self.quantized:
+                return self.base_layer(x) + compiled_update(x, param, None, None, self.update)
+            return compiled_update(x, param, weight_of(self.base_layer), self.base_layer.bias, self.update)
         if inference and self._fast_path_ok() and not self._merge_pays(x.numel() // self.n):
             y = self.base_layer(x)  # x W0ᵀ + b, and the update in its sparse form beside it
             return y + self._inference_factors()(x).to(y.dtype)

@@ -11,7 +11,8 @@
   calibration computes them with.
 - :mod:`~sparseft.update.delta`: ``SparseDelta``, one layer's update: which route each product
   of a step takes, and the merged-weight cache.
-- :mod:`~sparseft.update.function`: the autograd function over (delta, kernels).
+- :mod:`~sparseft.update.function`: the autograd function over (delta, kernels), and the same
+  as one operator of a ``torch.compile`` graph (``sparseft::update``).
 
 Nothing here imports the layer, the tuner or the app.
 """

@@ -15,6 +15,9 @@ passed in by the layer, so the autograd function (:mod:`sparseft.update.function
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -35,6 +38,16 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 register_optimizer_step_post_hook(_count_optimizer_step)
 
+# Every live SparseDelta by its handle: the compiled graph's operator (update.function) names its
+# layer's delta by this string, a constant torch.compile can hold.
+_DELTAS: weakref.WeakValueDictionary[str, SparseDelta] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+def delta_of(handle: str) -> SparseDelta:
+    """The live SparseDelta with this ``handle``."""
+    return _DELTAS[handle]
+
 
 class SparseDelta:
     """ΔW of an m×n layer in ``basis`` on ``support``; ``compute_path`` "auto" (cost model),
@@ -45,6 +58,16 @@ class SparseDelta:
         self.basis, self.support, self.m, self.n = basis, support, m, n
         self.compute_path, self.cache_update = compute_path, bool(cache_update)
         self._cache: tuple | None = None
+        self._register()
+
+    def _register(self) -> None:
+        self.handle = f"delta-{next(_HANDLES)}"
+        _DELTAS[self.handle] = self
+
+    def __setstate__(self, state: dict) -> None:
+        """A copy (``copy.deepcopy`` of a model, unpickling) is a delta of its own: a new handle."""
+        self.__dict__.update(state)
+        self._register()
 
     def factors(self, param: torch.Tensor) -> tuple:
         """(D, R, C): the update is P_R D Q_Cᵀ."""
