@@ -1,6 +1,6 @@
 """Training-step time of whole real models, methods side by side (interleaved round by round).
 
-    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparse-random,sparsegrad,sparsegrad@rowmajor,...]
+    PYTHONPATH=src python benchmarks/model_step.py [--model minilm|mpnet] [--methods lora-mlp,sparse-random,sparsegrad,sparsegrad@rowmajor,lora-mlp@compiled,...]
                                                    [--regime peft|paper] [--rounds 12] [--threads 1]
 
 Each method gets its own copy of the model, prepared as the suite prepares it (`methods.prepare`,
@@ -33,7 +33,8 @@ from step_time import fastest_ratio, layout_kernels, paired_ratio, turned  # one
 # "<method>@<variant>": the method with one of the kernels' layout choices off, to time a layout
 # choice against the default in one run. "@rowmajor": the wide activations handed on row-major
 # (hand_off_n_major); "@w0given": W0 left as the model gives it (relay_base). See layout_kernels.
-VARIANTS = ("@rowmajor", "@w0given")
+# "@compiled": the model stepped through torch.compile (compiled in the warm-up round).
+VARIANTS = ("@rowmajor", "@w0given", "@compiled")
 
 
 def split_variant(method: str) -> tuple[str, str]:
@@ -81,7 +82,8 @@ def main() -> None:
             prepared.sparse.calibrate([batch(vocab, args.rows, args.length, 100 + i) for i in range(10)], steps=10, show_progress=False)
             calibration_s = time.perf_counter() - t0
         model.train()
-        runs[method] = {"model": model, "opt": prepared.make_optimizer(1e-5), "times": [], "calibration_s": calibration_s,
+        runs[method] = {"model": model, "forward": torch.compile(model) if tag == "@compiled" else model,
+                        "opt": prepared.make_optimizer(1e-5), "times": [], "calibration_s": calibration_s,
                         "trainable": prepared.trainable_params}
         print(f"prepared {method} ({prepared.trainable_params:,d} trainable, calibration {calibration_s:.1f} s)", flush=True)
 
@@ -89,7 +91,7 @@ def main() -> None:
         run = runs[method]
         with layout_kernels(method, "cpu"):
             t0 = time.perf_counter()
-            run["model"](**data).loss.backward()
+            run["forward"](**data).loss.backward()
             run["opt"].step()
             run["opt"].zero_grad(set_to_none=True)
             return time.perf_counter() - t0
