@@ -6,7 +6,7 @@ run train on the same global batches. Calibration reduces each layer's gradient 
 before it forms Grams and scores, so it equals a 1-process calibration on the same global
 batches (``calibration_batches``).
 
-    torchrun --nproc-per-node 2 tests/ddp_worker.py OUT [torch|accelerate]
+    torchrun --nproc-per-node 2 tests/ddp_worker.py OUT [torch|accelerate|fsdp2|ddp-compiled]
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ def train(variant: str, rank: int = 0, world: int = 1, launcher: str = "torch", 
             model.attach_optimizer(opt)
     elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model)  # default settings
+        if launcher == "ddp-compiled":  # DDP's graph split at its buckets, each adapted layer one operator
+            net = torch.compile(net)
     model.train()
     broadcast["bytes"] = 0
     start = 0
@@ -174,13 +176,15 @@ def main() -> None:
     faulthandler.enable(all_threads=True)
     torch._C._set_print_stack_traces_on_fatal_signal(True)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and launcher in ("torch", "fsdp2"):
+    if world > 1 and launcher in ("torch", "fsdp2", "ddp-compiled"):
         torch.distributed.init_process_group("gloo")
     elif world > 1:
         from accelerate import PartialState
 
         PartialState(cpu=True)  # accelerate initialises the gloo process group on CPU
     for variant in VARIANTS:
+        if launcher == "ddp-compiled" and variant not in ("fixed", "dynamic-sparseadamw"):
+            continue
         if launcher == "fsdp2" and variant != "fixed":
             # dynamic selection needs the whole gradient; FSDP shards it: refused, not wrong
             try:

@@ -37,12 +37,16 @@ def _on(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train(model, forward, optimizer, arch: str, steps: int, autocast) -> list[float]:
+def train(model, forward, optimizer, arch: str, steps: int, autocast, first_grads: list | None = None) -> list[float]:
+    """The losses of ``steps`` steps; ``first_grads`` gets the trained parameters' first gradients
+    (Adam's steps barely depend on a gradient's scale, so the trajectory alone would not show one)."""
     losses = []
     for s in range(steps):
         with autocast():
             loss = forward(**_on(make_batch(arch, s), next(model.parameters()).device)).loss
         loss.backward()
+        if s == 0 and first_grads is not None:
+            first_grads.extend(p.grad.clone() for p in model.parameters() if p.requires_grad)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
@@ -58,8 +62,11 @@ def compiled_against_eager(method: str, arch: str, device: str = "cpu", precisio
                 else contextlib.nullcontext)
     compiled, opt_c = build(method, arch, device)
     eager, opt_e = build(method, arch, device)
-    got = train(compiled, torch.compile(compiled), opt_c, arch, steps, autocast)
-    want = train(eager, eager, opt_e, arch, steps, autocast)
+    grads_c, grads_e = [], []
+    got = train(compiled, torch.compile(compiled), opt_c, arch, steps, autocast, grads_c)
+    want = train(eager, eager, opt_e, arch, steps, autocast, grads_e)
+    for g_c, g_e in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6 + 1e-4 * float(g_e.abs().max()))
     return compiled, eager, got, want, graph_breaks()
 
 

@@ -25,6 +25,7 @@ WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 LAUNCHERS = {
     "torch": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
     "fsdp2": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
+    "ddp-compiled": [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"],
     # --multi_gpu is accelerate's switch for "launch N processes with torch.distributed"; on a
     # machine without GPUs the processes join a gloo group on CPU.
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -95,6 +96,23 @@ def test_two_processes_train_like_one(launcher: str, tmp_path: Path) -> None:
     # plain AdamW with per-backward masking would cut local gradients before the all-reduce
     for rank in (0, 1):
         assert "attach_optimizer" in (tmp_path / f"dynamic-hook.error.rank{rank}.txt").read_text()
+
+
+@pytest.mark.slow
+def test_two_compiled_processes_train_like_one(tmp_path: Path) -> None:
+    """``torch.compile(DistributedDataParallel(model))``: DDP splits the graph at its buckets and
+    each adapted layer is one operator (sparseft::update); 2 processes train as 1 does."""
+    torch.set_num_threads(1)
+    _launch("ddp-compiled", tmp_path)
+    for variant in ("fixed", "dynamic-sparseadamw"):
+        rank0, _ = load_tensors(tmp_path / f"{variant}.calib.rank0.safetensors")
+        distributed, _ = load_tensors(tmp_path / f"{variant}.weights.safetensors")
+        reference, _ = worker.train(variant, calib=rank0)
+        untrained = worker.weights(worker.build(variant, 0, 1, calib=rank0)[0])
+        moved = max(float((reference[k] - untrained[k]).abs().max()) for k in reference if not k.startswith("classifier"))
+        diff = max(float((reference[k] - distributed[k]).abs().max()) for k in reference)
+        assert moved > 1e-3
+        assert diff < 1e-5, (variant, diff)
 
 
 @pytest.mark.slow
