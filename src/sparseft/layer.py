@@ -11,8 +11,8 @@ support touches matter (D = Δ̃[R, C], a = |R|, b = |C|).
 ``SparseLinear`` composes the parts of :mod:`sparseft.update` and adds no case analysis of its
 own: a basis and a support (picked once, by ``make_basis`` and ``make_support``), the
 :class:`~sparseft.update.delta.SparseDelta` that computes with them, and the autograd function
-``SparseUpdate`` (under ``torch.compile``, the operator ``compiled_update`` calls). It owns the module side: the trainable parameter, the state dict, calibration
-state and export.
+``SparseUpdate`` (under ``torch.compile``, the operator ``compiled_update`` calls). It owns the
+module side: the trainable parameter, the state dict, calibration state and export.
 """
 
 from __future__ import annotations
