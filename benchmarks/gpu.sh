@@ -40,7 +40,7 @@ status=0
 timeout 90 "$py" -m pytest -q -m cuda tests/test_cuda.py tests/test_compile.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
 timeout 120 "$py" benchmarks/decoder_step.py "${decoder[@]}" --device "$device" --precision bf16 \
   --out "$out" 2>&1 | grep -v Warning | tee "$out/decoder_step.log" || status=1
-timeout 90 "$py" benchmarks/step_time.py --device "$device" --dtype bfloat16 "${block[@]}" \
+timeout 100 "$py" benchmarks/step_time.py --device "$device" --dtype bfloat16 "${block[@]}" \
   --methods sparse-random,sparse-random-triton,sparsegrad-fixed-1side,sparsegrad-fixed-1side-triton,sparsegrad-dynamic-1side,shira --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
 if [ -f "$payload/minilm/config.json" ]; then
   timeout 50 "$py" -m sparseft.app.cli train --model "$payload/minilm" --data "$payload/rotten_tomatoes.csv" --group-column group \
