@@ -128,10 +128,13 @@ def test_a_copied_model_has_deltas_of_its_own():
     for layer, twin_layer in zip(layers, copies):
         assert layer.update.handle != twin_layer.update.handle
         assert delta_of(layer.update.handle) is layer.update and delta_of(twin_layer.update.handle) is twin_layer.update
+    gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for p in twin.parameters():
             if p.requires_grad:
                 p.add_(0.5)
+        for twin_layer in copies:  # another support: a delta shared with the original would compute on its entries
+            twin_layer.choose_support(torch.rand(twin_layer.support.block, generator=gen))
     batch = make_batch("llama", 3)
     with torch.no_grad():
         assert not torch.allclose(torch.compile(model)(**batch).logits, torch.compile(twin)(**batch).logits)
