@@ -23,7 +23,8 @@ from .kernels import is_n_major, kernels_for
 
 
 def _precision(device: str, autocast_dtype: torch.dtype | None):
-    """The backward's precision: the forward's autocast dtype (torch.amp.custom_bwd), or none."""
+    """Autocast at ``autocast_dtype`` (the forward's, restored for its backward as
+    torch.amp.custom_bwd does, and inside the compiled operator), or nothing."""
     if autocast_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device, dtype=autocast_dtype)
