@@ -25,7 +25,7 @@ from .calibration import (DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibr
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .fingerprint import base_fingerprint
-from .quantized import compute_dtype, dequantized, unpack_for_training
+from .quantized import compute_dtype, dequantized, keep_storage_layout, unpack_for_training
 from .update.weight_bases import check_sample, weight_bases
 from .update.support import index_digest, seeded_scores
 from .layer import SparseLinear
@@ -514,4 +514,6 @@ def get_sparse_model(model: nn.Module, config: SparseConfig, bases: str | os.Pat
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"get_sparse_model() adapts a torch nn.Module (e.g. a transformers model), got {type(model).__name__}.")
-    return SparseModel.wrap(model, config, bases=bases)
+    sparse = SparseModel.wrap(model, config, bases=bases)
+    keep_storage_layout(model)  # a model made to train: no eval forward (Trainer's, say) may repack and move its 4-bit W0
+    return sparse
