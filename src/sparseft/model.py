@@ -60,6 +60,8 @@ class SparseModel(BaseTuner):
         # the fingerprint samples a 4-bit layer's stored codes: in bitsandbytes' layout, not its CPU inference repacking
         # (an eval forward before this, e.g. scoring the untrained model, made the adapter unloadable onto its own base)
         unpack_for_training(model)
+        # and no later eval forward repacks (undoing it is inexact: W0 moved 0.14%), so a loaded adapter answers as trained
+        keep_storage_layout(model)
         self.fingerprint = base_fingerprint(model, self.targets)
         self._saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
         self.bases = BasisBank()
@@ -514,6 +516,4 @@ def get_sparse_model(model: nn.Module, config: SparseConfig, bases: str | os.Pat
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"get_sparse_model() adapts a torch nn.Module (e.g. a transformers model), got {type(model).__name__}.")
-    sparse = SparseModel.wrap(model, config, bases=bases)
-    keep_storage_layout(model)  # a model made to train: no eval forward (Trainer's, say) may repack and move its 4-bit W0
-    return sparse
+    return SparseModel.wrap(model, config, bases=bases)
