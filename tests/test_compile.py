@@ -167,3 +167,29 @@ def test_compiled_training_on_a_4bit_base_equals_eager(tmp_path):
     for p, q in zip(compiled.parameters(), eager.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sparse-random", "sparsegrad"])
+def test_sequences_of_other_lengths_reuse_one_dynamic_graph(method):
+    """Padding to each batch's longest sequence changes the token count every step: after the
+    first new length Dynamo compiles one graph with a symbolic length (the operator's fake
+    implementation takes symbolic shapes), and trains on as the eager model does."""
+    torch._dynamo.reset()
+    counters.clear()
+    lengths = (12, 17, 23, 9, 30)
+    runs = [build(method, "llama") for _ in range(2)]
+    losses = []
+    for (model, optimizer), forward in zip(runs, (torch.compile(runs[0][0]), runs[1][0])):
+        run = []
+        for s, length in enumerate(lengths):
+            loss = forward(**make_batch("llama", s, length=length)).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            run.append(loss.item())
+        losses.append(run)
+    assert graph_breaks() == 0
+    assert counters["stats"]["unique_graphs"] == 2  # the static first length, then one for every other
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
