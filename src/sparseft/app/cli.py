@@ -790,6 +790,15 @@ def _main(argv: list[str] | None) -> int:
         print(f"sparseft: error: {exc}", file=sys.stderr)
         return 2
     import torch
+
+    if getattr(args, "device", None) is not None:  # needs torch only: an unusable device fails before the rest loads
+        from .placement import resolve
+
+        try:
+            resolve(args.device, args.precision)
+        except SparseFTError as exc:
+            print(f"sparseft: error: {exc}", file=sys.stderr)
+            return 2
     import transformers
 
     transformers.logging.set_verbosity_error()
