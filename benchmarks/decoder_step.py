@@ -1,7 +1,7 @@
 """Training-step time and peak memory of a real decoder, methods side by side, as users run it on a GPU.
 
     PYTHONPATH=src python benchmarks/decoder_step.py [--shape tinyllama|tiny] [--device cuda] [--precision bf16]
-        [--tokens 8x512 4x2048] [--methods full,lora-mlp,shira,sparse-random,sparsegrad,sparsegrad-dynamic] [--rounds 10] [--out DIR]
+        [--tokens 8x512 4x2048] [--methods full,lora-mlp,shira,sparse-random,sparsegrad,sparsegrad-dynamic] [--rounds 10] [--out DIR] [--cpu-peak]
 
 A LLaMA decoder at TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 22 blocks, 32 heads, 4 KV heads,
 vocabulary 32000; ``--shape tiny``: a 2-block toy for a CPU smoke run), random init (step time does
@@ -12,7 +12,10 @@ gate/up/down), calibrated on 4 batches where it needs it. Per token setting (row
 - step time: 3 warm-up steps each, then ``--rounds`` rounds, each timing one synchronised step
   (forward, backward, optimizer step) of every method in turn, the order turning each round; the
   ratio to LoRA-MLP is the median of the paired per-round ratios;
-- peak memory (CUDA): each method alone on the device, its peak allocated bytes over one step.
+- peak memory (CUDA): each method alone on the device, its peak allocated bytes over one step;
+  on a CPU with ``--cpu-peak``: each method alone in a fresh process, its peak resident bytes
+  above the process's before the model was built (glibc told to map every block over 64 KiB on
+  its own, so a freed tensor leaves the resident set at once), over the second step.
 
 Prints a table and writes ``decoder_step.json`` to ``--out`` after each token setting.
 """
@@ -22,7 +25,10 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,10 +93,17 @@ def step(model, optimizer, data, placement) -> float:
     return time.perf_counter() - t0
 
 
-def peak_bytes(shape: str, method: str, placement, rows: int, length: int) -> int | None:
-    """Peak allocated bytes of one step with ``method`` alone on the device (None off CUDA)."""
+def peak_bytes(shape: str, method: str, placement, rows: int, length: int, cpu_peak: bool = False) -> int | None:
+    """Peak allocated bytes of one step with ``method`` alone on the device; off CUDA, with
+    ``cpu_peak``, the peak resident bytes of a fresh process (``cpu_peak_bytes``), else None."""
     if not placement.device.startswith("cuda"):
-        return None
+        if not cpu_peak:
+            return None
+        command = [sys.executable, __file__, "--peak-of", method, "--shape", shape, "--device", placement.device,
+                   "--precision", placement.precision, "--tokens", f"{rows}x{length}"]
+        done = subprocess.run(command, env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True,
+                              check=True)
+        return int(done.stdout.split()[-1])
     gc.collect()
     torch.cuda.empty_cache()
     model, optimizer, _, _ = build(shape, method, placement, length, rows)
@@ -105,6 +118,25 @@ def peak_bytes(shape: str, method: str, placement, rows: int, length: int) -> in
     return peak
 
 
+def cpu_peak_bytes(shape: str, method: str, placement, rows: int, length: int) -> int:
+    """This process's peak resident bytes over a step after the first, above its resident bytes
+    before the model was built (model, optimizer state and the step's transients together)."""
+    from sparseft.app.metrics import peak_rss_bytes, reset_peak_rss
+
+    warm = build("tiny", method, placement, 8, 1)  # (the libraries' imports and lazy set-up: not the method's memory)
+    step(*warm[:2], batch(512, 1, 8, 0, placement.device), placement)
+    del warm
+    gc.collect()
+    reset_peak_rss()
+    before = peak_rss_bytes()
+    model, optimizer, _, _ = build(shape, method, placement, length, rows)
+    data = batch(model.config.vocab_size, rows, length, 0, placement.device)
+    step(model, optimizer, data, placement)  # optimizer state exists from here on
+    reset_peak_rss()
+    step(model, optimizer, data, placement)
+    return peak_rss_bytes() - before
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
@@ -116,8 +148,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--cpu-peak", action="store_true", help="on a CPU, measure each method's peak resident memory too")
+    ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # (the fresh process --cpu-peak runs per method)
     args = ap.parse_args()
     placement = resolve(args.device, args.precision)
+    if args.peak_of:
+        rows, length = map(int, args.tokens[0].split("x"))
+        print(cpu_peak_bytes(args.shape, canonical(args.peak_of), placement, rows, length))
+        return
     methods = [canonical(m) for m in split_methods(args.methods)]
     if "lora-mlp" not in methods:
         methods.insert(0, "lora-mlp")
@@ -147,10 +185,13 @@ def main() -> None:
         entry = results["tokens"][setting]
         print(f"\n{setting} tokens ({rows * length}), median of {args.rounds} steps")
         print(f"{'method':24s} {'step s':>8s} {'vs LoRA':>8s} {'fastest':>8s} {'peak GiB':>9s} {'calib s':>8s}")
+        peak_kind = ("CUDA peak allocated" if placement.device.startswith("cuda")
+                     else "peak resident above the process's start" if args.cpu_peak else None)
         for method in methods:
-            peak = peak_bytes(args.shape, method, placement, rows, length)
+            peak = peak_bytes(args.shape, method, placement, rows, length, args.cpu_peak)
             row = entry["methods"][method] | {"median_step_s": statistics.median(times[method]), "vs_lora_mlp": ratios[method],
-                                             "fastest_vs_lora_mlp": fastest[method], "peak_bytes": peak, "times": times[method]}
+                                             "fastest_vs_lora_mlp": fastest[method], "peak_bytes": peak, "peak_kind": peak_kind,
+                                             "times": times[method]}
             entry["methods"][method] = row
             gib = "-" if peak is None else f"{peak / 2**30:.1f}"
             label = f"{method} (default)" if method == DEFAULT_METHOD else method

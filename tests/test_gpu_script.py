@@ -38,3 +38,17 @@ def test_gpu_sh_runs_every_step_and_writes_its_results(tmp_path):
     (record,) = json.loads((out / "train" / "results.json").read_text())
     assert (record["method"], record["device"], record["steps"]) == ("sparse-random", "cpu", 3)
     assert 0 < record["accuracy"] <= 1
+
+
+def test_the_decoder_benchmark_measures_peak_memory_on_a_cpu_too(tmp_path):
+    """``decoder_step.py --cpu-peak``: each method's peak resident bytes from a fresh process, the
+    CPU stand-in for CUDA's peak allocated (docs/performance.md)."""
+    run = subprocess.run([sys.executable, "benchmarks/decoder_step.py", "--shape", "tiny", "--device", "cpu", "--precision", "bf16",
+                          "--tokens", "1x16", "--rounds", "1", "--warmup", "0", "--methods", "lora-mlp,sparse-random", "--cpu-peak",
+                          "--out", str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads((tmp_path / "decoder_step.json").read_text())["tokens"]["1x16"]["methods"]
+    assert set(rows) == {"lora-mlp", "sparse-random"}
+    for row in rows.values():
+        assert row["peak_kind"].startswith("peak resident") and 0 < row["peak_bytes"] < 2**30
