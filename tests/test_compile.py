@@ -193,3 +193,25 @@ def test_sequences_of_other_lengths_reuse_one_dynamic_graph(method):
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
     for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_loaded_adapters_and_mixed_batches_compile_to_the_eager_outputs(tmp_path):
+    """Adapters loaded for inference keep their sparse form (CSR), which Dynamo cannot trace: it
+    runs eagerly inside the compiled model (a graph break per layer), and a mixed batch's rows of
+    the model's own adapter go through its operator. A mixed batch with a rotated loaded adapter
+    crashed Dynamo (InternalTorchDynamoError on a CSR tensor) before."""
+    from test_multi_adapter import NAMES, _adapter
+
+    for name, kind, seed in (("a", "fixed", 1), ("b", "s2ft", 2)):
+        _adapter("llama", kind, seed).save_pretrained(tmp_path / name)
+    model = _adapter("llama", "fixed", 0)
+    model.load_adapter(tmp_path / "a", "a")
+    model.load_adapter(tmp_path / "b", "b")
+    batch = make_batch("llama", 3, batch=len(NAMES))
+    cases = [({}, "a"), ({"adapter_names": NAMES}, "default")]  # (the own adapter alone: the tests above; "b" is B·A)
+    for kwargs, active in cases:
+        torch._dynamo.reset()
+        model.set_adapter(active)
+        with torch.no_grad():
+            got, want = torch.compile(model)(**batch, **kwargs).logits, model(**batch, **kwargs).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{active} {kwargs}")

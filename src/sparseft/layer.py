@@ -237,8 +237,8 @@ class SparseLinear(BaseTunerLayer):
     def inference_factors(self, tokens: int, beside_base: bool = False) -> SparseFactors | None:
         """``beside_base``: the base layer has run over these rows already (a mixed batch), so the
         sparse form is weighed against a second dense pass over them, not against a merge."""
-        if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok():
-            return None
+        if not self.calibrated or torch.is_grad_enabled() or not self._fast_path_ok() or torch.compiler.is_compiling():
+            return None  # (compiled: the layer's own rows go through its operator, sparseft::update)
         dense_pays = self._sparse_cost(tokens) >= tokens * self.m * self.n if beside_base else self._merge_pays(tokens)
         if dense_pays:
             return None

@@ -81,6 +81,7 @@ class SparseFactors(nn.Module):
         return torch.sparse_csr_tensor(self.crow, self.col.to(self.index_dtype), self.values, self.shape,
                                        check_invariants=False)  # (built from a valid CSR)
 
+    @torch.compiler.disable  # (Dynamo cannot trace a CSR tensor: run eagerly inside a compiled model, a graph break)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.n).to(self.values.dtype)
@@ -142,6 +143,7 @@ class SparseFactors(nn.Module):
         return sum(t.numel() * t.element_size() for t in own if t is not None)
 
 
+@torch.compiler.disable  # (CSR products, and adapters grouped by their bases' storage: run eagerly when compiled)
 def mixed_delta(x: torch.Tensor, parts: list[tuple[torch.Tensor, SparseFactors]]) -> torch.Tensor:
     """``x ΔW_aᵀ`` for the rows each adapter a has in a mixed batch (``parts``: (row indices,
     update) pairs), as one N×…×m tensor (zero on rows no part names).
