@@ -221,7 +221,7 @@ def layout_kernels(method: str, device: str):
     if method.endswith("-triton"):
         from sparseft.update.triton_kernels import TritonKernels
 
-        return use_kernels(device_type, TritonKernels())
+        return use_kernels(device_type, TritonKernels(measure_paths=False))  # (the kernel itself, not the timed choice)
     if method.endswith("rowmajor"):
         return use_kernels(device_type, TorchKernels(hand_off_n_major=False))
     if method.endswith("w0given"):

@@ -50,6 +50,7 @@ def _assert_matches_on_device(layer, gen, dtype, n_major=False):
     for got, want in ((y, y_ref), (xg.grad, gx_ref), (gpu.param.grad, gp_ref)):
         scale = 1 + float(want.abs().max())
         torch.testing.assert_close(got.float().cpu(), want, atol=tol * scale, rtol=tol)
+    return gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -152,3 +153,20 @@ def test_a_checkpoint_resumes_on_the_other_device(tmp_path, there, back, optimiz
     for name, p in first.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(ours[name], p.detach().cpu(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("identity", [False, True])  # sparsegrad (the narrow side rotated); the default
+def test_gpu_value_gradient_path_is_measured_there(identity):
+    """On CUDA the value gradient's path is timed, not counted (``measure_paths``): in float32 the
+    sampled product and the dense bracketing both run once per layer, the faster is kept, and the
+    gradient is the formula's."""
+    from sparseft.update.kernels import SAMPLED, kernels_for
+
+    if DEVICE == "cuda":
+        assert kernels_for(DEVICE).measure_paths
+    layer, gen = make_layer(96, 48, 300, "fixed", identity, False, "auto", seed=12, rotation="narrow")
+    assert layer.update.path_for(4 * 33) == SAMPLED
+    moved = _assert_matches_on_device(layer, gen, torch.float32)
+    if DEVICE == "cuda":
+        ((path, seconds),) = moved.update.measured.values()
+        assert SAMPLED in seconds and len(seconds) == 2 and path in seconds

@@ -19,6 +19,7 @@ from conftest import ARCHS, make_batch, make_batches
 from sparseft import SparseAdamW, SparseGradConfig, get_sparse_model
 from sparseft.methods import DEFAULT_METHOD, prepare
 from sparseft.targets import find_targets
+from sparseft.update import TorchKernels, use_kernels
 
 # ops whose result the host must wait for: a value read back, or a shape that depends on data
 SYNCING = {"item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "nonzero_numpy", "masked_select",
@@ -64,10 +65,17 @@ def _plain_step(precision: str) -> Counter:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["default", "sparsegrad", "cached-merge", "dynamic-sparseadamw"])
+@pytest.mark.parametrize("case", ["default", "sparsegrad", "cached-merge", "dynamic-sparseadamw", "measured-paths"])
 def test_a_training_step_waits_for_no_device(case, precision):
+    # measured-paths: the default with the value gradient's path timed on its first backward, as on
+    # CUDA (kernels.measure_paths); that first step synchronises there, the later ones must not
+    with use_kernels("cpu", TorchKernels(measure_paths=True)) if case == "measured-paths" else nullcontext():
+        _check_step(case, precision)
+
+
+def _check_step(case: str, precision: str) -> None:
     # default: the product's default method (sparse-random: no rotation) as the jobs prepare it; sparsegrad: SparseGradConfig()
-    if case == "default":
+    if case in ("default", "measured-paths"):
         model = prepare(DEFAULT_METHOD, ARCHS["llama"](), rank=2).sparse
     else:
         config = {"sparsegrad": SparseGradConfig(match_lora_rank=2),
@@ -98,3 +106,5 @@ def test_a_training_step_waits_for_no_device(case, precision):
         optimizer.zero_grad(set_to_none=True)
     ours = _syncs(step) - _plain_step(precision)
     assert not ours, f"the {case} step ({precision}) adds ops that wait for the device: {dict(ours)}"
+    if case == "measured-paths" and precision == "fp32":  # (bf16 autocast: no sampled product, nothing to time)
+        assert all(layer.update.measured for layer in model.sparse_layers().values())

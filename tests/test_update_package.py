@@ -4,6 +4,7 @@ name and picked by a config), and a kernels backend registered for a device runs
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 import torch
@@ -131,3 +132,46 @@ def test_meprop_is_the_basis_that_rotates_nothing():
         SparseGradConfig(rotation="none")
     _, model = calibrated("bert", MePropConfig(density=0.05, selection="fixed"))
     assert all(isinstance(layer.basis, IdentityBasis) for layer in model.sparse_layers().values())
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowKernels(TorchKernels):
+    """The reference with one primitive made slow: what the measured choice must route around."""
+
+    slow: str = "sampled_product"
+    measure_paths: bool = True
+    calls: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    def sampled_product(self, mask, left, right):
+        self.calls["sampled_product"] = self.calls.get("sampled_product", 0) + 1
+        if self.slow == "sampled_product":
+            time.sleep(0.02)
+        return super().sampled_product(mask, left, right)
+
+    def gather(self, t, index):
+        if self.slow == "gather":
+            time.sleep(0.02)
+        return super().gather(t, index)
+
+
+@pytest.mark.parametrize("rotation,identity", [("narrow", False), ("both", True)])  # sparsegrad; the default's identity bases
+def test_measured_paths_take_the_faster_on_this_device_and_keep_it(rotation, identity):
+    """``measure_paths``: the sampled product and the cheapest whole bracketing are timed once
+    per layer and dtype, the faster kept; either way the gradients are the reference's."""
+    for slow, want in (("sampled_product", "not sampled"), ("gather", SAMPLED)):
+        layer, gen = make_layer(24, 8, 40, "fixed", identity, False, "auto", seed=2, cache=False, rotation=rotation)
+        assert layer.update.path_for(12) == SAMPLED  # what the count alone chooses here
+        with use_kernels("cpu", SlowKernels(slow=slow)) as kn:
+            check(layer, gen, (3, 4))
+            ((path, seconds),) = layer.update.measured.values()
+            assert SAMPLED in seconds and len(seconds) == 2
+            assert (path == SAMPLED) == (want == SAMPLED), (slow, seconds)
+            assert max(seconds.values()) >= 0.02
+            layer.values.grad = None
+            before = dict(layer.update.measured)
+            kn.calls.clear()
+            check(layer, gen, (5, 4))  # another token count: the choice is kept, not timed again
+            assert layer.update.measured == before
+            assert bool(kn.calls) == (path == SAMPLED)  # and the gradient took the chosen path
+        layer.values.grad = None
+        check(layer, gen, (3, 4))  # the reference (nothing measured) computes the same

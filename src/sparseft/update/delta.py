@@ -16,13 +16,15 @@ passed in by the layer, so the autograd function (:mod:`sparseft.update.function
 from __future__ import annotations
 
 import itertools
+import statistics
+import time
 import weakref
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .basis import Basis
-from .kernels import TorchKernels, cheapest_path, is_n_major, kernels_for
+from .kernels import GRAD_PATHS, SAMPLED, TorchKernels, cheapest_path, is_n_major, kernels_for
 from .support import Support
 
 # Optimizer steps taken anywhere in this process, counted by a global post-step hook: part of the
@@ -58,6 +60,7 @@ class SparseDelta:
         self.basis, self.support, self.m, self.n = basis, support, m, n
         self.compute_path, self.cache_update = compute_path, bool(cache_update)
         self._cache: tuple | None = None
+        self.measured: dict[tuple, tuple[str, dict[str, float]]] = {}  # (dtypes, device) → (path, seconds per path)
         self._register()
 
     def _register(self) -> None:
@@ -170,7 +173,32 @@ class SparseDelta:
     @torch.no_grad()
     def value_grad(self, g: torch.Tensor, x: torch.Tensor, kn: TorchKernels) -> torch.Tensor:
         """∂L/∂param: P_Rᵀ gᵀ x Q_C restricted to the support (g: N×m, x: N×n)."""
-        return self.support.value_grad(self.basis, g, x, self.path_for(x.shape[0]), kn)
+        path = self.path_for(x.shape[0])
+        if kn.measure_paths and self.compute_path == "auto" and path == SAMPLED and kn.sddmm_supported(x):
+            key = (g.dtype, x.dtype, torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None,
+                   x.device)
+            if key not in self.measured:
+                self.measured[key] = self._timed_paths(g, x, kn)
+            path = self.measured[key][0]
+        return self.support.value_grad(self.basis, g, x, path, kn)
+
+    def _timed_paths(self, g: torch.Tensor, x: torch.Tensor, kn: TorchKernels, repeats: int = 3) -> tuple[str, dict[str, float]]:
+        """(the faster path, median seconds of each): the sampled product against the cheapest
+        whole bracketing, each run once to warm up, then ``repeats`` times, synchronised."""
+        costs = self.cost_model(x.shape[0])
+        candidates = (SAMPLED, min(GRAD_PATHS, key=costs.__getitem__))
+        sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda device=None: None)
+        seconds = {}
+        for path in candidates:
+            times = []
+            for _ in range(repeats + 1):
+                sync(x.device)
+                t0 = time.perf_counter()
+                self.support.value_grad(self.basis, g, x, path, kn)
+                sync(x.device)
+                times.append(time.perf_counter() - t0)
+            seconds[path] = statistics.median(times[1:])
+        return min(candidates, key=seconds.__getitem__), seconds
 
 
 __all__ = ["SparseDelta"]

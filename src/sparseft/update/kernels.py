@@ -159,11 +159,19 @@ class TorchKernels:
     (``linear(..., n_major=True)``), the layout the next layer's sampled product reads, which
     then copies nothing. ``relay_base``: a fixed one-sided layer stores W0 in the layout its
     fused merge writes (``Basis.base_layout``). Both are layout choices of this backend; the
-    benchmarks time them against plain layouts (docs/performance.md)."""
+    benchmarks time them against plain layouts (docs/performance.md).
+
+    ``measure_paths``: a fixed support's value gradient by the faster, timed on this device, of
+    the sampled product and the cheapest whole bracketing (then gathered), instead of by counted
+    multiply-adds alone. Each layer times them once per dtype, on its first backward (which
+    therefore synchronises, as ``torch.backends.cudnn.benchmark`` does), and keeps the choice.
+    The count describes a CPU; on a GPU a dense product on tensor cores can beat a sampled one
+    a hundred times smaller."""
 
     name: str = "torch"
     hand_off_n_major: bool = True
     relay_base: bool = True
+    measure_paths: bool = False
 
     @staticmethod
     def sddmm_supported(x: torch.Tensor) -> bool:
@@ -262,6 +270,8 @@ class TorchKernels:
 
 REFERENCE = TorchKernels()
 _BACKENDS: dict[str, TorchKernels] = {}
+# where nothing is registered: on a GPU the value gradient's path is timed, not counted
+_DEVICE_DEFAULTS: dict[str, TorchKernels] = {"cuda": TorchKernels(measure_paths=True)}
 
 
 def register_kernels(device_type: str, kernels: TorchKernels) -> None:
@@ -270,10 +280,10 @@ def register_kernels(device_type: str, kernels: TorchKernels) -> None:
 
 
 def kernels_for(device: torch.device | str) -> TorchKernels:
-    """The kernels registered for ``device``'s type, else the torch reference."""
-    if not _BACKENDS:  # (called twice per layer and step: no work when nothing is registered)
-        return REFERENCE
-    return _BACKENDS.get(device.type if isinstance(device, torch.device) else torch.device(device).type, REFERENCE)
+    """The kernels registered for ``device``'s type, else its default: the torch reference, on
+    CUDA with ``measure_paths``."""
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _BACKENDS.get(kind) or _DEVICE_DEFAULTS.get(kind, REFERENCE)
 
 
 @contextmanager

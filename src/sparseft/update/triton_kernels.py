@@ -41,6 +41,7 @@ class TritonKernels(TorchKernels):
     name: str = "triton"
     block_k: int = 64
     block_n: int = 32
+    measure_paths: bool = True  # (the sampled kernel only where it times faster than the dense product)
 
     @staticmethod
     def sddmm_supported(x: torch.Tensor) -> bool:
