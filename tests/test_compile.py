@@ -196,9 +196,10 @@ def test_sequences_of_other_lengths_reuse_one_dynamic_graph(method):
 
 
 def test_loaded_adapters_and_mixed_batches_compile_to_the_eager_outputs(tmp_path):
-    """Adapters loaded for inference keep their sparse form (CSR), which Dynamo cannot trace: it
-    runs eagerly inside the compiled model (a graph break per layer), and a mixed batch's rows of
-    the model's own adapter go through its operator. A mixed batch with a rotated loaded adapter
+    """Adapters loaded for inference keep their sparse form (CSR, which Dynamo cannot trace): its
+    product is an operator (``sparseft::csr_product``), so an active loaded adapter compiles with
+    no graph break (34 before). A mixed batch's routing runs eagerly (graph breaks), its rows of
+    the model's own adapter through that adapter's operator: with a rotated loaded adapter it
     crashed Dynamo (InternalTorchDynamoError on a CSR tensor) before."""
     from test_multi_adapter import NAMES, _adapter
 
@@ -211,7 +212,10 @@ def test_loaded_adapters_and_mixed_batches_compile_to_the_eager_outputs(tmp_path
     cases = [({}, "a"), ({"adapter_names": NAMES}, "default")]  # (the own adapter alone: the tests above; "b" is B·A)
     for kwargs, active in cases:
         torch._dynamo.reset()
+        counters.clear()
         model.set_adapter(active)
         with torch.no_grad():
             got, want = torch.compile(model)(**batch, **kwargs).logits, model(**batch, **kwargs).logits
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{active} {kwargs}")
+        if not kwargs:
+            assert graph_breaks() == 0

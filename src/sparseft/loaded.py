@@ -71,7 +71,7 @@ class SparseFactors(nn.Module):
         col_dtype = torch.int16 if D.shape[1] <= 2**15 else self.index_dtype
         self.shape = tuple(D.shape)
         for name, value in (("crow", D.crow_indices().to(self.index_dtype)), ("col", D.col_indices().to(col_dtype)),
-                            ("values", D.values()),
+                            ("values", D.values().clone()),  # (a copy: a view into the CSR tensor cannot be traced)
                             ("P", None if P is None else P.detach().to(dtype)), ("Q", None if Q is None else Q.detach().to(dtype)),
                             ("rows", rows), ("cols", cols)):
             self.register_buffer(name, value, persistent=False)
@@ -81,7 +81,6 @@ class SparseFactors(nn.Module):
         return torch.sparse_csr_tensor(self.crow, self.col.to(self.index_dtype), self.values, self.shape,
                                        check_invariants=False)  # (built from a valid CSR)
 
-    @torch.compiler.disable  # (Dynamo cannot trace a CSR tensor: run eagerly inside a compiled model, a graph break)
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.n).to(self.values.dtype)
@@ -93,6 +92,8 @@ class SparseFactors(nn.Module):
 
     def _product(self, t: torch.Tensor) -> torch.Tensor:
         """t Dᵀ (N×a): the k entries."""
+        if torch.compiler.is_compiling():  # (the same product as an operator: no graph break)
+            return _csr_product(self.crow, self.col, self.values, self.shape[0], self.shape[1], t)
         return torch.sparse.mm(self._D(), t.T).T
 
     def _out(self, u: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,20 @@ class SparseFactors(nn.Module):
         return sum(t.numel() * t.element_size() for t in own if t is not None)
 
 
-@torch.compiler.disable  # (CSR products, and adapters grouped by their bases' storage: run eagerly when compiled)
+@torch.library.custom_op("sparseft::csr_product", mutates_args=())
+def _csr_product(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
+    """t Dᵀ for the a×b CSR D: a loaded update's sparse product as one node of a compiled graph
+    (Dynamo cannot trace a CSR tensor). Inference only: no gradient."""
+    D = torch.sparse_csr_tensor(crow, col.to(crow.dtype), values, (a, b), check_invariants=False)
+    return torch.sparse.mm(D, t.T).T.contiguous()
+
+
+@_csr_product.register_fake
+def _(crow, col, values, a, b, t):
+    return t.new_empty((t.shape[0], a))
+
+
+@torch.compiler.disable  # (adapters grouped by their bases' storage, which Dynamo cannot key on: run eagerly)
 def mixed_delta(x: torch.Tensor, parts: list[tuple[torch.Tensor, SparseFactors]]) -> torch.Tensor:
     """``x ΔW_aᵀ`` for the rows each adapter a has in a mixed batch (``parts``: (row indices,
     update) pairs), as one N×…×m tensor (zero on rows no part names).
