@@ -166,7 +166,7 @@ class TorchKernels:
     multiply-adds alone. Each layer times them once per dtype, on its first backward (which
     therefore synchronises, as ``torch.backends.cudnn.benchmark`` does), and keeps the choice.
     The count describes a CPU; on a GPU a dense product on tensor cores can beat a sampled one
-    a hundred times smaller."""
+    with a hundredth of its multiply-adds (a 1% support)."""
 
     name: str = "torch"
     hand_off_n_major: bool = True
