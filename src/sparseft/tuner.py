@@ -30,7 +30,7 @@ from .errors import AdapterMismatchError, ConfigError, InputError
 from .half_heads import Float32Head
 from .loaded import LowRankUpdate, SparseFactors, mixed_delta
 from .serialization import atomic_write_text, load_tensors, save_tensors
-from .quantized import compute_dtype, dequantized, is_quantized, keep_storage_layout, requantize, unpack_for_training
+from .quantized import compute_dtype, dequantized, is_quantized, requantize, unpack_for_training
 from .targets import find_heads, layer_shape, weight_of
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -306,7 +306,6 @@ class BaseTuner(nn.Module):
         super().train(mode)
         if mode:
             unpack_for_training(self.base_model)  # (bitsandbytes' CPU inference packing drops input gradients)
-            keep_storage_layout(self.base_model)  # (and undoing it moves W0: no later eval forward repacks)
         return self
 
     def _freeze_all_but_heads(self, model: nn.Module) -> None:
