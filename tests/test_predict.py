@@ -44,6 +44,25 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypa
     assert "--max-new-tokens: a classifier run" in capsys.readouterr().err
 
 
+def test_a_record_names_the_code_that_ran_also_from_a_checkout_with_no_install(monkeypatch):
+    """gpu.sh runs the repository's src/ on a machine where sparseft is not installed."""
+    import importlib.metadata
+
+    import sparseft
+    from sparseft.app.provenance import run_metadata
+
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "sparseft":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    versions = run_metadata()["versions"]
+    assert versions["sparseft"] == sparseft.__version__ and versions["torch"] == real("torch")
+
+
 def test_predict_names_the_fix_for_a_wrong_folder(tmp_path, capsys):
     assert main(["predict", "--adapter", str(tmp_path)]) == 2
     assert "sparseft train" in capsys.readouterr().err

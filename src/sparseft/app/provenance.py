@@ -15,8 +15,10 @@ def run_metadata(args: argparse.Namespace | None = None, **resolved: Any) -> dic
     import importlib.metadata
     import subprocess
 
-    versions = {}
-    for package in ("sparseft", "torch", "transformers", "peft", "safetensors"):
+    from .. import __version__
+
+    versions = {"sparseft": __version__}  # (the code that ran, also from a checkout's src/ with no install: gpu.sh)
+    for package in ("torch", "transformers", "peft", "safetensors"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
