@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import make_batch, tiny_gpt2, tiny_llama
 from torch._dynamo.utils import counters
+from torch.torch_version import TorchVersion
 
 from sparseft.layer import SparseLinear
 from sparseft.methods import prepare
@@ -169,6 +170,9 @@ def test_compiled_training_on_a_4bit_base_equals_eager(tmp_path):
             torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+# torch 2.8's and 2.11's CPU inductor fail a plain transformers LLaMA (no sparseft) over dynamic
+# lengths ("'tmp2' was not declared", C++); 2.13 compiles it (scripts/check_versions.sh floor).
+@pytest.mark.skipif(TorchVersion(torch.__version__) < "2.13", reason="torch's CPU inductor before 2.13 cannot compile the plain model over dynamic lengths")
 @pytest.mark.parametrize("method", ["sparse-random", "sparsegrad"])
 def test_sequences_of_other_lengths_reuse_one_dynamic_graph(method):
     """Padding to each batch's longest sequence changes the token count every step: after the
