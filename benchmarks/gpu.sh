@@ -13,7 +13,9 @@
 #   4. `sparseft train --device cuda` end to end on MiniLM / Rotten Tomatoes (the embedded default),
 #      when the payload is here: `python scripts/gpu_payload.py` makes .gpu/ (46 MB); carry it.
 #      Its CPU reference on the same inputs: the command in scripts/gpu_payload.py's docstring.
-# Writes JSON and logs to $OUT (the device tool's folder) or benchmarks/results/gpu.
+# Writes to $OUT (the device tool's folder) or benchmarks/results/gpu, in 5 files, since the device
+# tool brings back at most 8: gpu.log (everything printed), decoder_step.json, step_time.json,
+# step_time.png and train/results.json.
 # GPU_SH_SMOKE=1 runs the same steps on this CPU at toy sizes, Triton in its interpreter, so the
 # script a lent GPU runs has run here first (tests/test_gpu_script.py); GPU_PAYLOAD: the payload's
 # folder (default .gpu).
@@ -26,8 +28,10 @@ out="${OUT:-benchmarks/results/gpu}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
-"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')" | tee -a "$out/gpu.txt"
+log="$out/gpu.log"
+: > "$log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || echo "no nvidia-smi"; } | tee -a "$log"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA DEVICE')" | tee -a "$log"
 payload="${GPU_PAYLOAD:-.gpu}"
 if [ "${GPU_SH_SMOKE:-0}" = 1 ]; then
   device=cpu decoder=(--shape tiny --tokens 2x64 --rounds 1 --warmup 1) block=(--shapes bert --tokens 64 --rounds 1)
@@ -37,16 +41,18 @@ else
   train=()
 fi
 status=0
-timeout 90 "$py" -m pytest -q -m cuda tests/test_cuda.py tests/test_compile.py -p no:cacheprovider --junitxml "$out/cuda_tests.xml" 2>&1 | tee "$out/cuda_tests.log" || status=1
+timeout 90 "$py" -m pytest -q -m cuda tests/test_cuda.py tests/test_compile.py -p no:cacheprovider 2>&1 | tee -a "$log" || status=1
 timeout 120 "$py" benchmarks/decoder_step.py "${decoder[@]}" --device "$device" --precision bf16 \
-  --out "$out" 2>&1 | grep -v Warning | tee "$out/decoder_step.log" || status=1
+  --out "$out" 2>&1 | grep -v Warning | tee -a "$log" || status=1
 timeout 100 "$py" benchmarks/step_time.py --device "$device" --dtype bfloat16 "${block[@]}" \
-  --methods sparse-random,sparse-random-triton,sparsegrad-fixed-1side,sparsegrad-fixed-1side-triton,sparsegrad-dynamic-1side,shira --out "$out" 2>&1 | tee "$out/step_time.log" || status=1
+  --methods sparse-random,sparse-random-triton,sparsegrad-fixed-1side,sparsegrad-fixed-1side-triton,sparsegrad-dynamic-1side,shira --out "$out" 2>&1 | tee -a "$log" || status=1
 if [ -f "$payload/minilm/config.json" ]; then
   timeout 50 "$py" -m sparseft.app.cli train --model "$payload/minilm" --data "$payload/rotten_tomatoes.csv" --group-column group \
-    --device "$device" "${train[@]}" --no-save --no-progress --output-dir "$out/train" 2>&1 | tail -n 25 | tee "$out/train.log" || status=1
+    --device "$device" "${train[@]}" --no-save --no-progress --output-dir "$out/train" 2>&1 | tail -n 25 | tee -a "$log" || status=1
 else
-  echo "sparseft train --device $device: skipped (no $payload payload; run scripts/gpu_payload.py here and carry .gpu)" | tee "$out/train.log"
+  echo "sparseft train --device $device: skipped (no $payload payload; run scripts/gpu_payload.py here and carry .gpu)" | tee -a "$log"
 fi
-echo "gpu.sh: tests and benchmarks done (status $status); results in $out"
+files=$(find "$out" -type f | wc -l)  # (the device tool brings back 8 files, 2 folders down at most)
+[ "$files" -le 8 ] || { echo "gpu.sh: $files files under $out, more than the 8 the device tool brings back" | tee -a "$log"; status=1; }
+echo "gpu.sh: tests and benchmarks done (status $status); results in $out" | tee -a "$log"
 exit $status
