@@ -32,6 +32,7 @@ EOF
           rich matplotlib tqdm pyyaml gguf) ;;
   *) echo "usage: bash scripts/check_versions.sh floor|device [pytest arguments]" >&2; exit 2 ;;
 esac
+[ ${#pins[@]} -gt 0 ] || { echo "check_versions: no versions for $set_name (pyproject.toml unreadable?)" >&2; exit 1; }
 venv=.venv-$set_name
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 echo "check_versions: $set_name: ${pins[*]}"
