@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 
 import pytest
 import torch
+import transformers.utils.logging  # noqa: F401  (defines logging.Logger.warning_once)
 from conftest import make_batch, tiny_gpt2, tiny_llama
 from torch._dynamo.utils import counters
 from torch.torch_version import TorchVersion
@@ -71,10 +73,18 @@ def compiled_against_eager(method: str, arch: str, device: str = "cpu", precisio
     return compiled, eager, got, want, graph_breaks()
 
 
+@pytest.fixture(autouse=True)
+def _dynamo_skips_transformers_warnings():
+    """GPT-2's loss logs a transformers warning that Dynamo cannot trace (3 graph breaks, with
+    peft's LoRA as with ours, worded differently by each torch): Dynamo skips those calls, as its
+    own message advises, so every break counted is one of the model's."""
+    with torch._dynamo.config.patch(ignore_logger_methods={logging.Logger.warning, logging.Logger.warning_once}):
+        yield
+
+
 def graph_breaks() -> int:
-    """Graph breaks counted since ``counters.clear()``, but transformers' own: GPT-2's loss logs a
-    warning Dynamo cannot trace (3 breaks, with peft's LoRA as with ours)."""
-    return sum(n for reason, n in counters["graph_break"].items() if "logging.Logger" not in reason)
+    """Graph breaks counted since ``counters.clear()``."""
+    return sum(counters["graph_break"].values())
 
 
 @pytest.mark.parametrize("method,arch", [("sparse-random", "llama"), ("sparsegrad", "llama"), ("sparsegrad-dynamic", "llama"),
@@ -84,7 +94,9 @@ def test_compiled_training_equals_eager_with_no_graph_break(method, arch):
     assert breaks == 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(compiled.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
+        # (atol: Adam's step amplifies round-off where a gradient is near zero; torch 2.8 put one
+        # trained value 1.8e-6 away after 4 steps with every gradient within tolerance)
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
     compiled.eval()
     eager.eval()
     batch = make_batch(arch, 9)
@@ -166,8 +178,8 @@ def test_compiled_training_on_a_4bit_base_equals_eager(tmp_path):
     assert graph_breaks() == 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for p, q in zip(compiled.parameters(), eager.parameters()):
-        if p.requires_grad:
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        if p.requires_grad:  # (atol: Adam's round-off at a near-zero gradient, 1.1e-5 under torch 2.8;
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=5e-5)  # a wrong update is ~1e-2 off)
 
 
 # torch 2.8's and 2.11's CPU inductor fail a plain transformers LLaMA (no sparseft) over dynamic

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ddp_worker as worker  # noqa: E402
@@ -115,6 +116,10 @@ def test_two_compiled_processes_train_like_one(tmp_path: Path) -> None:
         assert diff < 1e-5, (variant, diff)
 
 
+# torch 2.8's FSDP2 over gloo sums the ranks' gradients where it should average them (every
+# gradient 2.0x one process's, the task head's too; 2.11 and 2.13 give 1.0x; 2.9 and 2.10 not
+# checked): Adam hides most of it, but not where a gradient is near its epsilon (docs/performance.md).
+@pytest.mark.skipif(TorchVersion(torch.__version__) < "2.11", reason="torch 2.8's FSDP2 on gloo sums gradients across ranks (2.11 averages)")
 @pytest.mark.slow
 def test_fsdp2_fully_shard_on_cpu(tmp_path: Path) -> None:
     """FSDP2 (fully_shard, gloo, CPU): fixed selection trains the same weights as 1 process;
