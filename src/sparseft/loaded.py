@@ -77,10 +77,6 @@ class SparseFactors(nn.Module):
             self.register_buffer(name, value, persistent=False)
         self.owned: set[str] = {"P", "Q"}  # the bases this adapter's memory count includes (see share_bases)
 
-    def _D(self) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow, self.col.to(self.index_dtype), self.values, self.shape,
-                                       check_invariants=False)  # (built from a valid CSR)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.n).to(self.values.dtype)
@@ -94,7 +90,7 @@ class SparseFactors(nn.Module):
         """t Dᵀ (N×a): the k entries."""
         if torch.compiler.is_compiling():  # (the same product as an operator: no graph break)
             return _csr_product(self.crow, self.col, self.values, self.shape[0], self.shape[1], t)
-        return torch.sparse.mm(self._D(), t.T).T
+        return _csr_times(self.crow, self.col, self.values, self.shape, t)
 
     def _out(self, u: torch.Tensor) -> torch.Tensor:
         """The output side: u P_Rᵀ (N×m), or u scattered into the rows ``rows``."""
@@ -144,12 +140,18 @@ class SparseFactors(nn.Module):
         return sum(t.numel() * t.element_size() for t in own if t is not None)
 
 
+def _csr_times(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], t: torch.Tensor) -> torch.Tensor:
+    """t Dᵀ for the CSR D (a view: t's rows as columns). ``col`` may be narrower than ``crow``
+    (int16 storage): widened here, as torch's CSR takes int32/int64."""
+    D = torch.sparse_csr_tensor(crow, col.to(crow.dtype), values, shape, check_invariants=False)  # (built from a valid CSR)
+    return torch.sparse.mm(D, t.T).T
+
+
 @torch.library.custom_op("sparseft::csr_product", mutates_args=())
 def _csr_product(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, a: int, b: int, t: torch.Tensor) -> torch.Tensor:
-    """t Dᵀ for the a×b CSR D: a loaded update's sparse product as one node of a compiled graph
-    (Dynamo cannot trace a CSR tensor). Inference only: no gradient."""
-    D = torch.sparse_csr_tensor(crow, col.to(crow.dtype), values, (a, b), check_invariants=False)
-    return torch.sparse.mm(D, t.T).T.contiguous()
+    """``_csr_times`` as one node of a compiled graph (Dynamo cannot trace a CSR tensor), its
+    output contiguous as the fake one is. Inference only: no gradient."""
+    return _csr_times(crow, col, values, (a, b), t).contiguous()
 
 
 @_csr_product.register_fake
