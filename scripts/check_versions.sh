@@ -20,7 +20,7 @@ import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 wanted = project["dependencies"] + project["optional-dependencies"]["hf"] + project["optional-dependencies"]["bench"]
 for spec in wanted:
-    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)\s*", spec.split("#")[0])
+    m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][^,;\s]*)\s*", spec)
     if m:  # (sparseft[hf] and unpinned names are not floors)
         print(f"{m[1]}=={m[2]}")
 EOF
