@@ -619,3 +619,37 @@ def test_trainable_base_falls_back_to_autograd():
     torch.testing.assert_close(layer.base_layer.bias.grad, torch.full((6,), 3.0))
     y_ref, _, g_ref = reference(layer, x, torch.ones(3, 6))
     torch.testing.assert_close(layer.values.grad, g_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("every_row", [True, False])
+def test_identity_merge_scatters_through_an_index_built_once(every_row):
+    """The default's merge (a copy of W0, the values added at their entries) scatters through the
+    support's flat index, built once per support: a merge after the first runs only the copy, the
+    scatter and view ops, no index arithmetic (on a GPU each op is a kernel launch, six merges per
+    MLP and step). A new support gets a new index."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    layer, gen = make_layer(12, 7, 30, "fixed", True, False, "auto", seed=4, cache=False)
+    i = torch.arange(30)
+    layer.set_support((0 if every_row else 1) + i % 11 + (i >= 22 if every_row else 0), i // 11 + (i >= 22 if every_row else 0))
+    assert isinstance(layer.support.index()[0], slice) == every_row
+    W0 = weight_of(layer.base_layer)
+    for _ in range(2):
+        assert torch.equal(layer.support.flat_index(7).long(), layer.rows * 7 + layer.cols)
+        layer._merge_into(W0)
+        with Record() as rec:
+            merged = layer._merge_into(W0)
+        assert set(rec.ops) <= {"clone", "index_add_", "view", "_to_copy", "detach", "alias"}, rec.ops
+        torch.testing.assert_close(merged, adapted_weight(layer))
+        layer.set_support(layer.rows.flip(0), layer.cols.flip(0))  # the same entries, values in another order

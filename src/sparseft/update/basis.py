@@ -318,7 +318,7 @@ class IdentityBasis:
     def merge_into(self, W0, support, values, kn):
         """The values added at their entries of W (a fresh row-major copy of W0)."""
         merged = W0.clone(memory_format=torch.contiguous_format)
-        kn.scatter_add(merged.view(-1), 0, support.rows * W0.shape[1] + support.cols, values.to(W0.dtype))
+        kn.scatter_add(merged.view(-1), 0, support.flat_index(W0.shape[1]), values.to(W0.dtype))
         return merged
 
     @staticmethod

@@ -111,7 +111,7 @@ class FixedSupport:
         self.owner.register_buffer("C", C.to(torch.long), persistent=False)
         self.owner.register_buffer("local", local.to(index_dtype), persistent=False)
         self.generation += 1
-        self._patterns: dict[str, tuple] = {}
+        self._patterns: dict = {}  # per side, its CSR pattern; per ("flat", width), flat_index
         self._index: tuple | None = None
 
     def csr(self, values: torch.Tensor, side: str, kn: TorchKernels = REFERENCE) -> torch.Tensor:
@@ -131,6 +131,23 @@ class FixedSupport:
             pattern = self._patterns[side] = (crow, c.index_select(0, order), order, (a, b))
         crow, col, order, shape = pattern
         return kn.csr(crow, col, values.detach().index_select(0, order), shape)
+
+    def flat_index(self, width: int) -> torch.Tensor:
+        """rows·width + cols of each value, in the order of ``values``: where it sits in a row-major
+        matrix ``width`` columns wide. Built once per support and device, since a merge scatters
+        through it on every forward and input gradient, and on a GPU each of the eight small ops
+        that build it is a kernel launch. A support on every row and column already stores it
+        (``local``); otherwise int32 where that fits."""
+        cached = self._patterns.get(("flat", width))
+        if cached is None or cached.device != self.local.device:
+            rows, cols = self.index()
+            if isinstance(rows, slice) and isinstance(cols, slice) and self.C.numel() == width:
+                cached = self.local
+            else:
+                cached = self.rows * width + self.cols
+                cached = cached.to(torch.int32) if self.block[0] * width < 2**31 else cached
+            self._patterns[("flat", width)] = cached
+        return cached
 
     @property
     def rows(self) -> torch.Tensor:
