@@ -113,17 +113,25 @@ def test_gpu_triton_sampled_product_matches_the_formula(rotation, identity, dtyp
 
 
 @pytest.mark.parametrize("there,back", [(DEVICE, "cpu"), ("cpu", DEVICE)])
-@pytest.mark.parametrize("optimizer", ["AdamW", "SparseAdamW"])
+@pytest.mark.parametrize("optimizer", ["AdamW", "SparseAdamW", "the jobs' AdamW"])
 def test_a_checkpoint_resumes_on_the_other_device(tmp_path, there, back, optimizer):
     """A checkpoint written with the model on one device resumes with it on the other: the next
-    step there equals the step the uninterrupted run takes."""
+    step there equals the step the uninterrupted run takes. The jobs' AdamW is fused on a GPU
+    (``optim.fused_on_gpu``) and not on the CPU, so that case crosses implementations too."""
     from conftest import tiny_bert
 
     import sparseft
     from sparseft import SparseGradConfig, get_sparse_model
     from sparseft.app.checkpoint import load_checkpoint, save_checkpoint
 
-    make = getattr(torch.optim, optimizer, None) or getattr(sparseft, optimizer)
+    from sparseft.methods import _adamw
+
+    def make(model, lr):
+        if optimizer == "the jobs' AdamW":  # as prepare() makes it
+            return _adamw(model)(lr)
+        return (getattr(torch.optim, optimizer, None) or getattr(sparseft, optimizer))(
+            [p for p in model.parameters() if p.requires_grad], lr=lr)
+
     gen = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 97, (4, 8), generator=gen), "labels": torch.tensor([0, 1, 0, 1])} for _ in range(3)]
 
@@ -140,12 +148,14 @@ def test_a_checkpoint_resumes_on_the_other_device(tmp_path, there, back, optimiz
 
     first = build(there)
     first.calibrate([{k: v.to(there) for k, v in batches[0].items()}], show_progress=False)
-    opt = make([p for p in first.parameters() if p.requires_grad], lr=1e-2)
+    opt = make(first, lr=1e-2)
+    if optimizer == "the jobs' AdamW":
+        assert bool(opt.defaults["fused"]) == (torch.device(there).type == "cuda")
     for batch in batches[:2]:
         step(first, opt, batch)
     save_checkpoint(tmp_path, first, opt, step=2)
     second = build(back)
-    opt2 = make([p for p in second.parameters() if p.requires_grad], lr=1e-2)
+    opt2 = make(second, lr=1e-2)
     assert load_checkpoint(tmp_path, second, opt2)["step"] == 2
     step(first, opt, batches[2])
     step(second, opt2, batches[2])

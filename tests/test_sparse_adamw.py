@@ -66,3 +66,22 @@ def test_dense_parameters_take_torch_adamw_steps() -> None:
         ours.step()
         theirs.step()
     torch.testing.assert_close(a, b)
+
+
+def test_the_jobs_adamw_is_fused_where_everything_is_on_a_gpu() -> None:
+    """As transformers' Trainer does by default: one kernel per step on a GPU, torch's own choice
+    (foreach) elsewhere, and never fused over a mix (which torch refuses)."""
+    from types import SimpleNamespace
+
+    from conftest import ARCHS
+    from sparseft.methods import DEFAULT_METHOD, prepare
+    from sparseft.optim import fused_on_gpu
+
+    gpu = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert fused_on_gpu([gpu, gpu]) is True
+    assert fused_on_gpu([gpu, torch.zeros(2)]) is None
+    assert fused_on_gpu([SimpleNamespace(is_cuda=True, dtype=torch.float64)]) is None
+    assert fused_on_gpu([]) is None
+    for method in (DEFAULT_METHOD, "lora-mlp", "full"):
+        optimizer = prepare(method, ARCHS["llama"](), rank=2).make_optimizer(1e-3)
+        assert optimizer.defaults["fused"] is None, method

@@ -319,9 +319,16 @@ def _trainable_count(prepared: Prepared) -> int:
 
 # ----------------------------------------------------------------------------- builders
 def _adamw(model: nn.Module) -> Callable[[float], torch.optim.Optimizer]:
+    """torch's AdamW over what trains, fused where everything is on a GPU (``optim.fused_on_gpu``)."""
     import torch
 
-    return lambda lr: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    from .optim import fused_on_gpu
+
+    def make(lr: float) -> torch.optim.Optimizer:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused_on_gpu(params))
+
+    return make
 
 
 def _sparse_adamw(model: nn.Module) -> Callable[[float], torch.optim.Optimizer]:

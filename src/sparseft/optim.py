@@ -28,6 +28,13 @@ from .distributed import SHARDED_DYNAMIC, is_sharded
 from .errors import ConfigError
 
 
+def fused_on_gpu(params: list[torch.Tensor]) -> bool | None:
+    """True where torch's fused AdamW takes every parameter (all on CUDA, in float32, float16 or
+    bfloat16): one kernel per step, and the step count stays on the device (no host read). None
+    elsewhere: torch's own choice (foreach). transformers' Trainer defaults to the fused form too."""
+    return (bool(params) and all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)) or None
+
+
 class SparseAdamW(torch.optim.Optimizer):
     def __init__(
         self,
@@ -101,7 +108,7 @@ class SparseAdamW(torch.optim.Optimizer):
             elif not isinstance(state["step"], torch.Tensor):  # a state saved by an older version
                 state["step"] = torch.tensor(float(state["step"]))
             steps.append(state["step"])
-        fused = all(p.is_cuda and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params) or None
+        fused = fused_on_gpu(params)
         adamw(
             params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
             [self.state[p]["exp_avg_sq"] for p in params], [], steps, fused=fused,
