@@ -33,9 +33,11 @@ def test_gpu_sh_runs_every_step_and_writes_its_results(tmp_path):
     assert len(files) <= 8 and all(len(f.parts) <= 3 for f in files), files
     log = (out / "gpu.log").read_text()
     assert "skipped" in log and "gpu.sh: tests and benchmarks done (status 0)" in log  # (no CUDA here: collected, every one skipped)
+    for step in ("the decoder", "the blocks", "sparseft train", "the CUDA tests (limit "):
+        assert f"gpu.sh: {step}" in log, step  # each step's time, to size the next loan's
     decoder = json.loads((out / "decoder_step.json").read_text())
     timed = decoder["tokens"]["2x64"]["methods"]
-    assert {"full", "lora-mlp", "shira", "sparse-random", "sparsegrad-onesided", "sparsegrad-dynamic"} <= set(timed)
+    assert {"full", "lora-mlp", "shira", "sparse-random", "sparse-random[cache_update=True]", "sparsegrad-dynamic"} <= set(timed)
     assert all(m["median_step_s"] > 0 for m in timed.values())
     block = json.loads((out / "step_time.json").read_text())["step_time"]["bert-base 768x3072"]["64"]["vs_lora"]
     assert {"sparse-random", "sparse-random-triton", "sparsegrad-fixed-1side-triton", "shira"} <= set(block)
