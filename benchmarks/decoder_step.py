@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/decoder_step.py [--shape tinyllama|tiny] [--device cuda] [--precision bf16]
         [--tokens 8x512 4x2048] [--methods full,lora-mlp,shira,sparse-random,...] [--rounds 10] [--out DIR] [--cpu-peak]
+        [--count-ops]
 
 A LLaMA decoder at TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 22 blocks, 32 heads, 4 KV heads,
 vocabulary 32000; ``--shape tiny``: a 2-block toy for a CPU smoke run), random init (step time does
@@ -17,7 +18,9 @@ gate/up/down), calibrated on 4 batches where it needs it. Per token setting (row
   above the process's before the model was built (glibc told to map every block over 64 KiB on
   its own, so a freed tensor leaves the resident set at once), over the second step.
 
-Prints a table and writes ``decoder_step.json`` to ``--out`` after each token setting.
+Prints a table and writes ``decoder_step.json`` to ``--out`` after each token setting. ``--count-ops``
+counts instead, per method, the aten ops of one step that do work (views aside; the first token
+setting): each is a kernel launch on a GPU, so this CPU can see launches a method adds.
 """
 
 from __future__ import annotations
@@ -140,6 +143,31 @@ def cpu_peak_bytes(shape: str, method: str, placement, rows: int, length: int) -
     return peak_rss_bytes() - before
 
 
+def op_count(shape: str, method: str, placement, rows: int, length: int) -> dict[str, int]:
+    """The aten ops of a training step after the first that do work (views aside), by name: on a
+    GPU each one is at least a kernel launch, which this CPU can count though not time."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ != "_unsafe_view":
+                self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    model, optimizer, _, _ = build(shape, method, placement, length, rows)
+    data = batch(model.config.vocab_size, rows, length, 0, placement.device)
+    step(model, optimizer, data, placement)
+    with Count() as counted:
+        step(model, optimizer, data, placement)
+    return dict(counted.ops.most_common())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
@@ -153,6 +181,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--cpu-peak", action="store_true", help="on a CPU, measure each method's peak resident memory too")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count each method's aten ops per step (views aside) instead of timing; writes decoder_ops.json")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # (the fresh process --cpu-peak runs per method)
     args = ap.parse_args()
     placement = resolve(args.device, args.precision)
@@ -167,6 +197,14 @@ def main() -> None:
     results = {"settings": vars(args) | {"torch": torch.__version__, **placement.record()}, "tokens": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.count_ops:
+        rows, length = map(int, args.tokens[0].split("x"))
+        results["ops_per_step"] = {m: op_count(args.shape, m, placement, rows, length) for m in methods}
+        print(f"{'method':34s} {'aten ops per step (views aside)':>32s}")
+        for method, ops in results["ops_per_step"].items():
+            print(f"{method:34s} {sum(ops.values()):32d}   " + ", ".join(f"{k} {v}" for k, v in list(ops.items())[:6]))
+        atomic_write_text(out / "decoder_ops.json", json.dumps(results, indent=1))
+        return
     for setting in args.tokens:
         rows, length = map(int, setting.split("x"))
         models = {}

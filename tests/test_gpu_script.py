@@ -58,3 +58,17 @@ def test_the_decoder_benchmark_measures_peak_memory_on_a_cpu_too(tmp_path):
     assert set(rows) == {"lora-mlp", "sparse-random"}
     for row in rows.values():
         assert row["peak_kind"].startswith("peak resident") and 0 < row["peak_bytes"] < 2**30
+
+
+def test_the_decoder_benchmark_counts_each_methods_ops(tmp_path):
+    """``decoder_step.py --count-ops``: the aten ops of one step per method, views aside (each a
+    kernel launch on a GPU). The default's merges add no index arithmetic: it runs fewer than
+    LoRA-MLP's step, whose two small products per layer are launches too."""
+    run = subprocess.run([sys.executable, "benchmarks/decoder_step.py", "--shape", "tiny", "--device", "cpu", "--precision", "bf16",
+                          "--tokens", "1x16", "--methods", "lora-mlp,sparse-random", "--count-ops", "--out", str(tmp_path)],
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ops = json.loads((tmp_path / "decoder_ops.json").read_text())["ops_per_step"]
+    assert set(ops) == {"lora-mlp", "sparse-random"} and ops["sparse-random"]["mm"] > 0
+    assert sum(ops["sparse-random"].values()) < sum(ops["lora-mlp"].values())
+    assert not {"floor_divide", "remainder"} & set(ops["sparse-random"])
