@@ -180,3 +180,25 @@ def test_gpu_value_gradient_path_is_measured_there(identity):
     if DEVICE == "cuda":
         ((path, seconds),) = moved.update.measured.values()
         assert SAMPLED in seconds and len(seconds) == 2 and path in seconds
+
+
+def test_a_seeded_random_support_is_the_same_on_every_device(monkeypatch):
+    """The adapter file stores a random support's seed, and loading rebuilds the support from it on
+    the CPU: it must not depend on where the layer was when it was chosen. Seed 9 ties three
+    entries of a 5632×2048 block at the k-th score (TinyLlama's MLP), of which the CPU's topk keeps
+    two; a device's topk may keep two others, so the choice runs on the CPU."""
+    from torch import nn
+
+    import sparseft.calibration as calibration
+    from sparseft.layer import SparseLinear
+    from sparseft.update.bank import BasisBank
+
+    monkeypatch.setattr(calibration, "random_support_seed", lambda index: 9)
+    chosen = {}
+    for device in ("cpu", DEVICE):
+        base = nn.Linear(2048, 5632, bias=False, device=device)
+        layer = SparseLinear(base, group="g", k=61440, selection="fixed", identity=True, bank=BasisBank(), block=(5632, 2048))
+        calibration.choose_random_supports({"mlp": layer})
+        assert layer.rows.device.type == torch.device(device).type
+        chosen[device] = (layer.rows.cpu(), layer.cols.cpu())
+    assert all(torch.equal(a, b) for a, b in zip(chosen["cpu"], chosen[DEVICE]))

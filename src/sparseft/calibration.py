@@ -244,10 +244,14 @@ def random_support_seed(index: int) -> int:
 
 
 def choose_random_supports(layers: Mapping[str, SparseLinear]) -> None:
-    """Each layer's seeded random support (no gradient pass), one block of scores at a time."""
+    """Each layer's seeded random support (no gradient pass), one block of scores at a time. The
+    top-k runs on the CPU, where the scores are drawn, whatever device the layer is on: random
+    scores often tie at the k-th value (docs/performance.md), topk breaks ties as its device's
+    implementation does, and the adapter file stores the seed, so a support chosen on a GPU might
+    not be rebuilt on a CPU, and the adapter would not load there."""
     for i, layer in enumerate(layers.values()):
         seed = random_support_seed(i)
-        layer.choose_support(seeded_scores(layer.block, seed).to(layer.base_layer.weight.device), seed)
+        layer.choose_support(seeded_scores(layer.block, seed), seed)
 
 
 def _rotated_block(layer: SparseLinear, G: torch.Tensor) -> torch.Tensor:

@@ -125,7 +125,9 @@ class SparseLinear(BaseTunerLayer):
     @torch.no_grad()
     def choose_support(self, scores: torch.Tensor, seed: int | None = None) -> None:
         """Fixed selection: the k entries of the largest ``scores`` (shape = block); ``seed``:
-        the scores are ``seeded_scores(block, seed)`` (the adapter file then stores the seed)."""
+        the scores are ``seeded_scores(block, seed)`` (the adapter file then stores the seed). The
+        top-k runs where ``scores`` are: keep seeded scores on the CPU, so that the support does
+        not depend on how a device's topk breaks ties."""
         self.support.choose(scores)
         if hasattr(self.support, "seed"):  # (a registered support of another kind may not keep one)
             self.support.seed = seed

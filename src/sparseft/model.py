@@ -467,7 +467,7 @@ class SparseModel(BaseTuner):
             values = tensors[f"layers.{name}.values"]
             if name in seeded:  # the support from its seed, checked against the positions it gave when saved
                 seed, digest = seeded[name]
-                layer.choose_support(seeded_scores(layer.block, seed).to(values.device), seed)
+                layer.choose_support(seeded_scores(layer.block, seed), seed)  # on the CPU, as it was chosen
                 if index_digest(layer.rows, layer.cols) != digest:
                     raise AdapterMismatchError(
                         f"The support of {name} rebuilt from its seed differs from the saved one (this torch's random "
