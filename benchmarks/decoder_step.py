@@ -12,8 +12,10 @@ gate/up/down), calibrated on 4 batches where it needs it. Per token setting (row
 
 - step time: 3 warm-up steps each, then ``--rounds`` rounds, each timing one synchronised step
   (forward, backward, optimizer step) of every method in turn, the order turning each round; the
-  ratio to LoRA-MLP is the median of the paired per-round ratios;
-- peak memory (CUDA): each method alone on the device, its peak allocated bytes over one step;
+  ratio to LoRA-MLP is the median of the paired per-round ratios (each method is built once, for
+  every setting);
+- peak memory (CUDA): each method's peak allocated bytes over one step as if alone on the device
+  (``cuda_peak``: what it holds between steps plus what the step allocates);
   on a CPU with ``--cpu-peak``: each method alone in a fresh process, its peak resident bytes
   above the process's before the model was built (glibc told to map every block over 64 KiB on
   its own, so a freed tensor leaves the resident set at once), over the second step.
@@ -56,12 +58,13 @@ CACHED = "sparse-random[cache_update=True]"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(shape: str, method: str, placement, length: int, rows: int):
-    """A fresh decoder on the device, prepared for ``method``, calibrated if it needs it; (model, optimizer, s)."""
+def build(shape: str, method: str, placement, length: int, rows: int, longest: int = 0):
+    """A fresh decoder on the device, prepared for ``method``, calibrated on ``rows`` × ``length``
+    batches if it needs it, positions up to ``longest``; (model, optimizer, calibration s, trainable)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(length, 128))
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(length, longest, 128))
     with torch.device(placement.device):
         model = LlamaForCausalLM(config).to(DTYPES[placement.precision])
     prepared = prepare(method, model, rank=8)
@@ -99,29 +102,34 @@ def step(model, optimizer, data, placement) -> float:
     return time.perf_counter() - t0
 
 
-def peak_bytes(shape: str, method: str, placement, rows: int, length: int, cpu_peak: bool = False) -> int | None:
-    """Peak allocated bytes of one step with ``method`` alone on the device; off CUDA, with
-    ``cpu_peak``, the peak resident bytes of a fresh process (``cpu_peak_bytes``), else None."""
-    if not placement.device.startswith("cuda"):
-        if not cpu_peak:
-            return None
-        command = [sys.executable, __file__, "--peak-of", method, "--shape", shape, "--device", placement.device,
-                   "--precision", placement.precision, "--tokens", f"{rows}x{length}"]
-        done = subprocess.run(command, env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True,
-                              check=True)
-        return int(done.stdout.split()[-1])
+def allocated(device: str) -> int:
+    """Bytes of live tensors on a CUDA device (0 elsewhere)."""
+    if not device.startswith("cuda"):
+        return 0
     gc.collect()
-    torch.cuda.empty_cache()
-    model, optimizer, _, _ = build(shape, method, placement, length, rows)
-    data = batch(model.config.vocab_size, rows, length, 0, placement.device)
-    step(model, optimizer, data, placement)  # optimizer state exists from here on
+    sync(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def cuda_peak(model, optimizer, data, placement, resident: int) -> int:
+    """Peak allocated bytes of one step of this method as if alone on the device: what it holds
+    between steps (``resident``: what its build and first steps left allocated) plus the most the
+    step allocates above what was allocated before it. The other methods' models sit idle on the
+    device meanwhile, so they add to both readings alike; building each method again alone would
+    cost minutes of a GPU loan (a random support's top-k runs on the CPU for every layer)."""
+    before = allocated(placement.device)
     torch.cuda.reset_peak_memory_stats(placement.device)
     step(model, optimizer, data, placement)
-    peak = torch.cuda.max_memory_allocated(placement.device)
-    del model, optimizer, data
-    gc.collect()
-    torch.cuda.empty_cache()
-    return peak
+    return resident + torch.cuda.max_memory_allocated(placement.device) - before
+
+
+def cpu_peak(shape: str, method: str, placement, rows: int, length: int) -> int:
+    """``cpu_peak_bytes`` of ``method``, in a fresh process."""
+    command = [sys.executable, __file__, "--peak-of", method, "--shape", shape, "--device", placement.device,
+               "--precision", placement.precision, "--tokens", f"{rows}x{length}"]
+    done = subprocess.run(command, env=os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}, capture_output=True, text=True,
+                          check=True)
+    return int(done.stdout.split()[-1])
 
 
 def cpu_peak_bytes(shape: str, method: str, placement, rows: int, length: int) -> int:
@@ -205,32 +213,40 @@ def main() -> None:
             print(f"{method:34s} {sum(ops.values()):32d}   " + ", ".join(f"{k} {v}" for k, v in list(ops.items())[:6]))
         atomic_write_text(out / "decoder_ops.json", json.dumps(results, indent=1))
         return
-    for setting in args.tokens:
-        rows, length = map(int, setting.split("x"))
-        models = {}
-        for method in methods:
-            model, optimizer, calibration_s, trainable = build(args.shape, method, placement, length, rows)
-            models[method] = (model, optimizer)
-            results["tokens"].setdefault(setting, {"methods": {}})["methods"][method] = {"calibration_s": calibration_s,
-                                                                                     "trainable_params": trainable}
-        vocab = next(iter(models.values()))[0].config.vocab_size
+    # each method built once for every token setting (building is most of this benchmark's time on
+    # a GPU), warmed up at the first, and what it then holds on the device noted for its peak
+    settings = [tuple(map(int, setting.split("x"))) for setting in args.tokens]
+    longest = max(length for _, length in settings)
+    models, built, resident = {}, {}, {}
+    for method in methods:
+        before, t0 = allocated(placement.device), time.perf_counter()
+        model, optimizer, calibration_s, trainable = build(args.shape, method, placement, settings[0][1], settings[0][0], longest)
+        print(f"built {method} in {time.perf_counter() - t0:.1f} s", flush=True)
+        models[method] = (model, optimizer)
+        built[method] = {"calibration_s": calibration_s, "trainable_params": trainable}
+        data = batch(model.config.vocab_size, *settings[0], 0, placement.device)
+        for _ in range(args.warmup):
+            step(model, optimizer, data, placement)
+        resident[method] = allocated(placement.device) - before
+    vocab = next(iter(models.values()))[0].config.vocab_size
+    for index, (setting, (rows, length)) in enumerate(zip(args.tokens, settings)):
         data = batch(vocab, rows, length, 0, placement.device)
         for method, (model, optimizer) in models.items():
-            for _ in range(args.warmup):
+            for _ in range(args.warmup if index else 0):
                 step(model, optimizer, data, placement)
         times: dict[str, list[float]] = {m: [] for m in models}
         for r in range(args.rounds):
             for method in turned(list(models), r):
                 times[method].append(step(*models[method], data, placement))
-        del models
         ratios, fastest = paired_ratio(times, "lora-mlp"), fastest_ratio(times, "lora-mlp")
-        entry = results["tokens"][setting]
+        entry = results["tokens"].setdefault(setting, {"methods": {m: dict(built[m]) for m in methods}})
         print(f"\n{setting} tokens ({rows * length}), median of {args.rounds} steps")
         print(f"{'method':34s} {'step s':>8s} {'vs LoRA':>8s} {'fastest':>8s} {'peak GiB':>9s} {'calib s':>8s}")
         peak_kind = ("CUDA peak allocated" if placement.device.startswith("cuda")
                      else "peak resident above the process's start" if args.cpu_peak else None)
         for method in methods:
-            peak = peak_bytes(args.shape, method, placement, rows, length, args.cpu_peak)
+            peak = (cuda_peak(*models[method], data, placement, resident[method]) if placement.device.startswith("cuda")
+                    else cpu_peak(args.shape, method, placement, rows, length) if args.cpu_peak else None)
             row = entry["methods"][method] | {"median_step_s": statistics.median(times[method]), "vs_lora_mlp": ratios[method],
                                              "fastest_vs_lora_mlp": fastest[method], "peak_bytes": peak, "peak_kind": peak_kind,
                                              "times": times[method]}
