@@ -88,3 +88,25 @@ def test_files_of_the_earlier_layout_still_load(tmp_path) -> None:
     del meta["seeded_supports"], meta["sha256"]
     save_tensors(file, tensors, meta)
     torch.testing.assert_close(_logits(_reload(tmp_path / "a")), _logits(model), rtol=0, atol=0)
+
+
+def test_random_supports_chosen_side_by_side_are_those_chosen_one_at_a_time() -> None:
+    """The layers' top-k run on torch's threads at once (one core each): each layer still gets its
+    own seed's support, whatever the number of threads or the order they finish in."""
+    from sparseft.calibration import choose_random_supports
+
+    chosen = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            model = _trained()
+            layers = model.sparse_layers()
+            chosen.append({name: (layer.rows.clone(), layer.cols.clone(), layer.support.seed) for name, layer in layers.items()})
+            choose_random_supports(layers, score_bytes=1)  # at most one block at a time: one thread
+            assert all(torch.equal(layer.rows, chosen[-1][name][0]) for name, layer in layers.items())
+    finally:
+        torch.set_num_threads(threads)
+    assert len({seed for _, _, seed in chosen[0].values()}) == len(chosen[0]) > 1
+    for name, (rows, cols, seed) in chosen[0].items():
+        assert torch.equal(rows, chosen[1][name][0]) and torch.equal(cols, chosen[1][name][1]) and seed == chosen[1][name][2]

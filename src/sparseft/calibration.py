@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,15 +244,21 @@ def random_support_seed(index: int) -> int:
     return 1_000_003 * (index + 1)
 
 
-def choose_random_supports(layers: Mapping[str, SparseLinear]) -> None:
-    """Each layer's seeded random support (no gradient pass), one block of scores at a time. The
-    top-k runs on the CPU, where the scores are drawn, whatever device the layer is on: random
-    scores often tie at the k-th value (docs/performance.md), topk breaks ties as its device's
-    implementation does, and the adapter file stores the seed, so a support chosen on a GPU might
-    not be rebuilt on a CPU, and the adapter would not load there."""
-    for i, layer in enumerate(layers.values()):
-        seed = random_support_seed(i)
+def choose_random_supports(layers: Mapping[str, SparseLinear], score_bytes: int = DEFAULT_SCORE_BYTES) -> None:
+    """Each layer's seeded random support (no gradient pass). The top-k runs on the CPU, where the
+    scores are drawn, whatever device the layer is on: random scores often tie at the k-th value
+    (docs/performance.md), topk breaks ties as its device's implementation does, and the adapter
+    file stores the seed, so a support chosen on a GPU might not be rebuilt on a CPU, and the
+    adapter would not load there. The top-k of one block runs on one core, so layers are chosen
+    side by side on torch's threads, with at most ``score_bytes`` of scores at once."""
+    def choose(index: int, layer: SparseLinear) -> None:
+        seed = random_support_seed(index)
         layer.choose_support(seeded_scores(layer.block, seed), seed)
+
+    block_bytes = max((4 * layer.block[0] * layer.block[1] for layer in layers.values()), default=1)
+    workers = max(1, min(torch.get_num_threads(), score_bytes // block_bytes))
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(choose, range(len(layers)), layers.values()))  # (list: a worker's error is raised here)
 
 
 def _rotated_block(layer: SparseLinear, G: torch.Tensor) -> torch.Tensor:
