@@ -53,10 +53,10 @@ def test_a_random_support_is_stored_as_its_seed(tmp_path) -> None:
 
 def test_a_support_rebuilt_differently_is_refused(tmp_path, monkeypatch) -> None:
     """If the generator drew differently (another torch), the values would land elsewhere: refused."""
-    import sparseft.model as M
+    import sparseft.calibration as C
 
     _trained().save_pretrained(tmp_path / "a")
-    monkeypatch.setattr(M, "seeded_scores", lambda block, seed: torch.rand(block, generator=torch.Generator().manual_seed(seed + 1)))
+    monkeypatch.setattr(C, "seeded_scores", lambda block, seed: torch.rand(block, generator=torch.Generator().manual_seed(seed + 1)))
     with pytest.raises(AdapterMismatchError, match="rebuilt from its seed differs"):
         _reload(tmp_path / "a")
 

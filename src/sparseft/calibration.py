@@ -245,20 +245,25 @@ def random_support_seed(index: int) -> int:
 
 
 def choose_random_supports(layers: Mapping[str, SparseLinear], score_bytes: int = DEFAULT_SCORE_BYTES) -> None:
-    """Each layer's seeded random support (no gradient pass). The top-k runs on the CPU, where the
-    scores are drawn, whatever device the layer is on: random scores often tie at the k-th value
-    (docs/performance.md), topk breaks ties as its device's implementation does, and the adapter
-    file stores the seed, so a support chosen on a GPU might not be rebuilt on a CPU, and the
-    adapter would not load there. The top-k of one block runs on one core, so layers are chosen
-    side by side on torch's threads, with at most ``score_bytes`` of scores at once."""
-    def choose(index: int, layer: SparseLinear) -> None:
-        seed = random_support_seed(index)
+    """Each layer's seeded random support (no gradient pass): the ``index``-th layer's seed is
+    ``random_support_seed(index)`` (``choose_seeded_supports``)."""
+    choose_seeded_supports([(layer, random_support_seed(i)) for i, layer in enumerate(layers.values())], score_bytes)
+
+
+def choose_seeded_supports(seeded: list[tuple[SparseLinear, int]], score_bytes: int = DEFAULT_SCORE_BYTES) -> None:
+    """Each layer's support: the top-k of ``seeded_scores(block, seed)``. The top-k runs on the CPU,
+    where the scores are drawn, whatever device the layer is on: random scores often tie at the
+    k-th value (docs/performance.md), topk breaks ties as its device's implementation does, and
+    the adapter file stores the seed, so a support chosen on a GPU might not be rebuilt on a CPU,
+    and the adapter would not load there. The top-k of one block runs on one core, so layers are
+    chosen side by side on torch's threads, with at most ``score_bytes`` of scores at once."""
+    def choose(layer: SparseLinear, seed: int) -> None:
         layer.choose_support(seeded_scores(layer.block, seed), seed)
 
-    block_bytes = max((4 * layer.block[0] * layer.block[1] for layer in layers.values()), default=1)
+    block_bytes = max((4 * layer.block[0] * layer.block[1] for layer, _ in seeded), default=1)
     workers = max(1, min(torch.get_num_threads(), score_bytes // block_bytes))
     with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(choose, range(len(layers)), layers.values()))  # (list: a worker's error is raised here)
+        list(pool.map(choose, *zip(*seeded)))  # (list: a worker's error is raised here)
 
 
 def _rotated_block(layer: SparseLinear, G: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,13 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from . import __version__
 from .update.bank import BasisBank
 from .calibration import (DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibrate_layers, choose_random_supports,
-                          rotated_gradient_scores, score_chunks)
+                          choose_seeded_supports, rotated_gradient_scores, score_chunks)
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
 from .fingerprint import base_fingerprint
 from .quantized import compute_dtype, dequantized, keep_storage_layout, unpack_for_training
 from .update.weight_bases import check_sample, weight_bases
-from .update.support import index_digest, seeded_scores
+from .update.support import index_digest
 from .layer import SparseLinear
 from .serialization import load_tensors, save_tensors
 from .targets import Target, find_targets, group_targets, weight_of
@@ -463,11 +463,12 @@ class SparseModel(BaseTuner):
         elif not self.sparse_config.identity_bases:
             self.load_bases(bases)
         seeded = meta.get("seeded_supports") or {}
-        for name, layer in self.sparse_layers().items():
+        layers = self.sparse_layers()
+        choose_seeded_supports([(layers[name], seed) for name, (seed, _) in seeded.items() if name in layers])
+        for name, layer in layers.items():
             values = tensors[f"layers.{name}.values"]
             if name in seeded:  # the support from its seed, checked against the positions it gave when saved
-                seed, digest = seeded[name]
-                layer.choose_support(seeded_scores(layer.block, seed), seed)  # on the CPU, as it was chosen
+                digest = seeded[name][1]
                 if index_digest(layer.rows, layer.cols) != digest:
                     raise AdapterMismatchError(
                         f"The support of {name} rebuilt from its seed differs from the saved one (this torch's random "
