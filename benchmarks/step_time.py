@@ -128,7 +128,8 @@ def build(method: str, base: Block, rank: int, seed: int):
                 P, Q = (block_orthogonal(size, blocks, gen).to(weight.device, weight.dtype) if part in layer.basis.rotated_parts
                         else None for part, size in (("P", layer.m), ("Q", layer.n)))
                 model.bases.set(layer.group, P, Q)
-        if selection == "fixed":  # a random support of the allowed block (narrowL: L leading narrow directions)
+        if selection == "fixed" and not layer.calibrated:  # a random support of the allowed block (narrowL: L leading
+            # narrow directions); identity bases have their seeded random support already (get_sparse_model)
             layer.choose_support(torch.rand(layer.block, generator=gen))
         else:
             layer.calibrated = True
