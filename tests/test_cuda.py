@@ -80,6 +80,22 @@ def test_gpu_wide_input_handed_on_column_major(rotation, dtype):
     _assert_matches_on_device(layer, gen, dtype, n_major=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tall", [True, False])
+def test_gpu_one_sided_merge_matches_the_formula(tall, dtype):
+    """The one-sided merge (the narrow side rotated; "weights": forward and input gradient through
+    W0 + ΔW) on the device, whose bf16 merge is one fused sparse product where cuSPARSE has the
+    kernel (``sparse_products_in``); a random support touches every wide row, as here."""
+    from sparseft.update.kernels import sparse_products_in
+
+    layer, gen = make_layer(96 if tall else 48, 48 if tall else 96, 2000, "fixed", False, False, "weights", seed=19,
+                            rotation="narrow", cache=False)
+    assert layer.support.index()[0 if tall else 1] == slice(0, 96)
+    _assert_matches_on_device(layer, gen, dtype)
+    if torch.device(DEVICE).type == "cuda":  # (says whether the GPU took the fused bf16 route)
+        assert sparse_products_in(torch.bfloat16, torch.device(DEVICE))
+
+
 @pytest.mark.parametrize("selection", ["fixed", "dynamic"])
 def test_gpu_cached_merge_follows_optimizer_steps(selection):
     layer, gen = make_layer(64, 32, 100, selection, False, False, "auto", seed=3, cache=True)

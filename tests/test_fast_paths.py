@@ -653,3 +653,39 @@ def test_identity_merge_scatters_through_an_index_built_once(every_row):
         assert set(rec.ops) <= {"clone", "index_add_", "view", "_to_copy", "detach", "alias"}, rec.ops
         torch.testing.assert_close(merged, adapted_weight(layer))
         layer.set_support(layer.rows.flip(0), layer.cols.flip(0))  # the same entries, values in another order
+
+
+@pytest.mark.parametrize("shape", [(12, 6), (6, 12)])
+def test_a_half_precision_merge_is_one_fused_product_where_the_device_has_the_kernel(shape, monkeypatch):
+    """Where the device multiplies sparse matrices in bf16 (cuSPARSE on a recent GPU; this CPU's
+    MKL cannot, so a float32 product stands in for it here), a one-sided bf16 merge is one
+    addmm with W0 as its addend, and equals W0 + ΔW to bf16's precision; where it cannot, the
+    merge takes the float32 product, a cast and an addition, as before."""
+    import sparseft.update.basis as basis_module
+    import sparseft.update.kernels as kernels_module
+
+    m, n = shape
+    layer, _ = make_layer(m, n, m * n // 2, "fixed", False, False, "weights", 3, rotation="narrow", cache=False)
+    rows, cols = torch.cartesian_prod(torch.arange(m), torch.arange(n)).T
+    on = (rows + cols) % 2 == 0  # every row and column touched: the fused route
+    layer.set_support(rows[on], cols[on])
+    with torch.no_grad():
+        layer.values.normal_()
+    layer._bank.to(dtype=torch.bfloat16)
+    W0 = layer.base_layer.weight.detach().to(torch.bfloat16)
+    want = W0.float() + layer.delta_weight().detach().float()
+    fused = []
+
+    def addmm(base, D, B_T):  # what cuSPARSE computes, in float32 on this CPU
+        assert base.dtype == D.dtype == B_T.dtype == torch.bfloat16 and D.layout == torch.sparse_csr
+        fused.append(True)
+        return (base.float() + D.to(torch.float32).to_dense() @ B_T.float()).to(torch.bfloat16)
+
+    assert not kernels_module.sparse_products_in(torch.bfloat16, W0.device)  # (this CPU)
+    layer._merge_into(W0)
+    assert not fused
+    monkeypatch.setattr(basis_module, "sparse_products_in", lambda dtype, device: True)
+    monkeypatch.setattr(kernels_module.torch, "addmm", addmm)
+    merged = layer._merge_into(W0)
+    assert fused == [True] and merged.dtype == torch.bfloat16
+    torch.testing.assert_close(merged.float(), want, atol=0.05, rtol=0.02)

@@ -27,7 +27,7 @@ import torch
 from ..errors import ConfigError
 from .bank import BasisBank
 from .kernels import (GRAD_PATHS, MIRRORED_PATH, Index, TorchKernels, identity_costs, is_n_major, one_sided_costs, rotated_costs,
-                      sparse_side)
+                      sparse_products_in, sparse_side)
 
 
 def take(t: torch.Tensor, dim: int, idx: Index) -> torch.Tensor:
@@ -205,13 +205,14 @@ class InputRotatedBasis:
         return gx @ self.columns(cols).to(x.dtype)
 
     def merge_into(self, W0, support, values, kn):
-        """W0 + ΔW. When the update covers every row (a random support does) and everything is
-        float32, one sparse×dense product takes W0 as its addend: no m×n temporary and no
-        addition across layouts (docs/performance.md)."""
+        """W0 + ΔW. When the update covers every row (a random support does), and W0 and the basis
+        share a dtype the device multiplies sparse matrices in (float32; bf16/fp16 on a GPU), one
+        sparse×dense product takes W0 as its addend: no m×n temporary and no addition across
+        layouts (docs/performance.md)."""
         rows, cols = support.index()
         D = support.csr(values, self._csr_side, kn)
         B = self.columns(cols)
-        if (W0.dtype == B.dtype == D.dtype == torch.float32 and isinstance(rows, slice)
+        if (W0.dtype == B.dtype and sparse_products_in(W0.dtype, W0.device) and isinstance(rows, slice)
                 and rows == slice(0, self.identity_size)):
             return kn.sparse_dense(D, B.T, base=W0)
         return W0 + _scatter(kn.sparse_dense(D, B.T), rows, self.identity_size).to(W0.dtype)

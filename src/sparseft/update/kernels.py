@@ -150,6 +150,30 @@ def lowrank_product(P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor) -> to
     return P_R @ (D @ Q_C.T)
 
 
+_SPARSE_DTYPES: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+def sparse_products_in(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether torch multiplies a sparse CSR matrix by a dense one in ``dtype`` on ``device``:
+    float32/float64 everywhere; bfloat16/float16 where cuSPARSE has the kernels (a recent GPU),
+    not on the CPU (MKL has none). Probed once per device and dtype with a 2×2 product, so a
+    merge in half precision on a GPU is one fused product instead of a float32 one, a cast and an
+    addition (docs/performance.md)."""
+    if dtype in (torch.float32, torch.float64):
+        return True
+    key = (device.type, device.index, dtype)
+    if key not in _SPARSE_DTYPES:
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                eye = torch.eye(2, dtype=dtype, device=device)
+                torch.addmm(eye, eye.to_sparse_csr(), eye)
+            _SPARSE_DTYPES[key] = True
+        except RuntimeError:  # (NotImplementedError is one)
+            _SPARSE_DTYPES[key] = False
+    return _SPARSE_DTYPES[key]
+
+
 # ----------------------------------------------------------------------------- the reference
 @dataclass(frozen=True)
 class TorchKernels:
@@ -199,13 +223,15 @@ class TorchKernels:
 
     @staticmethod
     def sparse_dense(D: torch.Tensor, B_T: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
-        """``D B_T`` for a sparse CSR D (``base + D B_T`` fused, torch.addmm, when given: the
-        caller checks all are float32). Sparse×dense kernels take float32/float64 only (no CPU
-        bf16/fp16): the product runs in float32 for half-precision operands."""
+        """``D B_T`` for a sparse CSR D, in B_T's dtype; with ``base``, ``base + D B_T`` fused into
+        one torch.addmm (the caller checks that base has B_T's dtype and that the device multiplies
+        sparse matrices in it, ``sparse_products_in``). In a half precision the device has no
+        sparse kernel for (the CPU's MKL has none), the product runs in float32."""
+        dtype = B_T.dtype
         if base is not None:
-            return torch.addmm(base, D, B_T)
-        wide = torch.promote_types(B_T.dtype, torch.float32)
-        return torch.sparse.mm(D.to(wide), B_T.to(wide)).to(B_T.dtype)
+            return torch.addmm(base, D.to(dtype), B_T)
+        wide = dtype if sparse_products_in(dtype, B_T.device) else torch.promote_types(dtype, torch.float32)
+        return torch.sparse.mm(D.to(wide), B_T.to(wide)).to(dtype)
 
     def merge(self, P_R: torch.Tensor, D: torch.Tensor, Q_C: torch.Tensor, side: str,
               base: torch.Tensor | None = None) -> torch.Tensor:
@@ -302,4 +328,4 @@ def use_kernels(device_type: str, kernels: TorchKernels) -> Iterator[TorchKernel
 
 __all__ = ["GRAD_PATHS", "MIRRORED_PATH", "REFERENCE", "SAMPLED", "TorchKernels", "block_bounds", "cheapest_path", "grad_costs",
            "identity_costs", "is_n_major", "kernels_for", "lowrank_product", "merge_cost", "one_sided_costs", "register_kernels",
-           "rotated_costs", "rotation_cost", "sparse_side", "use_kernels"]
+           "rotated_costs", "rotation_cost", "sparse_products_in", "sparse_side", "use_kernels"]
