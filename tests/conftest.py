@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import Counter
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -121,3 +123,16 @@ def assert_save_load_merge_round_trip(model, fresh_base, tmp_path):
     merged = SparseModel.from_pretrained(spare, tmp_path).merge_and_unload()
     torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-5, rtol=1e-5)
     return loaded
+
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten op run inside it, by name (``ops``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

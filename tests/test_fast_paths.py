@@ -627,18 +627,7 @@ def test_identity_merge_scatters_through_an_index_built_once(every_row):
     support's flat index, built once per support: a merge after the first runs only the copy, the
     scatter and view ops, no index arithmetic (on a GPU each op is a kernel launch, six merges per
     MLP and step). A new support gets a new index."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ops: Counter = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
+    from conftest import OpCounter
 
     layer, gen = make_layer(12, 7, 30, "fixed", True, False, "auto", seed=4, cache=False)
     i = torch.arange(30)
@@ -648,7 +637,7 @@ def test_identity_merge_scatters_through_an_index_built_once(every_row):
     for _ in range(2):
         assert torch.equal(layer.support.flat_index(7).long(), layer.rows * 7 + layer.cols)
         layer._merge_into(W0)
-        with Record() as rec:
+        with OpCounter() as rec:
             merged = layer._merge_into(W0)
         assert set(rec.ops) <= {"clone", "index_add_", "view", "_to_copy", "detach", "alias"}, rec.ops
         torch.testing.assert_close(merged, adapted_weight(layer))

@@ -13,9 +13,8 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import ARCHS, make_batch, make_batches
+from conftest import ARCHS, OpCounter, make_batch, make_batches
 from sparseft import SparseAdamW, SparseGradConfig, get_sparse_model
 from sparseft.methods import DEFAULT_METHOD, prepare
 from sparseft.targets import find_targets
@@ -27,18 +26,8 @@ SYNCING = {"item", "_local_scalar_dense", "is_nonzero", "equal", "nonzero", "non
            "repeat_interleave", "allclose"}
 
 
-class _Record(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _syncs(step) -> Counter:
-    with _Record() as rec:
+    with OpCounter() as rec:
         step()
     return Counter({op: n for op, n in rec.ops.items() if op in SYNCING})
 
