@@ -110,3 +110,36 @@ def test_random_supports_chosen_side_by_side_are_those_chosen_one_at_a_time() ->
     assert len({seed for _, _, seed in chosen[0].values()}) == len(chosen[0]) > 1
     for name, (rows, cols, seed) in chosen[0].items():
         assert torch.equal(rows, chosen[1][name][0]) and torch.equal(cols, chosen[1][name][1]) and seed == chosen[1][name][2]
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.mark.parametrize("trained,served", [("bf16", "fp32"), ("fp32", "bf16"), ("fp16", "bf16"), ("fp32", "fp16")])
+def test_an_adapter_loads_onto_its_base_held_in_another_precision(tmp_path, trained, served) -> None:
+    """Trained on a bf16 copy of the base on a GPU, served on the float32 checkpoint (or the other
+    way round): rounding moves the fingerprint's samples, so the hash differs, but each sample
+    agrees to within the coarser precision, and the adapter loads with its supports and values.
+    The base with 1% noise on its weights, in either precision, is still refused."""
+    from sparseft.methods import prepare
+
+    torch.manual_seed(0)
+    weights = tiny_bert().state_dict()
+
+    def base(dtype, noise=0.0):
+        model = tiny_bert()
+        model.load_state_dict({k: v * (1 + noise * torch.randn_like(v)) if v.is_floating_point() else v for k, v in weights.items()})
+        return model.to(dtype)
+
+    sparse = prepare("sparse-random", base(PRECISIONS[trained]), rank=2).sparse
+    with torch.no_grad():
+        for layer in sparse.sparse_layers().values():
+            layer.param.normal_(0, 0.05)
+    sparse.save_pretrained(tmp_path / "a")
+    loaded = SparseModel.from_pretrained(base(PRECISIONS[served]), tmp_path / "a")
+    for (name, ours), theirs in zip(loaded.sparse_layers().items(), sparse.sparse_layers().values()):
+        assert torch.equal(ours.rows, theirs.rows) and torch.equal(ours.cols, theirs.cols), name
+        torch.testing.assert_close(ours.param.float(), theirs.param.float())
+    for dtype in {PRECISIONS[trained], PRECISIONS[served]}:
+        with pytest.raises(AdapterMismatchError, match="other base weights"):
+            SparseModel.from_pretrained(base(dtype, noise=0.01), tmp_path / "a")

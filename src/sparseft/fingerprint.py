@@ -19,10 +19,15 @@ from .targets import Target, weight_of
 SAMPLES = 64
 
 
-def _add(h: "hashlib._Hash", label: str, weight: torch.Tensor) -> None:
+def weight_samples(weight: torch.Tensor) -> torch.Tensor:
+    """The ``SAMPLES`` evenly strided entries of a weight a fingerprint hashes (float32, CPU)."""
     flat = weight.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // SAMPLES)][:SAMPLES].float().cpu()
+
+
+def _add(h: "hashlib._Hash", label: str, weight: torch.Tensor) -> None:
     h.update(label.encode())
-    h.update(flat[:: max(1, flat.numel() // SAMPLES)][:SAMPLES].float().cpu().numpy().round(5).tobytes())
+    h.update(weight_samples(weight).numpy().round(5).tobytes())
 
 
 def base_fingerprint(model: nn.Module, targets: Iterable[Target]) -> str:
@@ -31,6 +36,34 @@ def base_fingerprint(model: nn.Module, targets: Iterable[Target]) -> str:
     for t in targets:
         _add(h, f"{t.name}:{t.m}x{t.n}", weight_of(model.get_submodule(t.name)))
     return h.hexdigest()[:16]
+
+
+def base_samples(model: nn.Module, targets: Iterable[Target]) -> dict:
+    """What an adapter file keeps beside the fingerprint so that its base is recognised in another
+    floating precision (``same_base_in_another_precision``): the dtype and the fingerprint's
+    samples of each target weight."""
+    weights = {t.name: weight_of(model.get_submodule(t.name)) for t in targets}
+    if not weights or not all(w.is_floating_point() for w in weights.values()):
+        return {}  # (a quantized base: its samples are codes, not weights)
+    return {"dtype": str(next(iter(weights.values())).dtype).removeprefix("torch."),
+            "samples": {name: weight_samples(w).tolist() for name, w in weights.items()}}
+
+
+def same_base_in_another_precision(saved: dict | None, now: dict) -> bool:
+    """Whether two ``base_samples`` records sampled the same weights, held in two floating
+    precisions: a base trained on in bfloat16 on a GPU and loaded in float32 for serving (or the
+    other way round) hashes to another fingerprint, since rounding moves its samples, but each
+    sample agrees to within one unit in the last place of the coarser dtype."""
+    if not saved or not now or set(now["samples"]) != set(saved["samples"]):
+        return False
+    coarse = max(getattr(torch, saved["dtype"]), getattr(torch, now["dtype"]), key=lambda d: torch.finfo(d).eps)
+    eps, tiny = torch.finfo(coarse).eps, torch.finfo(coarse).tiny
+    for name, values in saved["samples"].items():
+        a = torch.tensor(values).to(coarse).float()
+        b = torch.tensor(now["samples"][name]).to(coarse).float()
+        if not bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs()) + tiny).all()):
+            return False
+    return True
 
 
 def weights_fingerprint(module: nn.Module) -> str:
@@ -50,4 +83,5 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return weights_fingerprint(body if isinstance(body, nn.Module) and body is not model else model)
 
 
-__all__ = ["backbone_fingerprint", "base_fingerprint", "weights_fingerprint"]
+__all__ = ["backbone_fingerprint", "base_fingerprint", "base_samples", "same_base_in_another_precision", "weight_samples",
+           "weights_fingerprint"]

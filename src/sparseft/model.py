@@ -24,7 +24,7 @@ from .calibration import (DEFAULT_SCORE_BYTES, CalibrationReport, LossFn, calibr
                           choose_seeded_supports, rotated_gradient_scores, score_chunks)
 from .config import SparseConfig
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError
-from .fingerprint import base_fingerprint
+from .fingerprint import base_fingerprint, base_samples, same_base_in_another_precision
 from .quantized import compute_dtype, dequantized, keep_storage_layout, unpack_for_training
 from .update.weight_bases import check_sample, weight_bases
 from .update.support import index_digest
@@ -63,6 +63,7 @@ class SparseModel(BaseTuner):
         # and no later eval forward repacks (undoing it is inexact: W0 moved 0.14%), so a loaded adapter answers as trained
         keep_storage_layout(model)
         self.fingerprint = base_fingerprint(model, self.targets)
+        self.base_samples = base_samples(model, self.targets)  # (the same base in another precision is recognised)
         self._saved_bases = self._read_bases(bases) if bases is not None else None  # checked before any change
         self.bases = BasisBank()
         if self.targets:
@@ -316,7 +317,8 @@ class SparseModel(BaseTuner):
             raise ConfigError("MeProp uses identity bases: there is nothing to save.")
         if not all(self.bases.has(g) for g in self._group_shapes()):
             raise NotCalibratedError("No bases yet: call calibrate() before save_bases().")
-        meta = {"kind": "bases", "fingerprint": self.fingerprint, "groups": self._group_shapes(), "version": __version__}
+        meta = {"kind": "bases", "fingerprint": self.fingerprint, "base_samples": self.base_samples, "groups": self._group_shapes(),
+                "version": __version__}
         return save_tensors(path, self.bases.export(), meta)
 
     def load_bases(self, path: str | os.PathLike) -> None:
@@ -325,7 +327,7 @@ class SparseModel(BaseTuner):
 
     def _read_bases(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
         tensors, meta = load_tensors(path, "bases")
-        if meta.get("fingerprint") != self.fingerprint:
+        if meta.get("fingerprint") != self.fingerprint and not same_base_in_another_precision(meta.get("base_samples"), self.base_samples):
             raise AdapterMismatchError(
                 f"The bases in {path} were calibrated on another base model (fingerprint "
                 f"{meta.get('fingerprint')} ≠ {self.fingerprint}); calibrate() on this model instead."
@@ -351,7 +353,7 @@ class SparseModel(BaseTuner):
 
     # ------------------------------------------------------------------ adapter files
     def _meta(self) -> dict[str, Any]:
-        return {**super()._meta(), "fingerprint": self.fingerprint,
+        return {**super()._meta(), "fingerprint": self.fingerprint, "base_samples": self.base_samples,
                 "targets": [[t.name, t.group, t.m, t.n] for t in self.targets], "heads": self.heads}
 
     def _check_ready_to_save(self) -> None:
@@ -436,7 +438,8 @@ class SparseModel(BaseTuner):
                 f"{saved_targets[:1]} vs {ours[:1]}): it was saved for another architecture or size."
             )
         unpack_for_training(model)  # (as at training: the codes in bitsandbytes' own layout)
-        if meta["fingerprint"] != base_fingerprint(model, targets):
+        if (meta["fingerprint"] != base_fingerprint(model, targets)
+                and not same_base_in_another_precision(meta.get("base_samples"), base_samples(model, targets))):
             raise AdapterMismatchError(
                 "The adapter was trained on other base weights (fingerprint "
                 f"{meta['fingerprint']} ≠ {base_fingerprint(model, targets)}): load the base checkpoint it was trained on."

@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import AdapterMismatchError, ConfigError, NotCalibratedError, TargetError
 from .gradients import RngState, gradient_pass, require_dict
-from .fingerprint import base_fingerprint
+from .fingerprint import base_fingerprint, base_samples, same_base_in_another_precision
 from .quantized import is_quantized
 from .targets import Target, find_targets, weight_of
 from .tuner import BaseTuner, BaseTunerLayer
@@ -185,6 +185,7 @@ class S2FTModel(BaseTuner):
             raise ConfigError(f"S2FT trains rows and columns of W0, which {quantized[0]} stores quantized: use sparsegrad "
                               "(get_sparse_model) or peft's LoRA on a quantized base, or load the base in full precision.")
         self.fingerprint = base_fingerprint(model, [t for b in self.blocks for t in b.inputs + b.outputs])
+        self.base_samples = base_samples(model, [t for b in self.blocks for t in b.inputs + b.outputs])
         self.calibrated = self.tuner_config.selection == "random"
 
     def _create_layers(self, model: nn.Module):
@@ -261,7 +262,7 @@ class S2FTModel(BaseTuner):
         for block, channels in self.channels().items():
             tensors[f"blocks.{block}.channels"] = torch.tensor(channels, dtype=torch.int64)
         return tensors, {"layers": {name: [layer.m, layer.n, layer.axis] for name, layer in self.s2ft_layers().items()},
-                         "fingerprint": self.fingerprint}
+                         "fingerprint": self.fingerprint, "base_samples": self.base_samples}
 
     @classmethod
     def _wrong_kind(cls, path: Path, kind: Any) -> str:
@@ -280,8 +281,10 @@ class S2FTModel(BaseTuner):
         if ours != meta["layers"]:
             raise AdapterMismatchError("The adapter's layers do not fit this model: it was saved for another architecture or size.")
         blocks = find_mlp_blocks(model, config.target_modules)
-        ours_fingerprint = base_fingerprint(model, [t for b in blocks for t in b.inputs + b.outputs])
-        if meta.get("fingerprint", ours_fingerprint) != ours_fingerprint:  # (older files carry none)
+        targets = [t for b in blocks for t in b.inputs + b.outputs]
+        ours_fingerprint = base_fingerprint(model, targets)
+        if (meta.get("fingerprint", ours_fingerprint) != ours_fingerprint  # (older files carry none)
+                and not same_base_in_another_precision(meta.get("base_samples"), base_samples(model, targets))):
             raise AdapterMismatchError(
                 f"The adapter was trained on other base weights (fingerprint {meta['fingerprint']} ≠ {ours_fingerprint}): "
                 "load the base checkpoint it was trained on.")
