@@ -143,3 +143,23 @@ def test_an_adapter_loads_onto_its_base_held_in_another_precision(tmp_path, trai
     for dtype in {PRECISIONS[trained], PRECISIONS[served]}:
         with pytest.raises(AdapterMismatchError, match="other base weights"):
             SparseModel.from_pretrained(base(dtype, noise=0.01), tmp_path / "a")
+
+
+def test_bases_load_onto_their_base_held_in_another_precision(tmp_path) -> None:
+    """Bases calibrated on a bf16 copy of the base load onto the float32 model (the same rule as
+    adapters); onto a base with 1% noise they are refused."""
+    torch.manual_seed(0)
+    weights = tiny_bert().state_dict()
+
+    def base(dtype=torch.float32, noise=0.0):
+        model = tiny_bert()
+        model.load_state_dict({k: v * (1 + noise * torch.randn_like(v)) if v.is_floating_point() else v for k, v in weights.items()})
+        return model.to(dtype)
+
+    config = dict(match_lora_rank=2, modules_to_save=["classifier"])
+    calibrated = get_sparse_model(base(torch.bfloat16), SparseGradConfig(**config))
+    calibrated.calibrate([BATCH], steps=1, show_progress=False)
+    calibrated.save_bases(tmp_path / "bases.safetensors")
+    get_sparse_model(base(), SparseGradConfig(**config)).load_bases(tmp_path / "bases.safetensors")
+    with pytest.raises(AdapterMismatchError, match="calibrated on another base model"):
+        get_sparse_model(base(noise=0.01), SparseGradConfig(**config)).load_bases(tmp_path / "bases.safetensors")
