@@ -218,3 +218,47 @@ def test_a_seeded_random_support_is_the_same_on_every_device(monkeypatch):
         assert layer.rows.device.type == torch.device(device).type
         chosen[device] = (layer.rows.cpu(), layer.cols.cpu())
     assert all(torch.equal(a, b) for a, b in zip(chosen["cpu"], chosen[DEVICE]))
+
+
+@pytest.mark.parametrize("method", ["default", "sparsegrad"])
+def test_an_adapter_trained_on_the_device_loads_on_the_cpu_and_merges_there(tmp_path, method):
+    """The library on the device end to end: prepared and calibrated there, a few AdamW steps,
+    saved; the file loaded onto the float32 base on the CPU answers as the device model did, and
+    merge_and_unload on the device answers the same too. ``default``: the product's default (a
+    seeded random support, no rotation); ``sparsegrad``: SparseGradConfig() (the narrow side
+    rotated, bases from a calibration pass, stored in the file)."""
+    from conftest import tiny_bert
+
+    from sparseft import SparseGradConfig, SparseModel, get_sparse_model
+    from sparseft.methods import DEFAULT_METHOD, prepare
+
+    torch.manual_seed(0)
+    weights = tiny_bert().state_dict()
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(0, 97, (4, 8), generator=gen), "labels": torch.tensor([0, 1, 0, 1])} for _ in range(3)]
+    on = [{k: v.to(DEVICE) for k, v in b.items()} for b in batches]
+
+    def base():
+        model = tiny_bert()
+        model.load_state_dict(weights)
+        return model.eval()
+
+    if method == "default":
+        model = prepare(DEFAULT_METHOD, base().to(DEVICE), rank=2).sparse
+    else:
+        model = get_sparse_model(base().to(DEVICE), SparseGradConfig(match_lora_rank=2))
+        model.calibrate(on[:1], steps=1, show_progress=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in on:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        want = model(**on[0]).logits.cpu()
+    model.save_pretrained(tmp_path)
+    loaded = SparseModel.from_pretrained(base(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, want, atol=1e-4, rtol=1e-4)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(**on[0]).logits.cpu(), want, atol=1e-4, rtol=1e-4)
