@@ -163,3 +163,25 @@ def test_in_a_mixed_batch_the_own_adapter_adds_its_sparse_form_beside_the_base_p
     identity = _saved(CONFIGS["MeProp (identity)"], tmp_path / "identity")
     with torch.no_grad():  # no rotation: k per row, never a merge (forming W0 + ΔW costs m·n)
         assert all(isinstance(layer.inference_factors(1), SparseFactors) for layer in identity.sparse_layers().values())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["default (narrow side rotated)", "MeProp (identity)"])
+def test_a_half_precision_model_infers_through_its_sparse_form_on_the_cpu(name, dtype, tmp_path) -> None:
+    """A bf16/fp16 model on the CPU generating (one token, no gradients) takes the sparse form,
+    whose CSR product the CPU has no half-precision kernel for (it raised NotImplementedError):
+    the product runs in float32 there, and the layer answers as its training-time forward does."""
+    model = _saved(CONFIGS[name], tmp_path / "a").to(dtype)
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(4)).to(dtype)
+    took = 0
+    for layer in model.sparse_layers().values():
+        if layer._merge_pays(1):
+            continue
+        took += 1
+        xin = x[..., : layer.n]
+        want = layer(xin.clone().requires_grad_(True)).detach()
+        with torch.no_grad():
+            got = layer(xin)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert took

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .update.kernels import sparse_products_in
+
 
 def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
@@ -141,10 +143,12 @@ class SparseFactors(nn.Module):
 
 
 def _csr_times(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], t: torch.Tensor) -> torch.Tensor:
-    """t Dᵀ for the CSR D (a view: t's rows as columns). ``col`` may be narrower than ``crow``
-    (int16 storage): widened here, as torch's CSR takes int32/int64."""
-    D = torch.sparse_csr_tensor(crow, col.to(crow.dtype), values, shape, check_invariants=False)  # (built from a valid CSR)
-    return torch.sparse.mm(D, t.T).T
+    """t Dᵀ for the CSR D (a view: t's rows as columns), in t's dtype. ``col`` may be narrower than
+    ``crow`` (int16 storage): widened here, as torch's CSR takes int32/int64. In a half precision
+    the device has no sparse kernel for (the CPU), the product runs in float32."""
+    wide = values.dtype if sparse_products_in(values.dtype, values.device) else torch.float32
+    D = torch.sparse_csr_tensor(crow, col.to(crow.dtype), values.to(wide), shape, check_invariants=False)  # (built from a valid CSR)
+    return torch.sparse.mm(D, t.T.to(wide)).T.to(t.dtype)
 
 
 @torch.library.custom_op("sparseft::csr_product", mutates_args=())
