@@ -175,3 +175,18 @@ def test_measured_paths_take_the_faster_on_this_device_and_keep_it(rotation, ide
             assert bool(kn.calls) == (path == SAMPLED)  # and the gradient took the chosen path
         layer.values.grad = None
         check(layer, gen, (3, 4))  # the reference (nothing measured) computes the same
+
+
+def test_the_package_has_no_import_loop():
+    """Every import counted, inside functions too (scripts/import_graph.py): a loop means two
+    modules that cannot be read, or loaded, one before the other."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("import_graph", root / "scripts" / "import_graph.py")
+    graph_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(graph_module)
+    mods = graph_module.modules(root / "src", "sparseft")
+    graph = {name: graph_module.imports(name, path, set(mods)) for name, path in mods.items()}
+    assert graph_module.cycles(graph) == []

@@ -29,7 +29,7 @@ from ..errors import DataError
 from ..methods import DEFAULT_METHOD, canonical, default_lrs, method_spec, prepare
 from .placement import Placement, placement_of, resolve
 from ..fingerprint import backbone_fingerprint
-from .train import RunRecord, fit, run_identity, save_run
+from .train import RunRecord, fit, load_causal_lm, run_identity, save_run
 
 Conversation = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -270,15 +270,6 @@ class CausalLMResult(RunRecord):
     task: str = "causal-lm"
     eval_split: str = "test"
     generations: list[dict[str, str]] = field(default_factory=list)
-
-
-def load_causal_lm(model_dir: str | Path, seed: int = 0, quantize: str | None = None, placement: Placement | None = None):
-    """A causal LM from a local checkpoint: float32 weights, or its linear layers quantized
-    (``quantize`` "4bit"/"8bit", bitsandbytes, loaded onto ``placement``'s device)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    return (placement or Placement("cpu", "fp32")).load_pretrained(AutoModelForCausalLM, model_dir, quantize)
 
 
 def run_causal_lm(

@@ -108,6 +108,15 @@ def load_classifier(model_dir: str | Path, num_labels: int, seed: int, quantize:
                                                                    num_labels=num_labels)
 
 
+def load_causal_lm(model_dir: str | Path, seed: int = 0, quantize: str | None = None, placement: Placement | None = None):
+    """A causal LM from a local checkpoint: float32 weights, or its linear layers quantized
+    (``quantize`` "4bit"/"8bit", bitsandbytes, loaded onto ``placement``'s device)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return (placement or Placement("cpu", "fp32")).load_pretrained(AutoModelForCausalLM, model_dir, quantize)
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128,
              placement: Placement | None = None) -> float:
@@ -486,8 +495,6 @@ def load_trained(path: str | Path, model_dir: str | Path | None = None, placemen
     run, manifest = saved or read_trained(folder)
     if run.get("task", "classification") == "causal-lm":
         from transformers import AutoModelForCausalLM
-
-        from .causal_lm import load_causal_lm
 
         auto, head, load_base = AutoModelForCausalLM, {}, load_causal_lm
     else:
