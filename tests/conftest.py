@@ -136,3 +136,11 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
+
+
+def with_weights(make, weights: dict, dtype: torch.dtype = torch.float32, noise: float = 0.0):
+    """``make()`` holding ``weights`` (each floating tensor times 1 + ``noise``·N(0, 1): another base
+    of the same architecture), cast to ``dtype``."""
+    model = make()
+    model.load_state_dict({k: v * (1 + noise * torch.randn_like(v)) if v.is_floating_point() else v for k, v in weights.items()})
+    return model.to(dtype)

@@ -123,13 +123,13 @@ def test_an_adapter_loads_onto_its_base_held_in_another_precision(tmp_path, trai
     The base with 1% noise on its weights, in either precision, is still refused."""
     from sparseft.methods import prepare
 
+    from conftest import with_weights
+
     torch.manual_seed(0)
     weights = tiny_bert().state_dict()
 
     def base(dtype, noise=0.0):
-        model = tiny_bert()
-        model.load_state_dict({k: v * (1 + noise * torch.randn_like(v)) if v.is_floating_point() else v for k, v in weights.items()})
-        return model.to(dtype)
+        return with_weights(tiny_bert, weights, dtype, noise)
 
     sparse = prepare("sparse-random", base(PRECISIONS[trained]), rank=2).sparse
     with torch.no_grad():
@@ -148,13 +148,13 @@ def test_an_adapter_loads_onto_its_base_held_in_another_precision(tmp_path, trai
 def test_bases_load_onto_their_base_held_in_another_precision(tmp_path) -> None:
     """Bases calibrated on a bf16 copy of the base load onto the float32 model (the same rule as
     adapters); onto a base with 1% noise they are refused."""
+    from conftest import with_weights
+
     torch.manual_seed(0)
     weights = tiny_bert().state_dict()
 
     def base(dtype=torch.float32, noise=0.0):
-        model = tiny_bert()
-        model.load_state_dict({k: v * (1 + noise * torch.randn_like(v)) if v.is_floating_point() else v for k, v in weights.items()})
-        return model.to(dtype)
+        return with_weights(tiny_bert, weights, dtype, noise)
 
     config = dict(match_lora_rank=2, modules_to_save=["classifier"])
     calibrated = get_sparse_model(base(torch.bfloat16), SparseGradConfig(**config))

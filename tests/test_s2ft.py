@@ -200,13 +200,13 @@ def test_bad_config_is_explained():
 def test_an_adapter_loads_onto_its_base_held_in_another_precision(tmp_path):
     """Trained on a bf16 copy of the base, loaded onto the float32 one: the fingerprint's hash
     differs by rounding, the samples agree to bf16's precision; a base with 1% noise is refused."""
+    from conftest import with_weights
+
     torch.manual_seed(0)
     weights = gpt2().state_dict()
 
     def base(dtype=torch.float32, noise=0.0):
-        model = gpt2()
-        model.load_state_dict({k: v * (1 + noise * torch.randn_like(v)) if v.is_floating_point() else v for k, v in weights.items()})
-        return model.to(dtype)
+        return with_weights(gpt2, weights, dtype, noise)
 
     s2 = get_s2ft_model(base(torch.bfloat16), S2FTConfig(match_lora_rank=2, seed=4))
     s2.save_pretrained(tmp_path)
