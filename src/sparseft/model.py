@@ -438,11 +438,11 @@ class SparseModel(BaseTuner):
                 f"{saved_targets[:1]} vs {ours[:1]}): it was saved for another architecture or size."
             )
         unpack_for_training(model)  # (as at training: the codes in bitsandbytes' own layout)
-        if (meta["fingerprint"] != base_fingerprint(model, targets)
-                and not same_base_in_another_precision(meta.get("base_samples"), base_samples(model, targets))):
+        ours = base_fingerprint(model, targets)
+        if meta["fingerprint"] != ours and not same_base_in_another_precision(meta.get("base_samples"), base_samples(model, targets)):
             raise AdapterMismatchError(
-                "The adapter was trained on other base weights (fingerprint "
-                f"{meta['fingerprint']} ≠ {base_fingerprint(model, targets)}): load the base checkpoint it was trained on."
+                f"The adapter was trained on other base weights (fingerprint {meta['fingerprint']} ≠ {ours}): "
+                "load the base checkpoint it was trained on."
             )
         if not meta.get("bases_included") and not config.identity_bases and bases is None and config.basis_source == "gradients":
             raise AdapterMismatchError("This adapter was saved without bases: pass bases='path/to/bases.safetensors'.")

@@ -184,8 +184,8 @@ class S2FTModel(BaseTuner):
         if quantized:  # S2FT trains slices of W0 itself: there is no float W0 to train in a quantized layer
             raise ConfigError(f"S2FT trains rows and columns of W0, which {quantized[0]} stores quantized: use sparsegrad "
                               "(get_sparse_model) or peft's LoRA on a quantized base, or load the base in full precision.")
-        self.fingerprint = base_fingerprint(model, [t for b in self.blocks for t in b.inputs + b.outputs])
-        self.base_samples = base_samples(model, [t for b in self.blocks for t in b.inputs + b.outputs])
+        targets = [t for b in self.blocks for t in b.inputs + b.outputs]
+        self.fingerprint, self.base_samples = base_fingerprint(model, targets), base_samples(model, targets)
         self.calibrated = self.tuner_config.selection == "random"
 
     def _create_layers(self, model: nn.Module):
