@@ -481,7 +481,7 @@ def main() -> None:
             seconds = {m: statistics.median(t) for m, t in rounds.items()}
             spread = {}
             for name in (m for m in METHODS if "-fixed" in SAME_BUILD.get(m, m)):
-                spread[name] = {ln: [int(l.R.numel()), int(l.C.numel())] for ln, l in models[name][0].sparse_layers().items()}
+                spread[name] = {ln: list(l.support.touched) for ln, l in models[name][0].sparse_layers().items()}
             results["step_time"][shape][str(tokens)] = {
                 "seconds": seconds,
                 "vs_lora": paired_ratio(rounds, "lora"),

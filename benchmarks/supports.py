@@ -51,8 +51,8 @@ def narrowed(L: int):
             for name, layer in layers.items():
                 SPREAD[name] = {
                     "shape": [layer.m, layer.n],
-                    "R": int(layer.R.numel()),
-                    "C": int(layer.C.numel()),
+                    "R": layer.support.touched[0],
+                    "C": layer.support.touched[1],
                     "rows_90": int(torch.quantile(layer.rows.float(), 0.9)),
                     "cols_90": int(torch.quantile(layer.cols.float(), 0.9)),
                 }

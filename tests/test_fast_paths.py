@@ -160,11 +160,11 @@ def test_a_support_on_every_row_and_column_indexes_by_slices(basis):
         assert R == slice(0, 12) and C == slice(0, 7)
         check(layer, gen, (5,))
         i = torch.arange(30)
-        layer.set_support(i % 11, i // 11)  # rows 0..10, columns 0..2: still leading runs
-        assert layer.support.index() == (slice(0, 11), slice(0, 3))
+        layer.set_support(i % 10, i // 10)  # rows 0..9, columns 0..2: still leading runs
+        assert layer.support.index() == (slice(0, 10), slice(0, 3))
         layer.values.grad = None
         check(layer, gen, (5,))
-        layer.set_support(1 + i % 11, i // 11)  # row 0 unused: indices, not a slice
+        layer.set_support(2 + i % 10, i // 10)  # rows 0, 1 unused (10 of 12, under FULL_COVER): indices
         assert isinstance(layer.support.index()[0], torch.Tensor)
         layer.values.grad = None
         check(layer, gen, (5,))
@@ -631,7 +631,7 @@ def test_identity_merge_scatters_through_an_index_built_once(every_row):
 
     layer, gen = make_layer(12, 7, 30, "fixed", True, False, "auto", seed=4, cache=False)
     i = torch.arange(30)
-    layer.set_support((0 if every_row else 1) + i % 11 + (i >= 22 if every_row else 0), i // 11 + (i >= 22 if every_row else 0))
+    layer.set_support(i % 11 + (i >= 22) if every_row else 2 + i % 10, i // 11 + (i >= 22) if every_row else i // 10)
     assert isinstance(layer.support.index()[0], slice) == every_row
     W0 = weight_of(layer.base_layer)
     for _ in range(2):
@@ -678,3 +678,39 @@ def test_a_half_precision_merge_is_one_fused_product_where_the_device_has_the_ke
     merged = layer._merge_into(W0)
     assert fused == [True] and merged.dtype == torch.bfloat16
     torch.testing.assert_close(merged.float(), want, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("identity", [True, False])
+@pytest.mark.parametrize("path", ["auto", "activations"])
+def test_a_support_missing_a_few_rows_keeps_them_all_in_d(identity, path):
+    """A support on all but a row and a column of its block keeps every row and column in D (zero
+    where it has no entry), so the compute paths read g, x and the bases whole instead of copying
+    the rows they touch on every call (a random 1% support misses a row of about one layer in
+    seven): a training step runs the same ops as with a support on every row, and every product
+    still equals the formulas. A support on few rows stays compact."""
+    from conftest import OpCounter
+
+    def step_ops(layer, gen):  # (the second step: the first builds the support's patterns once)
+        for _ in range(2):
+            layer.values.grad = None
+            x = torch.randn(5, 3, 12, generator=gen, requires_grad=True)
+            with OpCounter() as rec:
+                layer(x).backward(torch.randn(5, 3, 40, generator=gen))
+        return rec.ops
+
+    i = torch.arange(60)
+    layer, gen = make_layer(40, 12, 60, "fixed", identity, False, path, seed=5)
+    layer.set_support(i % 40, i % 12)  # every row and column
+    every_row = step_ops(layer, gen)
+    skip = i % 39 + (i % 39 >= 5), i % 11 + (i % 11 >= 3)  # all but row 5 and column 3
+    layer.set_support(*skip)
+    assert layer.support.shape() == (40, 12) and layer.support.touched == (39, 11)
+    assert all(isinstance(idx, slice) for idx in layer.support.index())
+    assert step_ops(layer, gen) == every_row
+    assert torch.equal(layer.rows, skip[0]) and torch.equal(layer.cols, skip[1])
+    layer.values.grad = None
+    check(layer, gen, (4, 3))
+    layer.set_support(i % 10, i // 10)  # 10 of 40 rows, 6 of 12 columns
+    assert layer.support.shape() == layer.support.touched == (10, 6)
+    layer.values.grad = None
+    check(layer, gen, (4, 3))

@@ -169,7 +169,7 @@ def _choose_supports(model: nn.Module, layers: Mapping[str, SparseLinear], cache
         report.score_passes = len(chunks)
         report.peak_score_bytes = max(_score_bytes(chunk, per_layer) for chunk in chunks)
     for name, layer in layers.items():
-        report.support_spread[name] = (int(layer.R.numel()), int(layer.C.numel()))
+        report.support_spread[name] = layer.support.touched
     report.support_seconds = time.perf_counter() - t0
 
 
