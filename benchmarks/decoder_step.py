@@ -49,6 +49,10 @@ SHAPES = {
                       num_key_value_heads=4, vocab_size=32000),
     "tinyllama-2": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2, num_attention_heads=32,
                         num_key_value_heads=4, vocab_size=32000),  # TinyLlama's widths, 2 blocks: CPU comparisons
+    # TinyLlama's depth at toy widths: a step's time is then the host's (Python, dispatch), the floor of a GPU step
+    # whose kernels are shorter than their launches
+    "tiny-22": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=22, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=512),
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=512),
 }
@@ -201,7 +205,7 @@ def main() -> None:
     methods = [canonical(m) for m in split_methods(args.methods)]
     if "lora-mlp" not in methods:
         methods.insert(0, "lora-mlp")
-    print(f"decoder_step: {args.shape}, {placement.describe()}, methods {', '.join(methods)}", flush=True)
+    print(f"decoder_step: {args.shape}, {placement.describe(str(DTYPES[placement.precision]).removeprefix('torch.'))}, methods {', '.join(methods)}", flush=True)
     results = {"settings": vars(args) | {"torch": torch.__version__, **placement.record()}, "tokens": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

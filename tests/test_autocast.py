@@ -104,3 +104,37 @@ def test_the_merge_under_autocast_is_the_float32_merge(config) -> None:
         assert not torch.equal(merged, W0)
         if isinstance(config, MePropConfig):
             assert len(made.blocks) == 1, f"one merge made {len(made.blocks)} blocks of W's size (the route: one copy of W0)"
+
+
+@pytest.mark.parametrize("config", [MePropConfig(density=0.05, selection="fixed", support_criterion="random"), SparseGradConfig(density=0.05),
+                                    SparseGradConfig(density=0.05, rotation="both")], ids=["default", "narrow-rotated", "both-rotated"])
+@pytest.mark.parametrize("cache", [False, True])
+def test_the_training_merge_is_made_in_the_autocast_dtype(config, cache) -> None:
+    """The products' merged weight under autocast is made in autocast's dtype, as the linear would
+    cast it: for the default, W0 cast once with its k merged entries summed in float32, and no m×n
+    float32 copy (a third of the bytes moved where the weights are float32, as in the jobs). It is
+    the float32 merge cast, bit for bit, so the layer computes what it did; the cached merge holds
+    it in bf16."""
+    import dataclasses
+
+    from sparseft.update.kernels import kernels_for
+
+    model = get_sparse_model(tiny_llama(), dataclasses.replace(config, cache_update=cache))
+    model.calibrate([make_batch("llama", i) for i in range(2)], steps=2, show_progress=False)
+    torch.manual_seed(0)
+    for layer in model.sparse_layers().values():
+        W0, param, kn = layer.base_layer.weight, layer.param, kernels_for(layer.base_layer.weight.device)
+        with torch.no_grad():
+            param.normal_(0, 0.1)
+        plain = layer.update.merge_into(W0, param)
+        x = torch.randn(3, 5, layer.n)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with LargeTensors(W0.numel()) as made:
+                merged = layer.update.merged_weight(W0, param, kn)
+            y = layer(x)
+            want = torch.nn.functional.linear(x, plain, layer.base_layer.bias)
+        assert merged.dtype == torch.bfloat16 and torch.equal(merged, plain.to(torch.bfloat16))
+        assert torch.equal(y, want)
+        if isinstance(config, MePropConfig):
+            new = made.blocks - {W0.untyped_storage().data_ptr()}  # (a view of W0 itself, read for its k entries)
+            assert len(new) == 1, f"one merge made {len(new)} blocks of W's size (the route: W0 cast once)"

@@ -50,8 +50,15 @@ class Placement:
 
         return torch.cuda.get_device_name(self.device)
 
-    def describe(self) -> str:
-        how = "fp32" if self.precision == "fp32" else f"{self.precision} autocast (weights and trained values float32)"
+    def describe(self, weights: str = "float32") -> str:
+        """The device and precision as printed at a run's start; ``weights``: the base weights' dtype
+        where a caller casts them (a benchmark), float32 in the jobs."""
+        if self.precision == "fp32":
+            how = "fp32"
+        elif weights == "float32":
+            how = f"{self.precision} autocast (weights and trained values float32)"
+        else:
+            how = f"{self.precision} autocast (weights {weights}, trained values float32)"
         return f"{self.device} ({self.device_name()}), {how}"
 
     def move(self, model: Any) -> Any:

@@ -69,7 +69,8 @@ class Basis(Protocol):
     def rotate(self, G: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor: ...
     def value_grad(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, path: str, kn: TorchKernels) -> torch.Tensor: ...
     def sampled_factors(self, g: torch.Tensor, x: torch.Tensor, rows: Index, cols: Index, kn: TorchKernels) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def merge_into(self, W0: torch.Tensor, support, values: torch.Tensor, kn: TorchKernels) -> torch.Tensor: ...
+    def merge_into(self, W0: torch.Tensor, support, values: torch.Tensor, kn: TorchKernels,
+                   dtype: torch.dtype | None = None) -> torch.Tensor: ...  # W0 + ΔW, in dtype (default W0's)
     def costs(self, tokens: int, m: int, n: int, a: int, b: int, k: int | None = None) -> dict[str, int]: ...
     def base_layout(self) -> bool | None: ...  # W0 stored transposed (True), row-major (False), or as given (None)
 
@@ -134,17 +135,17 @@ class RotatedBasis:
         assert path == GRAD_PATHS[3], path
         return P_R.T @ (g.T @ (x @ Q_C))
 
-    def merge_into(self, W0, support, values, kn):
+    def merge_into(self, W0, support, values, kn, dtype=None):
         """W0 + ΔW from the k-entry sparse D, the addition fused into the last dense product when
-        W0 has the bases' dtype."""
+        W0 has the bases' dtype; cast to ``dtype`` last."""
         rows, cols = support.index()
         a, b = support.shape()
         side = sparse_side(W0.shape[0], W0.shape[1], a, b, support.k)
         D = support.csr(values, side, kn)
         P_R, Q_C = self.matrix("P", rows, 0), self.matrix("Q", cols, 0)
         if W0.dtype != P_R.dtype:
-            return W0 + kn.merge(P_R, D, Q_C, side).to(W0.dtype)
-        return kn.merge(P_R, D, Q_C, side, base=W0)
+            return (W0 + kn.merge(P_R, D, Q_C, side).to(W0.dtype)).to(dtype or W0.dtype)
+        return kn.merge(P_R, D, Q_C, side, base=W0).to(dtype or W0.dtype)
 
     def costs(self, tokens, m, n, a, b, k=None):
         return rotated_costs(tokens, m, n, a, b, k, self.blocks)
@@ -204,18 +205,18 @@ class InputRotatedBasis:
         gx = take(g.T @ x, 0, rows) if path == "weights" else take(g, 1, rows).T @ x
         return gx @ self.columns(cols).to(x.dtype)
 
-    def merge_into(self, W0, support, values, kn):
-        """W0 + ΔW. When the update covers every row (a random support does), and W0 and the basis
-        share a dtype the device multiplies sparse matrices in (float32; bf16/fp16 on a GPU), one
-        sparse×dense product takes W0 as its addend: no m×n temporary and no addition across
-        layouts (docs/performance.md)."""
+    def merge_into(self, W0, support, values, kn, dtype=None):
+        """W0 + ΔW, cast to ``dtype`` last. When the update covers every row (a random support
+        does), and W0 and the basis share a dtype the device multiplies sparse matrices in
+        (float32; bf16/fp16 on a GPU), one sparse×dense product takes W0 as its addend: no m×n
+        temporary and no addition across layouts (docs/performance.md)."""
         rows, cols = support.index()
         D = support.csr(values, self._csr_side, kn)
         B = self.columns(cols)
         if (W0.dtype == B.dtype and sparse_products_in(W0.dtype, W0.device) and isinstance(rows, slice)
                 and rows == slice(0, self.identity_size)):
-            return kn.sparse_dense(D, B.T, base=W0)
-        return W0 + _scatter(kn.sparse_dense(D, B.T), rows, self.identity_size).to(W0.dtype)
+            return kn.sparse_dense(D, B.T, base=W0).to(dtype or W0.dtype)
+        return (W0 + _scatter(kn.sparse_dense(D, B.T), rows, self.identity_size).to(W0.dtype)).to(dtype or W0.dtype)
 
     _csr_side = "Q"  # the CSR holds D (a×b) and multiplies the rotated side
 
@@ -256,8 +257,8 @@ class OutputRotatedBasis(InputRotatedBasis):
     def value_grad(self, g, x, rows, cols, path, kn):
         return super().value_grad(x, g, cols, rows, MIRRORED_PATH.get(path, path), kn).T
 
-    def merge_into(self, W0, support, values, kn):
-        return super().merge_into(W0.T, _Transposed(support), values, kn).T
+    def merge_into(self, W0, support, values, kn, dtype=None):
+        return super().merge_into(W0.T, _Transposed(support), values, kn, dtype).T
 
 
 class _Transposed:
@@ -316,11 +317,18 @@ class IdentityBasis:
     def sampled_factors(self, g, x, rows, cols, kn):
         return take(g, 1, rows), take(x, 1, cols)
 
-    def merge_into(self, W0, support, values, kn):
-        """The values added at their entries of W (a fresh row-major copy of W0)."""
-        merged = W0.clone(memory_format=torch.contiguous_format)
-        kn.scatter_add(merged.view(-1), 0, support.flat_index(W0.shape[1]), values.to(W0.dtype))
-        return merged
+    def merge_into(self, W0, support, values, kn, dtype=None):
+        """The values added at their entries of W (a fresh row-major copy of W0). In a narrower
+        ``dtype`` (the product's, under autocast): W0 cast once, and its k entries of the support
+        summed with the values in W0's precision, then cast and written in. The same numbers as
+        casting the whole W0 + ΔW, without the m×n copy in W0's precision (docs/performance.md)."""
+        flat = support.flat_index(W0.shape[1])
+        if dtype is None or dtype == W0.dtype or not W0.is_contiguous():
+            merged = W0.clone(memory_format=torch.contiguous_format)
+            kn.scatter_add(merged.view(-1), 0, flat, values.to(W0.dtype))
+            return merged.to(dtype or W0.dtype)
+        summed = kn.gather(W0, flat) + values.to(W0.dtype)
+        return kn.scatter(W0.to(dtype), flat, summed.to(dtype))
 
     @staticmethod
     def costs(tokens, m, n, a, b, k=None):

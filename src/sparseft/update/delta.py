@@ -95,31 +95,36 @@ class SparseDelta:
 
     # ----------------------------------------------------------------------------- merge
     @torch.no_grad()
-    def merge_into(self, W0: torch.Tensor, param: torch.Tensor, kn: TorchKernels | None = None) -> torch.Tensor:
+    def merge_into(self, W0: torch.Tensor, param: torch.Tensor, kn: TorchKernels | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """W0 + ΔW by the cheapest route (not differentiable; possibly a transposed view): a fixed
         support's k values go in as a sparse D (m·k + m·b·n at best instead of m·a·b + m·b·n), or
         scattered into a copy of W0 (no rotation), the addition fused where the basis can. The
         merge runs outside autocast, in W0's and the bases' own dtypes: autocast would cast its
-        products to half precision, which torch's CPU sparse kernels lack, and the layer's linear
-        casts the merged weight anyway. A dense support's ΔW is formed in W0's layout."""
+        products to half precision, which torch's CPU sparse kernels lack. ``dtype``: the result's
+        (W0's by default); the training products ask for autocast's, which their linear would cast
+        to anyway. A dense support's ΔW is formed in W0's layout."""
+        dtype = dtype or W0.dtype
         if self.support.selection != "fixed":
-            return W0 + self.delta_weight(param, column_major=is_n_major(W0)).detach().to(W0.dtype)
+            return (W0 + self.delta_weight(param, column_major=is_n_major(W0)).detach().to(W0.dtype)).to(dtype)
         with torch.autocast(param.device.type, enabled=False):
-            return self.basis.merge_into(W0, self.support, param.detach(), kn or kernels_for(W0.device))
+            return self.basis.merge_into(W0, self.support, param.detach(), kn or kernels_for(W0.device), dtype)
 
     @torch.no_grad()
     def merged_weight(self, W0: torch.Tensor, param: torch.Tensor, kn: TorchKernels) -> torch.Tensor:
-        """W0 + ΔW. With ``cache_update`` it is kept until the parameter, the support, the basis
-        or W0 change (an optimizer step, ``load_state_dict``, a reselection), so the forward, the
-        input gradient and every micro-batch between two optimizer steps share one merge. Always
-        rebuilt whole, never patched, so a reloaded model computes bit-identical outputs."""
+        """W0 + ΔW in the dtype the products run in (autocast's, where it is on: what the linear
+        would cast it to). With ``cache_update`` it is kept until the parameter, the support, the
+        basis or W0 change (an optimizer step, ``load_state_dict``, a reselection), so the forward,
+        the input gradient and every micro-batch between two optimizer steps share one merge.
+        Always rebuilt whole, never patched, so a reloaded model computes bit-identical outputs."""
+        dtype = torch.get_autocast_dtype(W0.device.type) if torch.is_autocast_enabled(W0.device.type) else W0.dtype
         if not self.cache_update:
-            return self.merge_into(W0, param, kn)
+            return self.merge_into(W0, param, kn, dtype)
         key = (_OPTIMIZER_STEPS[0], param.data_ptr(), param._version, param.device, self.support.generation, self.basis.version(),
-               W0.data_ptr(), W0._version, W0.dtype)
+               W0.data_ptr(), W0._version, W0.dtype, dtype)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # free the old merge before building the new one (peak memory)
-            self._cache = (key, self.merge_into(W0, param, kn))
+            self._cache = (key, self.merge_into(W0, param, kn, dtype))
         return self._cache[1]
 
     # ----------------------------------------------------------------------------- cost model

@@ -11,7 +11,7 @@ reference. The primitives:
     merge             [W0 +] P_R D Q_Cᵀ        (D sparse, CSR)
     sparse_dense      D Bᵀ [+ W0]              (D sparse, CSR: one-sided merges)
     sampled_product   (leftᵀ right) at a CSR pattern's entries (SDDMM)
-    gather / scatter_add   a flat index out of / into a tensor
+    gather / scatter / scatter_add   a flat index out of / written into / added into a tensor
     linear            x Wᵀ + b, optionally laid out column-major over the tokens
     run_products      per run of wide rows, its activations times its directions (batched)
 
@@ -262,6 +262,13 @@ class TorchKernels:
     def gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """``t.flatten()[index]`` (index_select: an int32 index is read without a copy)."""
         return t.reshape(-1).index_select(0, index)
+
+    @staticmethod
+    def scatter(t: torch.Tensor, index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """``t.flatten()[index] = update`` in place (t contiguous), returning t (index_put_: an
+        int32 index is read without a copy, where index_copy_ takes int64 only)."""
+        t.view(-1).index_put_((index,), update)
+        return t
 
     @staticmethod
     def scatter_add(t: torch.Tensor, dim: int, index: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
