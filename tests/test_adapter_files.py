@@ -163,3 +163,26 @@ def test_bases_load_onto_their_base_held_in_another_precision(tmp_path) -> None:
     get_sparse_model(base(), SparseGradConfig(**config)).load_bases(tmp_path / "bases.safetensors")
     with pytest.raises(AdapterMismatchError, match="calibrated on another base model"):
         get_sparse_model(base(noise=0.01), SparseGradConfig(**config)).load_bases(tmp_path / "bases.safetensors")
+
+
+def test_the_basis_columns_an_adapter_holds_are_checked_once_and_read_in_place(tmp_path) -> None:
+    """A loaded adapter holds the basis columns its support uses: all of them (a random support
+    touches every one) load as the whole basis; some of them are read through a place per global
+    column, checked once per support, and a support that needs a column not held is refused,
+    naming the fix."""
+    for criterion, partial in (("random", False), ("abs-sum", True)):
+        model = _trained(support_criterion=criterion)
+        model.save_pretrained(tmp_path / criterion)
+        loaded = _reload(tmp_path / criterion)
+        assert any(loaded.bases.is_partial(group) for group in loaded.bases.groups) == partial, criterion
+        torch.testing.assert_close(_logits(loaded), _logits(model))
+    layer = next(layer for layer in loaded.sparse_layers().values() if loaded.bases.is_partial(layer.group))
+    part = next(p for p in ("P", "Q") if loaded.bases.is_partial(layer.group) and p in layer.basis.rotated_parts)
+    held = set(loaded.bases._buffers[f"g{loaded.bases.groups.index(layer.group)}_{part}_cols"].tolist())
+    outside = next(c for c in range(layer.m if part == "P" else layer.n) if c not in held)
+    rows, cols = layer.rows.clone(), layer.cols.clone()
+    (rows if part == "P" else cols)[0] = outside  # one entry moved to a direction the file did not hold
+    assert len(set(zip(rows.tolist(), cols.tolist()))) == layer.k
+    layer.set_support(rows, cols)
+    with pytest.raises(AdapterMismatchError, match="load the full bases"):
+        _logits(loaded)

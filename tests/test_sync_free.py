@@ -54,7 +54,8 @@ def _plain_step(precision: str) -> Counter:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["default", "sparsegrad", "cached-merge", "dynamic-sparseadamw", "measured-paths"])
+@pytest.mark.parametrize("case", ["default", "sparsegrad", "cached-merge", "dynamic-sparseadamw", "measured-paths",
+                                  "loaded-sparsegrad"])
 def test_a_training_step_waits_for_no_device(case, precision):
     # measured-paths: the default with the value gradient's path timed on its first backward, as on
     # CUDA (kernels.measure_paths); that first step synchronises there, the later ones must not
@@ -66,12 +67,15 @@ def _check_step(case: str, precision: str) -> None:
     # default: the product's default method (sparse-random: no rotation) as the jobs prepare it; sparsegrad: SparseGradConfig()
     if case in ("default", "measured-paths"):
         model = prepare(DEFAULT_METHOD, ARCHS["llama"](), rank=2).sparse
+    elif case == "loaded-sparsegrad":  # an adapter loaded with the basis columns its calibrated support uses
+        model = _loaded(SparseGradConfig(match_lora_rank=2, support_criterion="abs-sum"))
     else:
         config = {"sparsegrad": SparseGradConfig(match_lora_rank=2),
                   "cached-merge": SparseGradConfig(match_lora_rank=2, cache_update=True),
                   "dynamic-sparseadamw": SparseGradConfig(match_lora_rank=2, selection="dynamic")}[case]
         model = get_sparse_model(ARCHS["llama"](), config)
-    model.calibrate(make_batches("llama", 2), steps=2, show_progress=False)  # calibration may synchronise
+    if not case.startswith("loaded"):
+        model.calibrate(make_batches("llama", 2), steps=2, show_progress=False)  # calibration may synchronise
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     # torch's CPU AdamW (which SparseAdamW runs for fixed supports) reads its step counter back;
@@ -97,3 +101,21 @@ def _check_step(case: str, precision: str) -> None:
     assert not ours, f"the {case} step ({precision}) adds ops that wait for the device: {dict(ours)}"
     if case == "measured-paths" and precision == "fp32":  # (bf16 autocast: no sampled product, nothing to time)
         assert all(layer.update.measured for layer in model.sparse_layers().values())
+
+
+def _loaded(config: SparseGradConfig):
+    """A calibrated ``config`` adapter, saved and loaded onto its base: its bases partly held."""
+    import copy
+    import tempfile
+
+    from sparseft import SparseModel
+
+    base = ARCHS["llama"]()
+    fresh = copy.deepcopy(base)
+    trained = get_sparse_model(base, config)
+    trained.calibrate(make_batches("llama", 2), steps=2, show_progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        trained.save_pretrained(folder)
+        model = SparseModel.from_pretrained(fresh, folder)
+    assert any(model.bases.is_partial(group) for group in model.bases.groups)
+    return model

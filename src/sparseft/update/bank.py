@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -92,6 +93,11 @@ def _column_major(basis: torch.Tensor) -> torch.Tensor:
     return basis.T.contiguous().T
 
 
+def _every_column(cols: torch.Tensor, size: int) -> bool:
+    """Whether ``cols`` is 0..size-1 in order."""
+    return cols.numel() == size and torch.equal(cols.cpu(), torch.arange(size, dtype=cols.dtype))
+
+
 def _key(index: int, part: str) -> str:
     return f"g{index}_{part}"
 
@@ -104,6 +110,10 @@ class BasisBank(nn.Module):
         self.groups: list[str] = []
         # Empty, not saved: follows .to(device) so buffers created on load land on the model's device.
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
+        # a partial basis: per (group, part), each global column's place among the held ones (-1: not
+        # held), and the column indices already checked against it (the check reads a value back)
+        self._places: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._checked: dict[tuple, tuple] = {}
 
     def has(self, group: str) -> bool:
         return group in self.groups
@@ -121,6 +131,9 @@ class BasisBank(nn.Module):
         if group not in self.groups:
             self.groups.append(group)
         i = self.groups.index(group)
+        # every column held, in order (an adapter whose support touches them all): the whole basis
+        P_cols, Q_cols = (None if cols is not None and B is not None and _every_column(cols, B.shape[0]) else cols
+                          for cols, B in ((P_cols, P), (Q_cols, Q)))
         for part, value in (("P", P), ("Q", Q), ("P_cols", P_cols), ("Q_cols", Q_cols)):
             name = _key(i, part)
             if value is None:
@@ -194,23 +207,40 @@ class BasisBank(nn.Module):
         return _key(i, "P_cols") in self._buffers or _key(i, "Q_cols") in self._buffers
 
     def columns(self, group: str, part: str, idx: torch.Tensor | slice) -> torch.Tensor:
+        """``B[:, idx]`` of the whole basis B, whether it is held whole or as some columns."""
         i = self.groups.index(group)
         basis = self._buffers[_key(i, part)]
         held = self._buffers.get(_key(i, part + "_cols"))
-        if isinstance(idx, slice):
-            if held is not None:
-                idx = torch.arange(basis.shape[0], device=basis.device)[idx]
-            else:
-                return basis[:, idx]
-        if held is not None:
-            pos = torch.searchsorted(held, idx)
-            if bool((pos >= held.numel()).any()) or not bool((held[pos.clamp(max=held.numel() - 1)] == idx).all()):
+        if held is None:
+            return basis[:, idx] if isinstance(idx, slice) else basis.index_select(1, idx)
+        places = self._places_of(i, part, held, basis.shape[0])
+        return basis.index_select(1, self._checked_places(group, i, part, places, idx))
+
+    def _places_of(self, i: int, part: str, held: torch.Tensor, size: int) -> torch.Tensor:
+        """Each of the ``size`` global columns' place among the ``held`` ones, -1 where not held:
+        built once per held set and device, so a product reads its columns with one gather."""
+        known = self._places.get((i, part))
+        if known is None or known[0] is not held:
+            places = torch.full((size,), -1, dtype=torch.long, device=held.device)
+            places[held] = torch.arange(held.numel(), device=held.device)
+            known = self._places[(i, part)] = (held, places)
+        return known[1]
+
+    def _checked_places(self, group: str, i: int, part: str, places: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+        """``places[idx]``, checked to be held once per index and held set, not on every product:
+        the check reads a value back, which on a GPU waits for the device."""
+        found = places[idx]
+        key = (i, part, (idx.start, idx.stop, idx.step) if isinstance(idx, slice) else id(idx))
+        seen = self._checked.get(key)
+        fresh = seen is None or seen[0] is not places or (seen[1] is not None and (seen[1]() is not idx or seen[2] != idx._version))
+        if fresh:
+            if bool((found < 0).any()):
                 raise AdapterMismatchError(
                     f"The support needs columns of {part} (group {group!r}) that the loaded bases do "
                     "not hold; load the full bases (load_bases) before changing the support."
                 )
-            idx = pos
-        return basis.index_select(1, idx)
+            self._checked[key] = (places, None, None) if isinstance(idx, slice) else (places, weakref.ref(idx), idx._version)
+        return found
 
     def export(self, used: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None) -> dict[str, torch.Tensor]:
         """Tensors to save, keyed ``bases.<group>.<part>``. ``used[group] = (P_cols, Q_cols)``
