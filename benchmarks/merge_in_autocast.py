@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
+from step_time import interleaved  # (benchmarks/ is the script's folder)
 
 from sparseft import MePropConfig, get_sparse_model
 
@@ -38,13 +38,7 @@ def main() -> None:
     routes = {"float32 merge, then cast": lambda: update.merge_into(W0, param).to(torch.bfloat16),
               "bf16 merge": lambda: update.merge_into(W0, param, dtype=torch.bfloat16)}
     assert torch.equal(*(route() for route in routes.values()))
-    times: dict[str, list[float]] = {name: [] for name in routes}
-    for r in range(args.rounds):
-        for name in (list(routes) if r % 2 == 0 else list(routes)[::-1]):
-            t0 = time.perf_counter()
-            routes[name]()
-            times[name].append(time.perf_counter() - t0)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = {name: statistics.median(t) for name, t in interleaved(routes, args.rounds).items()}
     print(f"{m}x{n}, k={layer.k}, {args.threads} threads, median of {args.rounds}: "
           + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in median.items())
           + f"; ratio {median['bf16 merge'] / median['float32 merge, then cast']:.3f} (equal bits)")

@@ -248,6 +248,20 @@ def fastest_ratio(times: dict[str, list[float]], reference: str) -> dict[str, fl
     return {name: min(t) / min(times[reference]) for name, t in times.items()}
 
 
+def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` (name: callable), one call per round, the order turning every
+    round (``turned``), after one unrecorded call each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in turned(list(fns), r):
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def time_fn(fn, rounds: int) -> float:
     fn()
     out = []

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
+from step_time import interleaved  # (benchmarks/ is the script's folder)
 
 from sparseft import MePropConfig, get_sparse_model
 from sparseft.update.kernels import kernels_for
@@ -58,15 +58,9 @@ def main() -> None:
         layers[name] = layer.update
         print(f"{name}: seed {seed}, touches {layer.support.touched} rows/columns, D {layer.support.shape()}, "
               f"path {layer.update.path_for(args.tokens)}")
-        for _ in range(2):
-            layer.update.value_grad(g, x, kn)
-    times: dict[str, list[float]] = {name: [] for name in layers}
-    for r in range(args.rounds):
-        for name in (list(layers) if r % 2 == 0 else list(layers)[::-1]):
-            t0 = time.perf_counter()
-            layers[name].value_grad(g, x, kn)
-            times[name].append(time.perf_counter() - t0)
-    median = {name: statistics.median(t) for name, t in times.items()}
+        layers[name].value_grad(g, x, kn)  # (the first call builds the support's patterns)
+    calls = {name: (lambda update=update: update.value_grad(g, x, kn)) for name, update in layers.items()}
+    median = {name: statistics.median(t) for name, t in interleaved(calls, args.rounds).items()}
     print(f"value_grad at N={args.tokens}, median of {args.rounds}: "
           + ", ".join(f"{name} {s * 1e3:.1f} ms" for name, s in median.items())
           + f"; ratio {median['misses a row'] / median['every row']:.3f}")
