@@ -186,3 +186,15 @@ def test_the_basis_columns_an_adapter_holds_are_checked_once_and_read_in_place(t
     layer.set_support(rows, cols)
     with pytest.raises(AdapterMismatchError, match="load the full bases"):
         _logits(loaded)
+
+
+def test_loading_through_a_loaded_models_own_class_names_it_once(tmp_path) -> None:
+    """``type(model).from_pretrained`` (the class a model was wrapped in, named for its base) loads
+    into the same class, not a class named twice over."""
+    model = _trained()
+    model.save_pretrained(tmp_path)
+    loaded = _reload(tmp_path)
+    torch.manual_seed(0)
+    again = type(loaded).from_pretrained(tiny_bert(), tmp_path)
+    assert type(again) is type(loaded) and type(loaded).__name__ == "Sparse" + type(loaded.base_model).__name__
+    torch.testing.assert_close(_logits(again.eval()), _logits(model))

@@ -882,6 +882,8 @@ _CLASSES: dict[tuple[type, type], type] = {}
 
 def _signature_class(tuner_class: type[BaseTuner], model_class: type) -> type:
     """A ``tuner_class`` subclass whose ``forward`` has ``model_class.forward``'s signature."""
+    while tuner_class in _CLASSES.values():  # called on such a subclass (type(model).from_pretrained): its tuner's
+        tuner_class = tuner_class.__bases__[0]
     key = (tuner_class, model_class)
     if key not in _CLASSES:
 
