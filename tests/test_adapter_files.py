@@ -4,6 +4,9 @@ earlier layout (rows and columns) still load."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import tiny_bert
@@ -176,6 +179,9 @@ def test_the_basis_columns_an_adapter_holds_are_checked_once_and_read_in_place(t
         loaded = _reload(tmp_path / criterion)
         assert any(loaded.bases.is_partial(group) for group in loaded.bases.groups) == partial, criterion
         torch.testing.assert_close(_logits(loaded), _logits(model))
+    # the checks it remembers are this process's: a copy or a pickle of the bank starts without them
+    assert pickle.loads(pickle.dumps(loaded.bases)).groups == loaded.bases.groups
+    torch.testing.assert_close(_logits(copy.deepcopy(loaded)), _logits(model))
     layer = next(layer for layer in loaded.sparse_layers().values() if loaded.bases.is_partial(layer.group))
     part = next(p for p in ("P", "Q") if loaded.bases.is_partial(layer.group) and p in layer.basis.rotated_parts)
     held = set(loaded.bases._buffers[f"g{loaded.bases.groups.index(layer.group)}_{part}_cols"].tolist())

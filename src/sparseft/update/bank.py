@@ -115,6 +115,9 @@ class BasisBank(nn.Module):
         self._places: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self._checked: dict[tuple, tuple] = {}
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_places": {}, "_checked": {}}  # (caches of this process's tensors: weak references)
+
     def has(self, group: str) -> bool:
         return group in self.groups
 
@@ -239,6 +242,7 @@ class BasisBank(nn.Module):
                     f"The support needs columns of {part} (group {group!r}) that the loaded bases do "
                     "not hold; load the full bases (load_bases) before changing the support."
                 )
+            self._checked = {k: v for k, v in self._checked.items() if v[1] is None or v[1]() is not None}  # (gone supports)
             self._checked[key] = (places, None, None) if isinstance(idx, slice) else (places, weakref.ref(idx), idx._version)
         return found
 
