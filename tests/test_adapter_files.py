@@ -204,3 +204,13 @@ def test_loading_through_a_loaded_models_own_class_names_it_once(tmp_path) -> No
     again = type(loaded).from_pretrained(tiny_bert(), tmp_path)
     assert type(again) is type(loaded) and type(loaded).__name__ == "Sparse" + type(loaded.base_model).__name__
     torch.testing.assert_close(_logits(again.eval()), _logits(model))
+
+
+def test_a_whole_model_pickles_and_copies(tmp_path) -> None:
+    """``torch.save(model)`` of the whole model (its class is made at run time, named for its base)
+    loads back as the same class, computing the same outputs; so does ``copy.deepcopy``."""
+    model = _trained(support_criterion="abs-sum")
+    torch.save(model, tmp_path / "model.pt")
+    for again in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        assert type(again) is type(model)
+        torch.testing.assert_close(_logits(again), _logits(model), rtol=0, atol=0)

@@ -228,6 +228,14 @@ class BaseTuner(nn.Module):
         if "adapter_kind" in cls.__dict__:  # a method's tuner (not a signature subclass of one)
             _TUNERS[cls.adapter_kind] = cls
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickling (``torch.save(model)``, ``copy.deepcopy``): a signature subclass is made at run
+        time and cannot be found by its name, so it is rebuilt from its tuner and model classes."""
+        made = next((key for key, cls in _CLASSES.items() if cls is type(self)), None)
+        if made is None:
+            return super().__reduce_ex__(protocol)
+        return _new_signature_instance, made, self.__dict__
+
     def __init__(self, model: nn.Module, config: Any, **kwargs: Any) -> None:
         super().__init__()
         if not isinstance(config, self.config_class):
@@ -878,6 +886,12 @@ def _truncate(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor
 
 
 _CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _new_signature_instance(tuner_class: type[BaseTuner], model_class: type) -> BaseTuner:
+    """An empty instance of ``_signature_class(tuner_class, model_class)`` (unpickling fills it)."""
+    cls = _signature_class(tuner_class, model_class)
+    return cls.__new__(cls)
 
 
 def _signature_class(tuner_class: type[BaseTuner], model_class: type) -> type:
