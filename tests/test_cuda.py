@@ -262,3 +262,50 @@ def test_an_adapter_trained_on_the_device_loads_on_the_cpu_and_merges_there(tmp_
         torch.testing.assert_close(loaded(**batches[0]).logits, want, atol=1e-4, rtol=1e-4)
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(**on[0]).logits.cpu(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("identity", [True, False])  # the default's layer; one side rotated
+def test_gpu_merge_in_the_autocast_dtype_is_the_cast_float32_merge(identity):
+    """Under bf16 autocast with float32 weights on the device, the merged weight the products read
+    is made in bf16 (the default: W0 cast once, its k entries summed in float32 and written in
+    through an int32 index) and equals the float32 merge cast, bit for bit."""
+    from sparseft.update.kernels import kernels_for
+
+    layer, gen = make_layer(96, 48, 300, "fixed", identity, False, "auto", seed=12, cache=False, rotation="narrow")
+    gpu = _on(layer, DEVICE, torch.float32)
+    W0, param = gpu.base_layer.weight, gpu.param
+    plain = gpu.update.merge_into(W0, param)
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        merged = gpu.update.merged_weight(W0, param, kernels_for(W0.device))
+    assert merged.dtype == torch.bfloat16 and torch.equal(merged, plain.to(torch.bfloat16))
+
+
+def test_gpu_a_loaded_adapter_with_partly_held_bases(tmp_path):
+    """An adapter whose file holds some basis columns (a calibrated support), loaded onto its base
+    on the device, answers as on the CPU, reading its columns through their places there."""
+    from conftest import make_batch, tiny_llama
+
+    from sparseft import SparseGradConfig, SparseModel, get_sparse_model
+
+    torch.manual_seed(0)
+    weights = tiny_llama().state_dict()
+
+    def base():
+        model = tiny_llama()
+        model.load_state_dict(weights)
+        return model.eval()
+
+    model = get_sparse_model(base(), SparseGradConfig(match_lora_rank=2, support_criterion="abs-sum"))
+    model.calibrate([make_batch("llama", i) for i in range(2)], steps=2, show_progress=False)
+    with torch.no_grad():
+        for layer in model.sparse_layers().values():
+            layer.param.normal_(0, 0.05)
+    model.save_pretrained(tmp_path)
+    batch = make_batch("llama", 3)
+    on_cpu = SparseModel.from_pretrained(base(), tmp_path).eval()
+    on_device = SparseModel.from_pretrained(base().to(DEVICE), tmp_path).eval()
+    assert any(on_device.bases.is_partial(group) for group in on_device.bases.groups)
+    with torch.no_grad():
+        want = on_cpu(**batch).logits
+        got = on_device(**{k: v.to(DEVICE) for k, v in batch.items()}).logits.cpu()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
