@@ -12,11 +12,10 @@ bf16 route 6 plus the k entries'.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from torch import nn
-from step_time import interleaved  # (benchmarks/ is the script's folder)
+from step_time import interleaved, milliseconds_and_ratio  # (benchmarks/ is the script's folder)
 
 from sparseft import MePropConfig, get_sparse_model
 
@@ -38,10 +37,9 @@ def main() -> None:
     routes = {"float32 merge, then cast": lambda: update.merge_into(W0, param).to(torch.bfloat16),
               "bf16 merge": lambda: update.merge_into(W0, param, dtype=torch.bfloat16)}
     assert torch.equal(*(route() for route in routes.values()))
-    median = {name: statistics.median(t) for name, t in interleaved(routes, args.rounds).items()}
+    median = interleaved(routes, args.rounds)
     print(f"{m}x{n}, k={layer.k}, {args.threads} threads, median of {args.rounds}: "
-          + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in median.items())
-          + f"; ratio {median['bf16 merge'] / median['float32 merge, then cast']:.3f} (equal bits)")
+          f"{milliseconds_and_ratio(median, 'bf16 merge', 'float32 merge, then cast')} (equal bits)")
 
 
 if __name__ == "__main__":

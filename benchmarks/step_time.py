@@ -248,9 +248,9 @@ def fastest_ratio(times: dict[str, list[float]], reference: str) -> dict[str, fl
     return {name: min(t) / min(times[reference]) for name, t in times.items()}
 
 
-def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-    """Seconds of each of ``fns`` (name: callable), one call per round, the order turning every
-    round (``turned``), after one unrecorded call each."""
+def interleaved(fns: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each of ``fns`` (name: callable), one call per round, the order turning
+    every round (``turned``), after one unrecorded call each."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -259,7 +259,12 @@ def interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
-    return times
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def milliseconds_and_ratio(median: dict[str, float], new: str, old: str) -> str:
+    """"name 1.23 ms, ...; ratio r" of ``interleaved``'s medians, r = ``new``'s over ``old``'s."""
+    return ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in median.items()) + f"; ratio {median[new] / median[old]:.3f}"
 
 
 def time_fn(fn, rounds: int) -> float:

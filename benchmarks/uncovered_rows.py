@@ -13,11 +13,10 @@ other rows; now D keeps the row, empty, and both take the same ops.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 from torch import nn
-from step_time import interleaved  # (benchmarks/ is the script's folder)
+from step_time import interleaved, milliseconds_and_ratio  # (benchmarks/ is the script's folder)
 
 from sparseft import MePropConfig, get_sparse_model
 from sparseft.update.kernels import kernels_for
@@ -60,10 +59,8 @@ def main() -> None:
               f"path {layer.update.path_for(args.tokens)}")
         layers[name].value_grad(g, x, kn)  # (the first call builds the support's patterns)
     calls = {name: (lambda update=update: update.value_grad(g, x, kn)) for name, update in layers.items()}
-    median = {name: statistics.median(t) for name, t in interleaved(calls, args.rounds).items()}
-    print(f"value_grad at N={args.tokens}, median of {args.rounds}: "
-          + ", ".join(f"{name} {s * 1e3:.1f} ms" for name, s in median.items())
-          + f"; ratio {median['misses a row'] / median['every row']:.3f}")
+    median = interleaved(calls, args.rounds)
+    print(f"value_grad at N={args.tokens}, median of {args.rounds}: {milliseconds_and_ratio(median, 'misses a row', 'every row')}")
 
 
 if __name__ == "__main__":
