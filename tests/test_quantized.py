@@ -16,7 +16,8 @@ from torch import nn
 pytest.importorskip("bitsandbytes")
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from sparseft import ConfigError, S2FTConfig, SparseGradConfig, SparseModel, get_s2ft_model, get_sparse_model  # noqa: E402
+from sparseft import (AdapterMismatchError, ConfigError, MePropConfig, S2FTConfig, SparseGradConfig, SparseModel,  # noqa: E402
+                     get_s2ft_model, get_sparse_model)
 from sparseft.gradients import gradient_pass  # noqa: E402
 from sparseft.quantized import dequantized, is_quantized, keep_storage_layout  # noqa: E402
 
@@ -246,6 +247,61 @@ def test_lora_export_is_exact_on_the_quantized_base_and_merging_says_what_it_doe
     with pytest.warns(UserWarning, match="quantized again"):
         merged = copy.deepcopy(model).merge_and_unload()
     assert type(merged.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+
+
+def _load_base(checkpoint: Path, kind: str | None):
+    """``_load``, or (``nf4-double``) the command line's own 4-bit config: QLoRA's NF4 with a nested absmax."""
+    if kind != "nf4-double":
+        return _load(checkpoint, kind)
+    from sparseft.quantized import quantization_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map="cpu",
+                                                    quantization_config=quantization_config("4bit"))
+
+
+@pytest.mark.parametrize("trained_on,loaded_on", [("4bit", None), ("nf4-double", None), ("8bit", None), (None, "4bit"),
+                                                  ("nf4-double", "8bit")])
+@pytest.mark.parametrize("config", [SparseGradConfig(match_lora_rank=4), MePropConfig(match_lora_rank=4, selection="fixed",
+                                                                                    support_criterion="random")],
+                         ids=["rotated", "identity"])
+def test_an_adapter_loads_onto_its_base_in_another_precision(checkpoint, tmp_path, trained_on, loaded_on, config) -> None:
+    """QLoRA's route to serving: train beside a quantized base, load the adapter onto the same
+    checkpoint in full precision (or the other way round). Its update is the trained one, entry
+    for entry, added to the other W0, and merging there is W0 + ΔW. Another base is still refused,
+    as is this one moved by more than the quantization's rounding."""
+    torch.manual_seed(0)
+    model = get_sparse_model(_load_base(checkpoint, trained_on), copy.deepcopy(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not model.is_calibrated:
+            model.calibrate(_batches(), show_progress=False)
+        _losses(model, _batches(1, seed=3)[0], 3)
+    model.save_pretrained(tmp_path / "a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = SparseModel.from_pretrained(_load_base(checkpoint, loaded_on), tmp_path / "a")
+    trained_layers, loaded_layers = model.sparse_layers(), loaded.sparse_layers()
+    assert set(trained_layers) == set(loaded_layers)
+    for name, layer in trained_layers.items():
+        torch.testing.assert_close(loaded_layers[name].delta_weight(), layer.delta_weight(), rtol=0, atol=0)
+    if loaded_on is None:
+        bases = {name: layer.base_layer.weight.detach().clone() for name, layer in loaded_layers.items()}
+        merged = loaded.merge_and_unload()
+        for name, layer in trained_layers.items():
+            torch.testing.assert_close(merged.get_submodule(name).weight, bases[name] + layer.delta_weight(), rtol=0, atol=1e-7)
+    torch.manual_seed(1)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    moved = _load(checkpoint, None)
+    with torch.no_grad():
+        for name in trained_layers:
+            weight = moved.get_submodule(name).weight
+            weight.add_(torch.randn_like(weight) * weight.std() * 0.3)
+    for wrong in (other, moved):
+        with pytest.raises(AdapterMismatchError, match="trained on other base weights"):
+            SparseModel.from_pretrained(wrong, tmp_path / "a")
 
 
 def test_unsupported_quantized_layers_name_the_fix(checkpoint) -> None:

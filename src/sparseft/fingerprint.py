@@ -19,8 +19,13 @@ from .targets import Target, weight_of
 SAMPLES = 64
 
 
+def sample_positions(numel: int) -> torch.Tensor:
+    """The flat positions of the ``SAMPLES`` evenly strided entries a fingerprint hashes."""
+    return torch.arange(0, numel, max(1, numel // SAMPLES))[:SAMPLES]
+
+
 def weight_samples(weight: torch.Tensor) -> torch.Tensor:
-    """The ``SAMPLES`` evenly strided entries of a weight a fingerprint hashes (float32, CPU)."""
+    """The entries of a weight at ``sample_positions`` (float32, CPU; a strided view, no index copy)."""
     flat = weight.detach().reshape(-1)
     return flat[:: max(1, flat.numel() // SAMPLES)][:SAMPLES].float().cpu()
 
@@ -40,20 +45,39 @@ def base_fingerprint(model: nn.Module, targets: Iterable[Target]) -> str:
 
 def base_samples(model: nn.Module, targets: Iterable[Target]) -> dict:
     """What an adapter file keeps beside the fingerprint so that its base is recognised in another
-    floating precision (``same_base_in_another_precision``): the dtype and the fingerprint's
-    samples of each target weight."""
-    weights = {t.name: weight_of(model.get_submodule(t.name)) for t in targets}
-    if not weights or not all(w.is_floating_point() for w in weights.values()):
-        return {}  # (a quantized base: its samples are codes, not weights)
-    return {"dtype": str(next(iter(weights.values())).dtype).removeprefix("torch."),
-            "samples": {name: weight_samples(w).tolist() for name, w in weights.items()}}
+    precision (``same_base_in_another_precision``): the dtype and the fingerprint's samples of
+    each target weight. A quantized weight (bitsandbytes 4-bit/8-bit) is sampled dequantized, with
+    how far the float weight it was quantized from can lie from each sample (``bounds``), so that
+    an adapter trained on a quantized base loads onto its full-precision checkpoint (the QLoRA
+    route to serving) and the other way round. {} where a format is not known."""
+    from .quantized import dequantized, is_quantized, rounding_bounds
+
+    samples, bounds, dtype = {}, {}, None
+    for t in targets:
+        layer = model.get_submodule(t.name)
+        if is_quantized(layer):
+            weight = dequantized(layer)
+            bound = rounding_bounds(layer, weight, sample_positions(weight.numel()))
+            if bound is None:
+                return {}
+            bounds[t.name] = bound.tolist()
+        else:
+            weight = weight_of(layer)
+        if not weight.is_floating_point():
+            return {}
+        samples[t.name] = weight_samples(weight).tolist()
+        dtype = dtype or weight.dtype
+    if not samples:
+        return {}
+    return {"dtype": str(dtype).removeprefix("torch."), "samples": samples, **({"bounds": bounds} if bounds else {})}
 
 
 def same_base_in_another_precision(saved: dict | None, now: dict) -> bool:
-    """Whether two ``base_samples`` records sampled the same weights, held in two floating
-    precisions: a base trained on in bfloat16 on a GPU and loaded in float32 for serving (or the
-    other way round) hashes to another fingerprint, since rounding moves its samples, but each
-    sample agrees to within one unit in the last place of the coarser dtype."""
+    """Whether two ``base_samples`` records sampled the same weights, held in two precisions: a
+    base trained on in bfloat16 on a GPU and loaded in float32 for serving (or the other way
+    round) hashes to another fingerprint, since rounding moves its samples, but each sample agrees
+    to within one unit in the last place of the coarser dtype, plus the rounding bound of a
+    quantized side (``bounds``)."""
     if not saved or not now or set(now["samples"]) != set(saved["samples"]):
         return False
     coarse = max(getattr(torch, saved["dtype"]), getattr(torch, now["dtype"]), key=lambda d: torch.finfo(d).eps)
@@ -61,7 +85,10 @@ def same_base_in_another_precision(saved: dict | None, now: dict) -> bool:
     for name, values in saved["samples"].items():
         a = torch.tensor(values).to(coarse).float()
         b = torch.tensor(now["samples"][name]).to(coarse).float()
-        if not bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs()) + tiny).all()):
+        if a.shape != b.shape:
+            return False
+        slack = sum(torch.tensor(r.get("bounds", {}).get(name, 0.0)) for r in (saved, now))
+        if not bool(((a - b).abs() <= eps * torch.maximum(a.abs(), b.abs()) + tiny + slack).all()):
             return False
     return True
 
@@ -83,5 +110,5 @@ def backbone_fingerprint(model: nn.Module) -> str:
     return weights_fingerprint(body if isinstance(body, nn.Module) and body is not model else model)
 
 
-__all__ = ["backbone_fingerprint", "base_fingerprint", "base_samples", "same_base_in_another_precision", "weight_samples",
+__all__ = ["backbone_fingerprint", "base_fingerprint", "base_samples", "same_base_in_another_precision", "sample_positions", "weight_samples",
            "weights_fingerprint"]

@@ -48,6 +48,45 @@ def dequantized(module: nn.Module) -> torch.Tensor:
     return W.detach().to(compute_dtype(module))
 
 
+def _half_gap(code: torch.Tensor) -> float:
+    """Half the largest gap between neighbouring levels of a quantization code."""
+    return float(code.float().sort().values.diff().max()) / 2
+
+
+@torch.no_grad()
+def rounding_bounds(module: nn.Module, W: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    """How far the float weight that ``W = dequantized(module)`` was quantized from can lie from
+    W at each of the flat ``positions`` (float32), or None for a format this does not know
+    (torchao, HQQ).
+
+    - bitsandbytes 4-bit (NF4, FP4): the weight, flattened, is stored in blocks of ``blocksize``
+      scaled by their absmax and rounded to the nearest of the code's 16 levels: half the largest
+      gap between levels (h), times the absmax. The stored absmax is the block's largest
+      |dequantized| entry (a); double quantization stores it in 8 bits too, off by at most e (half
+      the nested code's largest gap times its block's scale), so the bound is h·(a + e) + e.
+    - bitsandbytes 8-bit (LLM.int8()): each row scaled by its absmax to 127 steps: one step.
+
+    5% is added to each, for float rounding; the bound held on every entry of a real model
+    (benchmarks/rounding_bounds.py, docs/sparsegrad.md)."""
+    kind = type(module.weight).__name__
+    flat = W.detach().reshape(-1)
+    if kind == "Params4bit":
+        state = module.weight.quant_state
+        size = state.blocksize
+        members = (positions // size * size).unsqueeze(1) + torch.arange(size)  # each position's block
+        absmax = flat[members.clamp(max=flat.numel() - 1).to(flat.device)].float().abs().amax(1).cpu()
+        nested = torch.zeros_like(absmax)
+        if state.nested:
+            inner = state.state2
+            scale = inner.absmax.float().cpu()[positions // size // inner.blocksize]
+            nested = _half_gap(inner.code) * scale
+        return (_half_gap(state.code) * (absmax + nested) + nested) * 1.05
+    if kind == "Int8Params":
+        rows = (positions // W.shape[1]).to(W.device)
+        return W.detach()[rows].float().abs().amax(1).cpu() / 127 * 1.05
+    return None
+
+
 @torch.no_grad()
 def requantize(module: nn.Module, W: torch.Tensor) -> None:
     """Store the m×n float ``W`` as ``module``'s weight, quantized in its own format again."""
@@ -146,4 +185,4 @@ def check_supported(name: str, module: nn.Module) -> None:
                           "load_in_8bit=True instead, or in full precision.")
 
 
-__all__ = ["keep_storage_layout", "unpack_for_training", "QUANTIZE", "check_supported", "compute_dtype", "dequantized", "is_quantized", "quantization_config", "requantize"]
+__all__ = ["keep_storage_layout", "unpack_for_training", "QUANTIZE", "check_supported", "compute_dtype", "dequantized", "is_quantized", "quantization_config", "requantize", "rounding_bounds"]
