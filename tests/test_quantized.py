@@ -332,7 +332,8 @@ def test_bases_from_the_weights_of_a_quantized_base(checkpoint) -> None:
 
 def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, capsys) -> None:
     """`sparseft train --quantize 4bit`: the base loads in 4 bits, the adapter trains beside it,
-    the run records it and `predict` loads the base the same way (its fingerprint checked)."""
+    the run records it and `predict` loads the base the same way (its fingerprint checked), or in
+    float32 with --full-precision."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from sparseft.app.cli import main
@@ -357,6 +358,20 @@ def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, caps
         assert main(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1"]) == 0
         scored = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert scored["accuracy"] == run["accuracy"]
+        # served as QLoRA's adapters are: the same checkpoint in float32 (its unquantized tensors checked here, the
+        # quantized ones by the adapter, within their rounding); another checkpoint is refused either way
+        assert main(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1", "--full-precision"]) == 0
+        scored = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert abs(scored["accuracy"] - run["accuracy"]) <= 0.1, (scored, run["accuracy"])
+        torch.manual_seed(1)
+        other = tmp_path / "other"
+        BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                                 max_position_embeddings=32)).save_pretrained(other)
+        AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(other)
+        for flags in ([], ["--full-precision"]):
+            assert main(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1", "--model", str(other),
+                         *flags]) == 2
+            assert "is not the base model this adapter was trained on" in capsys.readouterr().err
         assert main(["train", *common, "--quantize", "4bit", "--method", "full", "--output-dir", str(tmp_path / "o2")]) == 2
     assert "trains W0 itself" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ base, not a checksum of the weights (files carry those).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import torch
 from torch import nn
@@ -93,22 +93,36 @@ def same_base_in_another_precision(saved: dict | None, now: dict) -> bool:
     return True
 
 
-def weights_fingerprint(module: nn.Module) -> str:
-    """The fingerprint of every parameter and buffer of ``module`` (e.g. a transformers model's
-    ``base_model``, the backbone without its task head)."""
+def weights_fingerprint(module: nn.Module, skip: Collection[str] = ()) -> str:
+    """The fingerprint of every floating-point parameter and buffer of ``module`` (e.g. a
+    transformers model's ``base_model``, the backbone without its task head), but those named in
+    ``skip``."""
     h = hashlib.sha256(type(module).__name__.encode())
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point():
+        if tensor.is_floating_point() and name not in skip:
             _add(h, f"{name}:{'x'.join(map(str, tensor.shape))}", tensor)
     return h.hexdigest()[:16]
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
-    """The fingerprint of a transformers model's pretrained body (``model.base_model``, without
-    the task head a run adds and trains), or of the whole module otherwise."""
+def _backbone(model: nn.Module) -> nn.Module:
     body = getattr(model, "base_model", None)
-    return weights_fingerprint(body if isinstance(body, nn.Module) and body is not model else model)
+    return body if isinstance(body, nn.Module) and body is not model else model
 
 
-__all__ = ["backbone_fingerprint", "base_fingerprint", "base_samples", "same_base_in_another_precision", "sample_positions", "weight_samples",
-           "weights_fingerprint"]
+def backbone_fingerprint(model: nn.Module, skip: Collection[str] = ()) -> str:
+    """The fingerprint of a transformers model's pretrained body (``model.base_model``, without
+    the task head a run adds and trains), or of the whole module otherwise; ``skip``: names in
+    it left out (``quantized_weights`` of the same checkpoint loaded quantized)."""
+    return weights_fingerprint(_backbone(model), skip)
+
+
+def quantized_weights(model: nn.Module) -> list[str]:
+    """The backbone's tensors that ``backbone_fingerprint`` leaves out because they are not
+    floating point (a quantized base's codes): the same checkpoint loaded in full precision
+    hashes to the same fingerprint when it skips these."""
+    body = _backbone(model)
+    return [name for name, tensor in [*body.named_parameters(), *body.named_buffers()] if not tensor.is_floating_point()]
+
+
+__all__ = ["backbone_fingerprint", "base_fingerprint", "base_samples", "quantized_weights", "same_base_in_another_precision",
+           "sample_positions", "weight_samples", "weights_fingerprint"]

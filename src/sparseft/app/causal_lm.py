@@ -28,7 +28,7 @@ from .data import read_jsonl
 from ..errors import DataError
 from ..methods import DEFAULT_METHOD, canonical, default_lrs, method_spec, prepare
 from .placement import Placement, placement_of, resolve
-from ..fingerprint import backbone_fingerprint
+from ..fingerprint import backbone_fingerprint, quantized_weights
 from .train import RunRecord, fit, load_causal_lm, run_identity, save_run
 
 Conversation = list[dict[str, str]]
@@ -299,7 +299,7 @@ def run_causal_lm(
 
     placement = resolve(settings.device, settings.precision)
     model = placement.move(load_causal_lm(model_dir, settings.seed, settings.quantize, placement))
-    base = backbone_fingerprint(model)
+    base, skipped = backbone_fingerprint(model), quantized_weights(model)
     loss_before = answer_loss(model, evaluation, settings.eval_batch_size, placement)
     before = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
@@ -313,7 +313,7 @@ def run_causal_lm(
                resume_dir=settings.resume_dir, checkpoint_dir=settings.checkpoint_dir,
                checkpoint_every=settings.checkpoint_every, identity=run_identity(settings, method, train, base))
     loss_after = answer_loss(model, evaluation, settings.eval_batch_size, placement)
-    save_run(model, tokenizer, settings, base, model_dir, task="causal-lm", method=method, eval_loss=loss_after,
+    save_run(model, tokenizer, settings, base, model_dir, skipped, task="causal-lm", method=method, eval_loss=loss_after,
              eval_examples=int(evaluation["input_ids"].shape[0]))
     after = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
     generations = [

@@ -314,7 +314,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     prepare = _predict_causal_lm if saved[0].get("task") == "causal-lm" else _predict_classification
     predict = prepare(args, saved[0])  # flags checked, data read: a wrong one is named before the model loads
     placement = _placement(args)
-    model, tokenizer, _ = load_trained(args.adapter, args.model, placement, saved=saved)
+    if args.full_precision and saved[0].get("quantize"):
+        print(f"base: float32, not {saved[0]['quantize']} as in training (--full-precision)", file=sys.stderr)
+    model, tokenizer, _ = load_trained(args.adapter, args.model, placement, saved=saved, full_precision=args.full_precision)
     placement.move(model)
     return predict(model, tokenizer, placement)
 
@@ -639,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-new-tokens", type=_positive(int),
                          help=f"a decoder run's --text: tokens answered at most (greedy; default {MAX_NEW_TOKENS})")
     predict.add_argument("--threads", type=_positive(int), help=f"torch CPU threads (default: {THREADS_RULE})")
+    predict.add_argument("--full-precision", action="store_true", help="a run trained with --quantize: load its base in "
+                         "float32, not quantized, as the adapter is served (QLoRA's route); scores then differ from the "
+                         "run's by the quantization's rounding of W0")
     _add_placement(predict)
     predict.set_defaults(func=cmd_predict)
 

@@ -26,7 +26,7 @@ from ..gradients import move_batch
 from .checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TextDataset, batches, encode, trim_padding
 from ..errors import AdapterMismatchError, ConfigError, CorruptFileError, DataError
-from ..fingerprint import backbone_fingerprint
+from ..fingerprint import backbone_fingerprint, quantized_weights
 from ..quantized import unpack_for_training
 from .artifacts import seal, verify
 from .placement import Placement, placement_of, resolve
@@ -373,7 +373,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
             f"--max-length {settings.max_length} is longer than this model's {positions} positions: use "
             f"--max-length {positions} or less (longer texts are truncated to --max-length tokens)."
         )
-    base = backbone_fingerprint(model)
+    base, skipped = backbone_fingerprint(model), quantized_weights(model)
     identity = run_identity(settings, method, train, base)
     prepared = prepare(method, model, rank=settings.rank, density=settings.density, support_narrow=settings.support_narrow)
     reselect = settings.reselect_every if method_spec(method).reselects else None
@@ -385,7 +385,7 @@ def run_classification(settings: RunSettings, splits: dict[str, TextDataset], to
                identity=identity)
     acc = accuracy(prepared.model, evaluation, settings.eval_batch_size, placement)
     record = loop.record(prepared, t_start)
-    save_run(prepared.model, tokenizer, settings, base, settings.model_dir, method=method,
+    save_run(prepared.model, tokenizer, settings, base, settings.model_dir, skipped, method=method,
              label_names=splits["train"].label_names, accuracy=acc)
     return RunResult(method=method, seed=settings.seed, lr=lr, accuracy=acc, eval_split=settings.eval_split,
                      steps=settings.steps, **record)
@@ -407,12 +407,15 @@ def run_identity(settings: Any, method: str, train: dict[str, torch.Tensor], bas
 
 
 def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint: str, model_dir: str | Path,
-             **fields: Any) -> None:
+             quantized: list[str], **fields: Any) -> None:
     """``save_trained`` into the settings' save folders (if any), with the run file every task
-    writes (base, length, seed, split, data, quantization) and the task's own ``fields``."""
+    writes (base, length, seed, split, data, quantization) and the task's own ``fields``.
+    ``quantized``: the base's tensors its fingerprint left out, stored quantized
+    (``fingerprint.quantized_weights``), so that ``predict --full-precision`` checks the rest."""
     if settings.save_dir or settings.save_merged_dir:
         run = {"model_dir": str(model_dir), "max_length": settings.max_length, "seed": settings.seed,
-               "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize, **fields}
+               "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize,
+               **({"quantized_weights": quantized} if settings.quantize else {}), **fields}
         save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint)
 
 
@@ -486,11 +489,13 @@ def read_trained(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def load_trained(path: str | Path, model_dir: str | Path | None = None, placement: Placement | None = None,
-                 saved: tuple[dict[str, Any], dict[str, Any]] | None = None):
+                 saved: tuple[dict[str, Any], dict[str, Any]] | None = None, full_precision: bool = False):
     """(model, tokenizer, run) from a folder ``save_trained`` wrote, its files verified first
     (``saved``: what ``read_trained`` already returned for it). An adapter loads onto the base
     recorded at training, or ``model_dir`` (that base moved); either must have the fingerprint
-    the run recorded."""
+    the run recorded. A run that trained on a quantized base loads it quantized the same way, or
+    (``full_precision``) in float32, as an adapter is served: its fingerprint then leaves out the
+    tensors that were quantized, and the adapter checks those itself (within their rounding)."""
     folder = Path(path)
     run, manifest = saved or read_trained(folder)
     if run.get("task", "classification") == "causal-lm":
@@ -506,9 +511,14 @@ def load_trained(path: str | Path, model_dir: str | Path | None = None, placemen
     if not (base_dir / "config.json").is_file():
         raise DataError(f"The base model {base_dir} {'given' if model_dir else 'recorded at training'} is not there (no "
                         "config.json): pass --model DIR with the base this adapter was trained on (it is checked).")
-    base = load_base(base_dir, **head, seed=run["seed"], quantize=run.get("quantize"), placement=placement)
+    unquantized = full_precision and run.get("quantize") is not None
+    if unquantized and "quantized_weights" not in run:
+        raise ConfigError(f"{folder} was trained on a {run['quantize']} base before runs recorded which of its weights were "
+                          "quantized: load it without --full-precision, or train it again.")
+    base = load_base(base_dir, **head, seed=run["seed"], quantize=None if unquantized else run.get("quantize"),
+                     placement=placement)
     expected = manifest.get("base_fingerprint")
-    found = backbone_fingerprint(base) if expected else None
+    found = backbone_fingerprint(base, run["quantized_weights"] if unquantized else ()) if expected else None
     if found != expected:
         raise AdapterMismatchError(f"{base_dir} is not the base model this adapter was trained on (fingerprint "
                                    f"{found} ≠ {expected}): pass --model with that base.")
