@@ -748,7 +748,8 @@ def _validate(args: argparse.Namespace) -> None:
                               "method (sparsegrad, meprop, lora-mlp, shira, head) on a quantized base, or drop --quantize.")
         if getattr(args, "save_merged", False):
             raise ConfigError("--save-merged with --quantize would quantize W0 + ΔW again (rounding the update away in "
-                              "part): save the adapter (the default) and merge it into a full-precision base.")
+                              "part): save the adapter (the default) and serve it on the full-precision base (`sparseft predict "
+                              "--full-precision`; in the library, load it onto that base and merge there).")
         if getattr(args, "func", None) is not cmd_train:
             raise ConfigError("--quantize is a `sparseft train` option (predict reads it from the run).")
         import importlib.util
