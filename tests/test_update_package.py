@@ -67,8 +67,8 @@ class SeededBasis(RotatedBasis):
         gen = torch.Generator().manual_seed(len(group))
         self.P_, self.Q_ = (torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for d in (m, n))
 
-    def matrix(self, side: str, idx, size: int) -> torch.Tensor:
-        return (self.P_ if side == "P" else self.Q_)[:, idx]
+    def matrix(self, side: str, idx, size: int, device=None) -> torch.Tensor:
+        return (self.P_ if side == "P" else self.Q_)[:, idx].to(device=device)
 
     def version(self) -> tuple:
         return ()

@@ -134,10 +134,13 @@ def _fit_bases(model: nn.Module, layers: Mapping[str, SparseLinear], bank, cache
     def accumulate(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
         G = G.float()
         gram = grams[layer.group]
-        if "P" in gram:
-            gram["P"].addmm_(G, G.T)
-        if "Q" in gram:
-            gram["Q"].addmm_(G.T, G)
+        for part, (left, right) in (("P", (G, G.T)), ("Q", (G.T, G))):
+            if part not in gram:
+                continue
+            if G.device == gram[part].device:
+                gram[part].addmm_(left, right)
+            else:  # a split model's layer on another device than its group's first: its product travels
+                gram[part].add_((left @ right).to(gram[part].device))
 
     rng.restore()
     gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)

@@ -168,7 +168,7 @@ class SparseLinear(BaseTunerLayer):
         side = {}
         for part, idx, size, name in (("P", rows, self.m, "rows"), ("Q", cols, self.n, "cols")):
             if part in rotated:
-                side[part] = self._bank.columns(self.group, part, idx)
+                side[part] = self._bank.columns(self.group, part, idx, D.device)
             elif not (isinstance(idx, slice) and (idx.stop or 0) - (idx.start or 0) == size):
                 side[name] = torch.arange(size, device=D.device)[idx] if isinstance(idx, slice) else idx
         return SparseFactors(self.m, self.n, D, dtype=dtype, **side)

@@ -4,6 +4,10 @@
 The bank is an ``nn.Module`` so that ``model.to(device)`` moves each basis once (layers hold a
 reference to the bank, never a copy). A basis may be stored whole (m×m) or, after loading a
 fixed-selection adapter, as only the columns that adapter uses, with their indices.
+
+A model split over devices (transformers' ``device_map``) has a group's layers on several: the
+bank stores each basis once, on the first target's device, and a layer elsewhere reads a copy on
+its own device, made once and again only when the basis changes.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def _key(index: int, part: str) -> str:
 
 
 class BasisBank(nn.Module):
-    """Named basis pairs. ``columns(group, "P", idx)`` returns ``P[:, idx]``."""
+    """Named basis pairs. ``columns(group, "P", idx, device)`` returns ``P[:, idx]`` on ``device``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,11 +116,17 @@ class BasisBank(nn.Module):
         self.register_buffer("_anchor", torch.zeros(0), persistent=False)
         # a partial basis: per (group, part), each global column's place among the held ones (-1: not
         # held), and the column indices already checked against it (the check reads a value back)
-        self._places: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._places: dict[tuple[int, str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         self._checked: dict[tuple, tuple] = {}
+        # copies of (basis, held columns) on the other devices of a split model, by (group, part, device)
+        self._replicas: dict[tuple[int, str, torch.device], tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_places": {}, "_checked": {}}  # (caches of this process's tensors: weak references)
+    def __getstate__(self) -> dict:  # (caches of this process's tensors, some weak references)
+        return {**self.__dict__, "_places": {}, "_checked": {}, "_replicas": {}}
+
+    def _apply(self, fn, recurse=True):
+        self._replicas = {}  # (the bank moved: copies for the old layout would only hold memory)
+        return super()._apply(fn, recurse)
 
     def has(self, group: str) -> bool:
         return group in self.groups
@@ -209,31 +219,44 @@ class BasisBank(nn.Module):
         i = self.groups.index(group)
         return _key(i, "P_cols") in self._buffers or _key(i, "Q_cols") in self._buffers
 
-    def columns(self, group: str, part: str, idx: torch.Tensor | slice) -> torch.Tensor:
-        """``B[:, idx]`` of the whole basis B, whether it is held whole or as some columns."""
+    def columns(self, group: str, part: str, idx: torch.Tensor | slice, device: torch.device | None = None) -> torch.Tensor:
+        """``B[:, idx]`` of the whole basis B, whether it is held whole or as some columns, on
+        ``device`` (default: where the bank is)."""
         i = self.groups.index(group)
-        basis = self._buffers[_key(i, part)]
-        held = self._buffers.get(_key(i, part + "_cols"))
+        basis, held = self._on_device(i, part, device)
         if held is None:
             return basis[:, idx] if isinstance(idx, slice) else basis.index_select(1, idx)
         places = self._places_of(i, part, held, basis.shape[0])
         return basis.index_select(1, self._checked_places(group, i, part, places, idx))
 
+    def _on_device(self, i: int, part: str, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(basis, held columns or None) of group ``i``'s side ``part``: the stored ones, or their
+        copy on ``device`` when that is another device (a layer of a split model)."""
+        basis = self._buffers[_key(i, part)]
+        held = self._buffers.get(_key(i, part + "_cols"))
+        if device is None or basis.device == device:
+            return basis, held
+        stored = tuple((t.data_ptr(), t._version) if t is not None else None for t in (basis, held))
+        replica = self._replicas.get((i, part, device))
+        if replica is None or replica[0] != stored:  # (.to keeps the column-major strides)
+            replica = self._replicas[(i, part, device)] = (stored, basis.to(device), None if held is None else held.to(device))
+        return replica[1], replica[2]
+
     def _places_of(self, i: int, part: str, held: torch.Tensor, size: int) -> torch.Tensor:
         """Each of the ``size`` global columns' place among the ``held`` ones, -1 where not held:
         built once per held set and device, so a product reads its columns with one gather."""
-        known = self._places.get((i, part))
+        known = self._places.get((i, part, held.device))
         if known is None or known[0] is not held:
             places = torch.full((size,), -1, dtype=torch.long, device=held.device)
             places[held] = torch.arange(held.numel(), device=held.device)
-            known = self._places[(i, part)] = (held, places)
+            known = self._places[(i, part, held.device)] = (held, places)
         return known[1]
 
     def _checked_places(self, group: str, i: int, part: str, places: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
         """``places[idx]``, checked to be held once per index and held set, not on every product:
         the check reads a value back, which on a GPU waits for the device."""
         found = places[idx]
-        key = (i, part, (idx.start, idx.stop, idx.step) if isinstance(idx, slice) else id(idx))
+        key = (i, part, places.device, (idx.start, idx.stop, idx.step) if isinstance(idx, slice) else id(idx))
         seen = self._checked.get(key)
         fresh = seen is None or seen[0] is not places or (seen[1] is not None and (seen[1]() is not idx or seen[2] != idx._version))
         if fresh:

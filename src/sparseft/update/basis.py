@@ -61,7 +61,7 @@ class Basis(Protocol):
     blocks: int
     rotated_parts: tuple[str, ...]  # the bank's sides this basis reads ("P", "Q")
 
-    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor: ...  # P[:, idx] or Q[:, idx], dense
+    def matrix(self, side: str, idx: Index, size: int, device: torch.device | None = None) -> torch.Tensor: ...  # P[:, idx] or Q[:, idx], dense, on device
     def version(self) -> tuple: ...  # changes whenever the basis tensors change
     def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int, column_major: bool = False) -> torch.Tensor: ...
     def add_update(self, y: torch.Tensor, x: torch.Tensor, D: torch.Tensor, rows: Index, cols: Index, kn: TorchKernels) -> torch.Tensor: ...
@@ -84,8 +84,8 @@ class RotatedBasis:
     def __init__(self, bank: BasisBank, group: str, blocks: int = 1) -> None:
         self.bank, self.group, self.blocks = bank, group, blocks
 
-    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor:
-        return self.bank.columns(self.group, side, idx)
+    def matrix(self, side: str, idx: Index, size: int, device: torch.device | None = None) -> torch.Tensor:
+        return self.bank.columns(self.group, side, idx, device)
 
     def version(self) -> tuple:
         return self.bank.version(self.group)
@@ -96,7 +96,7 @@ class RotatedBasis:
     def delta_weight(self, D: torch.Tensor, rows: Index, cols: Index, m: int, n: int, column_major: bool = False) -> torch.Tensor:
         """ΔW = P_R D Q_Cᵀ (m×n), differentiable in D; ``column_major``: laid out as a transposed
         W0 is (formed as (Q_C Dᵀ P_Rᵀ)ᵀ), so that W0 + ΔW adds two tensors of one layout."""
-        P_R, Q_C = self.matrix("P", rows, m), self.matrix("Q", cols, n)
+        P_R, Q_C = self.matrix("P", rows, m, D.device), self.matrix("Q", cols, n, D.device)
         if column_major:
             return TorchKernels.lowrank_product(Q_C, D.T.to(Q_C.dtype), P_R).T
         return TorchKernels.lowrank_product(P_R, D.to(P_R.dtype), Q_C)
@@ -104,22 +104,23 @@ class RotatedBasis:
     def add_update(self, y, x, D, rows, cols, kn):
         """y + x Q_C Dᵀ P_Rᵀ (the factored forward)."""
         dt = x.dtype
-        return y + kn.linear(kn.linear(kn.linear(x, self.matrix("Q", cols, 0).T.to(dt), None), D, None), self.matrix("P", rows, 0).to(dt), None)
+        Q_C, P_R = self.matrix("Q", cols, 0, x.device), self.matrix("P", rows, 0, x.device)
+        return y + kn.linear(kn.linear(kn.linear(x, Q_C.T.to(dt), None), D, None), P_R.to(dt), None)
 
     def add_input_grad(self, gx, g, D, rows, cols, kn):
         """gx + g P_R D Q_Cᵀ (the factored input gradient)."""
         dt = g.dtype
-        return gx + ((g @ self.matrix("P", rows, 0).to(dt)) @ D) @ self.matrix("Q", cols, 0).T.to(dt)
+        return gx + ((g @ self.matrix("P", rows, 0, g.device).to(dt)) @ D) @ self.matrix("Q", cols, 0, g.device).T.to(dt)
 
     def rotate(self, G: torch.Tensor, rows: Index, cols: Index) -> torch.Tensor:
         """P_Rᵀ G Q_C in float32 (calibration scores)."""
-        return self.matrix("P", rows, 0).float().T @ G.float() @ self.matrix("Q", cols, 0).float()
+        return self.matrix("P", rows, 0, G.device).float().T @ G.float() @ self.matrix("Q", cols, 0, G.device).float()
 
     def sampled_factors(self, g, x, rows, cols, kn):
         """(g P_R, x Q_C), column-major over the tokens: the value gradient is their product's
         support entries (``SAMPLED``)."""
-        return (kn.rotate(g, self.matrix("P", rows, 0), rows, self.blocks, n_major=True),
-                kn.rotate(x, self.matrix("Q", cols, 0), cols, self.blocks, n_major=True))
+        return (kn.rotate(g, self.matrix("P", rows, 0, g.device), rows, self.blocks, n_major=True),
+                kn.rotate(x, self.matrix("Q", cols, 0, x.device), cols, self.blocks, n_major=True))
 
     def value_grad(self, g, x, rows, cols, path, kn):
         """P_Rᵀ gᵀ x Q_C by the bracketing ``path`` (one of ``GRAD_PATHS``)."""
@@ -127,7 +128,7 @@ class RotatedBasis:
             left, right = self.sampled_factors(g, x, rows, cols, kn)
             return left.T @ right
         dt = x.dtype
-        P_R, Q_C = self.matrix("P", rows, 0).to(dt), self.matrix("Q", cols, 0).to(dt)
+        P_R, Q_C = self.matrix("P", rows, 0, x.device).to(dt), self.matrix("Q", cols, 0, x.device).to(dt)
         if path == "weights":
             return kn.lowrank_product(P_R.T, g.T @ x, Q_C.T)
         if path == "output-side":
@@ -142,7 +143,7 @@ class RotatedBasis:
         a, b = support.shape()
         side = sparse_side(W0.shape[0], W0.shape[1], a, b, support.k)
         D = support.csr(values, side, kn)
-        P_R, Q_C = self.matrix("P", rows, 0), self.matrix("Q", cols, 0)
+        P_R, Q_C = self.matrix("P", rows, 0, W0.device), self.matrix("Q", cols, 0, W0.device)
         if W0.dtype != P_R.dtype:
             return (W0 + kn.merge(P_R, D, Q_C, side).to(W0.dtype)).to(dtype or W0.dtype)
         return kn.merge(P_R, D, Q_C, side, base=W0).to(dtype or W0.dtype)
@@ -163,14 +164,14 @@ class InputRotatedBasis:
         self.rotated_parts = (self.rotated_side,)
         self.label = f"{self.rotated_side}-rotated"
 
-    def columns(self, idx: Index) -> torch.Tensor:
-        """Columns ``idx`` of the rotated side's basis."""
-        return self.bank.columns(self.group, self.rotated_side, idx)
+    def columns(self, idx: Index, device: torch.device | None = None) -> torch.Tensor:
+        """Columns ``idx`` of the rotated side's basis (on ``device``: the bank's by default)."""
+        return self.bank.columns(self.group, self.rotated_side, idx, device)
 
-    def matrix(self, side: str, idx: Index, size: int) -> torch.Tensor:
+    def matrix(self, side: str, idx: Index, size: int, device: torch.device | None = None) -> torch.Tensor:
         if side == "P":
-            return torch.eye(size, device=self.bank._anchor.device)[:, idx]
-        return self.columns(idx)
+            return torch.eye(size, device=device if device is not None else self.bank._anchor.device)[:, idx]
+        return self.columns(idx, device)
 
     def version(self) -> tuple:
         return self.bank.version(self.group)
@@ -179,22 +180,22 @@ class InputRotatedBasis:
         return False  # the fused merge writes W0 + ΔW row-major
 
     def delta_weight(self, D, rows, cols, m, n, column_major=False):
-        Q_C = self.columns(cols)
+        Q_C = self.columns(cols, D.device)
         part = (Q_C @ D.T.to(Q_C.dtype)).T if column_major else D.to(Q_C.dtype) @ Q_C.T
         return _scatter(part, rows, m)
 
     def add_update(self, y, x, D, rows, cols, kn):
-        upd = kn.linear(kn.linear(x, self.columns(cols).T.to(x.dtype), None), D, None)
+        upd = kn.linear(kn.linear(x, self.columns(cols, x.device).T.to(x.dtype), None), D, None)
         return kn.scatter_add(y, -1, arange(rows, y.shape[-1], y.device), upd)
 
     def add_input_grad(self, gx, g, D, rows, cols, kn):
-        return gx + (take(g, -1, rows) @ D) @ self.columns(cols).T.to(g.dtype)
+        return gx + (take(g, -1, rows) @ D) @ self.columns(cols, g.device).T.to(g.dtype)
 
     def rotate(self, G, rows, cols):
-        return take(G, 0, rows).float() @ self.columns(cols).float()
+        return take(G, 0, rows).float() @ self.columns(cols, G.device).float()
 
     def sampled_factors(self, g, x, rows, cols, kn):
-        return take(g, 1, rows), kn.rotate(x, self.columns(cols), cols, self.blocks, n_major=True)
+        return take(g, 1, rows), kn.rotate(x, self.columns(cols, x.device), cols, self.blocks, n_major=True)
 
     def value_grad(self, g, x, rows, cols, path, kn):
         """The basis applied to the activations ("activations", "input-side"), or after the
@@ -203,7 +204,7 @@ class InputRotatedBasis:
             left, right = InputRotatedBasis.sampled_factors(self, g, x, rows, cols, kn)  # (not the mirror's)
             return left.T @ right
         gx = take(g.T @ x, 0, rows) if path == "weights" else take(g, 1, rows).T @ x
-        return gx @ self.columns(cols).to(x.dtype)
+        return gx @ self.columns(cols, x.device).to(x.dtype)
 
     def merge_into(self, W0, support, values, kn, dtype=None):
         """W0 + ΔW, cast to ``dtype`` last. When the update covers every row (a random support
@@ -212,7 +213,7 @@ class InputRotatedBasis:
         temporary and no addition across layouts (docs/performance.md)."""
         rows, cols = support.index()
         D = support.csr(values, self._csr_side, kn)
-        B = self.columns(cols)
+        B = self.columns(cols, W0.device)
         if (W0.dtype == B.dtype and sparse_products_in(W0.dtype, W0.device) and isinstance(rows, slice)
                 and rows == slice(0, self.identity_size)):
             return kn.sparse_dense(D, B.T, base=W0).to(dtype or W0.dtype)
@@ -232,8 +233,8 @@ class OutputRotatedBasis(InputRotatedBasis):
     identity_side, rotated_side = "Q", "P"
     _csr_side = "P"  # the CSR holds Dᵀ: the input-rotated basis' D of the transposed layer
 
-    def matrix(self, side, idx, size):
-        return super().matrix("Q" if side == "P" else "P", idx, size)
+    def matrix(self, side, idx, size, device=None):
+        return super().matrix("Q" if side == "P" else "P", idx, size, device)
 
     def base_layout(self):
         return True  # the fused merge writes (W0 + ΔW)ᵀ row-major
@@ -283,8 +284,8 @@ class IdentityBasis:
     label = "identity"
 
     @staticmethod
-    def matrix(side: str, idx: Index, size: int) -> torch.Tensor:
-        return torch.eye(size)[:, idx]
+    def matrix(side: str, idx: Index, size: int, device: torch.device | None = None) -> torch.Tensor:
+        return torch.eye(size, device=device)[:, idx]
 
     def version(self) -> tuple:
         return ()

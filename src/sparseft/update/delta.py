@@ -24,7 +24,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .basis import Basis
-from .kernels import GRAD_PATHS, SAMPLED, TorchKernels, cheapest_path, is_n_major, kernels_for
+from .kernels import GRAD_PATHS, SAMPLED, TorchKernels, autocast_dtype_of, autocast_off, cheapest_path, is_n_major, kernels_for
 from .support import Support
 
 # Optimizer steps taken anywhere in this process, counted by a global post-step hook: part of the
@@ -86,8 +86,8 @@ class SparseDelta:
     def lora_factors(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ΔW = B A with rank min(a, b): B = P_R D, A = Q_Cᵀ (b ≤ a) or B = P_R, A = D Q_Cᵀ."""
         D, R, C = self.support.compact(param)
-        P_R = self.basis.matrix("P", R, self.m).to(D.device, torch.float32)
-        Q_C = self.basis.matrix("Q", C, self.n).to(D.device, torch.float32)
+        P_R = self.basis.matrix("P", R, self.m, D.device).float()
+        Q_C = self.basis.matrix("Q", C, self.n, D.device).float()
         D = D.float()
         if D.shape[1] <= D.shape[0]:
             return P_R @ D, Q_C.T
@@ -107,7 +107,7 @@ class SparseDelta:
         dtype = dtype or W0.dtype
         if self.support.selection != "fixed":
             return (W0 + self.delta_weight(param, column_major=is_n_major(W0)).detach().to(W0.dtype)).to(dtype)
-        with torch.autocast(param.device.type, enabled=False):
+        with autocast_off(param.device.type):
             return self.basis.merge_into(W0, self.support, param.detach(), kn or kernels_for(W0.device), dtype)
 
     @torch.no_grad()
@@ -117,7 +117,7 @@ class SparseDelta:
         basis or W0 change (an optimizer step, ``load_state_dict``, a reselection), so the forward,
         the input gradient and every micro-batch between two optimizer steps share one merge.
         Always rebuilt whole, never patched, so a reloaded model computes bit-identical outputs."""
-        dtype = torch.get_autocast_dtype(W0.device.type) if torch.is_autocast_enabled(W0.device.type) else W0.dtype
+        dtype = autocast_dtype_of(W0.device.type) or W0.dtype
         if not self.cache_update:
             return self.merge_into(W0, param, kn, dtype)
         key = (_OPTIMIZER_STEPS[0], param.data_ptr(), param._version, param.device, self.support.generation, self.basis.version(),
@@ -180,8 +180,7 @@ class SparseDelta:
         """∂L/∂param: P_Rᵀ gᵀ x Q_C restricted to the support (g: N×m, x: N×n)."""
         path = self.path_for(x.shape[0])
         if kn.measure_paths and self.compute_path == "auto" and path == SAMPLED and kn.sddmm_supported(x):
-            key = (g.dtype, x.dtype, torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None,
-                   x.device)
+            key = (g.dtype, x.dtype, autocast_dtype_of(x.device.type), x.device)
             if key not in self.measured:
                 self.measured[key] = self._timed_paths(g, x, kn)
             path = self.measured[key][0]

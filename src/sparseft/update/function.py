@@ -19,7 +19,7 @@ import contextlib
 import torch
 
 from .delta import SparseDelta, delta_of
-from .kernels import is_n_major, kernels_for
+from .kernels import autocast_dtype_of, is_n_major, kernels_for
 
 
 def _precision(device: str, autocast_dtype: torch.dtype | None):
@@ -47,10 +47,6 @@ def gradients(delta: SparseDelta, grad_y: torch.Tensor, x: torch.Tensor, param: 
     return grad_x, grad_param
 
 
-def _autocast_dtype(device: str) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
 class SparseUpdate(torch.autograd.Function):
     """``SparseUpdate.apply(x, param, W0, bias, delta)``: W0 and bias frozen, param trained; W0
     None: the update's part alone (a quantized base computes its own)."""
@@ -60,7 +56,7 @@ class SparseUpdate(torch.autograd.Function):
                 delta: SparseDelta) -> torch.Tensor:
         ctx.delta, ctx.W0 = delta, W0
         ctx.save_for_backward(x, param)  # param: autograd's version check (no in-place edits between)
-        ctx.autocast_dtype = _autocast_dtype(x.device.type)  # (backward runs outside autocast: remember it)
+        ctx.autocast_dtype = autocast_dtype_of(x.device.type)  # (backward runs outside autocast: remember it)
         kn = kernels_for(x.device)
         return delta.forward(x, W0, bias, param, kn, n_major=delta.hands_off_n_major(x, kn))
 
@@ -124,7 +120,7 @@ _update.register_autograd(_backward, setup_context=_setup_context)
 def compiled_update(x: torch.Tensor, param: torch.Tensor, W0: torch.Tensor | None, bias: torch.Tensor | None,
                     delta: SparseDelta) -> torch.Tensor:
     """``SparseUpdate.apply``'s result as one node of a compiled graph (``sparseft::update``)."""
-    return _update(x, param, W0, bias, delta.handle, _autocast_dtype(x.device.type))
+    return _update(x, param, W0, bias, delta.handle, autocast_dtype_of(x.device.type))
 
 
 __all__ = ["SparseUpdate", "compiled_update", "gradients"]

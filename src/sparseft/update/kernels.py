@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -201,7 +201,7 @@ class TorchKernels:
     def sddmm_supported(x: torch.Tensor) -> bool:
         """torch's SDDMM has float32/float64 kernels only: half precision (and autocast) use a
         dense product instead."""
-        return x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)
+        return x.dtype in (torch.float32, torch.float64) and autocast_dtype_of(x.device.type) is None
 
     lowrank_product = staticmethod(lowrank_product)
 
@@ -312,6 +312,19 @@ def register_kernels(device_type: str, kernels: TorchKernels) -> None:
     _BACKENDS[device_type] = kernels
 
 
+def autocast_dtype_of(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device_type``, None where it is off or the type has no
+    autocast (``meta``, where a split model's placement is tested)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_off(device_type: str):
+    """A block with autocast off on ``device_type`` (nothing to turn off where it has none)."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+
+
 def kernels_for(device: torch.device | str) -> TorchKernels:
     """The kernels registered for ``device``'s type, else its default: the torch reference, on
     CUDA with ``measure_paths``."""
@@ -333,6 +346,6 @@ def use_kernels(device_type: str, kernels: TorchKernels) -> Iterator[TorchKernel
             _BACKENDS[device_type] = before
 
 
-__all__ = ["GRAD_PATHS", "MIRRORED_PATH", "REFERENCE", "SAMPLED", "TorchKernels", "block_bounds", "cheapest_path", "grad_costs",
+__all__ = ["GRAD_PATHS", "MIRRORED_PATH", "REFERENCE", "SAMPLED", "TorchKernels", "autocast_dtype_of", "autocast_off", "block_bounds", "cheapest_path", "grad_costs",
            "identity_costs", "is_n_major", "kernels_for", "lowrank_product", "merge_cost", "one_sided_costs", "register_kernels",
            "rotated_costs", "rotation_cost", "sparse_products_in", "sparse_side", "use_kernels"]

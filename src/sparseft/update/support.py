@@ -51,10 +51,10 @@ def _compact(idx: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, 
     return distinct, place, touched
 
 
-def _leading(idx: torch.Tensor) -> torch.Tensor | slice:
-    """``slice(0, len)`` when the sorted distinct indices ``idx`` are exactly 0..len-1, else ``idx``."""
+def _is_leading(idx: torch.Tensor) -> bool:
+    """Whether the sorted distinct indices ``idx`` are exactly 0..len-1 (reads one value back)."""
     size = idx.numel()
-    return slice(0, size) if size and int(idx[-1]) == size - 1 else idx
+    return bool(size) and int(idx[-1]) == size - 1
 
 
 class Grouped(NamedTuple):
@@ -130,14 +130,18 @@ class FixedSupport:
         self.owner.register_buffer("local", local.to(index_dtype), persistent=False)
         self.generation += 1
         self._patterns: dict = {}  # per side, its CSR pattern; per ("flat", width), flat_index
-        self._index: tuple | None = None
+        # decided here, once per support: index() then reads nothing back, on whatever device R and C move to
+        self._leading = (_is_leading(R), _is_leading(C))
 
     def csr(self, values: torch.Tensor, side: str, kn: TorchKernels = REFERENCE) -> torch.Tensor:
         """D (a×b, ``side`` "Q") or Dᵀ (b×a, ``side`` "P") as a sparse CSR tensor of ``values``
         (not differentiable). The pattern (row pointers, columns, order of the values) depends only
-        on the support, so it is built once per support and device."""
+        on the support, so it is built once per support, and copied to another device (building
+        reads a value back: bincount's size)."""
         pattern = self._patterns.get(side)
-        if pattern is None or pattern[0].device != values.device:
+        if pattern is not None and pattern[0].device != values.device:
+            pattern = self._patterns[side] = (*(t.to(values.device) for t in pattern[:3]), pattern[3])
+        if pattern is None:
             a, b = self.shape()
             local = self.local.long().to(values.device)
             r, c = local // max(1, b), local % max(1, b)
@@ -215,10 +219,8 @@ class FixedSupport:
         """(R, C) for the compute paths: a leading run 0..a-1 (every row of a random support
         at ~1% density, every direction of a narrow block) as a slice, so the basis columns
         are a view instead of an index_select copy of P[:, R] on every call."""
-        cached = self._index
-        if cached is None or cached[2] is not self.R or cached[3] is not self.C:  # a new support, or .to(device)
-            cached = self._index = (_leading(self.R), _leading(self.C), self.R, self.C)
-        return cached[0], cached[1]
+        R, C = self.R, self.C
+        return (slice(0, R.numel()) if self._leading[0] else R), (slice(0, C.numel()) if self._leading[1] else C)
 
     def shape(self) -> tuple[int, int]:
         return self.R.numel(), self.C.numel()
@@ -397,8 +399,8 @@ class GroupedSupport(FixedSupport):
         basis, block by block, once they are most of it), then gathered run by run."""
         d = thin.shape[1]
         if runs.used.numel() * 2 > d or basis.blocks > 1:
-            return kn.rotate(thin, basis.columns(slice(0, d)), slice(0, d), basis.blocks).index_select(1, runs.directions)
-        return (thin @ basis.columns(runs.used).to(thin.dtype)).index_select(1, runs.where)
+            return kn.rotate(thin, basis.columns(slice(0, d), thin.device), slice(0, d), basis.blocks).index_select(1, runs.directions)
+        return (thin @ basis.columns(runs.used, thin.device).to(thin.dtype)).index_select(1, runs.where)
 
 
 class DynamicSupport:
