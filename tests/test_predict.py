@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification
 
 from sparseft.app.cli import main
@@ -28,8 +29,13 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypa
         assert main(["predict", "--adapter", str(folder), "--data", data]) == 0
         scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert scored["accuracy"] == pytest.approx(record["accuracy"], abs=1e-9), folder
-    # the merged folder is a plain transformers model
-    assert AutoModelForSequenceClassification.from_pretrained(out / "merged" / "seed-0") is not None
+    # the merged folder is a plain transformers model; predict --save-merged makes the same one after the fact
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "merged" / "seed-0").state_dict()
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--save-merged",
+                 str(tmp_path / "later")]) == 0
+    capsys.readouterr()
+    later = AutoModelForSequenceClassification.from_pretrained(tmp_path / "later").state_dict()
+    assert later.keys() == merged.keys() and all(torch.equal(later[key], merged[key]) for key in merged)
     assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--text", "the food was very good",
                  "--text", "bad"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]

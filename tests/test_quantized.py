@@ -360,9 +360,21 @@ def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, caps
         assert scored["accuracy"] == run["accuracy"]
         # served as QLoRA's adapters are: the same checkpoint in float32 (its unquantized tensors checked here, the
         # quantized ones by the adapter, within their rounding); another checkpoint is refused either way
-        assert main(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1", "--full-precision"]) == 0
+        merged = tmp_path / "merged"
+        assert main(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1", "--full-precision",
+                     "--save-merged", str(merged)]) == 0
         scored = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert abs(scored["accuracy"] - run["accuracy"]) <= 0.1, (scored, run["accuracy"])
+        # the merged float32 model to serve: plain transformers weights, scoring as the unmerged adapter did
+        plain = BertForSequenceClassification.from_pretrained(merged)
+        assert all(p.dtype == torch.float32 for p in plain.parameters()) and not is_quantized(plain.bert.encoder.layer[0].intermediate.dense)
+        assert main(["predict", "--adapter", str(merged), "--data", str(data), "--threads", "1"]) == 0
+        assert __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == scored["accuracy"]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # (no partial folder left)
+        for flags, says in ((["--save-merged", str(tmp_path / "m2")], "add --full-precision"),
+                            (["--full-precision", "--save-merged", str(merged)], "is not an empty folder")):
+            assert main(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1", *flags]) == 2
+            assert says in capsys.readouterr().err
         torch.manual_seed(1)
         other = tmp_path / "other"
         BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,

@@ -317,6 +317,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.full_precision and saved[0].get("quantize"):
         print(f"base: float32, not {saved[0]['quantize']} as in training (--full-precision)", file=sys.stderr)
     model, tokenizer, _ = load_trained(args.adapter, args.model, placement, saved=saved, full_precision=args.full_precision)
+    if args.save_merged:
+        from .train import save_merged
+
+        save_merged(model, tokenizer, saved, args.save_merged)
+        print(f"merged: {args.save_merged} (loads with from_pretrained, no sparseft needed)", file=sys.stderr)
     placement.move(model)
     return predict(model, tokenizer, placement)
 
@@ -644,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--full-precision", action="store_true", help="a run trained with --quantize: load its base in "
                          "float32, not quantized, as the adapter is served (QLoRA's route); scores then differ from the "
                          "run's by the quantization's rounding of W0")
+    predict.add_argument("--save-merged", metavar="DIR", help="also save the base with the adapter merged in, as a plain "
+                         "model in DIR (a new folder; loads with from_pretrained, no sparseft needed): with --full-precision, "
+                         "the float32 model to serve of a run trained with --quantize")
     _add_placement(predict)
     predict.set_defaults(func=cmd_predict)
 

@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -453,6 +454,28 @@ def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter
         tokenizer.save_pretrained(out)
         atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model"), indent=2))
         seal(out, base_fingerprint)
+
+
+def save_merged(model: torch.nn.Module, tokenizer, saved: tuple[dict[str, Any], dict[str, Any]], folder: str | Path) -> None:
+    """A loaded adapter merged into its base, saved as a plain model in the new ``folder`` (as
+    ``save_trained`` saves one: run file, sealed), written beside it and renamed into place, so
+    an interrupted save leaves no half folder. ``saved``: ``read_trained``'s (run, manifest)."""
+    from ..quantized import is_quantized
+
+    out = Path(folder)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--save-merged {out}: it exists and is not an empty folder; name a new one (nothing is overwritten).")
+    if any(is_quantized(m) for m in model.modules()):
+        raise ConfigError(f"--save-merged on the {saved[0].get('quantize')} base would quantize W0 + ΔW again (rounding the "
+                          "update away in part): add --full-precision to merge into the float32 base.")
+    run = {key: value for key, value in saved[0].items() if key != "quantized_weights"}
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    trained_on = {"trained_quantize": run["quantize"]} if run.get("quantize") else {}
+    save_trained(model, tokenizer, dict(run, quantize=None, **trained_on), None, partial, saved[1].get("base_fingerprint"))
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
