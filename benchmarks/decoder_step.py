@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/decoder_step.py [--shape tinyllama|tiny] [--device cuda] [--precision bf16]
         [--tokens 8x512 4x2048] [--methods full,lora-mlp,shira,sparse-random,...] [--rounds 10] [--out DIR] [--cpu-peak]
-        [--count-ops]
+        [--count-ops] [--quantize 4bit]
 
 A LLaMA decoder at TinyLlama-1.1B's shape (hidden 2048, MLP 5632, 22 blocks, 32 heads, 4 KV heads,
 vocabulary 32000; ``--shape tiny``: a 2-block toy for a CPU smoke run), random init (step time does
@@ -62,15 +62,39 @@ CACHED = "sparse-random[cache_update=True]"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(shape: str, method: str, placement, length: int, rows: int, longest: int = 0):
-    """A fresh decoder on the device, prepared for ``method``, calibrated on ``rows`` × ``length``
-    batches if it needs it, positions up to ``longest``; (model, optimizer, calibration s, trainable)."""
+def quantize_4bit(model: torch.nn.Module, compute: torch.dtype) -> torch.nn.Module:
+    """Every linear layer of the decoder blocks stored as bitsandbytes NF4 with double quantization
+    (what ``sparseft train --quantize 4bit`` loads, QLoRA's), computing in ``compute``, in place:
+    quantized from the random weights on their device, which is what loading a checkpoint with
+    ``BitsAndBytesConfig`` does."""
+    import bitsandbytes as bnb
+
+    for name, module in list(model.named_modules()):
+        if type(module) is torch.nn.Linear and ".layers." in name:
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=compute, quant_type="nf4", compress_statistics=True,
+                                      device=torch.device("meta"))
+            layer.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, module=layer).to(module.weight.device)
+            if module.bias is not None:
+                layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def build(shape: str, method: str, placement, length: int, rows: int, longest: int = 0, quantize: str | None = None):
+    """A fresh decoder on the device (``quantize`` "4bit": its blocks' linear layers in NF4),
+    prepared for ``method``, calibrated on ``rows`` × ``length`` batches if it needs it, positions
+    up to ``longest``; (model, optimizer, calibration s, trainable)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(length, longest, 128))
     with torch.device(placement.device):
         model = LlamaForCausalLM(config).to(DTYPES[placement.precision])
+    if quantize:
+        model = quantize_4bit(model, DTYPES[placement.precision])
     prepared = prepare(method, model, rank=8)
     calibration_s = 0.0
     if prepared.needs_calibration:
@@ -195,8 +219,12 @@ def main() -> None:
     ap.add_argument("--cpu-peak", action="store_true", help="on a CPU, measure each method's peak resident memory too")
     ap.add_argument("--count-ops", action="store_true",
                     help="count each method's aten ops per step (views aside) instead of timing; writes decoder_ops.json")
+    ap.add_argument("--quantize", choices=["4bit"], help="the blocks' linear layers stored in NF4 (bitsandbytes, as "
+                    "`sparseft train --quantize 4bit`): QLoRA's setting; methods that train W0 (full, s2ft) do not apply")
     ap.add_argument("--peak-of", help=argparse.SUPPRESS)  # (the fresh process --cpu-peak runs per method)
     args = ap.parse_args()
+    if args.quantize and (args.cpu_peak or args.count_ops or args.peak_of):
+        ap.error("--quantize times steps and CUDA peaks; --cpu-peak and --count-ops build unquantized models")
     placement = resolve(args.device, args.precision)
     if args.peak_of:
         rows, length = map(int, args.tokens[0].split("x"))
@@ -205,7 +233,9 @@ def main() -> None:
     methods = [canonical(m) for m in split_methods(args.methods)]
     if "lora-mlp" not in methods:
         methods.insert(0, "lora-mlp")
-    print(f"decoder_step: {args.shape}, {placement.describe(str(DTYPES[placement.precision]).removeprefix('torch.'))}, methods {', '.join(methods)}", flush=True)
+    weights = "NF4, computing in " + str(DTYPES[placement.precision]).removeprefix("torch.") if args.quantize else \
+        str(DTYPES[placement.precision]).removeprefix("torch.")
+    print(f"decoder_step: {args.shape}, {placement.describe(weights)}, methods {', '.join(methods)}", flush=True)
     results = {"settings": vars(args) | {"torch": torch.__version__, **placement.record()}, "tokens": {}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,10 +254,12 @@ def main() -> None:
     models, built, resident = {}, {}, {}
     for method in methods:
         before, t0 = allocated(placement.device), time.perf_counter()
-        model, optimizer, calibration_s, trainable = build(args.shape, method, placement, settings[0][1], settings[0][0], longest)
+        model, optimizer, calibration_s, trainable = build(args.shape, method, placement, settings[0][1], settings[0][0], longest,
+                                                           args.quantize)
         print(f"built {method} in {time.perf_counter() - t0:.1f} s", flush=True)
         models[method] = (model, optimizer)
-        built[method] = {"calibration_s": calibration_s, "trainable_params": trainable}
+        built[method] = {"calibration_s": calibration_s, "trainable_params": trainable,
+                         **({"nf4_layers": sum(type(m).__name__ == "Linear4bit" for m in model.modules())} if args.quantize else {})}
         data = batch(model.config.vocab_size, *settings[0], 0, placement.device)
         for _ in range(args.warmup):
             step(model, optimizer, data, placement)

@@ -309,3 +309,68 @@ def test_gpu_a_loaded_adapter_with_partly_held_bases(tmp_path):
         want = on_cpu(**batch).logits
         got = on_device(**{k: v.to(DEVICE) for k, v in batch.items()}).logits.cpu()
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["default", "sparsegrad"])
+def test_gpu_a_4bit_base_trains_there_and_its_adapter_serves_on_the_full_precision_base(tmp_path, method):
+    """QLoRA's route on the device: the base loaded in 4 bits there (the command line's NF4 with
+    double quantization), the adapter calibrated and trained beside it, its value gradient the
+    dense one through the dequantized weight; saved, it loads onto the float32 checkpoint on the
+    CPU with its update entry for entry, and onto a float model holding the dequantized weights
+    it answers as the 4-bit model did."""
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from sparseft import SparseGradConfig, SparseModel, get_sparse_model
+    from sparseft.methods import DEFAULT_METHOD, prepare
+    from sparseft.quantized import dequantized, is_quantized, keep_storage_layout, quantization_config
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "ck")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32, device_map={"": DEVICE},
+                                                    quantization_config=quantization_config("4bit", torch.float32))
+    keep_storage_layout(base)
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": (ids := torch.randint(0, 97, (4, 12), generator=gen)).to(DEVICE), "labels": ids.to(DEVICE)}
+               for _ in range(3)]
+    if method == "default":
+        model = prepare(DEFAULT_METHOD, base, rank=4).sparse
+    else:
+        model = get_sparse_model(base, SparseGradConfig(match_lora_rank=4))
+        model.calibrate(batches[:2], steps=2, show_progress=False)
+    layer = model.base_model.model.layers[1].mlp.up_proj
+    assert is_quantized(layer.base_layer) and layer.base_layer.weight.device.type == torch.device(DEVICE).type
+    with torch.no_grad():
+        layer.param.normal_(0, 0.05)
+    x = torch.randn(6, layer.n, generator=gen).to(DEVICE)
+    proj = torch.randn(6, layer.m, generator=gen).to(DEVICE)
+    (layer(x) * proj).sum().backward()
+    ours, layer.param.grad = layer.param.grad.clone(), None
+    W = dequantized(layer.base_layer).float() + layer.delta_weight().float()
+    (torch.nn.functional.linear(x, W) * proj).sum().backward()
+    torch.testing.assert_close(ours, layer.param.grad, rtol=1e-4, atol=1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in batches:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        want = model(**batches[0]).logits.cpu()
+    model.save_pretrained(tmp_path / "a")
+    loaded = SparseModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32), tmp_path / "a")
+    for name, trained in model.sparse_layers().items():
+        torch.testing.assert_close(loaded.sparse_layers()[name].delta_weight(), trained.delta_weight().cpu(), rtol=0, atol=1e-6)
+    twin = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in model.base_model.named_modules():
+            if is_quantized(module):
+                twin.get_submodule(name.replace(".base_layer", "")).weight.copy_(dequantized(module).float().cpu())
+    twin = SparseModel.from_pretrained(twin, tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(**{k: v.cpu() for k, v in batches[0].items()}).logits, want, atol=1e-4, rtol=1e-4)

@@ -46,6 +46,23 @@ def test_gpu_sh_runs_every_step_and_writes_its_results(tmp_path):
     assert 0 < record["accuracy"] <= 1
 
 
+def test_gpu_quantized_sh_times_the_4bit_decoder_and_runs_its_cuda_tests(tmp_path):
+    """The second device call (QLoRA's setting), on this CPU with its bitsandbytes: the decoder with
+    NF4 blocks per method, and the 4-bit CUDA tests, run here on the CPU."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", "benchmarks/gpu_quantized.sh"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "src"), "GPU_SH_SMOKE": "1", "OUT": str(out),
+                              "PYTHON": sys.executable})
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    log = (out / "gpu_quantized.log").read_text()
+    assert "weights NF4" in log and "2 passed" in log and "gpu_quantized.sh: done (status 0)" in log
+    timed = json.loads((out / "decoder_step.json").read_text())["tokens"]["2x64"]["methods"]
+    assert set(timed) == {"lora-mlp", "sparse-random", "sparsegrad-onesided"} and all(m["median_step_s"] > 0 for m in timed.values())
+    assert all(m["nf4_layers"] == 14 for m in timed.values())  # (2 blocks × 7 linear layers, each adapted one inside its adapter)
+    assert sorted(p.name for p in out.iterdir()) == ["decoder_step.json", "gpu_quantized.log"]
+
+
 def test_the_decoder_benchmark_measures_peak_memory_on_a_cpu_too(tmp_path):
     """``decoder_step.py --cpu-peak``: each method's peak resident bytes from a fresh process, the
     CPU stand-in for CUDA's peak allocated (docs/performance.md)."""
