@@ -404,3 +404,38 @@ def test_an_inference_forward_does_not_cut_the_gradients_of_later_training(check
                                                      "packing_format_for_cpu", False)]
     for name, error in _gradient_errors(quantized, _float_twin(checkpoint, base), [batch]).items():
         assert error < 2e-2, name  # measured 0.3-0.5%
+
+
+def test_full_precision_serving_of_peft_adapters_and_whole_models_trained_on_a_quantized_base(tmp_path, capsys) -> None:
+    """A peft adapter (LoRA-MLP, QLoRA itself) trained with --quantize serves and merges on the
+    float32 base as sparseft's do; a run that saved its whole model (head) has no adapter to move,
+    and --full-precision says so."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from sparseft.app.cli import main
+    from sparseft.app.resources import default_model_dir
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "bert64"
+    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                                             max_position_embeddings=32)).save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(checkpoint)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"text number {i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(120)))
+    common = ["--model", str(checkpoint), "--data", str(data), "--steps", "4", "--no-progress", "--max-length", "16",
+              "--threads", "1", "--quantize", "4bit"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for method in ("lora-mlp", "head"):
+            assert main(["train", *common, "--method", method, "--output-dir", str(tmp_path / method)]) == 0
+        capsys.readouterr()
+        lora = str(tmp_path / "lora-mlp" / "adapters" / "seed-0")
+        assert main(["predict", "--adapter", lora, "--data", str(data), "--threads", "1", "--full-precision",
+                     "--save-merged", str(tmp_path / "merged")]) == 0
+        scored = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main(["predict", "--adapter", str(tmp_path / "merged"), "--data", str(data), "--threads", "1"]) == 0
+        assert __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == scored["accuracy"]
+        head = str(tmp_path / "head" / "adapters" / "seed-0")
+        assert main(["predict", "--adapter", head, "--data", str(data), "--threads", "1"]) == 0
+        assert main(["predict", "--adapter", head, "--data", str(data), "--threads", "1", "--full-precision"]) == 2
+    assert "only an adapter moves onto the float32 base" in capsys.readouterr().err

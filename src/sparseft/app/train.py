@@ -528,6 +528,9 @@ def load_trained(path: str | Path, model_dir: str | Path | None = None, placemen
     else:
         auto, head, load_base = AutoModelForSequenceClassification, {"num_labels": len(run["label_names"])}, load_classifier
     if run["kind"] == "model":
+        if full_precision and run.get("quantize"):
+            raise ConfigError(f"--full-precision: {folder} holds a whole model ({run.get('method')}), saved as it trained, on "
+                              f"a {run['quantize']} base; only an adapter moves onto the float32 base. Drop --full-precision.")
         model = auto.from_pretrained(str(folder), dtype=torch.float32, **head)
         return model.eval(), AutoTokenizer.from_pretrained(str(folder)), run
     base_dir = Path(model_dir or run["model_dir"])
