@@ -97,7 +97,7 @@ def weights_fingerprint(module: nn.Module, skip: Collection[str] = ()) -> str:
     """The fingerprint of every floating-point parameter and buffer of ``module`` (e.g. a
     transformers model's ``base_model``, the backbone without its task head), but those named in
     ``skip``."""
-    h = hashlib.sha256(type(module).__name__.encode())
+    h, skip = hashlib.sha256(type(module).__name__.encode()), set(skip)
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if tensor.is_floating_point() and name not in skip:
             _add(h, f"{name}:{'x'.join(map(str, tensor.shape))}", tensor)
