@@ -128,3 +128,21 @@ def test_the_bank_copies_a_basis_to_another_device_once_and_again_when_it_change
     assert bank._replicas[(0, "P", meta)][1] is not copied
     bank.to(torch.float64)
     assert bank._replicas == {}  # (moved or cast: the copies went with the old tensors)
+
+
+def test_a_gram_term_from_a_layer_on_another_device_is_added_on_the_grams():
+    """Calibrating a split model sums each group's Gram on its first layer's device; a later
+    layer's gradient on another device forms its term there and sends it (a full calibration on
+    meta cannot run here: its backward would cross back to the CPU)."""
+    from sparseft.calibration import add_gram_terms
+
+    G = torch.randn(5, 3)
+    on_cpu = {"P": torch.zeros(5, 5), "Q": torch.zeros(3, 3)}
+    add_gram_terms(on_cpu, G)
+    torch.testing.assert_close(on_cpu["P"], G @ G.T)
+    torch.testing.assert_close(on_cpu["Q"], G.T @ G)
+    elsewhere = {"P": torch.zeros(5, 5, device="meta"), "Q": torch.zeros(3, 3, device="meta")}
+    with MixedDevices() as seen:
+        add_gram_terms(elsewhere, G)
+        add_gram_terms({"Q": torch.zeros(3, 3, device="meta")}, G)  # (a one-sided group: Q only)
+    assert seen.mixed == [] and all(g.device.type == "meta" for g in elsewhere.values())

@@ -117,6 +117,20 @@ def _first_batches(batches: Iterable[Mapping[str, Any]], steps: int) -> list[Map
     return cached
 
 
+def add_gram_terms(gram: dict[str, torch.Tensor], G: torch.Tensor) -> None:
+    """``gram["P"] += G Gᵀ`` and ``gram["Q"] += Gᵀ G`` (the sides present), G in float32. A layer
+    of a model split over devices may sit on another device than its group's Gram (the first
+    layer's): its product is formed where G is and added on the Gram's device."""
+    G = G.float()
+    for part, (left, right) in (("P", (G, G.T)), ("Q", (G.T, G))):
+        if part not in gram:
+            continue
+        if G.device == gram[part].device:
+            gram[part].addmm_(left, right)
+        else:
+            gram[part].add_((left @ right).to(gram[part].device))
+
+
 def _fit_bases(model: nn.Module, layers: Mapping[str, SparseLinear], bank, cached: list, loss_fn: LossFn | None,
                rng: RngState, float64_max: int, show_progress: bool, report: CalibrationReport) -> None:
     """One Gram per rotated side of each group (Σ G Gᵀ, Σ Gᵀ G over layers and batches), then its
@@ -132,15 +146,7 @@ def _fit_bases(model: nn.Module, layers: Mapping[str, SparseLinear], bank, cache
             grams[layer.group] = {part: torch.zeros(size[part], size[part], device=dev) for part in layer.basis.rotated_parts}
 
     def accumulate(name: str, layer: SparseLinear, G: torch.Tensor) -> None:
-        G = G.float()
-        gram = grams[layer.group]
-        for part, (left, right) in (("P", (G, G.T)), ("Q", (G.T, G))):
-            if part not in gram:
-                continue
-            if G.device == gram[part].device:
-                gram[part].addmm_(left, right)
-            else:  # a split model's layer on another device than its group's first: its product travels
-                gram[part].add_((left @ right).to(gram[part].device))
+        add_gram_terms(grams[layer.group], G)
 
     rng.restore()
     gradient_pass(model, layers, cached, loss_fn, accumulate, "calibrate: gradients", show_progress)
