@@ -314,15 +314,16 @@ def register_kernels(device_type: str, kernels: TorchKernels) -> None:
 
 def autocast_dtype_of(device_type: str) -> torch.dtype | None:
     """The dtype autocast computes in on ``device_type``, None where it is off or the type has no
-    autocast (``meta``, where a split model's placement is tested)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    autocast (``meta``, where a split model's placement is tested). A plain comparison, not
+    ``torch.amp.is_autocast_available``: torch 2.11's Dynamo breaks the graph on that call."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 
 
 def autocast_off(device_type: str):
-    """A block with autocast off on ``device_type`` (nothing to turn off where it has none)."""
-    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
+    """A block with autocast off on ``device_type`` (nothing to turn off on ``meta``)."""
+    return torch.autocast(device_type, enabled=False) if device_type != "meta" else nullcontext()
 
 
 def kernels_for(device: torch.device | str) -> TorchKernels:
