@@ -330,13 +330,10 @@ def test_bases_from_the_weights_of_a_quantized_base(checkpoint) -> None:
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, capsys) -> None:
-    """`sparseft train --quantize 4bit`: the base loads in 4 bits, the adapter trains beside it,
-    the run records it and `predict` loads the base the same way (its fingerprint checked), or in
-    float32 with --full-precision."""
+def _tiny_bert_and_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A 64-wide BERT classifier checkpoint with MiniLM's tokenizer, and a 120-row CSV to train it on."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from sparseft.app.cli import main
     from sparseft.app.resources import default_model_dir
 
     torch.manual_seed(0)
@@ -346,6 +343,19 @@ def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, caps
     AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(checkpoint)
     data = tmp_path / "d.csv"
     data.write_text("text,label\n" + "".join(f"text number {i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(120)))
+    return checkpoint, data
+
+
+def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, capsys) -> None:
+    """`sparseft train --quantize 4bit`: the base loads in 4 bits, the adapter trains beside it,
+    the run records it and `predict` loads the base the same way (its fingerprint checked), or in
+    float32 with --full-precision."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from sparseft.app.cli import main
+    from sparseft.app.resources import default_model_dir
+
+    checkpoint, data = _tiny_bert_and_data(tmp_path)
     common = ["--model", str(checkpoint), "--data", str(data), "--steps", "4", "--calibration-steps", "1", "--no-progress",
               "--max-length", "16", "--threads", "1"]
     with warnings.catch_warnings():
@@ -410,18 +420,9 @@ def test_full_precision_serving_of_peft_adapters_and_whole_models_trained_on_a_q
     """A peft adapter (LoRA-MLP, QLoRA itself) trained with --quantize serves and merges on the
     float32 base as sparseft's do; a run that saved its whole model (head) has no adapter to move,
     and --full-precision says so."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
     from sparseft.app.cli import main
-    from sparseft.app.resources import default_model_dir
 
-    torch.manual_seed(0)
-    checkpoint = tmp_path / "bert64"
-    BertForSequenceClassification(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                                             max_position_embeddings=32)).save_pretrained(checkpoint)
-    AutoTokenizer.from_pretrained(default_model_dir()).save_pretrained(checkpoint)
-    data = tmp_path / "d.csv"
-    data.write_text("text,label\n" + "".join(f"text number {i} {'good' if i % 2 else 'bad'},{i % 2}\n" for i in range(120)))
+    checkpoint, data = _tiny_bert_and_data(tmp_path)
     common = ["--model", str(checkpoint), "--data", str(data), "--steps", "4", "--no-progress", "--max-length", "16",
               "--threads", "1", "--quantize", "4bit"]
     with warnings.catch_warnings():
