@@ -44,6 +44,31 @@ def tiny_llama():
     return LlamaForCausalLM(cfg)
 
 
+def llama64():
+    """A tiny LLaMA 64 wide: bitsandbytes' CPU 4-bit kernel takes blocks of 64 inputs."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def load_nf4(checkpoint, device: str = "cpu", compute: torch.dtype = torch.float32):
+    """``checkpoint`` loaded as `sparseft train --quantize 4bit` loads it (NF4, double quantization)
+    onto ``device``, computing in ``compute``; never repacked for bitsandbytes' CPU inference."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from sparseft.quantized import keep_storage_layout, quantization_config
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map={"": device},
+                                                     quantization_config=quantization_config("4bit", compute))
+    keep_storage_layout(model)
+    return model
+
+
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -319,22 +319,16 @@ def test_gpu_a_4bit_base_trains_there_and_its_adapter_serves_on_the_full_precisi
     CPU with its update entry for entry, and onto a float model holding the dequantized weights
     it answers as the 4-bit model did."""
     pytest.importorskip("bitsandbytes")
-    import warnings
+    from transformers import AutoModelForCausalLM
 
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
+    from conftest import llama64, load_nf4
     from sparseft import SparseGradConfig, SparseModel, get_sparse_model
     from sparseft.methods import DEFAULT_METHOD, prepare
-    from sparseft.quantized import dequantized, is_quantized, keep_storage_layout, quantization_config
+    from sparseft.quantized import dequantized, is_quantized
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path / "ck")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        base = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32, device_map={"": DEVICE},
-                                                    quantization_config=quantization_config("4bit", torch.float32))
-    keep_storage_layout(base)
+    llama64().save_pretrained(tmp_path / "ck")
+    base = load_nf4(tmp_path / "ck", DEVICE)
     gen = torch.Generator().manual_seed(1)
     batches = [{"input_ids": (ids := torch.randint(0, 97, (4, 12), generator=gen)).to(DEVICE), "labels": ids.to(DEVICE)}
                for _ in range(3)]

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 pytest.importorskip("bitsandbytes")
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+
+from conftest import llama64, load_nf4  # noqa: E402
 
 from sparseft import (AdapterMismatchError, ConfigError, MePropConfig, S2FTConfig, SparseGradConfig, SparseModel,  # noqa: E402
                      get_s2ft_model, get_sparse_model)
@@ -28,8 +30,7 @@ KINDS = {"4bit": dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), 
 def checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tinyllama64")
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(out)
+    llama64().save_pretrained(out)
     return out
 
 
@@ -251,14 +252,7 @@ def test_lora_export_is_exact_on_the_quantized_base_and_merging_says_what_it_doe
 
 def _load_base(checkpoint: Path, kind: str | None):
     """``_load``, or (``nf4-double``) the command line's own 4-bit config: QLoRA's NF4 with a nested absmax."""
-    if kind != "nf4-double":
-        return _load(checkpoint, kind)
-    from sparseft.quantized import quantization_config
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, device_map="cpu",
-                                                    quantization_config=quantization_config("4bit"))
+    return load_nf4(checkpoint) if kind == "nf4-double" else _load(checkpoint, kind)
 
 
 @pytest.mark.parametrize("trained_on,loaded_on", [("4bit", None), ("nf4-double", None), ("8bit", None), (None, "4bit"),
@@ -292,8 +286,7 @@ def test_an_adapter_loads_onto_its_base_in_another_precision(checkpoint, tmp_pat
         for name, layer in trained_layers.items():
             torch.testing.assert_close(merged.get_submodule(name).weight, bases[name] + layer.delta_weight(), rtol=0, atol=1e-7)
     torch.manual_seed(1)
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    other = llama64()
     moved = _load(checkpoint, None)
     with torch.no_grad():
         for name in trained_layers:

@@ -126,25 +126,15 @@ def test_a_training_step_beside_a_4bit_base_waits_for_no_device_more_than_qloras
     """QLoRA's setting (the base's linear layers in NF4, the command line's --quantize 4bit): the
     update's step beside the quantized kernel reads back no more than peft's LoRA does there."""
     pytest.importorskip("bitsandbytes")
-    import warnings
+    from conftest import llama64, load_nf4
 
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-
-    from sparseft.quantized import keep_storage_layout, quantization_config
-
-    torch.manual_seed(0)  # (64 wide: bitsandbytes' CPU 4-bit kernel takes blocks of 64 inputs)
-    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    llama64().save_pretrained(tmp_path)
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     counted = {}
     for name in ("lora-mlp", method):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            base = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, device_map="cpu",
-                                                        quantization_config=quantization_config("4bit"))
-        keep_storage_layout(base)
-        prepared = prepare(name, base, rank=2)
+        prepared = prepare(name, load_nf4(tmp_path), rank=2)
         if prepared.needs_calibration:
             prepared.sparse.calibrate([batch], steps=1, show_progress=False)  # calibration may synchronise
         model = prepared.model.train()

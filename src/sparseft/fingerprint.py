@@ -19,15 +19,19 @@ from .targets import Target, weight_of
 SAMPLES = 64
 
 
+def _stride(numel: int) -> int:
+    return max(1, numel // SAMPLES)
+
+
 def sample_positions(numel: int) -> torch.Tensor:
     """The flat positions of the ``SAMPLES`` evenly strided entries a fingerprint hashes."""
-    return torch.arange(0, numel, max(1, numel // SAMPLES))[:SAMPLES]
+    return torch.arange(0, numel, _stride(numel))[:SAMPLES]
 
 
 def weight_samples(weight: torch.Tensor) -> torch.Tensor:
     """The entries of a weight at ``sample_positions`` (float32, CPU; a strided view, no index copy)."""
     flat = weight.detach().reshape(-1)
-    return flat[:: max(1, flat.numel() // SAMPLES)][:SAMPLES].float().cpu()
+    return flat[:: _stride(flat.numel())][:SAMPLES].float().cpu()
 
 
 def _add(h: "hashlib._Hash", label: str, weight: torch.Tensor) -> None:
