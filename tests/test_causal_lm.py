@@ -466,12 +466,20 @@ def test_decoder_run_on_a_4bit_base_saves_and_predict_reloads_it(tokenizer, chat
         warnings.simplefilter("ignore")
         assert main(["train", "--task", "causal-lm", "--model", str(tmp_path / "llama64"), "--data", str(chat_file), "--quantize", "4bit",
                      "--steps", "2", "--batch-size", "4", "--calibration-steps", "1", "--generations", "0", "--threads", "1",
-                     "--no-progress", "--output-dir", str(out)]) == 0
+                     "--no-progress", "--save-merged", "--output-dir", str(out)]) == 0
         (record,) = json.loads((out / "results.json").read_text())
         run = json.loads((out / "adapters" / "seed-0" / "sparseft_run.json").read_text())
         assert run["quantize"] == "4bit" and run["task"] == "causal-lm"
         capsys.readouterr()
         assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--threads", "1"]) == 0
-    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        # the merged model is the adapter on the float32 checkpoint: it scores as `predict --full-precision` does
+        assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--threads", "1", "--full-precision"]) == 0
+        unquantized = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main(["predict", "--adapter", str(out / "merged" / "seed-0"), "--threads", "1"]) == 0
+        merged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # (1.1e-5 relative off while bitsandbytes repacked the base for scoring it untrained: quantized.keep_storage_layout)
     assert scored["eval_loss"] == pytest.approx(record["eval_loss"], rel=1e-9)
+    assert merged["eval_loss"] == pytest.approx(unquantized["eval_loss"], rel=1e-6) != scored["eval_loss"]
+    plain = LlamaForCausalLM.from_pretrained(out / "merged" / "seed-0")
+    assert all(p.dtype == torch.float32 for p in plain.parameters()) and "quantization_config" not in plain.config.to_dict()

@@ -339,6 +339,19 @@ def _tiny_bert_and_data(tmp_path: Path) -> tuple[Path, Path]:
     return checkpoint, data
 
 
+def _assert_same_weights(folder, other) -> None:
+    """Two saved plain classifiers hold the same float32 tensors, and neither is quantized."""
+    import json
+
+    from transformers import BertForSequenceClassification
+
+    ours, theirs = (BertForSequenceClassification.from_pretrained(f).state_dict() for f in (folder, other))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(t.dtype == torch.float32 for t in ours.values() if t.is_floating_point())
+    run = json.loads((folder / "sparseft_run.json").read_text())
+    assert run["kind"] == "model" and run["quantize"] is None and run["trained_quantize"] == "4bit"
+
+
 def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, capsys) -> None:
     """`sparseft train --quantize 4bit`: the base loads in 4 bits, the adapter trains beside it,
     the run records it and `predict` loads the base the same way (its fingerprint checked), or in
@@ -353,7 +366,7 @@ def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, caps
               "--max-length", "16", "--threads", "1"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert main(["train", *common, "--quantize", "4bit", "--output-dir", str(tmp_path / "out")]) == 0
+        assert main(["train", *common, "--quantize", "4bit", "--save-merged", "--output-dir", str(tmp_path / "out")]) == 0
         saved = tmp_path / "out" / "adapters" / "seed-0"
         run = __import__("json").loads((saved / "sparseft_run.json").read_text())
         assert run["quantize"] == "4bit"
@@ -374,6 +387,8 @@ def test_the_command_line_trains_and_predicts_on_a_quantized_base(tmp_path, caps
         assert main(["predict", "--adapter", str(merged), "--data", str(data), "--threads", "1"]) == 0
         assert __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == scored["accuracy"]
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # (no partial folder left)
+        # `train --save-merged` merged into the float32 base too, as predict did after the fact
+        _assert_same_weights(tmp_path / "out" / "merged" / "seed-0", merged)
         for flags, says in ((["--save-merged", str(tmp_path / "m2")], "add --full-precision"),
                             (["--full-precision", "--save-merged", str(merged)], "is not an empty folder")):
             assert main(["predict", "--adapter", str(saved), "--data", str(data), "--threads", "1", *flags]) == 2
@@ -422,6 +437,11 @@ def test_full_precision_serving_of_peft_adapters_and_whole_models_trained_on_a_q
         warnings.simplefilter("ignore")
         for method in ("lora-mlp", "head"):
             assert main(["train", *common, "--method", method, "--output-dir", str(tmp_path / method)]) == 0
+        # merged at the end of training with no adapter kept: through a scratch folder, removed after
+        assert main(["train", *common, "--method", "lora-mlp", "--save-merged", "--no-save", "--output-dir",
+                     str(tmp_path / "unsaved")]) == 0
+        assert sorted(p.name for p in (tmp_path / "unsaved").iterdir()) == [".sparseft.lock", "merged", "results.json"]
+        assert [p.name for p in (tmp_path / "unsaved" / "merged").iterdir()] == ["seed-0"]
         capsys.readouterr()
         lora = str(tmp_path / "lora-mlp" / "adapters" / "seed-0")
         assert main(["predict", "--adapter", lora, "--data", str(data), "--threads", "1", "--full-precision",
@@ -429,6 +449,9 @@ def test_full_precision_serving_of_peft_adapters_and_whole_models_trained_on_a_q
         scored = __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert main(["predict", "--adapter", str(tmp_path / "merged"), "--data", str(data), "--threads", "1"]) == 0
         assert __import__("json").loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == scored["accuracy"]
+        _assert_same_weights(tmp_path / "unsaved" / "merged" / "seed-0", tmp_path / "merged")
+        assert main(["train", *common, "--method", "head", "--save-merged", "--output-dir", str(tmp_path / "h2")]) == 2
+        assert "Drop --save-merged" in capsys.readouterr().err
         head = str(tmp_path / "head" / "adapters" / "seed-0")
         assert main(["predict", "--adapter", head, "--data", str(data), "--threads", "1"]) == 0
         assert main(["predict", "--adapter", head, "--data", str(data), "--threads", "1", "--full-precision"]) == 2

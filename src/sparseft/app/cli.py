@@ -626,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-save", action="store_true", help="do not save what was trained (default: the adapter of "
                        "each seed in OUTPUT_DIR/adapters/seed-S; full/head: the whole model)")
     train.add_argument("--save-merged", action="store_true", help="also save a plain merged model per seed in "
-                       "OUTPUT_DIR/merged/seed-S (loads with from_pretrained, no sparseft needed)")
+                       "OUTPUT_DIR/merged/seed-S (loads with from_pretrained, no sparseft needed; with --quantize, merged into "
+                       "the float32 base on the CPU)")
     train.set_defaults(func=cmd_train)
 
     predict = sub.add_parser("predict", help="load what `sparseft train` saved: score labelled data or label texts "
@@ -754,10 +755,9 @@ def _validate(args: argparse.Namespace) -> None:
         if name in ("full", "s2ft"):
             raise ConfigError(f"--method {name} trains W0 itself, which --quantize stores quantized: use a sparse or LoRA "
                               "method (sparsegrad, meprop, lora-mlp, shira, head) on a quantized base, or drop --quantize.")
-        if getattr(args, "save_merged", False):
-            raise ConfigError("--save-merged with --quantize would quantize W0 + ΔW again (rounding the update away in "
-                              "part): save the adapter (the default) and serve it on the full-precision base (`sparseft predict "
-                              "--full-precision`; in the library, load it onto that base and merge there).")
+        if name == "head" and getattr(args, "save_merged", False):
+            raise ConfigError("--method head with --quantize saves its whole model, quantized, in adapters/seed-S: there is "
+                              "no adapter to merge into the float32 base. Drop --save-merged.")
         if getattr(args, "func", None) is not cmd_train:
             raise ConfigError("--quantize is a `sparseft train` option (predict reads it from the run).")
         import importlib.util

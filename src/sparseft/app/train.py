@@ -14,6 +14,7 @@ import math
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -413,11 +414,25 @@ def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint:
     writes (base, length, seed, split, data, quantization) and the task's own ``fields``.
     ``quantized``: the base's tensors its fingerprint left out, stored quantized
     (``fingerprint.quantized_weights``), so that ``predict --full-precision`` checks the rest."""
-    if settings.save_dir or settings.save_merged_dir:
-        run = {"model_dir": str(model_dir), "max_length": settings.max_length, "seed": settings.seed,
-               "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize,
-               **({"quantized_weights": quantized} if settings.quantize else {}), **fields}
+    if not (settings.save_dir or settings.save_merged_dir):
+        return
+    run = {"model_dir": str(model_dir), "max_length": settings.max_length, "seed": settings.seed,
+           "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize,
+           **({"quantized_weights": quantized} if settings.quantize else {}), **fields}
+    if not (settings.quantize and settings.save_merged_dir):
         save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint)
+        return
+    # Merging beside the quantized base would quantize W0 + ΔW again: the adapter goes onto the
+    # float32 checkpoint on the CPU (the GPU that needed --quantize may not hold it), as
+    # `predict --full-precision --save-merged` does, through a folder of its own if none is kept.
+    merged = Path(settings.save_merged_dir)
+    merged.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{merged.name}.adapter.", dir=merged.parent) as scratch:
+        adapter = settings.save_dir or scratch
+        save_trained(model, tokenizer, run, adapter, None, base_fingerprint)
+        saved = read_trained(adapter)
+        unquantized, tokenizer, _ = load_trained(adapter, saved=saved, full_precision=True)
+        save_merged(unquantized, tokenizer, saved, merged)
 
 
 def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
