@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -24,7 +25,12 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypa
     run = record["run"]  # what reproduces the record: settings, versions, revision, time
     assert run["settings"]["method"] == method and run["settings"]["steps"] == 6 and run["settings"]["max_length"] == 64
     assert {"torch", "transformers", "sparseft"} <= set(run["versions"]) and run["timestamp"].endswith("+00:00")
+    umask = os.umask(0o022)
+    os.umask(umask)
     for folder in (out / "adapters" / "seed-0", out / "merged" / "seed-0"):
+        # readable as the umask says (safetensors writes 0600, which would hide runs from a team)
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()} == {
+            p.name: oct(0o666 & ~umask) for p in folder.iterdir()}
         capsys.readouterr()
         assert main(["predict", "--adapter", str(folder), "--data", data]) == 0
         scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

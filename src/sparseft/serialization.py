@@ -27,6 +27,16 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def share(path: str | os.PathLike) -> None:
+    """Give ``path`` (a folder: it and everything under it) the modes a plain ``open`` or ``mkdir``
+    would under the umask. Temporary files and folders (mkstemp, mkdtemp, and safetensors'
+    own writes) are private, 0600/0700, which would hide saved runs and caches from a team."""
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Run ``write(tmp_path)`` then atomically move the result to ``path``."""
     path = Path(path)
@@ -37,7 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide saved runs from the rest of a team
+        share(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterMismatchError, CorruptFileError
-from ..serialization import atomic_write_text
+from ..serialization import atomic_write_text, share
 
 MANIFEST = "sparseft_manifest.json"
 _CHUNK = 1 << 20
@@ -34,8 +34,10 @@ def _files(folder: Path) -> list[Path]:
 
 
 def seal(folder: str | Path, base_fingerprint: str | None) -> dict[str, Any]:
-    """Write ``folder/sparseft_manifest.json`` (atomically) for the files now in ``folder``."""
+    """Write ``folder/sparseft_manifest.json`` (atomically) for the files now in ``folder``, and
+    give them the umask's modes (transformers and peft write safetensors 0600)."""
     folder = Path(folder)
+    share(folder)
     manifest = {"base_fingerprint": base_fingerprint,
                 "files": {p.relative_to(folder).as_posix(): file_sha256(p) for p in _files(folder)}}
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))

@@ -62,6 +62,8 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from ..serialization import share
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -75,6 +77,7 @@ def smollm2_dir(cache: str | os.PathLike | None = None) -> Path:
         model.tie_weights()
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        share(tmp)  # (a cache others may share: not mkdtemp's 0700)
         try:
             os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
         except OSError:  # another process renamed its copy into place first
