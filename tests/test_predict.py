@@ -37,8 +37,22 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypa
         assert scored["accuracy"] == pytest.approx(record["accuracy"], abs=1e-9), folder
     # the merged folder is a plain transformers model; predict --save-merged makes the same one after the fact
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged" / "seed-0").state_dict()
-    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--save-merged",
-                 str(tmp_path / "later")]) == 0
+    import copy
+
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from sparseft import BaseTuner
+
+    def deepcopy(value, *args):  # (merged in place: a copy of the base is a large model's memory twice)
+        assert not isinstance(value, (PreTrainedModel, PeftModel, BaseTuner)), "the model was copied"
+        return real(value, *args)
+
+    real = copy.deepcopy
+    with monkeypatch.context() as patched:
+        patched.setattr(copy, "deepcopy", deepcopy)
+        assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--save-merged",
+                     str(tmp_path / "later")]) == 0
     capsys.readouterr()
     later = AutoModelForSequenceClassification.from_pretrained(tmp_path / "later").state_dict()
     assert later.keys() == merged.keys() and all(torch.equal(later[key], merged[key]) for key in merged)

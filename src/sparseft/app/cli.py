@@ -320,7 +320,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.save_merged:
         from .train import save_merged
 
-        save_merged(model, tokenizer, saved, args.save_merged)
+        model = save_merged(model, tokenizer, saved, args.save_merged)  # (merged in place: it scores the same)
         print(f"merged: {args.save_merged} (loads with from_pretrained, no sparseft needed)", file=sys.stderr)
     placement.move(model)
     return predict(model, tokenizer, placement)

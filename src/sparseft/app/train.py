@@ -445,11 +445,14 @@ def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
 
 
 def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter_dir: str | None,
-                 merged_dir: str | None, base_fingerprint: str | None = None) -> None:
+                 merged_dir: str | None, base_fingerprint: str | None = None,
+                 in_place: bool = False) -> torch.nn.Module:
     """Save what a run trained: the adapter (sparseft's or peft's format; the whole model for
     full/head) with ``sparseft_run.json`` (base model, method, labels) so ``sparseft predict``
     can load it back; and optionally a plain merged model (``from_pretrained`` as usual). Each
-    folder is sealed (``artifacts.seal``: every file's checksum, the base's fingerprint)."""
+    folder is sealed (``artifacts.seal``: every file's checksum, the base's fingerprint).
+    Returns the model to go on with: ``model``, or with ``in_place`` its merged base (no copy of
+    the model is made, which for a large float32 base is the larger part of the memory)."""
     from ..serialization import atomic_write_text
     from ..tuner import BaseTuner
 
@@ -464,17 +467,22 @@ def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter
         seal(out, base_fingerprint)
     if merged_dir:
         out = Path(merged_dir)
-        plain = model if whole else copy.deepcopy(model).merge_and_unload()
+        plain = model if whole else (model if in_place else copy.deepcopy(model)).merge_and_unload()
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
         atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model"), indent=2))
         seal(out, base_fingerprint)
+        if in_place:
+            return plain
+    return model
 
 
-def save_merged(model: torch.nn.Module, tokenizer, saved: tuple[dict[str, Any], dict[str, Any]], folder: str | Path) -> None:
+def save_merged(model: torch.nn.Module, tokenizer, saved: tuple[dict[str, Any], dict[str, Any]],
+                folder: str | Path) -> torch.nn.Module:
     """A loaded adapter merged into its base, saved as a plain model in the new ``folder`` (as
     ``save_trained`` saves one: run file, sealed), written beside it and renamed into place, so
-    an interrupted save leaves no half folder. ``saved``: ``read_trained``'s (run, manifest)."""
+    an interrupted save leaves no half folder. ``saved``: ``read_trained``'s (run, manifest).
+    The merge is made in place: use the returned model (the merged base), not ``model``."""
     from ..quantized import is_quantized
 
     out = Path(folder)
@@ -487,10 +495,12 @@ def save_merged(model: torch.nn.Module, tokenizer, saved: tuple[dict[str, Any], 
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     trained_on = {"trained_quantize": run["quantize"]} if run.get("quantize") else {}
-    save_trained(model, tokenizer, dict(run, quantize=None, **trained_on), None, partial, saved[1].get("base_fingerprint"))
+    merged = save_trained(model, tokenizer, dict(run, quantize=None, **trained_on), None, partial,
+                          saved[1].get("base_fingerprint"), in_place=True)
     if out.exists():
         out.rmdir()
     partial.rename(out)
+    return merged
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
