@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -13,10 +14,26 @@ from sparseft.app.cli import main
 from test_bench import tiny  # noqa: F401  (the tiny checkpoint + CSV fixture)
 
 
+def _no_model_copies(deepcopy):
+    """``deepcopy`` that fails on a whole model: `--save-merged` merges in place, since a copy of
+    the model would need its device's memory twice at the end of a run."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    from sparseft import BaseTuner
+
+    def checked(value, *args):
+        assert not isinstance(value, (PreTrainedModel, PeftModel, BaseTuner)), "the model was copied"
+        return deepcopy(value, *args)
+
+    return checked
+
+
 @pytest.mark.parametrize("method", ["sparsegrad-fixed", "sparsegrad-dynamic", "lora-mlp", "s2ft", "head"])
 def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypatch, method):  # noqa: F811
     model_dir, data = tiny
     out = tmp_path / "run"
+    monkeypatch.setattr(copy, "deepcopy", _no_model_copies(copy.deepcopy))
     assert main(["train", "--model", model_dir, "--data", data, "--method", method, "--steps", "6", "--batch-size", "8",
                  "--calibration-steps", "2", "--rank", "2", "--lr", "0.01", "--no-progress", "--save-merged",
                  "--output-dir", str(out)]) == 0
@@ -37,22 +54,8 @@ def test_saved_run_reloads_to_the_same_accuracy(tiny, tmp_path, capsys, monkeypa
         assert scored["accuracy"] == pytest.approx(record["accuracy"], abs=1e-9), folder
     # the merged folder is a plain transformers model; predict --save-merged makes the same one after the fact
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged" / "seed-0").state_dict()
-    import copy
-
-    from peft import PeftModel
-    from transformers import PreTrainedModel
-
-    from sparseft import BaseTuner
-
-    def deepcopy(value, *args):  # (merged in place: a copy of the base is a large model's memory twice)
-        assert not isinstance(value, (PreTrainedModel, PeftModel, BaseTuner)), "the model was copied"
-        return real(value, *args)
-
-    real = copy.deepcopy
-    with monkeypatch.context() as patched:
-        patched.setattr(copy, "deepcopy", deepcopy)
-        assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--save-merged",
-                     str(tmp_path / "later")]) == 0
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--save-merged",
+                 str(tmp_path / "later")]) == 0
     capsys.readouterr()
     later = AutoModelForSequenceClassification.from_pretrained(tmp_path / "later").state_dict()
     assert later.keys() == merged.keys() and all(torch.equal(later[key], merged[key]) for key in merged)

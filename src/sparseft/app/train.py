@@ -409,19 +409,20 @@ def run_identity(settings: Any, method: str, train: dict[str, torch.Tensor], bas
 
 
 def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint: str, model_dir: str | Path,
-             quantized: list[str], **fields: Any) -> None:
+             quantized: list[str], **fields: Any) -> torch.nn.Module:
     """``save_trained`` into the settings' save folders (if any), with the run file every task
     writes (base, length, seed, split, data, quantization) and the task's own ``fields``.
     ``quantized``: the base's tensors its fingerprint left out, stored quantized
-    (``fingerprint.quantized_weights``), so that ``predict --full-precision`` checks the rest."""
+    (``fingerprint.quantized_weights``), so that ``predict --full-precision`` checks the rest.
+    Returns the model to go on with: a merged model is merged in place, since a copy of the
+    model would need its device's memory twice at the end of a run."""
     if not (settings.save_dir or settings.save_merged_dir):
-        return
+        return model
     run = {"model_dir": str(model_dir), "max_length": settings.max_length, "seed": settings.seed,
            "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize,
            **({"quantized_weights": quantized} if settings.quantize else {}), **fields}
     if not (settings.quantize and settings.save_merged_dir):
-        save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint)
-        return
+        return save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint, in_place=True)
     # Merging beside the quantized base would quantize W0 + ΔW again: the adapter goes onto the
     # float32 checkpoint on the CPU (the GPU that needed --quantize may not hold it), as
     # `predict --full-precision --save-merged` does, through a folder of its own if none is kept.
@@ -433,6 +434,7 @@ def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint:
         saved = read_trained(adapter)
         unquantized, tokenizer, _ = load_trained(adapter, saved=saved, full_precision=True)
         save_merged(unquantized, tokenizer, saved, merged)
+    return model
 
 
 def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
