@@ -135,3 +135,36 @@ def test_help_and_version_load_no_torch():
     code = ("import sys; from sparseft.app.cli import build_parser, main; build_parser(); main(['train', '--steps', '-1']); "
             "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("method", ["sparse-random", "lora-mlp", "full"])
+def test_a_merged_model_keeps_its_checkpoints_half_precision(tiny, tmp_path, capsys, method):  # noqa: F811
+    """A bf16 checkpoint trains with float32 weights; its merged model is stored in bf16 again, as
+    the checkpoint it replaces (W0 + ΔW formed in float32, rounded once), by `train` and by
+    `predict --save-merged` alike, and a float32 checkpoint's stays float32 (the test above)."""
+    import shutil
+
+    model_dir, data = tiny
+    half = tmp_path / "bf16"
+    shutil.copytree(model_dir, half)
+    AutoModelForSequenceClassification.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(half)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(half), "--data", data, "--method", method, "--steps", "4", "--batch-size", "8",
+                 "--lr", "0.05", "--no-progress", "--save-merged", "--output-dir", str(out)]) == 0
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--save-merged",
+                 str(tmp_path / "later")]) == 0
+    capsys.readouterr()
+    from safetensors.torch import load_file
+
+    merged = load_file(out / "merged" / "seed-0" / "model.safetensors")
+    later = load_file(tmp_path / "later" / "model.safetensors")
+    base = load_file(half / "model.safetensors")
+    assert json.loads((out / "merged" / "seed-0" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert merged.keys() == later.keys() and all(torch.equal(merged[k], later[k]) for k in merged)
+    assert all(t.dtype == torch.bfloat16 for t in merged.values() if t.is_floating_point())
+    # the update survives the rounding: the MLP weights moved off the checkpoint's
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    assert not torch.equal(merged[name], base[name])
+    # and the trained model, float32, is what was rounded: loaded back it scores as the merged model
+    assert main(["predict", "--adapter", str(out / "merged" / "seed-0"), "--data", data]) == 0
+    assert "accuracy" in capsys.readouterr().out

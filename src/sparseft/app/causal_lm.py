@@ -313,9 +313,9 @@ def run_causal_lm(
                resume_dir=settings.resume_dir, checkpoint_dir=settings.checkpoint_dir,
                checkpoint_every=settings.checkpoint_every, identity=run_identity(settings, method, train, base))
     loss_after = answer_loss(model, evaluation, settings.eval_batch_size, placement)
-    model = save_run(model, tokenizer, settings, base, model_dir, skipped, task="causal-lm", method=method,
-                     eval_loss=loss_after, eval_examples=int(evaluation["input_ids"].shape[0]))
     after = generate_answers(model, tokenizer, shown, settings.max_new_tokens, placement) if shown else []
+    save_run(model, tokenizer, settings, base, model_dir, skipped, task="causal-lm", method=method, eval_loss=loss_after,
+             eval_examples=int(evaluation["input_ids"].shape[0]))  # (last: a merged save uses the model up)
     generations = [
         {"prompt": c[-2]["content"] if len(c) > 1 else "", "reference": c[-1]["content"], "before": b, "after": a}
         for c, b, a in zip(shown, before, after)

@@ -308,22 +308,24 @@ def _predict_groups(args: argparse.Namespace, run: dict[str, Any]) -> str | None
 def cmd_predict(args: argparse.Namespace) -> int:
     """Load what `sparseft train` saved; score a labelled file (accuracy) or label texts. The run
     file is read, and the arguments and data checked against it, before the model loads."""
-    from .train import load_trained, read_trained
+    from .train import check_merge_target, load_trained, read_trained
 
     saved = read_trained(args.adapter)
+    if args.save_merged:  # (before anything loads or scores)
+        check_merge_target(Path(args.save_merged), None if args.full_precision else saved[0].get("quantize"))
     prepare = _predict_causal_lm if saved[0].get("task") == "causal-lm" else _predict_classification
     predict = prepare(args, saved[0])  # flags checked, data read: a wrong one is named before the model loads
     placement = _placement(args)
     if args.full_precision and saved[0].get("quantize"):
         print(f"base: float32, not {saved[0]['quantize']} as in training (--full-precision)", file=sys.stderr)
     model, tokenizer, _ = load_trained(args.adapter, args.model, placement, saved=saved, full_precision=args.full_precision)
-    if args.save_merged:
+    status = predict(placement.move(model), tokenizer, placement)
+    if args.save_merged and status == 0:
         from .train import save_merged
 
-        model = save_merged(model, tokenizer, saved, args.save_merged)  # (merged in place: it scores the same)
+        save_merged(model, tokenizer, saved, args.save_merged, args.model)  # (last: it merges the model in place)
         print(f"merged: {args.save_merged} (loads with from_pretrained, no sparseft needed)", file=sys.stderr)
-    placement.move(model)
-    return predict(model, tokenizer, placement)
+    return status
 
 
 def _predict_classification(args: argparse.Namespace, run: dict[str, Any]) -> Callable[..., int]:

@@ -409,20 +409,20 @@ def run_identity(settings: Any, method: str, train: dict[str, torch.Tensor], bas
 
 
 def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint: str, model_dir: str | Path,
-             quantized: list[str], **fields: Any) -> torch.nn.Module:
+             quantized: list[str], **fields: Any) -> None:
     """``save_trained`` into the settings' save folders (if any), with the run file every task
     writes (base, length, seed, split, data, quantization) and the task's own ``fields``.
     ``quantized``: the base's tensors its fingerprint left out, stored quantized
     (``fingerprint.quantized_weights``), so that ``predict --full-precision`` checks the rest.
-    Returns the model to go on with: a merged model is merged in place, since a copy of the
-    model would need its device's memory twice at the end of a run."""
+    With ``save_merged_dir`` it uses ``model`` up (``save_trained``): call it last."""
     if not (settings.save_dir or settings.save_merged_dir):
-        return model
+        return
     run = {"model_dir": str(model_dir), "max_length": settings.max_length, "seed": settings.seed,
            "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize,
            **({"quantized_weights": quantized} if settings.quantize else {}), **fields}
     if not (settings.quantize and settings.save_merged_dir):
-        return save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint, in_place=True)
+        save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint)
+        return
     # Merging beside the quantized base would quantize W0 + ΔW again: the adapter goes onto the
     # float32 checkpoint on the CPU (the GPU that needed --quantize may not hold it), as
     # `predict --full-precision --save-merged` does, through a folder of its own if none is kept.
@@ -434,7 +434,6 @@ def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint:
         saved = read_trained(adapter)
         unquantized, tokenizer, _ = load_trained(adapter, saved=saved, full_precision=True)
         save_merged(unquantized, tokenizer, saved, merged)
-    return model
 
 
 def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
@@ -447,14 +446,15 @@ def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
 
 
 def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter_dir: str | None,
-                 merged_dir: str | None, base_fingerprint: str | None = None,
-                 in_place: bool = False) -> torch.nn.Module:
+                 merged_dir: str | None, base_fingerprint: str | None = None) -> None:
     """Save what a run trained: the adapter (sparseft's or peft's format; the whole model for
     full/head) with ``sparseft_run.json`` (base model, method, labels) so ``sparseft predict``
-    can load it back; and optionally a plain merged model (``from_pretrained`` as usual). Each
-    folder is sealed (``artifacts.seal``: every file's checksum, the base's fingerprint).
-    Returns the model to go on with: ``model``, or with ``in_place`` its merged base (no copy of
-    the model is made, which for a large float32 base is the larger part of the memory)."""
+    can load it back; and optionally a plain merged model (``from_pretrained`` as usual), stored
+    in the dtype of the checkpoint it came from (``stored_dtype``), as that checkpoint is served.
+    Each folder is sealed (``artifacts.seal``: every file's checksum, the base's fingerprint).
+
+    With ``merged_dir`` the model is merged and cast in place, so it is used up: a copy would
+    need a large model's memory twice, on its device, at the end of a run."""
     from ..serialization import atomic_write_text
     from ..tuner import BaseTuner
 
@@ -469,40 +469,56 @@ def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter
         seal(out, base_fingerprint)
     if merged_dir:
         out = Path(merged_dir)
-        plain = model if whole else (model if in_place else copy.deepcopy(model)).merge_and_unload()
+        plain = model if whole else model.merge_and_unload()
+        plain.to(stored_dtype(run["model_dir"]))  # (merged in float32, W0 + ΔW rounded once)
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
         atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model"), indent=2))
         seal(out, base_fingerprint)
-        if in_place:
-            return plain
-    return model
+
+
+def stored_dtype(model_dir: str | Path) -> torch.dtype:
+    """The dtype the checkpoint in ``model_dir`` stores its weights in (its config.json: "dtype",
+    or "torch_dtype" before transformers 5), which the float32 weights loaded from it no longer
+    show; float32 where it says none or another. A merged model saved in float32 from a bf16
+    checkpoint doubles its files, and a server's "auto" dtype may then pick fp16 for it."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def check_merge_target(folder: Path, quantized: str | None) -> None:
+    """Refuse a merge into ``folder`` that is not a new or empty folder, or into a base loaded
+    ``quantized`` ("4bit"/"8bit"), which would quantize W0 + ΔW again."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"--save-merged {folder}: it exists and is not an empty folder; name a new one (nothing is overwritten).")
+    if quantized:
+        raise ConfigError(f"--save-merged on the {quantized} base would quantize W0 + ΔW again (rounding the update away in "
+                          "part): add --full-precision to merge into the float32 base.")
 
 
 def save_merged(model: torch.nn.Module, tokenizer, saved: tuple[dict[str, Any], dict[str, Any]],
-                folder: str | Path) -> torch.nn.Module:
+                folder: str | Path, model_dir: str | Path | None = None) -> None:
     """A loaded adapter merged into its base, saved as a plain model in the new ``folder`` (as
-    ``save_trained`` saves one: run file, sealed), written beside it and renamed into place, so
-    an interrupted save leaves no half folder. ``saved``: ``read_trained``'s (run, manifest).
-    The merge is made in place: use the returned model (the merged base), not ``model``."""
+    ``save_trained`` saves one: run file, sealed, and like it using ``model`` up), written beside
+    it and renamed into place, so an interrupted save leaves no half folder. ``saved``:
+    ``read_trained``'s (run, manifest); ``model_dir``: where the base is now, if it moved."""
     from ..quantized import is_quantized
 
     out = Path(folder)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--save-merged {out}: it exists and is not an empty folder; name a new one (nothing is overwritten).")
-    if any(is_quantized(m) for m in model.modules()):
-        raise ConfigError(f"--save-merged on the {saved[0].get('quantize')} base would quantize W0 + ΔW again (rounding the "
-                          "update away in part): add --full-precision to merge into the float32 base.")
+    check_merge_target(out, saved[0].get("quantize") if any(is_quantized(m) for m in model.modules()) else None)
     run = {key: value for key, value in saved[0].items() if key != "quantized_weights"}
+    run["model_dir"] = str(model_dir or run["model_dir"])
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     trained_on = {"trained_quantize": run["quantize"]} if run.get("quantize") else {}
-    merged = save_trained(model, tokenizer, dict(run, quantize=None, **trained_on), None, partial,
-                          saved[1].get("base_fingerprint"), in_place=True)
+    save_trained(model, tokenizer, dict(run, quantize=None, **trained_on), None, partial, saved[1].get("base_fingerprint"))
     if out.exists():
         out.rmdir()
     partial.rename(out)
-    return merged
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
