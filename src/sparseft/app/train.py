@@ -6,7 +6,6 @@ contract needs: accuracy, trainable parameters, exact state bytes, peak RSS, ste
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
