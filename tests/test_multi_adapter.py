@@ -171,6 +171,14 @@ def test_misuse_gives_clear_errors(served, tmp_path) -> None:
         _logits(model, batch, adapter_names=["a", "b", "a"])
     with pytest.raises(InputError, match="list of adapter names"):
         _logits(model, batch, adapter_names="a")
+    # peft's merge_adapter(adapter_names=): the active adapter only, each other name refused before any merge
+    for names, says in ((["a"], "merges the active adapter"), (["default", "b"], "merges the active adapter"),
+                        (["c"], "no adapter 'c'")):
+        with pytest.raises(ConfigError, match=says):
+            model.merge_adapter(adapter_names=names)
+        assert not any(layer.merged for layer in model.adapted_layers().values())
+    model.merge_adapter(adapter_names=["default"])
+    model.unmerge_adapter()
     model.merge_adapter()
     with pytest.raises(ConfigError, match="unmerge_adapter"):
         _logits(model, batch, adapter_names=["a", "b"])

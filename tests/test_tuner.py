@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from conftest import adapted, make_batch, tiny_bert
-from sparseft import AdapterMismatchError, SparseModel
+from sparseft import AdapterMismatchError, InputError, SparseModel
 from sparseft.methods import REGISTRY, Budget, Prepared, prepare, register_method
 from sparseft.s2ft import S2FTModel
 from sparseft.targets import find_targets
@@ -51,6 +51,32 @@ def test_merge_unmerge_adapter_keeps_outputs_and_restores_weights(kind: str) -> 
         for n, layer in tuner.adapted_layers().items():
             torch.testing.assert_close(layer.base_layer.weight, weights[n], atol=1e-6, rtol=0)
         torch.testing.assert_close(tuner(**batch).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_merge_arguments_merge_the_same_and_safe_merge_refuses_a_broken_adapter(kind: str) -> None:
+    """peft's ``merge_and_unload(progressbar=, safe_merge=, adapter_names=)`` and
+    ``merge_adapter(adapter_names=, safe_merge=)``: code written for peft calls them. A finite
+    adapter merges as without them; a non-finite one is refused before any weight keeps it."""
+    plain = _trained(kind).merge_and_unload().state_dict()
+    peft_style = _trained(kind).merge_and_unload(progressbar=True, safe_merge=True, adapter_names=["default"]).state_dict()
+    assert plain.keys() == peft_style.keys() and all(torch.equal(plain[k], peft_style[k]) for k in plain)
+
+    tuner = _trained(kind)
+    weights = {n: layer.base_layer.weight.clone() for n, layer in tuner.adapted_layers().items()}
+    broken, last = list(tuner.adapted_layers().items())[-1]
+    with torch.no_grad():
+        for param in last.adapter_parameters():
+            param.view(-1)[0] = float("nan")
+    with pytest.raises(InputError, match=f"{broken}: NaNs or infs in the merged weights"):
+        tuner.merge_adapter(safe_merge=True)
+    assert not any(layer.merged for layer in tuner.adapted_layers().values())
+    for n, layer in tuner.adapted_layers().items():  # the layers merged before it are unmerged again
+        torch.testing.assert_close(layer.base_layer.weight, weights[n], atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="seems to be broken"):
+        tuner.merge_and_unload(safe_merge=True)
+    tuner.merge_adapter()  # (unsafe, as in peft: the NaN goes in)
+    assert not bool(torch.isfinite(last.base_layer.weight).all())
 
 
 @pytest.mark.parametrize("kind", KINDS)

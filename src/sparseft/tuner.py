@@ -29,6 +29,7 @@ from . import __version__
 from .errors import AdapterMismatchError, ConfigError, InputError
 from .half_heads import Float32Head
 from .loaded import LowRankUpdate, SparseFactors, mixed_delta
+from .progress import progress
 from .serialization import atomic_write_text, load_tensors, save_tensors
 from .quantized import compute_dtype, dequantized, is_quantized, requantize, unpack_for_training
 from .targets import find_heads, layer_shape, weight_of
@@ -155,20 +156,26 @@ class BaseTunerLayer(nn.Module):
         return self.extra_updates[adapter].delta_weight()
 
     @torch.no_grad()
-    def _fold(self, sign: float) -> None:
+    def _fold(self, sign: float, safe: bool = False) -> None:
         delta = self._delta_of(self.active_adapter)
         if delta is None:
             return
-        if is_quantized(self.base_layer):
-            requantize(self.base_layer, dequantized(self.base_layer).float() + sign * delta.float())
-            return
-        W = weight_of(self.base_layer)  # a view for Conv1D: writes go to its stored weight
-        W.copy_((W.float() + sign * delta.float()).to(W.dtype))
+        quantized = is_quantized(self.base_layer)
+        W = dequantized(self.base_layer) if quantized else weight_of(self.base_layer)  # (Conv1D: a view of its weight)
+        folded = W.float() + sign * delta.float()
+        if safe and not bool(torch.isfinite(folded.to(W.dtype)).all()):
+            raise InputError(f"NaNs or infs in the merged weights: the adapter '{self.active_adapter}' seems to be broken "
+                             "(nothing of this layer was merged). Check its training, or merge without it.")
+        if quantized:
+            requantize(self.base_layer, folded)
+        else:
+            W.copy_(folded.to(W.dtype))
 
-    def merge(self) -> nn.Module:
-        """Fold the active adapter's ΔW into the base weight (once); returns the base layer."""
+    def merge(self, safe_merge: bool = False) -> nn.Module:
+        """Fold the active adapter's ΔW into the base weight (once); returns the base layer. With
+        ``safe_merge`` (peft's name) a non-finite result is refused before the weight changes."""
         if not self.merged:
-            self._fold(1.0)
+            self._fold(1.0, safe_merge)
             self.merged = True
         return self.base_layer
 
@@ -619,11 +626,35 @@ class BaseTuner(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # ------------------------------------------------------------------ merge, disable
-    def merge_adapter(self) -> None:
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Fold the active adapter's update into each base weight, W0 ← W0 + ΔW, keeping the
-        adapter layers (``unmerge_adapter`` takes ΔW out again): inference at the base model's speed."""
-        for layer in self.adapted_layers().values():
-            layer.merge()
+        adapter layers (``unmerge_adapter`` takes ΔW out again): inference at the base model's speed.
+        peft's arguments: ``adapter_names`` may name the active adapter only (one adapter is
+        merged at a time here); with ``safe_merge`` a layer whose merged weight would not be
+        finite raises InputError, and the layers this call merged are unmerged again."""
+        self._merge_layers(adapter_names, safe_merge, progressbar=False)
+
+    def _merge_layers(self, adapter_names: Sequence[str] | None, safe_merge: bool, progressbar: bool) -> None:
+        if adapter_names is not None:
+            names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+            unknown = [name for name in names if name not in self.adapter_names]
+            if unknown:
+                raise ConfigError(f"adapter_names={names}: no adapter {unknown[0]!r} here (adapters: {self.adapter_names}).")
+            if names != [self.active_adapter]:
+                raise ConfigError(f"adapter_names={names}: sparseft merges the active adapter ({self.active_adapter!r}) "
+                                  "alone; set_adapter(name) first, or merge_and_unload() and adapt the result again.")
+        merged_now = []
+        layers = self.adapted_layers()
+        for name, layer in progress(layers.items(), "Unloading and merging model", len(layers), disable=not progressbar):
+            if layer.merged:
+                continue
+            try:
+                layer.merge(safe_merge)
+            except InputError as exc:
+                for done in merged_now:
+                    done.unmerge()
+                raise InputError(f"{name}: {exc}") from None
+            merged_now.append(layer)
 
     def unmerge_adapter(self) -> None:
         for layer in self.adapted_layers().values():
@@ -656,11 +687,14 @@ class BaseTuner(nn.Module):
             head.restore()
         return self.base_model
 
-    def merge_and_unload(self) -> nn.Module:
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Sequence[str] | None = None) -> nn.Module:
         """Fold every update into its base weight and return the base model (its own class,
         plain nn.Linear / Conv1D layers, no sparseft module left). As in peft, what was frozen
         stays frozen (only the heads train): training on densely would take a full fine-tune's
-        memory unasked. To train on sparsely, adapt the returned model again."""
+        memory unasked. To train on sparsely, adapt the returned model again. peft's arguments
+        as in ``merge_adapter``; ``progressbar`` shows the layers as they merge."""
+        self._merge_layers(adapter_names, safe_merge, progressbar)
         return self._restore_base(merge=True)
 
     def unload(self) -> nn.Module:
