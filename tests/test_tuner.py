@@ -89,6 +89,12 @@ def test_disable_adapter_is_the_base_model_and_unload_returns_it(kind: str) -> N
             disabled = tuner(**batch).logits
         assert not torch.allclose(disabled, adapted)
         torch.testing.assert_close(tuner(**batch).logits, adapted)  # enabled again after the block
+        tuner.disable_adapter_layers()  # peft's lasting form, and its get_base_model()
+        torch.testing.assert_close(tuner(**batch).logits, disabled)
+        torch.testing.assert_close(tuner.get_base_model()(**batch).logits, disabled)
+        tuner.enable_adapter_layers()
+        torch.testing.assert_close(tuner.get_base_model()(**batch).logits, adapted)
+        assert tuner.get_base_model() is tuner.base_model
         plain = tuner.unload()
         assert not any(isinstance(m, BaseTunerLayer) for m in plain.modules())
         torch.testing.assert_close(plain(**batch).logits, disabled)

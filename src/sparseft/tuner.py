@@ -660,6 +660,21 @@ class BaseTuner(nn.Module):
         for layer in self.adapted_layers().values():
             layer.unmerge()
 
+    def get_base_model(self) -> nn.Module:
+        """The model the adapter layers sit in (as peft's: the user's model, its targets
+        replaced by adapter layers), e.g. for code that reads its config or submodules."""
+        return self.base_model
+
+    def disable_adapter_layers(self) -> None:
+        """peft's lasting form of ``disable_adapter()``: the adapted layers compute the base layers
+        alone until ``enable_adapter_layers()``."""
+        for layer in self.adapted_layers().values():
+            layer.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        for layer in self.adapted_layers().values():
+            layer.disabled = False
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the adapted layers compute the base layers alone (heads stay the
