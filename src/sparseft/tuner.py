@@ -163,13 +163,14 @@ class BaseTunerLayer(nn.Module):
         quantized = is_quantized(self.base_layer)
         W = dequantized(self.base_layer) if quantized else weight_of(self.base_layer)  # (Conv1D: a view of its weight)
         folded = W.float() + sign * delta.float()
-        if safe and not bool(torch.isfinite(folded.to(W.dtype)).all()):
+        stored = folded if quantized else folded.to(W.dtype)  # (requantize takes float32)
+        if safe and not bool(torch.isfinite(stored).all()):
             raise InputError(f"NaNs or infs in the merged weights: the adapter '{self.active_adapter}' seems to be broken "
                              "(nothing of this layer was merged). Check its training, or merge without it.")
         if quantized:
-            requantize(self.base_layer, folded)
+            requantize(self.base_layer, stored)
         else:
-            W.copy_(folded.to(W.dtype))
+            W.copy_(stored)
 
     def merge(self, safe_merge: bool = False) -> nn.Module:
         """Fold the active adapter's ΔW into the base weight (once); returns the base layer. With
