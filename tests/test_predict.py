@@ -168,3 +168,30 @@ def test_a_merged_model_keeps_its_checkpoints_half_precision(tiny, tmp_path, cap
     # and the trained model, float32, is what was rounded: loaded back it scores as the merged model
     assert main(["predict", "--adapter", str(out / "merged" / "seed-0"), "--data", data]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_a_merged_model_that_passes_its_checkpoints_fp16_range_is_saved_in_float32(tiny, tmp_path, capsys):  # noqa: F811
+    """fp16 holds ±65504: a merged weight past it would be saved as inf with exit 0. It is saved
+    in float32 instead, with a note; within the range, fp16 as the checkpoint."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from sparseft.app.train import save_trained
+
+    model_dir, _ = tiny
+    half = tmp_path / "fp16"
+    shutil.copytree(model_dir, half)
+    AutoModelForSequenceClassification.from_pretrained(model_dir).half().save_pretrained(half)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    for peak, dtype, says in ((6e4, torch.float16, ""), (7e4, torch.float32, "saved in float32")):
+        model = AutoModelForSequenceClassification.from_pretrained(half, dtype=torch.float32)
+        with torch.no_grad():
+            model.get_parameter(name)[0, 0] = peak
+        out = tmp_path / f"merged-{peak:g}"
+        save_trained(model, tokenizer, {"model_dir": str(half)}, None, str(out))
+        saved = load_file(out / "model.safetensors")
+        assert saved[name].dtype == dtype and bool(torch.isfinite(saved[name]).all())
+        assert says in capsys.readouterr().err

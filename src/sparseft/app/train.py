@@ -469,7 +469,7 @@ def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter
     if merged_dir:
         out = Path(merged_dir)
         plain = model if whole else model.merge_and_unload()
-        plain.to(stored_dtype(run["model_dir"]))  # (merged in float32, W0 + ΔW rounded once)
+        plain.to(merged_dtype(plain, stored_dtype(run["model_dir"])))  # (merged in float32, W0 + ΔW rounded once)
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
         atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model"), indent=2))
@@ -487,6 +487,20 @@ def stored_dtype(model_dir: str | Path) -> torch.dtype:
         return torch.float32
     name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def merged_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` if every weight of ``model`` fits its range, else float32 (with a note): an
+    fp16 checkpoint's W0 + ΔW may pass fp16's 65504, and a cast would save infs with exit 0."""
+    if dtype == torch.float32:
+        return dtype
+    limit = torch.finfo(dtype).max
+    over = [name for name, t in model.state_dict().items() if t.is_floating_point() and t.numel() and float(t.abs().max()) > limit]
+    if over:
+        print(f"sparseft: the merged weights ({over[0]}{' and more' if len(over) > 1 else ''}) pass {dtype}'s range "
+              f"(±{limit:g}), the checkpoint's dtype: the merged model is saved in float32.", file=sys.stderr)
+        return torch.float32
+    return dtype
 
 
 def check_merge_target(folder: Path, quantized: str | None) -> None:
