@@ -454,5 +454,8 @@ def test_full_precision_serving_of_peft_adapters_and_whole_models_trained_on_a_q
         assert "Drop --save-merged" in capsys.readouterr().err
         head = str(tmp_path / "head" / "adapters" / "seed-0")
         assert main(["predict", "--adapter", head, "--data", str(data), "--threads", "1"]) == 0
+        assert main(["predict", "--adapter", head, "--data", str(data), "--threads", "1", "--save-merged",
+                     str(tmp_path / "m3")]) == 2
+        assert "there is no adapter to merge" in capsys.readouterr().err
         assert main(["predict", "--adapter", head, "--data", str(data), "--threads", "1", "--full-precision"]) == 2
     assert "only an adapter moves onto the float32 base" in capsys.readouterr().err

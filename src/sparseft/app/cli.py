@@ -312,6 +312,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     saved = read_trained(args.adapter)
     if args.save_merged:  # (before anything loads or scores)
+        if saved[0]["kind"] == "model" and saved[0].get("quantize"):
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--save-merged: {args.adapter} holds a whole model ({saved[0].get('method')}) saved as it "
+                              f"trained, on a {saved[0]['quantize']} base: there is no adapter to merge. Serve that folder.")
         check_merge_target(Path(args.save_merged), None if args.full_precision else saved[0].get("quantize"))
     prepare = _predict_causal_lm if saved[0].get("task") == "causal-lm" else _predict_classification
     predict = prepare(args, saved[0])  # flags checked, data read: a wrong one is named before the model loads
