@@ -168,6 +168,20 @@ def test_a_merged_model_keeps_its_checkpoints_half_precision(tiny, tmp_path, cap
     # and the trained model, float32, is what was rounded: loaded back it scores as the merged model
     assert main(["predict", "--adapter", str(out / "merged" / "seed-0"), "--data", data]) == 0
     assert "accuracy" in capsys.readouterr().out
+    # --merged-dtype fp32 keeps the float32 merge, which rounds to the bf16 one
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--data", data, "--save-merged",
+                 str(tmp_path / "wide"), "--merged-dtype", "fp32"]) == 0
+    wide = load_file(tmp_path / "wide" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in wide.values() if t.is_floating_point())
+    assert all(torch.equal(wide[k].to(merged[k].dtype), merged[k]) for k in merged)
+    assert main(["predict", "--adapter", str(out / "adapters" / "seed-0"), "--merged-dtype", "fp32"]) == 2
+    assert "add --save-merged" in capsys.readouterr().err
+    if method == "sparse-random":  # and from `train`: the same run again, merged in float32
+        assert main(["train", "--model", str(half), "--data", data, "--method", method, "--steps", "4", "--batch-size", "8",
+                     "--lr", "0.05", "--no-progress", "--save-merged", "--merged-dtype", "fp32", "--no-save",
+                     "--output-dir", str(tmp_path / "run32")]) == 0
+        again = load_file(tmp_path / "run32" / "merged" / "seed-0" / "model.safetensors")
+        assert again.keys() == wide.keys() and all(torch.equal(again[k], wide[k]) for k in wide)
 
 
 def test_a_merged_model_that_passes_its_checkpoints_fp16_range_is_saved_in_float32(tiny, tmp_path, capsys):  # noqa: F811

@@ -257,6 +257,7 @@ class CausalLMSettings:
     resume_dir: str | None = None  # continue from the latest checkpoint there (if any)
     save_dir: str | None = None  # save what was trained here (adapter, or the model for full)
     save_merged_dir: str | None = None  # and a plain merged model here
+    merged_dtype: str = "auto"  # its dtype: auto (the checkpoint's), fp32, bf16, fp16
     data: dict[str, Any] | None = None  # where the conversations came from: kept with what is saved
 
 

@@ -180,6 +180,7 @@ def _run_options(args: argparse.Namespace, model_dir: str, seed: int, placement:
         "resume_dir": str(Path(args.resume) / "checkpoints" / f"seed-{seed}") if args.resume else None,
         "save_dir": None if args.no_save else str(out / "adapters" / f"seed-{seed}"),
         "save_merged_dir": str(out / "merged" / f"seed-{seed}") if args.save_merged else None,
+        "merged_dtype": args.merged_dtype,
         "data": _data_source(args),
     }
 
@@ -328,7 +329,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.save_merged and status == 0:
         from .train import save_merged
 
-        save_merged(model, tokenizer, saved, args.save_merged, args.model)  # (last: it merges the model in place)
+        save_merged(model, tokenizer, saved, args.save_merged, args.model, args.merged_dtype)  # (last: merges in place)
         print(f"merged: {args.save_merged} (loads with from_pretrained, no sparseft needed)", file=sys.stderr)
     return status
 
@@ -594,6 +595,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if doc["failed"] else 0
 
 
+def _add_merged_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--merged-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                        help="the --save-merged model's dtype (default auto: the base checkpoint's, as it is served; the "
+                             "merge itself runs in float32)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
@@ -635,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save-merged", action="store_true", help="also save a plain merged model per seed in "
                        "OUTPUT_DIR/merged/seed-S (loads with from_pretrained, no sparseft needed; with --quantize, merged into "
                        "the float32 base on the CPU)")
+    _add_merged_dtype(train)
     train.set_defaults(func=cmd_train)
 
     predict = sub.add_parser("predict", help="load what `sparseft train` saved: score labelled data or label texts "
@@ -660,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--save-merged", metavar="DIR", help="also save the base with the adapter merged in, as a plain "
                          "model in DIR (a new folder; loads with from_pretrained, no sparseft needed): with --full-precision, "
                          "the float32 model to serve of a run trained with --quantize")
+    _add_merged_dtype(predict)
     _add_placement(predict)
     predict.set_defaults(func=cmd_predict)
 
@@ -749,6 +758,8 @@ def _validate(args: argparse.Namespace) -> None:
         if suite_only:
             raise ConfigError(f"{', '.join(suite_only)} {'is a suite option' if len(suite_only) == 1 else 'are suite options'}"
                               ": add --suite.")
+    if getattr(args, "merged_dtype", "auto") != "auto" and not getattr(args, "save_merged", None):
+        raise ConfigError(f"--merged-dtype {args.merged_dtype} sets the --save-merged model's dtype: add --save-merged.")
     steps = getattr(args, "steps", None)
     if steps is not None and steps < 0:
         raise ConfigError(f"--steps {steps} is negative: give a number of optimizer steps (0 evaluates the untrained model).")

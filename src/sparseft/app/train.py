@@ -60,6 +60,7 @@ class RunSettings:
     resume_dir: str | None = None  # continue from the latest checkpoint there (if any)
     save_dir: str | None = None  # save what was trained here (adapter, or the model for full/head)
     save_merged_dir: str | None = None  # and a plain merged model here
+    merged_dtype: str = "auto"  # its dtype: auto (the checkpoint's), fp32, bf16, fp16
     device: str = "auto"  # app.placement: auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto, fp32, bf16, fp16 (autocast)
     quantize: str | None = None  # the base's linear layers loaded quantized: "4bit" or "8bit" (bitsandbytes)
@@ -420,7 +421,8 @@ def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint:
            "eval_split": settings.eval_split, "data": settings.data, "quantize": settings.quantize,
            **({"quantized_weights": quantized} if settings.quantize else {}), **fields}
     if not (settings.quantize and settings.save_merged_dir):
-        save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint)
+        save_trained(model, tokenizer, run, settings.save_dir, settings.save_merged_dir, base_fingerprint,
+                     settings.merged_dtype)
         return
     # Merging beside the quantized base would quantize W0 + ΔW again: the adapter goes onto the
     # float32 checkpoint on the CPU (the GPU that needed --quantize may not hold it), as
@@ -432,7 +434,7 @@ def save_run(model: torch.nn.Module, tokenizer, settings: Any, base_fingerprint:
         save_trained(model, tokenizer, run, adapter, None, base_fingerprint)
         saved = read_trained(adapter)
         unquantized, tokenizer, _ = load_trained(adapter, saved=saved, full_precision=True)
-        save_merged(unquantized, tokenizer, saved, merged)
+        save_merged(unquantized, tokenizer, saved, merged, dtype=settings.merged_dtype)
 
 
 def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
@@ -445,11 +447,12 @@ def data_fingerprint(data: dict[str, torch.Tensor]) -> str:
 
 
 def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter_dir: str | None,
-                 merged_dir: str | None, base_fingerprint: str | None = None) -> None:
+                 merged_dir: str | None, base_fingerprint: str | None = None, merged_dtype: str = "auto") -> None:
     """Save what a run trained: the adapter (sparseft's or peft's format; the whole model for
     full/head) with ``sparseft_run.json`` (base model, method, labels) so ``sparseft predict``
     can load it back; and optionally a plain merged model (``from_pretrained`` as usual), stored
-    in the dtype of the checkpoint it came from (``stored_dtype``), as that checkpoint is served.
+    in ``merged_dtype`` ("auto": the dtype of the checkpoint it came from, ``stored_dtype``, as
+    that checkpoint is served; or "fp32", "bf16", "fp16").
     Each folder is sealed (``artifacts.seal``: every file's checksum, the base's fingerprint).
 
     With ``merged_dir`` the model is merged and cast in place, so it is used up: a copy would
@@ -469,7 +472,8 @@ def save_trained(model: torch.nn.Module, tokenizer, run: dict[str, Any], adapter
     if merged_dir:
         out = Path(merged_dir)
         plain = model if whole else model.merge_and_unload()
-        plain.to(merged_dtype(plain, stored_dtype(run["model_dir"])))  # (merged in float32, W0 + ΔW rounded once)
+        wanted = stored_dtype(run["model_dir"]) if merged_dtype == "auto" else MERGED_DTYPES[merged_dtype]
+        plain.to(fitting_dtype(plain, wanted))  # (merged in float32, W0 + ΔW rounded once)
         plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
         atomic_write_text(out / RUN_FILE, json.dumps(dict(run, kind="model"), indent=2))
@@ -489,7 +493,10 @@ def stored_dtype(model_dir: str | Path) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
-def merged_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
+MERGED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # (and "auto")
+
+
+def fitting_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     """``dtype`` if every weight of ``model`` fits its range, else float32 (with a note): an
     fp16 checkpoint's W0 + ΔW may pass fp16's 65504, and a cast would save infs with exit 0."""
     if dtype == torch.float32:
@@ -498,7 +505,7 @@ def merged_dtype(model: torch.nn.Module, dtype: torch.dtype) -> torch.dtype:
     over = [name for name, t in model.state_dict().items() if t.is_floating_point() and t.numel() and float(t.abs().max()) > limit]
     if over:
         print(f"sparseft: the merged weights ({over[0]}{' and more' if len(over) > 1 else ''}) pass {dtype}'s range "
-              f"(±{limit:g}), the checkpoint's dtype: the merged model is saved in float32.", file=sys.stderr)
+              f"(±{limit:g}): the merged model is saved in float32.", file=sys.stderr)
         return torch.float32
     return dtype
 
@@ -514,11 +521,12 @@ def check_merge_target(folder: Path, quantized: str | None) -> None:
 
 
 def save_merged(model: torch.nn.Module, tokenizer, saved: tuple[dict[str, Any], dict[str, Any]],
-                folder: str | Path, model_dir: str | Path | None = None) -> None:
+                folder: str | Path, model_dir: str | Path | None = None, dtype: str = "auto") -> None:
     """A loaded adapter merged into its base, saved as a plain model in the new ``folder`` (as
     ``save_trained`` saves one: run file, sealed, and like it using ``model`` up), written beside
     it and renamed into place, so an interrupted save leaves no half folder. ``saved``:
-    ``read_trained``'s (run, manifest); ``model_dir``: where the base is now, if it moved."""
+    ``read_trained``'s (run, manifest); ``model_dir``: where the base is now, if it moved;
+    ``dtype``: the merged model's, as ``save_trained``'s ``merged_dtype``."""
     from ..quantized import is_quantized
 
     out = Path(folder)
@@ -528,7 +536,8 @@ def save_merged(model: torch.nn.Module, tokenizer, saved: tuple[dict[str, Any], 
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     trained_on = {"trained_quantize": run["quantize"]} if run.get("quantize") else {}
-    save_trained(model, tokenizer, dict(run, quantize=None, **trained_on), None, partial, saved[1].get("base_fingerprint"))
+    save_trained(model, tokenizer, dict(run, quantize=None, **trained_on), None, partial, saved[1].get("base_fingerprint"),
+                 dtype)
     if out.exists():
         out.rmdir()
     partial.rename(out)
