@@ -220,6 +220,18 @@ def test_a_seeded_random_support_is_the_same_on_every_device(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(chosen["cpu"], chosen[DEVICE]))
 
 
+def _train_then_score(model, batches) -> torch.Tensor:
+    """A few AdamW steps (lr 1e-2) over ``batches``, then the eval model's logits on the first, on the CPU."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for batch in batches:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        return model(**batches[0]).logits.cpu()
+
+
 @pytest.mark.parametrize("method", ["default", "sparsegrad"])
 def test_an_adapter_trained_on_the_device_loads_on_the_cpu_and_merges_there(tmp_path, method):
     """The library on the device end to end: prepared and calibrated there, a few AdamW steps,
@@ -248,14 +260,7 @@ def test_an_adapter_trained_on_the_device_loads_on_the_cpu_and_merges_there(tmp_
     else:
         model = get_sparse_model(base().to(DEVICE), SparseGradConfig(match_lora_rank=2))
         model.calibrate(on[:1], steps=1, show_progress=False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in on:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        want = model(**on[0]).logits.cpu()
+    want = _train_then_score(model, on)
     model.save_pretrained(tmp_path)
     loaded = SparseModel.from_pretrained(base(), tmp_path)
     with torch.no_grad():
@@ -348,14 +353,7 @@ def test_gpu_a_4bit_base_trains_there_and_its_adapter_serves_on_the_full_precisi
     W = dequantized(layer.base_layer).float() + layer.delta_weight().float()
     (torch.nn.functional.linear(x, W) * proj).sum().backward()
     torch.testing.assert_close(ours, layer.param.grad, rtol=1e-4, atol=1e-5)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for batch in batches:
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        want = model(**batches[0]).logits.cpu()
+    want = _train_then_score(model, batches)
     model.save_pretrained(tmp_path / "a")
     loaded = SparseModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32), tmp_path / "a")
     for name, trained in model.sparse_layers().items():
